@@ -1,0 +1,68 @@
+// argmax.wgsl: index of the largest value of each row of [rows, n]; exact ties
+// go to the lower index (the greedy sampler's rule, same as torch.argmax on
+// CPU). NaN never wins; a row with no comparable value yields 0xffffffff.
+//
+// Dispatch: one workgroup per row (grid folded into x/y).
+//
+// Bindings:
+//   0 params  uniform Params
+//   1 x       storage read  [rows, n] f32
+//   2 out     storage rw    [rows] u32
+
+override WG: u32 = 256u;
+const NONE: u32 = 0xffffffffu;
+
+struct Params {
+    rows: u32,
+    n: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<u32>;
+
+var<workgroup> best_value: array<f32, WG>;
+var<workgroup> best_index: array<u32, WG>;
+
+// Does candidate (v, i) beat the current best (bv, bi)?
+fn beats(v: f32, i: u32, bv: f32, bi: u32) -> bool {
+    if i == NONE {
+        return false;
+    }
+    if bi == NONE {
+        return true;
+    }
+    return v > bv || (v == bv && i < bi);
+}
+
+@compute @workgroup_size(WG)
+fn argmax(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = wg.x + wg.y * nwg.x;
+    if row >= p.rows {
+        return;
+    }
+    let base = row * p.n;
+    var bv = 0.0;
+    var bi = NONE;
+    for (var i = lid; i < p.n; i = i + WG) {
+        let v = x[base + i];
+        // v == v is false only for NaN.
+        if v == v && beats(v, i, bv, bi) {
+            bv = v;
+            bi = i;
+        }
+    }
+    best_value[lid] = bv;
+    best_index[lid] = bi;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if lid < s && beats(best_value[lid + s], best_index[lid + s], best_value[lid], best_index[lid]) {
+            best_value[lid] = best_value[lid + s];
+            best_index[lid] = best_index[lid + s];
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        out[row] = best_index[0];
+    }
+}

@@ -1,0 +1,31 @@
+//! clap subcommands; each lives in its own file.
+
+mod info;
+
+use clap::{Parser, Subcommand};
+
+/// LLM inference on any GPU through wgpu/WGSL, with a paged KV cache and GPU
+/// KV-cache compression.
+///
+/// Environment: WGPU_BACKEND (vulkan, metal, dx12, gl; comma list),
+/// WGPU_ADAPTER_NAME (substring of the adapter name), KVSIFT_DISABLE_FEATURES
+/// (f16, subgroups, timestamps: force the portable paths), KVSIFT_MAX_BINDING_MB
+/// (plan with a smaller storage-binding limit), RUST_LOG.
+#[derive(Parser, Debug)]
+#[command(name = "kvsift", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List GPU adapters, the one kvsift would use, its features and limits.
+    Info(info::InfoArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Info(a) => info::run(a),
+    }
+}

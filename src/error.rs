@@ -1,0 +1,85 @@
+//! The library's one error type. Every variant is something a user (or their
+//! machine) can cause; each message names the flag, file, tensor or limit
+//! involved. Programming errors inside the library are `assert!`s instead.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No adapter matched the backends / name filter the user asked for.
+    #[error(
+        "no GPU adapter found (backends: {backends}{}); adapters seen: {}. \
+         On a machine without a GPU install lavapipe: \
+         `apt-get install -y mesa-vulkan-drivers libvulkan1` and set WGPU_BACKEND=vulkan",
+        name_filter.as_ref().map(|n| format!(", WGPU_ADAPTER_NAME={n:?}")).unwrap_or_default(),
+        if seen.is_empty() { "none".to_string() } else { seen.join("; ") }
+    )]
+    NoAdapter {
+        backends: String,
+        name_filter: Option<String>,
+        seen: Vec<String>,
+    },
+
+    /// A bad value in an environment variable kvsift reads.
+    #[error("environment variable {var}={value:?}: {reason}")]
+    BadEnv {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+
+    /// The adapter refused to create a device.
+    #[error("could not open a device on adapter {adapter:?}: {source}")]
+    RequestDevice {
+        adapter: String,
+        #[source]
+        source: wgpu::RequestDeviceError,
+    },
+
+    /// Something needs an optional GPU feature the device does not have.
+    #[error("{what} needs the GPU feature {feature}, which adapter {adapter:?} does not offer")]
+    MissingFeature {
+        what: String,
+        feature: &'static str,
+        adapter: String,
+    },
+
+    /// A size exceeds one of the device's limits and cannot be split.
+    #[error("{what}: {requested} exceeds the device limit {limit_name} = {limit}")]
+    LimitExceeded {
+        what: String,
+        requested: u64,
+        limit_name: &'static str,
+        limit: u64,
+    },
+
+    /// wgpu reported a validation or out-of-memory error inside an error scope.
+    #[error("GPU error during {during}: {message}")]
+    Gpu { during: String, message: String },
+
+    /// Reading a buffer back from the GPU failed.
+    #[error("reading GPU buffer {label:?} back failed: {message}")]
+    Readback { label: String, message: String },
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A user-supplied value is out of its allowed range (CLI flag or API field).
+    #[error("invalid value for {name}: {reason}")]
+    InvalidArgument { name: String, reason: String },
+}
+
+impl Error {
+    pub fn invalid(name: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            name: name.into(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Typed storage buffers with upload and readback.
+
+use std::marker::PhantomData;
+
+use bytemuck::Pod;
+
+use super::GpuContext;
+use crate::error::{Error, Result};
+
+/// Usage every kvsift storage buffer gets: bindable, copyable both ways.
+pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+/// A storage buffer holding `len` elements of `T`.
+pub struct GpuBuffer<T: Pod> {
+    buffer: wgpu::Buffer,
+    len: usize,
+    label: String,
+    _elem: PhantomData<T>,
+}
+
+/// Bytes actually allocated for `len` elements: at least 4 and a multiple of 4
+/// (copies need 4-byte sizes; zero-sized bindings are invalid).
+fn padded_bytes<T>(len: usize) -> u64 {
+    let bytes = (len * std::mem::size_of::<T>()) as u64;
+    bytes.max(4).div_ceil(4) * 4
+}
+
+impl<T: Pod> GpuBuffer<T> {
+    /// A zero-filled buffer of `len` elements.
+    pub fn zeros(ctx: &GpuContext, label: &str, len: usize) -> Result<Self> {
+        let size = padded_bytes::<T>(len);
+        check_size(ctx, label, size)?;
+        let buffer = ctx.checked(label, || {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: STORAGE,
+                mapped_at_creation: false,
+            })
+        })?;
+        Ok(Self {
+            buffer,
+            len,
+            label: label.to_string(),
+            _elem: PhantomData,
+        })
+    }
+
+    /// A buffer initialised with `data` (written through a mapping, no staging copy).
+    pub fn from_slice(ctx: &GpuContext, label: &str, data: &[T]) -> Result<Self> {
+        let size = padded_bytes::<T>(data.len());
+        let buffer = create_init(ctx, label, size, bytemuck::cast_slice(data))?;
+        Ok(Self {
+            buffer,
+            len: data.len(),
+            label: label.to_string(),
+            _elem: PhantomData,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn raw(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.buffer.size()
+    }
+
+    /// Writes `data` at element offset `at` (queued; lands before the next submission).
+    pub fn write(&self, ctx: &GpuContext, at: usize, data: &[T]) {
+        assert!(
+            at + data.len() <= self.len,
+            "write to {}: {} elements at {} overflow its {} elements",
+            self.label,
+            data.len(),
+            at,
+            self.len
+        );
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        if bytes.is_empty() {
+            return;
+        }
+        let off = (at * std::mem::size_of::<T>()) as u64;
+        assert!(
+            off.is_multiple_of(4) && bytes.len().is_multiple_of(4),
+            "write to {}: byte offset {off} and length {} must be multiples of 4",
+            self.label,
+            bytes.len()
+        );
+        ctx.queue.write_buffer(&self.buffer, off, bytes);
+    }
+
+    /// Copies the whole buffer back to the host (waits for the GPU).
+    pub fn read(&self, ctx: &GpuContext) -> Result<Vec<T>> {
+        let n = self.len * std::mem::size_of::<T>();
+        let bytes = read_bytes(
+            ctx,
+            &self.buffer,
+            &self.label,
+            0,
+            padded_bytes::<T>(self.len),
+        )?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes[..n]))
+    }
+
+    pub fn binding(&self) -> wgpu::BindingResource<'_> {
+        self.buffer.as_entire_binding()
+    }
+}
+
+/// Creates a storage buffer of `size` bytes whose first bytes are `data`,
+/// written through a mapping at creation (no staging copy).
+pub fn create_init(ctx: &GpuContext, label: &str, size: u64, data: &[u8]) -> Result<wgpu::Buffer> {
+    assert!(
+        data.len() as u64 <= size && size.is_multiple_of(4),
+        "create_init {label}: {} bytes of data into a {size}-byte buffer",
+        data.len()
+    );
+    check_size(ctx, label, size)?;
+    let buffer = ctx.checked(label, || {
+        ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: STORAGE,
+            mapped_at_creation: true,
+        })
+    })?;
+    {
+        let mut view = buffer.get_mapped_range_mut(..).map_err(|e| Error::Gpu {
+            during: format!("mapping {label} for upload"),
+            message: e.to_string(),
+        })?;
+        view.slice(..data.len()).copy_from_slice(data);
+    }
+    buffer.unmap();
+    Ok(buffer)
+}
+
+fn check_size(ctx: &GpuContext, label: &str, size: u64) -> Result<()> {
+    if size > ctx.caps.max_buffer_bytes {
+        return Err(Error::LimitExceeded {
+            what: format!("buffer {label:?}"),
+            requested: size,
+            limit_name: "max_buffer_size",
+            limit: ctx.caps.max_buffer_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Copies `len` bytes at `offset` of `buffer` back to the host through a staging buffer.
+pub fn read_bytes(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    label: &str,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>> {
+    let staging = ctx.checked(label, || {
+        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kvsift.readback"),
+            size: len,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("kvsift.readback"),
+            });
+        enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, len);
+        ctx.queue.submit([enc.finish()]);
+        staging
+    })?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.wait_idle()?;
+    let mapped = rx
+        .recv()
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    if let Err(message) = mapped {
+        return Err(Error::Readback {
+            label: label.to_string(),
+            message,
+        });
+    }
+    let out = staging.get_mapped_range(..).map_err(|e| Error::Readback {
+        label: label.to_string(),
+        message: e.to_string(),
+    })?;
+    let v = out.to_vec();
+    drop(out);
+    staging.unmap();
+    Ok(v)
+}

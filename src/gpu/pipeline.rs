@@ -1,0 +1,329 @@
+//! Kernels, the pipeline cache, and recorded dispatches.
+//!
+//! A [`Kernel`] is plain WGSL from `shaders/` (a few files joined in order, e.g.
+//! a reduction prelude and a kernel body). Numeric knobs are WGSL `override`
+//! constants; a pipeline is cached by (kernel, entry point, constants). A
+//! [`Dispatch`] is one recorded kernel launch (pipeline + bind group + grid);
+//! a model step is a list of them encoded into one command buffer.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::GpuContext;
+use super::context::OptionalFeatures;
+use crate::error::Result;
+
+/// One WGSL kernel family.
+pub struct Kernel {
+    /// `kvsift.<name>` labels every object made from it.
+    pub name: &'static str,
+    /// Source files, joined in this order.
+    pub sources: &'static [&'static str],
+    /// Entry points; the portability test translates each.
+    pub entries: &'static [&'static str],
+    /// Optional device features the WGSL uses.
+    pub needs: OptionalFeatures,
+}
+
+impl Kernel {
+    pub fn source(&self) -> String {
+        self.sources.join("\n")
+    }
+}
+
+/// Cached by (kernel, entry point, override constants as bit patterns).
+type PipelineKey = (&'static str, String, Vec<(String, u64)>);
+
+#[derive(Default)]
+pub(crate) struct PipelineCache {
+    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+}
+
+impl GpuContext {
+    /// The compute pipeline for `entry` of `kernel` with these override constants,
+    /// built on first use and cached.
+    pub fn pipeline(
+        &self,
+        kernel: &'static Kernel,
+        entry: &str,
+        constants: &[(&str, f64)],
+    ) -> Result<wgpu::ComputePipeline> {
+        assert!(
+            kernel.entries.contains(&entry),
+            "kernel {} has no entry point {entry}",
+            kernel.name
+        );
+        self.require(&format!("kernel {}", kernel.name), kernel.needs)?;
+        let mut sorted: Vec<(String, u64)> = constants
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_bits()))
+            .collect();
+        sorted.sort();
+        let key = (kernel.name, entry.to_string(), sorted);
+        if let Some(p) = self.lock_pipelines().get(&key) {
+            return Ok(p.clone());
+        }
+        let module = self.module(kernel)?;
+        let label = format!("kvsift.{}.{entry}", kernel.name);
+        let pipeline = self.checked(&label, || {
+            self.device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(&label),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some(entry),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants,
+                        // Every kernel writes its workgroup memory before reading it.
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                })
+        })?;
+        self.lock_pipelines().insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+
+    fn module(&self, kernel: &'static Kernel) -> Result<wgpu::ShaderModule> {
+        if let Some(m) = self.lock_modules().get(kernel.name) {
+            return Ok(m.clone());
+        }
+        let label = format!("kvsift.{}", kernel.name);
+        let source = kernel.source();
+        let module = self.checked(&label, || {
+            self.device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(&label),
+                    source: wgpu::ShaderSource::Wgsl(source.into()),
+                })
+        })?;
+        self.lock_modules().insert(kernel.name, module.clone());
+        Ok(module)
+    }
+
+    fn lock_pipelines(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<PipelineKey, wgpu::ComputePipeline>> {
+        self.pipelines
+            .pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_modules(&self) -> std::sync::MutexGuard<'_, HashMap<&'static str, wgpu::ShaderModule>> {
+        self.pipelines
+            .modules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A small uniform buffer holding `params` (one per dispatch, made once).
+    pub fn uniform<P: bytemuck::Pod>(&self, label: &str, params: &P) -> Result<wgpu::Buffer> {
+        let bytes = bytemuck::bytes_of(params);
+        let size = (bytes.len() as u64).div_ceil(16) * 16;
+        self.checked(label, || {
+            let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            self.queue.write_buffer(&buffer, 0, bytes);
+            buffer
+        })
+    }
+
+    /// A 1-D grid of `n` workgroups folded into x/y so no dimension exceeds the
+    /// device limit. Kernels linearise it as `wg.x + wg.y * num_workgroups.x`
+    /// and skip ids past `n`.
+    pub fn grid(&self, n: u32) -> [u32; 3] {
+        let max = self.caps.max_workgroups_per_dim.max(1);
+        if n <= max {
+            [n.max(1), 1, 1]
+        } else {
+            let y = n.div_ceil(max);
+            [n.div_ceil(y), y, 1]
+        }
+    }
+
+    /// Encodes `dispatches` into one compute pass, submits once, and reports any
+    /// validation error as `Error::Gpu` naming `label`.
+    pub fn run(&self, label: &str, dispatches: &[&Dispatch]) -> Result<wgpu::SubmissionIndex> {
+        self.checked(label, || {
+            let mut enc = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(label),
+                    timestamp_writes: None,
+                });
+                for d in dispatches {
+                    d.encode(&mut pass);
+                }
+            }
+            self.queue.submit([enc.finish()])
+        })
+    }
+}
+
+/// One recorded kernel launch: everything it needs is created up front, so
+/// encoding it allocates nothing.
+pub struct Dispatch {
+    pub label: String,
+    pipeline: wgpu::ComputePipeline,
+    bind_group: wgpu::BindGroup,
+    pub workgroups: [u32; 3],
+}
+
+impl Dispatch {
+    /// Binds `resources` to `@group(0) @binding(0..)` in order.
+    pub fn new(
+        ctx: &GpuContext,
+        pipeline: wgpu::ComputePipeline,
+        label: String,
+        resources: &[wgpu::BindingResource<'_>],
+        workgroups: [u32; 3],
+    ) -> Result<Self> {
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: r.clone(),
+            })
+            .collect();
+        let bind_group = ctx.checked(&label, || {
+            ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&label),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            })
+        })?;
+        Ok(Self {
+            label,
+            pipeline,
+            bind_group,
+            workgroups,
+        })
+    }
+
+    pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        let [x, y, z] = self.workgroups;
+        pass.dispatch_workgroups(x, y, z);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use crate::gpu::{GpuBuffer, GpuOptions, OptionalFeatures};
+    use crate::testing::gpu;
+
+    static NEEDS_SUBGROUPS: Kernel = Kernel {
+        name: "needs_subgroups",
+        sources: &["@compute @workgroup_size(1) fn main() {}"],
+        entries: &["main"],
+        needs: OptionalFeatures {
+            shader_f16: false,
+            subgroups: true,
+            timestamps: false,
+        },
+    };
+
+    #[test]
+    fn a_bad_binding_is_a_gpu_error_naming_the_dispatch() {
+        let Some(ctx) = gpu() else { return };
+        let pipeline = ctx
+            .pipeline(&crate::ops::add::ADD, "add_inplace", &[("WG", 256.0)])
+            .unwrap();
+        let x = GpuBuffer::<f32>::zeros(ctx, "x", 4).unwrap();
+        // A uniform buffer where the kernel wants read-write storage.
+        let not_storage = ctx.uniform("params", &[0u32; 4]).unwrap();
+        let r = Dispatch::new(
+            ctx,
+            pipeline,
+            "kvsift.test.bad_binding".into(),
+            &[
+                not_storage.as_entire_binding(),
+                x.binding(),
+                not_storage.as_entire_binding(),
+            ],
+            [1, 1, 1],
+        );
+        match r {
+            Err(Error::Gpu { during, message }) => {
+                assert!(
+                    during.contains("kvsift.test.bad_binding"),
+                    "{during}: {message}"
+                )
+            }
+            Err(e) => panic!("expected a GPU validation error, got {e}"),
+            Ok(_) => panic!("binding a uniform buffer as storage was accepted"),
+        }
+        // The error was consumed by its scope; the context stays usable.
+        ctx.take_uncaptured("after").unwrap();
+    }
+
+    #[test]
+    fn a_missing_feature_is_a_typed_error() {
+        if gpu().is_none() {
+            return;
+        }
+        let opts = GpuOptions {
+            disable: OptionalFeatures::ALL,
+            ..GpuOptions::from_env().unwrap()
+        };
+        let ctx = GpuContext::new(&opts).unwrap();
+        assert_eq!(ctx.caps.features, OptionalFeatures::NONE);
+        match ctx.pipeline(&NEEDS_SUBGROUPS, "main", &[]) {
+            Err(Error::MissingFeature { feature, .. }) => assert_eq!(feature, "subgroups"),
+            Err(e) => panic!("expected MissingFeature, got {e}"),
+            Ok(_) => panic!("a subgroup kernel was built without subgroups"),
+        }
+        // The portable kernels still pick their fallback path.
+        assert_eq!(crate::ops::linear::MATVEC.pick(&ctx).name, "matvec");
+    }
+
+    #[test]
+    fn a_buffer_over_the_device_limit_is_a_typed_error() {
+        let Some(ctx) = gpu() else { return };
+        let len = (ctx.caps.max_buffer_bytes / 4 + 1) as usize;
+        match GpuBuffer::<f32>::zeros(ctx, "too_big", len) {
+            Err(Error::LimitExceeded { limit_name, .. }) => {
+                assert_eq!(limit_name, "max_buffer_size")
+            }
+            Err(e) => panic!("expected LimitExceeded, got {e}"),
+            Ok(_) => panic!("allocated a buffer over max_buffer_size"),
+        }
+    }
+
+    #[test]
+    fn pipelines_are_cached_by_kernel_entry_and_constants() {
+        let Some(ctx) = gpu() else { return };
+        let k = &crate::ops::add::ADD;
+        let a = ctx.pipeline(k, "add_inplace", &[("WG", 64.0)]).unwrap();
+        let b = ctx.pipeline(k, "add_inplace", &[("WG", 64.0)]).unwrap();
+        let c = ctx.pipeline(k, "add_inplace", &[("WG", 128.0)]).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn grids_fold_large_counts_under_the_dimension_limit() {
+        let Some(ctx) = gpu() else { return };
+        let max = ctx.caps.max_workgroups_per_dim;
+        assert_eq!(ctx.grid(5), [5, 1, 1]);
+        for n in [max, max + 1, 3 * max + 7] {
+            let [x, y, _] = ctx.grid(n);
+            assert!(
+                x <= max && y <= max && (x as u64 * y as u64) >= n as u64,
+                "{n} -> {x} x {y}"
+            );
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Greedy pick (`shaders/argmax.wgsl`): per row, the index of the largest
+//! value; exact ties go to the lower index; NaN never wins.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{NO_FEATURES, u32_of};
+use crate::error::Result;
+use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
+
+pub static ARGMAX: Kernel = Kernel {
+    name: "argmax",
+    sources: &[include_str!("../../shaders/argmax.wgsl")],
+    entries: &["argmax"],
+    needs: NO_FEATURES,
+};
+
+/// What a row without any comparable value (all NaN, or empty) yields.
+pub const NO_INDEX: u32 = u32::MAX;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    rows: u32,
+    n: u32,
+}
+
+/// `out[r] = argmax(x[r, 0..n])` for each of `rows` rows.
+pub fn argmax(
+    ctx: &GpuContext,
+    rows: usize,
+    n: usize,
+    x: &GpuBuffer<f32>,
+    out: &GpuBuffer<u32>,
+) -> Result<Dispatch> {
+    assert!(
+        x.len() >= rows * n && out.len() >= rows,
+        "argmax: x {} values, out {}, for [{rows}, {n}]",
+        x.len(),
+        out.len()
+    );
+    let pipeline = ctx.pipeline(&ARGMAX, "argmax", &super::wg_constants())?;
+    let params = Params {
+        rows: u32_of("rows", rows),
+        n: u32_of("n", n),
+    };
+    let uniform = ctx.uniform("kvsift.argmax", &params)?;
+    Dispatch::new(
+        ctx,
+        pipeline,
+        "kvsift.argmax".into(),
+        &[uniform.as_entire_binding(), x.binding(), out.binding()],
+        ctx.grid(u32_of("rows", rows)),
+    )
+}
+
+/// CPU twin.
+pub fn argmax_cpu(row: &[f32]) -> u32 {
+    let mut best: Option<(f32, usize)> = None;
+    for (i, v) in row.iter().enumerate() {
+        if v.is_nan() {
+            continue;
+        }
+        if best.is_none_or(|(bv, _)| *v > bv) {
+            best = Some((*v, i));
+        }
+    }
+    best.map_or(NO_INDEX, |(_, i)| i as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Rng, gpu};
+
+    #[test]
+    fn argmax_matches_twin_with_ties_and_nans() {
+        let Some(ctx) = gpu() else { return };
+        for (i, &(rows, n)) in [(1, 1), (3, 7), (2, 256), (4, 1000), (2, 151936)]
+            .iter()
+            .enumerate()
+        {
+            let mut rng = Rng::new(120 + i as u64);
+            // Values on a coarse grid so exact ties are common.
+            let mut x: Vec<f32> = (0..rows * n)
+                .map(|_| (rng.normal() * 4.0).round())
+                .collect();
+            if n > 10 {
+                x[3] = f32::NAN;
+                x[n + 5] = f32::NAN;
+            }
+            let xb = GpuBuffer::from_slice(ctx, "x", &x).unwrap();
+            let out = GpuBuffer::<u32>::zeros(ctx, "out", rows).unwrap();
+            let d = argmax(ctx, rows, n, &xb, &out).unwrap();
+            ctx.run("test", &[&d]).unwrap();
+            let got = out.read(ctx).unwrap();
+            for r in 0..rows {
+                let want = argmax_cpu(&x[r * n..(r + 1) * n]);
+                assert_eq!(
+                    got[r], want,
+                    "argmax [{rows}, {n}] row {r}: got {}, want {want}",
+                    got[r]
+                );
+            }
+        }
+        // All NaN: no index.
+        let xb = GpuBuffer::from_slice(ctx, "x", &[f32::NAN; 5]).unwrap();
+        let out = GpuBuffer::<u32>::zeros(ctx, "out", 1).unwrap();
+        let d = argmax(ctx, 1, 5, &xb, &out).unwrap();
+        ctx.run("test", &[&d]).unwrap();
+        assert_eq!(out.read(ctx).unwrap(), vec![NO_INDEX]);
+    }
+}

@@ -1,0 +1,447 @@
+//! Linear projections `y = x W^T (+ bias)`, optionally accumulated into `y`
+//! (which fuses the residual add into `o_proj` / `down_proj`).
+//! Two kernels: `matvec` (decode: one or a few vectors, `shaders/matvec.wgsl`)
+//! and `matmul` (prefill: many tokens, `shaders/matmul.wgsl`). Both take f32
+//! or packed-f16 weights and one dispatch per row-part of the weight matrix.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
+use crate::error::Result;
+use crate::gpu::{Dispatch, GpuBuffer, GpuContext, GpuMatrix, Kernel, WeightDtype};
+
+const MATVEC_SRC: &str = include_str!("../../shaders/matvec.wgsl");
+
+pub static MATVEC: ReducingKernel = ReducingKernel {
+    workgroup: Kernel {
+        name: "matvec",
+        sources: &[REDUCE_WORKGROUP, MATVEC_SRC],
+        entries: &["matvec_f32", "matvec_f16"],
+        needs: NO_FEATURES,
+    },
+    subgroup: Kernel {
+        name: "matvec_subgroup",
+        sources: &[REDUCE_SUBGROUP, MATVEC_SRC],
+        entries: &["matvec_f32", "matvec_f16"],
+        needs: SUBGROUPS,
+    },
+};
+
+pub static MATMUL: Kernel = Kernel {
+    name: "matmul",
+    sources: &[include_str!("../../shaders/matmul.wgsl")],
+    entries: &["matmul_f32", "matmul_f16"],
+    needs: NO_FEATURES,
+};
+
+/// Rows computed by one matvec workgroup (`ROWS` in matvec.wgsl).
+const MATVEC_ROWS: usize = 4;
+/// Output tile of one matmul workgroup (`BM`, `BN` in matmul.wgsl).
+const MATMUL_TILE: usize = 64;
+/// Up to this many vectors a projection runs as matvec, beyond it as matmul.
+pub const MATVEC_MAX_VECS: usize = 4;
+
+const FLAG_BIAS: u32 = 1;
+const FLAG_ACCUMULATE: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct MatvecParams {
+    rows: u32,
+    cols: u32,
+    row_words: u32,
+    n_vecs: u32,
+    x_stride: u32,
+    y_stride: u32,
+    y_offset: u32,
+    flags: u32,
+    row_blocks: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct MatmulParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    row_words: u32,
+    a_stride: u32,
+    c_stride: u32,
+    c_offset: u32,
+    flags: u32,
+}
+
+/// One projection: `y[v, :] (+)= W x[v, :] (+ bias)` for `n_vecs` rows of `x`.
+pub struct Linear<'a> {
+    pub weights: &'a GpuMatrix,
+    pub bias: Option<&'a GpuBuffer<f32>>,
+    /// `[n_vecs, weights.cols]`
+    pub x: &'a GpuBuffer<f32>,
+    /// `[n_vecs, weights.rows]`
+    pub y: &'a GpuBuffer<f32>,
+    pub n_vecs: usize,
+    /// Add into `y` instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl Linear<'_> {
+    fn check(&self, kernel: &str) {
+        let w = self.weights;
+        assert!(
+            self.n_vecs > 0
+                && self.x.len() >= self.n_vecs * w.cols
+                && self.y.len() >= self.n_vecs * w.rows,
+            "{kernel} {}: x has {} values, y {}, for {} vectors of [{}, {}]",
+            w.label,
+            self.x.len(),
+            self.y.len(),
+            self.n_vecs,
+            w.rows,
+            w.cols
+        );
+        if let Some(b) = self.bias {
+            assert_eq!(b.len(), w.rows, "{kernel} {}: bias length", w.label);
+        }
+    }
+
+    fn flags(&self) -> u32 {
+        (if self.bias.is_some() { FLAG_BIAS } else { 0 })
+            | (if self.accumulate { FLAG_ACCUMULATE } else { 0 })
+    }
+
+    fn bias_binding(&self) -> wgpu::BindingResource<'_> {
+        // Without a bias the kernel never reads binding 3; bind x there.
+        self.bias.unwrap_or(self.x).binding()
+    }
+}
+
+fn entry(kind: &str, dtype: WeightDtype) -> String {
+    match dtype {
+        WeightDtype::F32 => format!("{kind}_f32"),
+        WeightDtype::F16 => format!("{kind}_f16"),
+    }
+}
+
+/// The projection as matvec for few vectors, matmul for many.
+pub fn linear(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
+    if args.n_vecs <= MATVEC_MAX_VECS {
+        matvec(ctx, args)
+    } else {
+        matmul(ctx, args)
+    }
+}
+
+pub fn matvec(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
+    matvec_with(ctx, MATVEC.pick(ctx), args)
+}
+
+/// matvec with an explicit reduction variant (tests run both).
+pub fn matvec_with(
+    ctx: &GpuContext,
+    kernel: &'static Kernel,
+    args: &Linear,
+) -> Result<Vec<Dispatch>> {
+    args.check("matvec");
+    let w = args.weights;
+    let pipeline = ctx.pipeline(kernel, &entry("matvec", w.dtype), &super::wg_constants())?;
+    let n_vecs = u32_of("matvec vectors", args.n_vecs);
+    assert!(
+        n_vecs <= ctx.caps.max_workgroups_per_dim,
+        "matvec: {n_vecs} vectors exceed the grid's z limit; use matmul"
+    );
+    w.parts
+        .iter()
+        .map(|part| {
+            let row_blocks = u32_of("matvec row blocks", part.rows.div_ceil(MATVEC_ROWS));
+            let params = MatvecParams {
+                rows: u32_of("rows", part.rows),
+                cols: u32_of("cols", w.cols),
+                row_words: u32_of("row words", w.row_words),
+                n_vecs,
+                x_stride: u32_of("x stride", w.cols),
+                y_stride: u32_of("y stride", w.rows),
+                y_offset: u32_of("y offset", part.first_row),
+                flags: args.flags(),
+                row_blocks,
+            };
+            let label = format!("kvsift.matvec.{}", w.label);
+            let uniform = ctx.uniform(&label, &params)?;
+            let [gx, gy, _] = ctx.grid(row_blocks);
+            Dispatch::new(
+                ctx,
+                pipeline.clone(),
+                label,
+                &[
+                    uniform.as_entire_binding(),
+                    part.buffer.as_entire_binding(),
+                    args.x.binding(),
+                    args.bias_binding(),
+                    args.y.binding(),
+                ],
+                [gx, gy, n_vecs],
+            )
+        })
+        .collect()
+}
+
+pub fn matmul(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
+    args.check("matmul");
+    let w = args.weights;
+    let pipeline = ctx.pipeline(&MATMUL, &entry("matmul", w.dtype), &[])?;
+    let tiles_m = u32_of("matmul row tiles", args.n_vecs.div_ceil(MATMUL_TILE));
+    w.parts
+        .iter()
+        .map(|part| {
+            let tiles_n = u32_of("matmul column tiles", part.rows.div_ceil(MATMUL_TILE));
+            assert!(
+                tiles_m <= ctx.caps.max_workgroups_per_dim
+                    && tiles_n <= ctx.caps.max_workgroups_per_dim,
+                "matmul {}: {tiles_n} x {tiles_m} tiles exceed the grid limit",
+                w.label
+            );
+            let params = MatmulParams {
+                m: u32_of("m", args.n_vecs),
+                n: u32_of("n", part.rows),
+                k: u32_of("k", w.cols),
+                row_words: u32_of("row words", w.row_words),
+                a_stride: u32_of("a stride", w.cols),
+                c_stride: u32_of("c stride", w.rows),
+                c_offset: u32_of("c offset", part.first_row),
+                flags: args.flags(),
+            };
+            let label = format!("kvsift.matmul.{}", w.label);
+            let uniform = ctx.uniform(&label, &params)?;
+            Dispatch::new(
+                ctx,
+                pipeline.clone(),
+                label,
+                &[
+                    uniform.as_entire_binding(),
+                    part.buffer.as_entire_binding(),
+                    args.x.binding(),
+                    args.bias_binding(),
+                    args.y.binding(),
+                ],
+                [tiles_n, tiles_m, 1],
+            )
+        })
+        .collect()
+}
+
+/// CPU twin of both kernels, in f64: `y[v, r] (+)= sum_k w[r, k] x[v, k] (+ bias[r])`
+/// for `w` `[rows, cols]`, `x` `[n_vecs, cols]`, `y` `[n_vecs, rows]`.
+/// `w` must hold the values as stored (see [`WeightDtype::round`]).
+pub fn linear_cpu(
+    w: &[f32],
+    cols: usize,
+    bias: Option<&[f32]>,
+    x: &[f32],
+    y: &mut [f64],
+    accumulate: bool,
+) {
+    let (rows, n_vecs) = (w.len() / cols, x.len() / cols);
+    assert!(
+        w.len() == rows * cols && x.len() == n_vecs * cols && y.len() == n_vecs * rows,
+        "linear_cpu: w {}, x {}, y {} values for {cols} columns",
+        w.len(),
+        x.len(),
+        y.len()
+    );
+    for v in 0..n_vecs {
+        let xv = &x[v * cols..(v + 1) * cols];
+        for r in 0..rows {
+            let wr = &w[r * cols..(r + 1) * cols];
+            let mut s: f64 = wr.iter().zip(xv).map(|(a, b)| *a as f64 * *b as f64).sum();
+            if let Some(b) = bias {
+                s += b[r] as f64;
+            }
+            let out = &mut y[v * rows + r];
+            *out = if accumulate { *out + s } else { s };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::GpuOptions;
+    use crate::testing::{Rng, assert_nmse, gpu};
+
+    /// f32 accumulation over k terms against the f64 twin: NMSE stays near
+    /// k * 2^-48; 1e-9 leaves a wide margin yet catches any indexing error.
+    const LINEAR_NMSE: f64 = 1e-9;
+
+    #[derive(Clone, Copy)]
+    enum Which {
+        Matvec(&'static Kernel),
+        Matmul,
+    }
+
+    fn variants(ctx: &GpuContext, n_vecs: usize) -> Vec<(String, Which)> {
+        let mut v = vec![("matmul".to_string(), Which::Matmul)];
+        if n_vecs <= 64 {
+            v.push(("matvec".into(), Which::Matvec(&MATVEC.workgroup)));
+            if ctx.caps.features.subgroups {
+                v.push(("matvec_subgroup".into(), Which::Matvec(&MATVEC.subgroup)));
+            }
+        }
+        v
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_case(
+        ctx: &GpuContext,
+        seed: u64,
+        rows: usize,
+        cols: usize,
+        n_vecs: usize,
+        dtype: WeightDtype,
+        with_bias: bool,
+        accumulate: bool,
+    ) {
+        let mut rng = Rng::new(seed);
+        let w: Vec<f32> = rng.normals(rows * cols);
+        let x = rng.normals(n_vecs * cols);
+        let bias = with_bias.then(|| rng.normals(rows));
+        let y0 = rng.normals(n_vecs * rows);
+        let stored: Vec<f32> = w.iter().map(|v| dtype.round(*v)).collect();
+        let mut want: Vec<f64> = y0.iter().map(|v| *v as f64).collect();
+        linear_cpu(&stored, cols, bias.as_deref(), &x, &mut want, accumulate);
+
+        let wm = GpuMatrix::upload(ctx, "test.w", rows, cols, dtype, &w).unwrap();
+        let xb = GpuBuffer::from_slice(ctx, "test.x", &x).unwrap();
+        let bb = bias
+            .as_ref()
+            .map(|b| GpuBuffer::from_slice(ctx, "test.bias", b).unwrap());
+        for (name, which) in variants(ctx, n_vecs) {
+            let yb = GpuBuffer::from_slice(ctx, "test.y", &y0).unwrap();
+            let args = Linear {
+                weights: &wm,
+                bias: bb.as_ref(),
+                x: &xb,
+                y: &yb,
+                n_vecs,
+                accumulate,
+            };
+            let ds = match which {
+                Which::Matvec(k) => matvec_with(ctx, k, &args),
+                Which::Matmul => matmul(ctx, &args),
+            }
+            .unwrap();
+            ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+            let got = yb.read(ctx).unwrap();
+            assert_nmse(
+                &format!(
+                    "{name} {dtype:?} rows {rows} cols {cols} vecs {n_vecs} bias {with_bias} acc {accumulate}"
+                ),
+                &got,
+                &want,
+                LINEAR_NMSE,
+            );
+        }
+    }
+
+    #[test]
+    fn linear_matches_twin_across_sizes_and_dtypes() {
+        let Some(ctx) = gpu() else { return };
+        // (rows, cols, vectors): size 1, non-multiples of the workgroup / tile,
+        // many workgroups, head dims 64 and 128, odd k for f16 padding.
+        let cases = [
+            (1, 1, 1),
+            (5, 7, 1),
+            (3, 300, 2),
+            (64, 64, 1),
+            (128, 128, 3),
+            (257, 129, 4),
+            (1000, 33, 1),
+            (130, 200, 65),
+            (77, 64, 129),
+        ];
+        for (i, &(rows, cols, n)) in cases.iter().enumerate() {
+            for dtype in [WeightDtype::F32, WeightDtype::F16] {
+                check_case(
+                    ctx,
+                    100 + i as u64,
+                    rows,
+                    cols,
+                    n,
+                    dtype,
+                    i % 2 == 0,
+                    i % 3 == 1,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn linear_with_bias_and_accumulate() {
+        let Some(ctx) = gpu() else { return };
+        for (i, dtype) in [WeightDtype::F32, WeightDtype::F16].into_iter().enumerate() {
+            check_case(ctx, 7 + i as u64, 96, 128, 2, dtype, true, true);
+            check_case(ctx, 9 + i as u64, 96, 128, 70, dtype, true, true);
+        }
+    }
+
+    #[test]
+    fn matrices_split_across_bindings_give_the_same_result() {
+        if gpu().is_none() {
+            return;
+        }
+        // A device whose binding limit kvsift plans with is 4 KiB: a 100 x 37
+        // f32 matrix (148 B per row) becomes 4 parts, f16 (76 B per row) 2.
+        let opts = GpuOptions {
+            max_binding_bytes: Some(4096),
+            ..GpuOptions::from_env().unwrap()
+        };
+        let ctx = GpuContext::new(&opts).unwrap();
+        let w = GpuMatrix::upload(&ctx, "t", 100, 37, WeightDtype::F32, &[0.5; 3700]).unwrap();
+        assert_eq!(w.parts.len(), 4);
+        for dtype in [WeightDtype::F32, WeightDtype::F16] {
+            check_case(&ctx, 11, 100, 37, 1, dtype, true, false);
+            check_case(&ctx, 12, 100, 37, 67, dtype, true, true);
+        }
+    }
+
+    #[test]
+    fn a_matrix_larger_than_the_real_binding_limit_works() {
+        let Some(ctx) = gpu() else { return };
+        // Just over the device's own limit (128 MiB on lavapipe), when the device
+        // can hold it; on desktop GPUs with multi-GiB limits this is skipped.
+        let limit = ctx.caps.max_binding_bytes;
+        let cols = 4096usize;
+        let rows = (limit as usize / (cols * 4)) + 3;
+        if (rows * cols * 4) as u64 > 512 << 20 {
+            eprintln!("skipped: binding limit {limit} too large to exceed cheaply");
+            return;
+        }
+        let mut rng = Rng::new(5);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() - 0.5).collect();
+        let x = rng.normals(cols);
+        let wm = GpuMatrix::upload(ctx, "big", rows, cols, WeightDtype::F32, &w).unwrap();
+        assert!(
+            wm.parts.len() >= 2,
+            "expected a split, got {} part",
+            wm.parts.len()
+        );
+        let xb = GpuBuffer::from_slice(ctx, "x", &x).unwrap();
+        let yb = GpuBuffer::<f32>::zeros(ctx, "y", rows).unwrap();
+        let args = Linear {
+            weights: &wm,
+            bias: None,
+            x: &xb,
+            y: &yb,
+            n_vecs: 1,
+            accumulate: false,
+        };
+        let ds = matvec(ctx, &args).unwrap();
+        ctx.run("big", &ds.iter().collect::<Vec<_>>()).unwrap();
+        let mut want = vec![0.0; rows];
+        linear_cpu(&w, cols, None, &x, &mut want, false);
+        assert_nmse(
+            "matvec over the binding limit",
+            &yb.read(ctx).unwrap(),
+            &want,
+            LINEAR_NMSE,
+        );
+    }
+}

@@ -1,0 +1,82 @@
+//! One module per WGSL kernel family. Each holds the kernel's parameters
+//! (`#[repr(C)]` Pod, mirroring the WGSL `Params`), a constructor that records
+//! [`Dispatch`]es, the CPU twin (f64 where it matters), and the tests that run
+//! both on seeded random inputs with a stated tolerance.
+
+pub mod add;
+pub mod argmax;
+pub mod embedding;
+pub mod linear;
+pub mod rmsnorm;
+pub mod rope;
+pub mod silu_mul;
+pub mod softmax;
+
+use crate::gpu::{GpuContext, Kernel, OptionalFeatures};
+
+/// Workgroup-reduction preludes, joined in front of kernels that reduce
+/// across a workgroup (see the kernels' `sources`). Both define `Lane`, `workgroup_sum{,4}`, `workgroup_max`.
+pub(crate) const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
+pub(crate) const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
+
+pub(crate) const NO_FEATURES: OptionalFeatures = OptionalFeatures::NONE;
+pub(crate) const SUBGROUPS: OptionalFeatures = OptionalFeatures {
+    shader_f16: false,
+    subgroups: true,
+    timestamps: false,
+};
+
+/// Workgroup size of the 1-D kernels (a power of two; WebGPU guarantees 256).
+pub const WG: u32 = 256;
+
+/// A kernel that reduces across a workgroup, in its two variants.
+pub struct ReducingKernel {
+    pub workgroup: Kernel,
+    pub subgroup: Kernel,
+}
+
+impl ReducingKernel {
+    /// The subgroup variant when the device has subgroups that fit in a
+    /// workgroup, else the portable one.
+    pub fn pick(&'static self, ctx: &GpuContext) -> &'static Kernel {
+        let caps = &ctx.caps;
+        if caps.features.subgroups && caps.subgroup_max_size <= WG {
+            &self.subgroup
+        } else {
+            &self.workgroup
+        }
+    }
+}
+
+/// Every kernel, for the portability test and `kvsift info`.
+pub fn all_kernels() -> Vec<&'static Kernel> {
+    vec![
+        &linear::MATVEC.workgroup,
+        &linear::MATVEC.subgroup,
+        &linear::MATMUL,
+        &rmsnorm::RMSNORM.workgroup,
+        &rmsnorm::RMSNORM.subgroup,
+        &softmax::SOFTMAX.workgroup,
+        &softmax::SOFTMAX.subgroup,
+        &rope::ROPE,
+        &silu_mul::SILU_MUL,
+        &add::ADD,
+        &embedding::EMBEDDING,
+        &argmax::ARGMAX,
+    ]
+}
+
+/// Constants every 1-D kernel gets.
+pub(crate) fn wg_constants() -> [(&'static str, f64); 1] {
+    [("WG", WG as f64)]
+}
+
+/// Workgroups needed to cover `n` invocations with `WG` per workgroup.
+pub(crate) fn blocks(n: usize) -> u32 {
+    u32::try_from(n.div_ceil(WG as usize)).expect("dispatch larger than 2^32 workgroups")
+}
+
+/// `usize` to the `u32` a WGSL parameter holds; larger sizes are a programming error.
+pub(crate) fn u32_of(what: &str, n: usize) -> u32 {
+    u32::try_from(n).unwrap_or_else(|_| panic!("{what} = {n} does not fit a u32 kernel parameter"))
+}
