@@ -58,7 +58,7 @@ mod tests {
     #[test]
     fn add_matches_twin_exactly() {
         let Some(ctx) = gpu() else { return };
-        for (i, n) in [1usize, 255, 257, 5000].into_iter().enumerate() {
+        for (i, n) in [1usize, 64, 128, 255, 257, 5000].into_iter().enumerate() {
             let mut rng = Rng::new(90 + i as u64);
             let (x, acc) = (rng.normals(n), rng.normals(n));
             let xb = GpuBuffer::from_slice(ctx, "x", &x).unwrap();

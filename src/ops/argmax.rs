@@ -75,9 +75,17 @@ mod tests {
     #[test]
     fn argmax_matches_twin_with_ties_and_nans() {
         let Some(ctx) = gpu() else { return };
-        for (i, &(rows, n)) in [(1, 1), (3, 7), (2, 256), (4, 1000), (2, 151936)]
-            .iter()
-            .enumerate()
+        for (i, &(rows, n)) in [
+            (1, 1),
+            (3, 7),
+            (2, 64),
+            (3, 128),
+            (2, 256),
+            (4, 1000),
+            (2, 151936),
+        ]
+        .iter()
+        .enumerate()
         {
             let mut rng = Rng::new(120 + i as u64);
             // Values on a coarse grid so exact ties are common.

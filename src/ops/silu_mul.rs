@@ -70,7 +70,7 @@ mod tests {
     #[test]
     fn silu_mul_matches_twin() {
         let Some(ctx) = gpu() else { return };
-        for (i, n) in [1usize, 7, 256, 1000, 64 * 1024 + 3]
+        for (i, n) in [1usize, 7, 64, 128, 256, 1000, 64 * 1024 + 3]
             .into_iter()
             .enumerate()
         {
