@@ -1,17 +1,22 @@
-// rmsnorm.wgsl: Llama RMSNorm over the rows of a [rows, dim] tensor,
-//   out[r, i] = w[i] * (x[r, i] / sqrt(mean_i(x[r, i]^2) + eps)),
-// and the fused form that first adds a delta into the residual stream:
-//   residual[r, :] += x[r, :];  out[r, :] = rmsnorm(residual[r, :]).
+// rmsnorm.wgsl: Llama RMSNorm over rows of `dim` values,
+//   y = w * (x / sqrt(mean(x^2) + eps)),
+// in three forms:
+//   rmsnorm          out = norm(x)                       (same layout for x and out)
+//   rmsnorm_inplace  out = norm(out)                     (Qwen3's per-head q/k norm inside qkv)
+//   add_rmsnorm      residual += x; out = norm(residual) (fused residual add)
+// Row r lives at token t = r / heads, head h = r % heads, offset
+// t * token_stride + offset + h * dim: plain rows use heads = 1,
+// token_stride = dim, offset = 0.
 //
 // Dispatch: one workgroup per row (grid folded into x/y). Needs a reduction
 // prelude (reduce_workgroup.wgsl or reduce_subgroup.wgsl).
 //
 // Bindings:
 //   0 params    uniform Params
-//   1 x         storage read  [rows, dim] f32 (add_rmsnorm: the delta)
-//   2 w         storage read  [dim] f32
-//   3 out       storage rw    [rows, dim] f32
-//   4 residual  storage rw    [rows, dim] f32 (add_rmsnorm only)
+//   1 w         storage read  [dim] f32
+//   2 out       storage rw    rows as above, f32
+//   3 x         storage read  rows as above, f32 (rmsnorm, add_rmsnorm)
+//   4 residual  storage rw    rows as above, f32 (add_rmsnorm)
 
 override WG: u32 = 256u;
 
@@ -19,16 +24,24 @@ struct Params {
     rows: u32,
     dim: u32,
     eps: f32,
+    heads: u32,
+    token_stride: u32,
+    offset: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(1) var<storage, read> w: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read> x: array<f32>;
 @group(0) @binding(4) var<storage, read_write> residual: array<f32>;
 
-fn row_index(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wg.x + wg.y * nwg.x;
+// Offset of row `row`'s first element, or 0xffffffff for workgroups past the end.
+fn row_base(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    let row = wg.x + wg.y * nwg.x;
+    if row >= p.rows {
+        return 0xffffffffu;
+    }
+    return (row / p.heads) * p.token_stride + p.offset + (row % p.heads) * p.dim;
 }
 
 fn inv_rms(sum_squares: f32) -> f32 {
@@ -37,11 +50,10 @@ fn inv_rms(sum_squares: f32) -> f32 {
 
 @compute @workgroup_size(WG)
 fn rmsnorm(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let row = row_index(wg, nwg);
-    if row >= p.rows {
+    let base = row_base(wg, nwg);
+    if base == 0xffffffffu {
         return;
     }
-    let base = row * p.dim;
     var ss = 0.0;
     for (var i = lane.lid; i < p.dim; i = i + WG) {
         let v = x[base + i];
@@ -54,12 +66,30 @@ fn rmsnorm(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgr
 }
 
 @compute @workgroup_size(WG)
-fn add_rmsnorm(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let row = row_index(wg, nwg);
-    if row >= p.rows {
+fn rmsnorm_inplace(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let base = row_base(wg, nwg);
+    if base == 0xffffffffu {
         return;
     }
-    let base = row * p.dim;
+    var ss = 0.0;
+    for (var i = lane.lid; i < p.dim; i = i + WG) {
+        let v = out[base + i];
+        ss = ss + v * v;
+    }
+    // Every invocation has read its elements before any is overwritten:
+    // workgroup_sum ends with a barrier.
+    let scale = inv_rms(workgroup_sum(ss, lane));
+    for (var i = lane.lid; i < p.dim; i = i + WG) {
+        out[base + i] = w[i] * (out[base + i] * scale);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn add_rmsnorm(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let base = row_base(wg, nwg);
+    if base == 0xffffffffu {
+        return;
+    }
     var ss = 0.0;
     for (var i = lane.lid; i < p.dim; i = i + WG) {
         let v = residual[base + i] + x[base + i];

@@ -70,6 +70,38 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A model's config.json (or generation_config.json) is malformed or inconsistent.
+    #[error("{path}: {reason}")]
+    BadConfig { path: PathBuf, reason: String },
+
+    /// The checkpoint is valid but of a kind kvsift does not run.
+    #[error("{path}: unsupported model: {what}")]
+    UnsupportedModel { path: PathBuf, what: String },
+
+    /// A weight file is not valid safetensors (corrupt, truncated, bad header).
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    BadSafetensors { path: PathBuf, reason: String },
+
+    /// A tensor is missing, or its shape or dtype disagrees with the config.
+    #[error("{path}: tensor {tensor:?}: {reason}")]
+    BadTensor {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+    },
+
+    /// The tokenizer (or its chat template) could not be loaded or applied.
+    #[error("{path}: tokenizer: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+
+    /// The input has more tokens than the model or the cache allows.
+    #[error("{what}: {tokens} tokens exceed the limit of {limit}")]
+    TooManyTokens {
+        what: String,
+        tokens: usize,
+        limit: usize,
+    },
+
     /// A user-supplied value is out of its allowed range (CLI flag or API field).
     #[error("invalid value for {name}: {reason}")]
     InvalidArgument { name: String, reason: String },

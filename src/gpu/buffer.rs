@@ -210,3 +210,74 @@ pub fn read_bytes(
     staging.unmap();
     Ok(v)
 }
+
+/// A preallocated host-readable buffer for the small result of a step (the
+/// sampled token, a row of logits): the step's last op copies into it, then
+/// [`ReadbackSlot::read`] maps it. No allocation per step.
+pub struct ReadbackSlot {
+    staging: wgpu::Buffer,
+    label: String,
+}
+
+impl ReadbackSlot {
+    pub fn new(ctx: &GpuContext, label: &str, bytes: u64) -> Result<Self> {
+        let size = bytes.max(4).div_ceil(4) * 4;
+        let staging = ctx.checked(label, || {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        Ok(Self {
+            staging,
+            label: label.to_string(),
+        })
+    }
+
+    /// The op that copies `bytes` at `offset` of `src` into this slot.
+    pub fn copy_from(&self, src: &wgpu::Buffer, offset: u64, bytes: u64) -> super::Op {
+        assert!(
+            bytes <= self.staging.size(),
+            "readback {}: {bytes} bytes into a {}-byte slot",
+            self.label,
+            self.staging.size()
+        );
+        super::Op::Copy(super::BufferCopy {
+            src: src.clone(),
+            src_offset: offset,
+            dst: self.staging.clone(),
+            dst_offset: 0,
+            size: bytes,
+        })
+    }
+
+    /// Waits for the GPU and returns the first `count` values of the slot.
+    pub fn read<T: Pod>(&self, ctx: &GpuContext, count: usize) -> Result<Vec<T>> {
+        let bytes = (count * std::mem::size_of::<T>()) as u64;
+        let span = bytes.div_ceil(4) * 4;
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.staging
+            .map_async(wgpu::MapMode::Read, 0..span, move |r| {
+                let _ = tx.send(r);
+            });
+        ctx.wait_idle()?;
+        let fail = |message: String| Error::Readback {
+            label: self.label.clone(),
+            message,
+        };
+        rx.recv()
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| fail(e.to_string()))?;
+        let out = {
+            let view = self
+                .staging
+                .get_mapped_range(0..span)
+                .map_err(|e| fail(e.to_string()))?;
+            bytemuck::pod_collect_to_vec(&view[..bytes as usize])
+        };
+        self.staging.unmap();
+        Ok(out)
+    }
+}

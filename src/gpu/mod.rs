@@ -9,4 +9,4 @@ pub mod pipeline;
 pub use buffer::GpuBuffer;
 pub use context::{DeviceCaps, GpuContext, GpuOptions, OptionalFeatures};
 pub use matrix::{GpuMatrix, WeightDtype};
-pub use pipeline::{Dispatch, Kernel};
+pub use pipeline::{BufferCopy, Dispatch, Kernel, Op};

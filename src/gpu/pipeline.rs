@@ -151,20 +151,89 @@ impl GpuContext {
     /// validation error as `Error::Gpu` naming `label`.
     pub fn run(&self, label: &str, dispatches: &[&Dispatch]) -> Result<wgpu::SubmissionIndex> {
         self.checked(label, || {
-            let mut enc = self
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
-            {
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some(label),
-                    timestamp_writes: None,
-                });
-                for d in dispatches {
-                    d.encode(&mut pass);
-                }
-            }
+            let mut enc = self.encoder(label);
+            encode_dispatches(&mut enc, label, dispatches.iter().copied());
             self.queue.submit([enc.finish()])
         })
+    }
+
+    /// Encodes a step (dispatches and buffer copies, in order) into one command
+    /// buffer and submits it once.
+    pub fn run_ops(&self, label: &str, ops: &[Op]) -> Result<wgpu::SubmissionIndex> {
+        self.checked(label, || {
+            let mut enc = self.encoder(label);
+            encode_ops(&mut enc, label, ops);
+            self.queue.submit([enc.finish()])
+        })
+    }
+
+    pub fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
+        self.device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
+    }
+}
+
+fn encode_dispatches<'a>(
+    enc: &mut wgpu::CommandEncoder,
+    label: &str,
+    dispatches: impl Iterator<Item = &'a Dispatch>,
+) {
+    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some(label),
+        timestamp_writes: None,
+    });
+    for d in dispatches {
+        d.encode(&mut pass);
+    }
+}
+
+/// Encodes `ops` in order: runs of dispatches share one compute pass, copies
+/// go between passes.
+pub fn encode_ops(enc: &mut wgpu::CommandEncoder, label: &str, ops: &[Op]) {
+    let mut i = 0;
+    while i < ops.len() {
+        match &ops[i] {
+            Op::Copy(c) => {
+                enc.copy_buffer_to_buffer(&c.src, c.src_offset, &c.dst, c.dst_offset, c.size);
+                i += 1;
+            }
+            Op::Dispatch(_) => {
+                let run = ops[i..]
+                    .iter()
+                    .take_while(|o| matches!(o, Op::Dispatch(_)))
+                    .count();
+                encode_dispatches(
+                    enc,
+                    label,
+                    ops[i..i + run].iter().map(|o| match o {
+                        Op::Dispatch(d) => d,
+                        Op::Copy(_) => unreachable!(),
+                    }),
+                );
+                i += run;
+            }
+        }
+    }
+}
+
+/// A buffer-to-buffer copy inside a step (byte offsets and size multiples of 4).
+pub struct BufferCopy {
+    pub src: wgpu::Buffer,
+    pub src_offset: u64,
+    pub dst: wgpu::Buffer,
+    pub dst_offset: u64,
+    pub size: u64,
+}
+
+/// One recorded command of a step.
+pub enum Op {
+    Dispatch(Dispatch),
+    Copy(BufferCopy),
+}
+
+impl From<Dispatch> for Op {
+    fn from(d: Dispatch) -> Self {
+        Op::Dispatch(d)
     }
 }
 
@@ -174,10 +243,43 @@ pub struct Dispatch {
     pub label: String,
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
+    /// The uniform at binding 0, for kernels that take parameters.
+    params: Option<wgpu::Buffer>,
     pub workgroups: [u32; 3],
 }
 
 impl Dispatch {
+    /// Binds a new uniform holding `params` to binding 0 and `resources` to
+    /// bindings 1.. in order.
+    pub fn with_params<P: bytemuck::Pod>(
+        ctx: &GpuContext,
+        pipeline: wgpu::ComputePipeline,
+        label: String,
+        params: &P,
+        resources: &[wgpu::BindingResource<'_>],
+        workgroups: [u32; 3],
+    ) -> Result<Self> {
+        let uniform = ctx.uniform(&label, params)?;
+        let mut all = Vec::with_capacity(resources.len() + 1);
+        all.push(uniform.as_entire_binding());
+        all.extend(resources.iter().cloned());
+        let mut d = Self::new(ctx, pipeline, label, &all, workgroups)?;
+        d.params = Some(uniform);
+        Ok(d)
+    }
+
+    /// Rewrites the parameters (same type as given to `with_params`); lands
+    /// before the next submission. For per-step values such as an offset or
+    /// a random draw.
+    pub fn write_params<P: bytemuck::Pod>(&self, ctx: &GpuContext, params: &P) {
+        let buffer = self
+            .params
+            .as_ref()
+            .unwrap_or_else(|| panic!("dispatch {} has no parameters", self.label));
+        ctx.queue
+            .write_buffer(buffer, 0, bytemuck::bytes_of(params));
+    }
+
     /// Binds `resources` to `@group(0) @binding(0..)` in order.
     pub fn new(
         ctx: &GpuContext,
@@ -205,6 +307,7 @@ impl Dispatch {
             label,
             pipeline,
             bind_group,
+            params: None,
             workgroups,
         })
     }

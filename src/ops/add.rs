@@ -33,12 +33,12 @@ pub fn add_inplace(
         acc.len()
     );
     let pipeline = ctx.pipeline(&ADD, "add_inplace", &super::wg_constants())?;
-    let uniform = ctx.uniform("kvsift.add", &Params { n: u32_of("n", n) })?;
-    Dispatch::new(
+    Dispatch::with_params(
         ctx,
         pipeline,
         "kvsift.add_inplace".into(),
-        &[uniform.as_entire_binding(), x.binding(), acc.binding()],
+        &Params { n: u32_of("n", n) },
+        &[x.binding(), acc.binding()],
         ctx.grid(super::blocks(n)),
     )
 }

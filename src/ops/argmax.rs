@@ -43,12 +43,12 @@ pub fn argmax(
         rows: u32_of("rows", rows),
         n: u32_of("n", n),
     };
-    let uniform = ctx.uniform("kvsift.argmax", &params)?;
-    Dispatch::new(
+    Dispatch::with_params(
         ctx,
         pipeline,
         "kvsift.argmax".into(),
-        &[uniform.as_entire_binding(), x.binding(), out.binding()],
+        &params,
+        &[x.binding(), out.binding()],
         ctx.grid(u32_of("rows", rows)),
     )
 }

@@ -69,13 +69,12 @@ pub fn embed(
                 part_rows: u32_of("part rows", part.rows),
             };
             let label = format!("kvsift.embed.{}", table.label);
-            let uniform = ctx.uniform(&label, &params)?;
-            Dispatch::new(
+            Dispatch::with_params(
                 ctx,
                 pipeline.clone(),
                 label,
+                &params,
                 &[
-                    uniform.as_entire_binding(),
                     part.buffer.as_entire_binding(),
                     ids.binding(),
                     out.binding(),

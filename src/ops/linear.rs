@@ -165,14 +165,13 @@ pub fn matvec_with(
                 row_blocks,
             };
             let label = format!("kvsift.matvec.{}", w.label);
-            let uniform = ctx.uniform(&label, &params)?;
             let [gx, gy, _] = ctx.grid(row_blocks);
-            Dispatch::new(
+            Dispatch::with_params(
                 ctx,
                 pipeline.clone(),
                 label,
+                &params,
                 &[
-                    uniform.as_entire_binding(),
                     part.buffer.as_entire_binding(),
                     args.x.binding(),
                     args.bias_binding(),
@@ -210,13 +209,12 @@ pub fn matmul(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
                 flags: args.flags(),
             };
             let label = format!("kvsift.matmul.{}", w.label);
-            let uniform = ctx.uniform(&label, &params)?;
-            Dispatch::new(
+            Dispatch::with_params(
                 ctx,
                 pipeline.clone(),
                 label,
+                &params,
                 &[
-                    uniform.as_entire_binding(),
                     part.buffer.as_entire_binding(),
                     args.x.binding(),
                     args.bias_binding(),

@@ -5,8 +5,10 @@
 
 pub mod add;
 pub mod argmax;
+pub mod attention;
 pub mod embedding;
 pub mod linear;
+pub mod nll;
 pub mod rmsnorm;
 pub mod rope;
 pub mod silu_mul;
@@ -58,11 +60,16 @@ pub fn all_kernels() -> Vec<&'static Kernel> {
         &rmsnorm::RMSNORM.subgroup,
         &softmax::SOFTMAX.workgroup,
         &softmax::SOFTMAX.subgroup,
+        &attention::KV_STORE,
+        &attention::ATTENTION.workgroup,
+        &attention::ATTENTION.subgroup,
         &rope::ROPE,
         &silu_mul::SILU_MUL,
         &add::ADD,
         &embedding::EMBEDDING,
         &argmax::ARGMAX,
+        &nll::NLL.workgroup,
+        &nll::NLL.subgroup,
     ]
 }
 

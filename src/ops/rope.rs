@@ -223,17 +223,12 @@ pub fn rope(
         token_stride: u32_of("token stride", s.token_stride),
         head_offset: u32_of("head offset", s.head_offset),
     };
-    let uniform = ctx.uniform("kvsift.rope", &params)?;
-    Dispatch::new(
+    Dispatch::with_params(
         ctx,
         pipeline,
         "kvsift.rope".into(),
-        &[
-            uniform.as_entire_binding(),
-            cos.binding(),
-            sin.binding(),
-            x.binding(),
-        ],
+        &params,
+        &[cos.binding(), sin.binding(), x.binding()],
         ctx.grid(super::blocks(s.n_tokens * s.n_heads * half)),
     )
 }

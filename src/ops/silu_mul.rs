@@ -1,5 +1,6 @@
-//! The SwiGLU gate of the Llama MLP (`shaders/silu_mul.wgsl`):
-//! `out = silu(gate) * up`, `silu(g) = g / (1 + exp(-g))`.
+//! The SwiGLU gate of the Llama MLP (`shaders/silu_mul.wgsl`) on the fused
+//! gate/up projection: `out[t, i] = silu(gate_up[t, i]) * gate_up[t, dim + i]`,
+//! `silu(g) = g / (1 + exp(-g))`.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -17,47 +18,48 @@ pub static SILU_MUL: Kernel = Kernel {
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Params {
-    n: u32,
+    n_tokens: u32,
+    dim: u32,
 }
 
-/// `out[i] = silu(gate[i]) * up[i]` for `i < n`.
+/// `out[t, :] = silu(gate_up[t, ..dim]) * gate_up[t, dim..]` for `n_tokens` rows.
 pub fn silu_mul(
     ctx: &GpuContext,
-    n: usize,
-    gate: &GpuBuffer<f32>,
-    up: &GpuBuffer<f32>,
+    n_tokens: usize,
+    dim: usize,
+    gate_up: &GpuBuffer<f32>,
     out: &GpuBuffer<f32>,
 ) -> Result<Dispatch> {
     assert!(
-        gate.len() >= n && up.len() >= n && out.len() >= n,
-        "silu_mul: n {n}, gate {}, up {}, out {}",
-        gate.len(),
-        up.len(),
+        gate_up.len() >= n_tokens * 2 * dim && out.len() >= n_tokens * dim,
+        "silu_mul: [{n_tokens}, {dim}] against gate_up {}, out {}",
+        gate_up.len(),
         out.len()
     );
     let pipeline = ctx.pipeline(&SILU_MUL, "silu_mul", &super::wg_constants())?;
-    let uniform = ctx.uniform("kvsift.silu_mul", &Params { n: u32_of("n", n) })?;
-    Dispatch::new(
+    let params = Params {
+        n_tokens: u32_of("tokens", n_tokens),
+        dim: u32_of("dim", dim),
+    };
+    Dispatch::with_params(
         ctx,
         pipeline,
         "kvsift.silu_mul".into(),
-        &[
-            uniform.as_entire_binding(),
-            gate.binding(),
-            up.binding(),
-            out.binding(),
-        ],
-        ctx.grid(super::blocks(n)),
+        &params,
+        &[gate_up.binding(), out.binding()],
+        ctx.grid(super::blocks(n_tokens * dim)),
     )
 }
 
 /// CPU twin (f64).
-pub fn silu_mul_cpu(gate: &[f32], up: &[f32]) -> Vec<f64> {
-    gate.iter()
-        .zip(up)
-        .map(|(g, u)| {
-            let g = *g as f64;
-            g / (1.0 + (-g).exp()) * *u as f64
+pub fn silu_mul_cpu(gate_up: &[f32], dim: usize) -> Vec<f64> {
+    gate_up
+        .chunks_exact(2 * dim)
+        .flat_map(|row| {
+            (0..dim).map(move |i| {
+                let g = row[i] as f64;
+                g / (1.0 + (-g).exp()) * row[dim + i] as f64
+            })
         })
         .collect()
 }
@@ -70,25 +72,21 @@ mod tests {
     #[test]
     fn silu_mul_matches_twin() {
         let Some(ctx) = gpu() else { return };
-        for (i, n) in [1usize, 7, 64, 128, 256, 1000, 64 * 1024 + 3]
-            .into_iter()
+        for (i, &(tokens, dim)) in [(1, 1), (3, 7), (1, 64), (2, 128), (5, 1000), (9, 4864)]
+            .iter()
             .enumerate()
         {
             let mut rng = Rng::new(80 + i as u64);
-            let gate: Vec<f32> = (0..n).map(|_| 6.0 * rng.normal()).collect();
-            let up = rng.normals(n);
-            let (gb, ub) = (
-                GpuBuffer::from_slice(ctx, "gate", &gate).unwrap(),
-                GpuBuffer::from_slice(ctx, "up", &up).unwrap(),
-            );
-            let out = GpuBuffer::<f32>::zeros(ctx, "out", n).unwrap();
-            let d = silu_mul(ctx, n, &gb, &ub, &out).unwrap();
+            let gate_up: Vec<f32> = (0..tokens * 2 * dim).map(|_| 6.0 * rng.normal()).collect();
+            let gb = GpuBuffer::from_slice(ctx, "gate_up", &gate_up).unwrap();
+            let out = GpuBuffer::<f32>::zeros(ctx, "out", tokens * dim).unwrap();
+            let d = silu_mul(ctx, tokens, dim, &gb, &out).unwrap();
             ctx.run("test", &[&d]).unwrap();
             // GPU exp is accurate to a few ulp: 1e-5 relative + 1e-6 absolute.
             assert_close(
-                &format!("silu_mul n={n}"),
+                &format!("silu_mul [{tokens}, {dim}]"),
                 &out.read(ctx).unwrap(),
-                &silu_mul_cpu(&gate, &up),
+                &silu_mul_cpu(&gate_up, dim),
                 1e-6,
                 1e-5,
             );

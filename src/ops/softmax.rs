@@ -52,12 +52,12 @@ pub fn softmax_with(
         rows: u32_of("rows", rows),
         n: u32_of("n", n),
     };
-    let uniform = ctx.uniform("kvsift.softmax", &params)?;
-    Dispatch::new(
+    Dispatch::with_params(
         ctx,
         pipeline,
         "kvsift.softmax".into(),
-        &[uniform.as_entire_binding(), x.binding()],
+        &params,
+        &[x.binding()],
         ctx.grid(u32_of("rows", rows)),
     )
 }

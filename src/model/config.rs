@@ -1,0 +1,391 @@
+//! A Hugging Face `config.json` turned into the internal [`ModelConfig`].
+//!
+//! Reads both layouts in the wild: the Hub's (`rope_theta`, `rope_scaling`
+//! with `rope_type` or the older `type`, `torch_dtype`) and transformers v5's
+//! (`rope_parameters`, `dtype`, `layer_types`).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::ops::rope::{RopeConfig, RopeScaling};
+
+/// The architectures kvsift runs; all are the Llama decoder with variations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Mistral,
+}
+
+impl Arch {
+    fn from_hf(name: &str) -> Option<Self> {
+        match name {
+            "LlamaForCausalLM" => Some(Arch::Llama),
+            "Qwen2ForCausalLM" => Some(Arch::Qwen2),
+            "Qwen3ForCausalLM" => Some(Arch::Qwen3),
+            "MistralForCausalLM" => Some(Arch::Mistral),
+            _ => None,
+        }
+    }
+}
+
+/// Everything the forward pass needs, validated.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub rope: RopeConfig,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+    /// Sliding-window size of each layer (`None` = full attention).
+    pub layer_windows: Vec<Option<usize>>,
+    /// q/k/v projections carry biases (Qwen2; Llama with `attention_bias`).
+    pub qkv_bias: bool,
+    /// o_proj carries a bias (Llama with `attention_bias`).
+    pub o_bias: bool,
+    /// gate/up/down carry biases (Llama with `mlp_bias`).
+    pub mlp_bias: bool,
+    /// Per-head RMSNorm of q and k before RoPE (Qwen3).
+    pub qk_norm: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+    /// Rows of the fused q/k/v projection.
+    pub fn qkv_dim(&self) -> usize {
+        self.q_dim() + 2 * self.kv_dim()
+    }
+
+    /// Reads and validates `dir/config.json`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+            path: path.clone(),
+            reason: format!("not valid JSON: {e}"),
+        })?;
+        Self::from_json(&path, &json)
+    }
+
+    pub fn from_json(path: &Path, j: &Value) -> Result<Self> {
+        let f = Fields { path, j };
+        let arch_name = j
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .and_then(|a| a.first())
+            .and_then(|a| a.as_str())
+            .ok_or_else(|| f.bad("architectures", "missing (expected e.g. [\"LlamaForCausalLM\"])"))?;
+        let arch = Arch::from_hf(arch_name).ok_or_else(|| Error::UnsupportedModel {
+            path: path.to_path_buf(),
+            what: format!(
+                "architecture {arch_name:?}; kvsift runs LlamaForCausalLM, Qwen2ForCausalLM, \
+                 Qwen3ForCausalLM and MistralForCausalLM"
+            ),
+        })?;
+        if let Some(act) = j.get("hidden_act").and_then(|v| v.as_str())
+            && act != "silu"
+        {
+            return Err(Error::UnsupportedModel {
+                path: path.to_path_buf(),
+                what: format!("hidden_act {act:?} (only silu)"),
+            });
+        }
+
+        let hidden_size = f.usize("hidden_size")?;
+        let n_heads = f.usize("num_attention_heads")?;
+        let n_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
+        let n_layers = f.usize("num_hidden_layers")?;
+        let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden_size / n_heads.max(1));
+        if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
+            return Err(f.bad(
+                "num_key_value_heads",
+                &format!("{n_kv_heads} does not divide num_attention_heads {n_heads}"),
+            ));
+        }
+        if head_dim == 0 || head_dim % 2 != 0 || head_dim > crate::ops::attention::MAX_HEAD_DIM {
+            return Err(f.bad(
+                "head_dim",
+                &format!(
+                    "{head_dim}: must be even and at most {}",
+                    crate::ops::attention::MAX_HEAD_DIM
+                ),
+            ));
+        }
+
+        let rope = rope_config(&f, head_dim)?;
+        rope.validate().map_err(|e| f.bad("rope", &e.to_string()))?;
+
+        let max_pos = f.usize("max_position_embeddings")?;
+        let layer_windows = layer_windows(&f, arch, n_layers)?;
+
+        let attention_bias = f.opt_bool("attention_bias")?.unwrap_or(false);
+        let eps = f.f64("rms_norm_eps")?;
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(f.bad("rms_norm_eps", "must be positive"));
+        }
+        let cfg = ModelConfig {
+            arch,
+            vocab_size: f.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: f.usize("intermediate_size")?,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rms_norm_eps: eps as f32,
+            rope,
+            tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            max_position_embeddings: max_pos,
+            layer_windows,
+            qkv_bias: arch == Arch::Qwen2 || attention_bias,
+            o_bias: attention_bias && arch != Arch::Qwen2,
+            mlp_bias: f.opt_bool("mlp_bias")?.unwrap_or(false),
+            qk_norm: arch == Arch::Qwen3,
+            bos_token_id: token_ids(j.get("bos_token_id")).first().copied(),
+            eos_token_ids: token_ids(j.get("eos_token_id")),
+        };
+        for (name, v) in [
+            ("vocab_size", cfg.vocab_size),
+            ("hidden_size", cfg.hidden_size),
+            ("intermediate_size", cfg.intermediate_size),
+            ("num_hidden_layers", cfg.n_layers),
+            ("num_attention_heads", cfg.n_heads),
+            ("max_position_embeddings", cfg.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(f.bad(name, "must be positive"));
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// `eos_token_id` may be an int, a list of ints, or null.
+pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        _ => vec![],
+    }
+}
+
+struct Fields<'a> {
+    path: &'a Path,
+    j: &'a Value,
+}
+
+impl Fields<'_> {
+    fn bad(&self, field: &str, reason: &str) -> Error {
+        Error::BadConfig {
+            path: self.path.to_path_buf(),
+            reason: format!("{field}: {reason}"),
+        }
+    }
+    fn opt_usize(&self, k: &str) -> Result<Option<usize>> {
+        match self.j.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| self.bad(k, &format!("expected a non-negative integer, got {v}"))),
+        }
+    }
+    fn usize(&self, k: &str) -> Result<usize> {
+        self.opt_usize(k)?.ok_or_else(|| self.bad(k, "missing"))
+    }
+    fn opt_f64_in(&self, obj: &Value, k: &str) -> Result<Option<f64>> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.bad(k, &format!("expected a number, got {v}"))),
+        }
+    }
+    fn f64(&self, k: &str) -> Result<f64> {
+        self.opt_f64_in(self.j, k)?.ok_or_else(|| self.bad(k, "missing"))
+    }
+    fn opt_bool(&self, k: &str) -> Result<Option<bool>> {
+        match self.j.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.bad(k, &format!("expected true or false, got {v}"))),
+        }
+    }
+}
+
+fn rope_config(f: &Fields, head_dim: usize) -> Result<RopeConfig> {
+    // v5: rope_parameters holds theta and scaling; Hub: rope_theta + rope_scaling.
+    let params = f.j.get("rope_parameters").filter(|v| !v.is_null());
+    let scaling = params.or_else(|| f.j.get("rope_scaling").filter(|v| !v.is_null()));
+    let theta = match params {
+        Some(p) => f.opt_f64_in(p, "rope_theta")?,
+        None => None,
+    }
+    .or(f.opt_f64_in(f.j, "rope_theta")?)
+    .unwrap_or(10000.0);
+    let scaling = match scaling {
+        None => RopeScaling::None,
+        Some(s) => {
+            let kind = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("default");
+            let need = |k: &str| -> Result<f64> {
+                f.opt_f64_in(s, k)?
+                    .ok_or_else(|| f.bad(&format!("rope_scaling.{k}"), "missing"))
+            };
+            match kind {
+                "default" => RopeScaling::None,
+                "linear" => RopeScaling::Linear {
+                    factor: need("factor")?,
+                },
+                "llama3" => RopeScaling::Llama3 {
+                    factor: need("factor")?,
+                    low_freq_factor: need("low_freq_factor")?,
+                    high_freq_factor: need("high_freq_factor")?,
+                    original_max_position_embeddings: need("original_max_position_embeddings")?,
+                },
+                other => {
+                    return Err(Error::UnsupportedModel {
+                        path: f.path.to_path_buf(),
+                        what: format!("rope_scaling type {other:?} (supported: default, linear, llama3)"),
+                    });
+                }
+            }
+        }
+    };
+    Ok(RopeConfig {
+        head_dim,
+        theta,
+        scaling,
+    })
+}
+
+fn layer_windows(f: &Fields, arch: Arch, n_layers: usize) -> Result<Vec<Option<usize>>> {
+    let window = f.opt_usize("sliding_window")?;
+    if let Some(types) = f.j.get("layer_types").and_then(|v| v.as_array()) {
+        if types.len() != n_layers {
+            return Err(f.bad(
+                "layer_types",
+                &format!("{} entries for {n_layers} layers", types.len()),
+            ));
+        }
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("full_attention") => Ok(None),
+                Some("sliding_attention") => window
+                    .map(Some)
+                    .ok_or_else(|| f.bad("sliding_window", "missing but layer_types has sliding_attention")),
+                _ => Err(f.bad("layer_types", &format!("unknown entry {t}"))),
+            })
+            .collect();
+    }
+    Ok(match arch {
+        // Mistral: the window (when set) applies to every layer.
+        Arch::Mistral | Arch::Llama => vec![window; n_layers],
+        // Qwen: only with use_sliding_window, from max_window_layers on.
+        Arch::Qwen2 | Arch::Qwen3 => {
+            let used = f.opt_bool("use_sliding_window")?.unwrap_or(false);
+            let from = f.opt_usize("max_window_layers")?.unwrap_or(n_layers);
+            (0..n_layers)
+                .map(|l| if used && l >= from { window } else { None })
+                .collect()
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(j: Value) -> Result<ModelConfig> {
+        ModelConfig::from_json(Path::new("config.json"), &j)
+    }
+
+    fn llama() -> Value {
+        json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5, "vocab_size": 100, "max_position_embeddings": 256,
+            "rope_theta": 500000.0, "hidden_act": "silu", "eos_token_id": [1, 2],
+            "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        })
+    }
+
+    #[test]
+    fn hub_and_v5_layouts_give_the_same_config() {
+        let a = parse(llama()).unwrap();
+        let mut v5 = llama();
+        let o = v5.as_object_mut().unwrap();
+        o.remove("rope_theta");
+        o.remove("rope_scaling");
+        o.insert(
+            "rope_parameters".into(),
+            json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        );
+        let b = parse(v5).unwrap();
+        assert_eq!(a.rope, b.rope);
+        assert_eq!(a.head_dim, 16);
+        assert_eq!(a.eos_token_ids, vec![1, 2]);
+        assert!(matches!(a.rope.scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    }
+
+    #[test]
+    fn qwen_sliding_window_only_with_use_sliding_window() {
+        let mut j = llama();
+        j["architectures"] = json!(["Qwen2ForCausalLM"]);
+        j["sliding_window"] = json!(16);
+        j["max_window_layers"] = json!(1);
+        let c = parse(j.clone()).unwrap();
+        assert_eq!(c.layer_windows, vec![None, None]);
+        assert!(c.qkv_bias && !c.o_bias);
+        j["use_sliding_window"] = json!(true);
+        assert_eq!(parse(j).unwrap().layer_windows, vec![None, Some(16)]);
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases: Vec<(Value, &str)> = vec![
+            (json!({"architectures": ["GPT2LMHeadModel"]}), "GPT2LMHeadModel"),
+            ({ let mut j = llama(); j.as_object_mut().unwrap().remove("hidden_size"); j }, "hidden_size"),
+            ({ let mut j = llama(); j["num_key_value_heads"] = json!(3); j }, "num_key_value_heads"),
+            ({ let mut j = llama(); j["hidden_size"] = json!("big"); j }, "hidden_size"),
+            ({ let mut j = llama(); j["hidden_act"] = json!("gelu"); j }, "gelu"),
+            ({ let mut j = llama(); j["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0}); j }, "yarn"),
+            ({ let mut j = llama(); j["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0}); j }, "low_freq_factor"),
+            ({ let mut j = llama(); j["head_dim"] = json!(7); j }, "head_dim"),
+        ];
+        for (j, needle) in cases {
+            let e = parse(j).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e:?} should mention {needle}");
+        }
+    }
+}
