@@ -1,5 +1,6 @@
 // nll.wgsl: negative log-likelihood of a target token under each row of logits,
-//   out[out_offset + r] = log(sum_j exp(x[r, j] - m)) + m - x[r, targets[r]],  m = max_j x[r, j]
+//   out[row_offset + r] = log(sum_j exp(x[r, j] - m)) + m - x[r, targets[row_offset + r]],
+// m = max_j x[r, j]
 // (teacher-forced scoring: the mean of these is the log-perplexity).
 //
 // Dispatch: one workgroup per row (grid folded into x/y). Needs a reduction
@@ -8,15 +9,15 @@
 // Bindings:
 //   0 params   uniform Params
 //   1 logits   storage read  [rows, n] f32
-//   2 targets  storage read  [rows] u32
-//   3 out      storage rw    [out_offset + rows] f32
+//   2 targets  storage read  [row_offset + rows] u32
+//   3 out      storage rw    [row_offset + rows] f32
 
 override WG: u32 = 256u;
 
 struct Params {
     rows: u32,
     n: u32,
-    out_offset: u32,
+    row_offset: u32, // where rows start in targets and out (per-step, see Dispatch::write_params)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -42,6 +43,6 @@ fn nll(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
     }
     let log_z = log(workgroup_sum(s, lane)) + m;
     if lane.lid == 0u {
-        out[p.out_offset + row] = log_z - logits[base + targets[row]];
+        out[p.row_offset + row] = log_z - logits[base + targets[p.row_offset + row]];
     }
 }

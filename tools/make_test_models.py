@@ -161,9 +161,11 @@ def build(name, cls, cfg_cls, dtype, hub_layout, seed, tok_bos, template, std, e
     ids = hf_tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         logits = ref(ids).logits[0].float()
+        # An explicit all-ones mask: generate() would otherwise infer one from
+        # pad_token_id and mask a BOS that shares its id.
         gen = ref.generate(
-            ids, max_new_tokens=24, do_sample=False, output_scores=True, return_dict_in_generate=True,
-            eos_token_id=None, pad_token_id=0,
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, output_scores=True,
+            return_dict_in_generate=True, eos_token_id=None, pad_token_id=cfg.eos_token_id,
         )
     new = gen.sequences[0, ids.shape[1]:]
     gaps = []

@@ -157,12 +157,13 @@ impl GpuContext {
         })
     }
 
-    /// Encodes a step (dispatches and buffer copies, in order) into one command
-    /// buffer and submits it once.
-    pub fn run_ops(&self, label: &str, ops: &[Op]) -> Result<wgpu::SubmissionIndex> {
+    /// Encodes a step (dispatches and buffer copies, in order; given as
+    /// segments, e.g. a cached body and a head) into one command buffer and
+    /// submits it once.
+    pub fn run_ops(&self, label: &str, segments: &[&[Op]]) -> Result<wgpu::SubmissionIndex> {
         self.checked(label, || {
             let mut enc = self.encoder(label);
-            encode_ops(&mut enc, label, ops);
+            encode_ops(&mut enc, label, segments.iter().flat_map(|s| s.iter()));
             self.queue.submit([enc.finish()])
         })
     }
@@ -189,28 +190,27 @@ fn encode_dispatches<'a>(
 
 /// Encodes `ops` in order: runs of dispatches share one compute pass, copies
 /// go between passes.
-pub fn encode_ops(enc: &mut wgpu::CommandEncoder, label: &str, ops: &[Op]) {
-    let mut i = 0;
-    while i < ops.len() {
-        match &ops[i] {
-            Op::Copy(c) => {
-                enc.copy_buffer_to_buffer(&c.src, c.src_offset, &c.dst, c.dst_offset, c.size);
-                i += 1;
+pub fn encode_ops<'a>(
+    enc: &mut wgpu::CommandEncoder,
+    label: &str,
+    ops: impl Iterator<Item = &'a Op>,
+) {
+    let mut pass: Option<wgpu::ComputePass<'static>> = None;
+    for op in ops {
+        match op {
+            Op::Dispatch(d) => {
+                let p = pass.get_or_insert_with(|| {
+                    enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some(label),
+                        timestamp_writes: None,
+                    })
+                    .forget_lifetime()
+                });
+                d.encode(p);
             }
-            Op::Dispatch(_) => {
-                let run = ops[i..]
-                    .iter()
-                    .take_while(|o| matches!(o, Op::Dispatch(_)))
-                    .count();
-                encode_dispatches(
-                    enc,
-                    label,
-                    ops[i..i + run].iter().map(|o| match o {
-                        Op::Dispatch(d) => d,
-                        Op::Copy(_) => unreachable!(),
-                    }),
-                );
-                i += run;
+            Op::Copy(c) => {
+                pass = None;
+                enc.copy_buffer_to_buffer(&c.src, c.src_offset, &c.dst, c.dst_offset, c.size);
             }
         }
     }

@@ -94,7 +94,12 @@ impl ModelConfig {
             .and_then(|a| a.as_array())
             .and_then(|a| a.first())
             .and_then(|a| a.as_str())
-            .ok_or_else(|| f.bad("architectures", "missing (expected e.g. [\"LlamaForCausalLM\"])"))?;
+            .ok_or_else(|| {
+                f.bad(
+                    "architectures",
+                    "missing (expected e.g. [\"LlamaForCausalLM\"])",
+                )
+            })?;
         let arch = Arch::from_hf(arch_name).ok_or_else(|| Error::UnsupportedModel {
             path: path.to_path_buf(),
             what: format!(
@@ -115,7 +120,9 @@ impl ModelConfig {
         let n_heads = f.usize("num_attention_heads")?;
         let n_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
         let n_layers = f.usize("num_hidden_layers")?;
-        let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden_size / n_heads.max(1));
+        let head_dim = f
+            .opt_usize("head_dim")?
+            .unwrap_or(hidden_size / n_heads.max(1));
         if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
             return Err(f.bad(
                 "num_key_value_heads",
@@ -184,7 +191,11 @@ impl ModelConfig {
 pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -223,7 +234,8 @@ impl Fields<'_> {
         }
     }
     fn f64(&self, k: &str) -> Result<f64> {
-        self.opt_f64_in(self.j, k)?.ok_or_else(|| self.bad(k, "missing"))
+        self.opt_f64_in(self.j, k)?
+            .ok_or_else(|| self.bad(k, "missing"))
     }
     fn opt_bool(&self, k: &str) -> Result<Option<bool>> {
         match self.j.get(k) {
@@ -272,7 +284,9 @@ fn rope_config(f: &Fields, head_dim: usize) -> Result<RopeConfig> {
                 other => {
                     return Err(Error::UnsupportedModel {
                         path: f.path.to_path_buf(),
-                        what: format!("rope_scaling type {other:?} (supported: default, linear, llama3)"),
+                        what: format!(
+                            "rope_scaling type {other:?} (supported: default, linear, llama3)"
+                        ),
                     });
                 }
             }
@@ -298,9 +312,12 @@ fn layer_windows(f: &Fields, arch: Arch, n_layers: usize) -> Result<Vec<Option<u
             .iter()
             .map(|t| match t.as_str() {
                 Some("full_attention") => Ok(None),
-                Some("sliding_attention") => window
-                    .map(Some)
-                    .ok_or_else(|| f.bad("sliding_window", "missing but layer_types has sliding_attention")),
+                Some("sliding_attention") => window.map(Some).ok_or_else(|| {
+                    f.bad(
+                        "sliding_window",
+                        "missing but layer_types has sliding_attention",
+                    )
+                }),
                 _ => Err(f.bad("layer_types", &format!("unknown entry {t}"))),
             })
             .collect();
@@ -374,14 +391,66 @@ mod tests {
     #[test]
     fn bad_configs_name_the_field() {
         let cases: Vec<(Value, &str)> = vec![
-            (json!({"architectures": ["GPT2LMHeadModel"]}), "GPT2LMHeadModel"),
-            ({ let mut j = llama(); j.as_object_mut().unwrap().remove("hidden_size"); j }, "hidden_size"),
-            ({ let mut j = llama(); j["num_key_value_heads"] = json!(3); j }, "num_key_value_heads"),
-            ({ let mut j = llama(); j["hidden_size"] = json!("big"); j }, "hidden_size"),
-            ({ let mut j = llama(); j["hidden_act"] = json!("gelu"); j }, "gelu"),
-            ({ let mut j = llama(); j["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0}); j }, "yarn"),
-            ({ let mut j = llama(); j["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0}); j }, "low_freq_factor"),
-            ({ let mut j = llama(); j["head_dim"] = json!(7); j }, "head_dim"),
+            (
+                json!({"architectures": ["GPT2LMHeadModel"]}),
+                "GPT2LMHeadModel",
+            ),
+            (
+                {
+                    let mut j = llama();
+                    j.as_object_mut().unwrap().remove("hidden_size");
+                    j
+                },
+                "hidden_size",
+            ),
+            (
+                {
+                    let mut j = llama();
+                    j["num_key_value_heads"] = json!(3);
+                    j
+                },
+                "num_key_value_heads",
+            ),
+            (
+                {
+                    let mut j = llama();
+                    j["hidden_size"] = json!("big");
+                    j
+                },
+                "hidden_size",
+            ),
+            (
+                {
+                    let mut j = llama();
+                    j["hidden_act"] = json!("gelu");
+                    j
+                },
+                "gelu",
+            ),
+            (
+                {
+                    let mut j = llama();
+                    j["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
+                    j
+                },
+                "yarn",
+            ),
+            (
+                {
+                    let mut j = llama();
+                    j["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0});
+                    j
+                },
+                "low_freq_factor",
+            ),
+            (
+                {
+                    let mut j = llama();
+                    j["head_dim"] = json!(7);
+                    j
+                },
+                "head_dim",
+            ),
         ];
         for (j, needle) in cases {
             let e = parse(j).unwrap_err().to_string();

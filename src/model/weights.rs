@@ -63,10 +63,11 @@ impl WeightStore {
                 path: index.clone(),
                 source,
             })?;
-            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
-                path: index.clone(),
-                reason: format!("not valid JSON: {e}"),
-            })?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+                    path: index.clone(),
+                    reason: format!("not valid JSON: {e}"),
+                })?;
             let map = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -143,11 +144,14 @@ impl WeightStore {
     }
 
     pub fn get(&self, name: &str) -> Result<TensorRef<'_>> {
-        let (key, e) = self.entries.get_key_value(name).ok_or_else(|| Error::BadTensor {
-            path: self.first_path().to_path_buf(),
-            tensor: name.to_string(),
-            reason: "missing from the checkpoint".into(),
-        })?;
+        let (key, e) = self
+            .entries
+            .get_key_value(name)
+            .ok_or_else(|| Error::BadTensor {
+                path: self.first_path().to_path_buf(),
+                tensor: name.to_string(),
+                reason: "missing from the checkpoint".into(),
+            })?;
         let (path, mmap) = &self.files[e.file];
         Ok(TensorRef {
             path,
@@ -160,11 +164,28 @@ impl WeightStore {
 
     /// Bytes of all tensors (for progress reporting).
     pub fn total_bytes(&self) -> u64 {
-        self.entries.values().map(|e| (e.end - e.start) as u64).sum()
+        self.entries
+            .values()
+            .map(|e| (e.end - e.start) as u64)
+            .sum()
+    }
+}
+
+/// Bytes per element of the dtypes kvsift reads (others are rejected by `expect`).
+fn elem_bytes(d: Dtype) -> usize {
+    match d {
+        Dtype::F32 => 4,
+        Dtype::F16 | Dtype::BF16 => 2,
+        _ => 0,
     }
 }
 
 impl TensorRef<'_> {
+    /// Bytes of data.
+    pub fn byte_len(&self) -> usize {
+        self.data.len()
+    }
+
     fn bad(&self, reason: String) -> Error {
         Error::BadTensor {
             path: self.path.to_path_buf(),
@@ -186,7 +207,7 @@ impl TensorRef<'_> {
             d => return Err(self.bad(format!("dtype {d:?} (kvsift reads F32, F16 and BF16)"))),
         }
         let elems: usize = shape.iter().product();
-        if self.data.len() != elems * self.dtype.size() {
+        if self.data.len() != elems * elem_bytes(self.dtype) {
             return Err(self.bad(format!(
                 "{} bytes of data for {elems} {:?} values",
                 self.data.len(),
@@ -204,7 +225,7 @@ impl TensorRef<'_> {
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         let cols = self.cols();
         assert_eq!(out.len(), cols, "row_f32 {}: row length", self.name);
-        let size = self.dtype.size();
+        let size = elem_bytes(self.dtype);
         let bytes = &self.data[r * cols * size..(r + 1) * cols * size];
         match self.dtype {
             Dtype::F32 => {
@@ -273,14 +294,23 @@ mod tests {
     }
 
     fn st_bytes() -> Vec<u8> {
-        let a: Vec<u8> = [1.0f32, -2.0, 3.5, 0.25].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let a: Vec<u8> = [1.0f32, -2.0, 3.5, 0.25]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let b: Vec<u8> = [bf16::from_f32(1.5), bf16::from_f32(-0.125)]
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
         let views = vec![
-            ("a", safetensors::tensor::TensorView::new(Dtype::F32, vec![2, 2], &a).unwrap()),
-            ("b", safetensors::tensor::TensorView::new(Dtype::BF16, vec![2], &b).unwrap()),
+            (
+                "a",
+                safetensors::tensor::TensorView::new(Dtype::F32, vec![2, 2], &a).unwrap(),
+            ),
+            (
+                "b",
+                safetensors::tensor::TensorView::new(Dtype::BF16, vec![2], &b).unwrap(),
+            ),
         ];
         safetensors::serialize(views, None).unwrap()
     }
@@ -308,8 +338,15 @@ mod tests {
         let bytes = st_bytes();
         write(&d, "model.safetensors", &bytes[..bytes.len() - 3]);
         let e = WeightStore::open(&d).err().unwrap().to_string();
-        assert!(e.contains("model.safetensors") && e.contains("safetensors"), "{e}");
-        write(&d, "model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all");
+        assert!(
+            e.contains("model.safetensors") && e.contains("safetensors"),
+            "{e}"
+        );
+        write(
+            &d,
+            "model.safetensors",
+            b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all",
+        );
         assert!(WeightStore::open(&d).is_err());
         write(&d, "model.safetensors", b"");
         assert!(WeightStore::open(&d).is_err());

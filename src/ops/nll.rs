@@ -24,15 +24,17 @@ pub static NLL: ReducingKernel = ReducingKernel {
     },
 };
 
+/// The kernel's parameters; rewrite `row_offset` per step with `Dispatch::write_params`.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    rows: u32,
-    n: u32,
-    out_offset: u32,
+pub struct NllParams {
+    pub rows: u32,
+    pub n: u32,
+    /// Where the rows start in `targets` and `out`.
+    pub row_offset: u32,
 }
 
-/// `out[out_offset + r] = nll of targets[r] under logits row r`, for `rows` rows of `n`.
+/// `out[row_offset + r] = nll of targets[row_offset + r] under logits row r`, for `rows` rows of `n`.
 pub fn nll(
     ctx: &GpuContext,
     rows: usize,
@@ -40,20 +42,22 @@ pub fn nll(
     logits: &GpuBuffer<f32>,
     targets: &GpuBuffer<u32>,
     out: &GpuBuffer<f32>,
-    out_offset: usize,
+    row_offset: usize,
 ) -> Result<Dispatch> {
     assert!(
-        logits.len() >= rows * n && targets.len() >= rows && out.len() >= out_offset + rows,
-        "nll: [{rows}, {n}] against logits {}, targets {}, out {} at {out_offset}",
+        logits.len() >= rows * n
+            && targets.len() >= row_offset + rows
+            && out.len() >= row_offset + rows,
+        "nll: [{rows}, {n}] against logits {}, targets {}, out {} at {row_offset}",
         logits.len(),
         targets.len(),
         out.len()
     );
     let pipeline = ctx.pipeline(NLL.pick(ctx), "nll", &super::wg_constants())?;
-    let params = Params {
+    let params = NllParams {
         rows: u32_of("rows", rows),
         n: u32_of("n", n),
-        out_offset: u32_of("out offset", out_offset),
+        row_offset: u32_of("row offset", row_offset),
     };
     Dispatch::with_params(
         ctx,
@@ -86,14 +90,14 @@ mod tests {
         {
             let mut rng = Rng::new(150 + i as u64);
             let x: Vec<f32> = (0..rows * n).map(|_| 8.0 * rng.normal()).collect();
-            let targets: Vec<u32> = (0..rows).map(|_| rng.below(n) as u32).collect();
+            let targets: Vec<u32> = (0..rows + 2).map(|_| rng.below(n) as u32).collect();
             let xb = GpuBuffer::from_slice(ctx, "logits", &x).unwrap();
             let tb = GpuBuffer::from_slice(ctx, "targets", &targets).unwrap();
             let out = GpuBuffer::<f32>::zeros(ctx, "out", rows + 2).unwrap();
             let d = nll(ctx, rows, n, &xb, &tb, &out, 2).unwrap();
             ctx.run("test", &[&d]).unwrap();
             let want: Vec<f64> = (0..rows)
-                .map(|r| nll_cpu(&x[r * n..(r + 1) * n], targets[r]))
+                .map(|r| nll_cpu(&x[r * n..(r + 1) * n], targets[2 + r]))
                 .collect();
             // log/exp in f32 over up to 32000 terms: 1e-5 relative + 1e-4 absolute.
             assert_close(

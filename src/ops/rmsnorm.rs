@@ -77,8 +77,7 @@ impl NormShape {
         };
         assert!(
             w.len() == self.dim
-                && self.offset + self.heads * self.dim
-                    <= self.token_stride.max(self.heads * self.dim),
+                && (self.tokens <= 1 || self.offset + self.heads * self.dim <= self.token_stride),
             "{kernel}: weight {} for {self:?}",
             w.len()
         );

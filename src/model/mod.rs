@@ -1,0 +1,10 @@
+//! Hugging Face checkpoints: config, safetensors weights, tokenizer, the GPU
+//! model (one file per architecture family) and the CPU reference forward.
+
+pub mod config;
+pub mod llama;
+pub mod reference;
+pub mod weights;
+
+pub use config::{Arch, ModelConfig};
+pub use llama::{LoadOptions, Model, Readout, ScoreOutput, StepOutput};
