@@ -11,6 +11,7 @@ pub mod linear;
 pub mod nll;
 pub mod rmsnorm;
 pub mod rope;
+pub mod sample;
 pub mod silu_mul;
 pub mod softmax;
 
@@ -68,6 +69,8 @@ pub fn all_kernels() -> Vec<&'static Kernel> {
         &add::ADD,
         &embedding::EMBEDDING,
         &argmax::ARGMAX,
+        &sample::SAMPLE.workgroup,
+        &sample::SAMPLE.subgroup,
         &nll::NLL.workgroup,
         &nll::NLL.subgroup,
     ]

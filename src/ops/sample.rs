@@ -1,0 +1,464 @@
+//! Token sampling on the GPU (`shaders/sample.wgsl`), in transformers' order:
+//! repetition penalty, temperature, top-k, top-p, min-p, then a draw by
+//! inverse CDF with a uniform from the host's seeded generator; or greedy
+//! (argmax of the penalised logits). Only the chosen token is read back.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
+use crate::error::{Error, Result};
+use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
+
+const SRC: &str = include_str!("../../shaders/sample.wgsl");
+
+pub static SAMPLE: ReducingKernel = ReducingKernel {
+    workgroup: Kernel {
+        name: "sample",
+        sources: &[REDUCE_WORKGROUP, SRC],
+        entries: &["sample"],
+        needs: NO_FEATURES,
+    },
+    subgroup: Kernel {
+        name: "sample_subgroup",
+        sources: &[REDUCE_SUBGROUP, SRC],
+        entries: &["sample"],
+        needs: SUBGROUPS,
+    },
+};
+
+/// How to pick the next token. `temperature == 0` means greedy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1 = off.
+    pub top_p: f32,
+    /// 0 = off.
+    pub min_p: f32,
+    /// 1 = off.
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self::greedy()
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    /// Rejects values transformers would reject, naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |flag: &str, why: String| Err(Error::invalid(flag, why));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(
+                "--temperature",
+                format!("{} must be >= 0 (0 = greedy)", self.temperature),
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("--top-p", format!("{} must be in (0, 1]", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("--min-p", format!("{} must be in [0, 1]", self.min_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(
+                "--repetition-penalty",
+                format!("{} must be positive (1 = off)", self.repetition_penalty),
+            );
+        }
+        Ok(())
+    }
+
+    fn kernel_params(&self, n: usize, u: f32) -> SampleParams {
+        SampleParams {
+            n: u32_of("vocab", n),
+            top_k: u32::try_from(self.top_k).unwrap_or(u32::MAX),
+            greedy: self.is_greedy() as u32,
+            _pad: 0,
+            temperature: if self.is_greedy() {
+                1.0
+            } else {
+                self.temperature
+            },
+            top_p: self.top_p,
+            min_p: self.min_p,
+            penalty: self.repetition_penalty,
+            u,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct SampleParams {
+    n: u32,
+    top_k: u32,
+    greedy: u32,
+    _pad: u32,
+    temperature: f32,
+    top_p: f32,
+    min_p: f32,
+    penalty: f32,
+    u: f32,
+}
+
+/// Words of the `seen` bitmask for a vocabulary of `n`.
+pub fn seen_words(n: usize) -> usize {
+    n.div_ceil(32)
+}
+
+/// Sets the bits of `tokens` in a host bitmask.
+pub fn mark_seen(mask: &mut [u32], tokens: &[u32]) {
+    for &t in tokens {
+        mask[t as usize / 32] |= 1 << (t % 32);
+    }
+}
+
+/// A recorded sampling dispatch; [`Sampler::set`] rewrites its parameters
+/// before each step (new draw `u`), without allocating.
+pub struct Sampler {
+    pub dispatch: Dispatch,
+    n: usize,
+}
+
+impl Sampler {
+    pub fn new(
+        ctx: &GpuContext,
+        n: usize,
+        logits: &GpuBuffer<f32>,
+        seen: &GpuBuffer<u32>,
+        out: &GpuBuffer<u32>,
+    ) -> Result<Self> {
+        Self::with_kernel(ctx, SAMPLE.pick(ctx), n, logits, seen, out)
+    }
+
+    pub fn with_kernel(
+        ctx: &GpuContext,
+        kernel: &'static Kernel,
+        n: usize,
+        logits: &GpuBuffer<f32>,
+        seen: &GpuBuffer<u32>,
+        out: &GpuBuffer<u32>,
+    ) -> Result<Self> {
+        assert!(
+            logits.len() >= n && seen.len() >= seen_words(n) && !out.is_empty(),
+            "sample: n {n} against logits {}, seen {}, out {}",
+            logits.len(),
+            seen.len(),
+            out.len()
+        );
+        assert!(
+            n < (1 << 24),
+            "sample: vocabulary {n} too large for exact f32 indices"
+        );
+        let pipeline = ctx.pipeline(kernel, "sample", &super::wg_constants())?;
+        let dispatch = Dispatch::with_params(
+            ctx,
+            pipeline,
+            "kvsift.sample".into(),
+            &SamplingParams::greedy().kernel_params(n, 0.0),
+            &[logits.binding(), seen.binding(), out.binding()],
+            [1, 1, 1],
+        )?;
+        Ok(Self { dispatch, n })
+    }
+
+    /// Parameters for the next step, with the uniform draw `u` in [0, 1).
+    pub fn set(&self, ctx: &GpuContext, params: &SamplingParams, u: f32) {
+        self.dispatch
+            .write_params(ctx, &params.kernel_params(self.n, u));
+    }
+}
+
+/// CPU twin: the same rules stated directly (sorting instead of radix
+/// search), in f64.
+pub fn sample_cpu(logits: &[f32], seen: &[u32], params: &SamplingParams, u: f32) -> u32 {
+    kept_distribution(logits, seen, params)
+        .map(|(e, _)| {
+            let total: f64 = e.iter().sum();
+            let target = u as f64 * total;
+            let mut acc = 0.0;
+            for (i, v) in e.iter().enumerate() {
+                if *v > 0.0 {
+                    acc += v;
+                    if acc > target {
+                        return i as u32;
+                    }
+                }
+            }
+            e.iter().rposition(|v| *v > 0.0).unwrap_or(0) as u32
+        })
+        .unwrap_or_else(|greedy| greedy)
+}
+
+/// The unnormalised kept weights `exp(l - max)` (0 where dropped) and the
+/// penalised, tempered scores; or `Err(token)` for greedy.
+pub fn kept_distribution(
+    logits: &[f32],
+    seen: &[u32],
+    params: &SamplingParams,
+) -> std::result::Result<(Vec<f64>, Vec<f64>), u32> {
+    let penalised: Vec<f64> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let l = *l as f64;
+            let pen = params.repetition_penalty as f64;
+            if pen != 1.0 && (seen[i / 32] >> (i % 32)) & 1 == 1 {
+                if l < 0.0 { l * pen } else { l / pen }
+            } else {
+                l
+            }
+        })
+        .collect();
+    if params.is_greedy() {
+        let m = penalised.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        return Err(penalised.iter().position(|v| *v == m).unwrap_or(0) as u32);
+    }
+    let s: Vec<f64> = penalised
+        .iter()
+        .map(|l| l / params.temperature as f64)
+        .collect();
+    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let mut keep = vec![true; s.len()];
+    if params.top_k > 0 && params.top_k < s.len() {
+        let mut sorted = s.clone();
+        sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
+        let kth = sorted[params.top_k - 1];
+        for (k, v) in keep.iter_mut().zip(&s) {
+            *k = *v >= kth;
+        }
+    }
+    let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+    if params.top_p < 1.0 {
+        let z: f64 = e
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(v, _)| v)
+            .sum();
+        let before = keep.clone();
+        for j in 0..e.len() {
+            if before[j] {
+                let above: f64 = (0..e.len())
+                    .filter(|&i| before[i] && e[i] > e[j])
+                    .map(|i| e[i])
+                    .sum();
+                keep[j] = above < params.top_p as f64 * z;
+            }
+        }
+    }
+    let kept: Vec<f64> = e
+        .iter()
+        .zip(&keep)
+        .map(|(v, k)| {
+            if *k && *v >= params.min_p as f64 {
+                *v
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok((kept, s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Rng, gpu};
+
+    fn gpu_sample(
+        ctx: &GpuContext,
+        kernel: &'static Kernel,
+        logits: &[f32],
+        seen: &[u32],
+        params: &SamplingParams,
+        us: &[f32],
+    ) -> (Vec<u32>, Vec<u32>) {
+        let n = logits.len();
+        let lb = GpuBuffer::from_slice(ctx, "logits", logits).unwrap();
+        let sb = GpuBuffer::from_slice(ctx, "seen", seen).unwrap();
+        let ob = GpuBuffer::<u32>::zeros(ctx, "out", 1).unwrap();
+        let s = Sampler::with_kernel(ctx, kernel, n, &lb, &sb, &ob).unwrap();
+        let mut got = vec![];
+        for &u in us {
+            sb.write(ctx, 0, seen); // each draw from the same state
+            s.set(ctx, params, u);
+            ctx.run("test", &[&s.dispatch]).unwrap();
+            got.push(ob.read(ctx).unwrap()[0]);
+        }
+        (got, sb.read(ctx).unwrap())
+    }
+
+    /// Draws within this relative distance of a CDF or top-p boundary are
+    /// skipped: the f32 GPU sums and the f64 twin may round to either side.
+    const MARGIN: f64 = 1e-4;
+
+    fn near_boundary(logits: &[f32], seen: &[u32], params: &SamplingParams, u: f32) -> bool {
+        let Ok((kept, s)) = kept_distribution(logits, seen, params) else {
+            return false;
+        };
+        let total: f64 = kept.iter().sum();
+        let target = u as f64 * total;
+        let mut acc = 0.0;
+        for v in &kept {
+            acc += v;
+            if (acc - target).abs() <= MARGIN * total {
+                return true;
+            }
+        }
+        // top-p and min-p boundaries, when those filters are on
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        let near_p = params.top_p < 1.0
+            && (0..e.len()).any(|j| {
+                let above: f64 = e.iter().filter(|v| **v > e[j]).sum();
+                (above - params.top_p as f64 * z).abs() <= MARGIN * z
+            });
+        let near_min =
+            params.min_p > 0.0 && e.iter().any(|v| (v - params.min_p as f64).abs() <= MARGIN);
+        near_p || near_min
+    }
+
+    #[test]
+    fn sampling_matches_twin() {
+        let Some(ctx) = gpu() else { return };
+        let mut kernels = vec![&SAMPLE.workgroup];
+        if ctx.caps.features.subgroups {
+            kernels.push(&SAMPLE.subgroup);
+        }
+        let mut compared = 0;
+        let mut skipped = 0;
+        for (case, &n) in [1usize, 7, 64, 128, 300, 1000, 5003].iter().enumerate() {
+            let mut rng = Rng::new(300 + case as u64);
+            let logits: Vec<f32> = (0..n).map(|_| 3.0 * rng.normal()).collect();
+            let mut seen = vec![0u32; seen_words(n)];
+            let marked: Vec<u32> = (0..n / 5).map(|_| rng.below(n) as u32).collect();
+            mark_seen(&mut seen, &marked);
+            let settings = [
+                SamplingParams {
+                    temperature: 1.0,
+                    ..SamplingParams::greedy()
+                },
+                SamplingParams {
+                    temperature: 0.7,
+                    top_k: 20,
+                    top_p: 0.8,
+                    repetition_penalty: 1.05,
+                    ..SamplingParams::greedy()
+                },
+                SamplingParams {
+                    temperature: 1.3,
+                    top_k: 5,
+                    ..SamplingParams::greedy()
+                },
+                SamplingParams {
+                    temperature: 0.9,
+                    top_p: 0.5,
+                    min_p: 0.05,
+                    ..SamplingParams::greedy()
+                },
+                SamplingParams {
+                    repetition_penalty: 1.3,
+                    ..SamplingParams::greedy()
+                },
+            ];
+            let us: Vec<f32> = (0..12).map(|_| rng.uniform()).collect();
+            for params in &settings {
+                for kernel in &kernels {
+                    let (got, seen_after) = gpu_sample(ctx, kernel, &logits, &seen, params, &us);
+                    for (&u, &g) in us.iter().zip(&got) {
+                        if near_boundary(&logits, &seen, params, u) {
+                            skipped += 1;
+                            continue;
+                        }
+                        let want = sample_cpu(&logits, &seen, params, u);
+                        assert_eq!(
+                            g, want,
+                            "{} n={n} {params:?} u={u}: got token {g}, want {want}",
+                            kernel.name
+                        );
+                        compared += 1;
+                    }
+                    // The last chosen token is now marked seen.
+                    let last = *got.last().unwrap() as usize;
+                    assert_eq!(
+                        (seen_after[last / 32] >> (last % 32)) & 1,
+                        1,
+                        "seen bit of {last}"
+                    );
+                }
+            }
+        }
+        eprintln!("sampling: {compared} draws compared, {skipped} near a boundary skipped");
+        assert!(
+            skipped * 20 < compared,
+            "too many draws skipped: {skipped} of {}",
+            compared + skipped
+        );
+    }
+
+    #[test]
+    fn bad_sampling_flags_are_errors() {
+        for (p, flag) in [
+            (
+                SamplingParams {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+                "--temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "--top-p",
+            ),
+            (
+                SamplingParams {
+                    top_p: 1.5,
+                    ..Default::default()
+                },
+                "--top-p",
+            ),
+            (
+                SamplingParams {
+                    min_p: 2.0,
+                    ..Default::default()
+                },
+                "--min-p",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "--repetition-penalty",
+            ),
+        ] {
+            let e = p.validate().unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        }
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}
