@@ -6,10 +6,12 @@
 //! - [`ops`]: one module per WGSL kernel family: parameters, `encode`, the CPU
 //!   twin, and the tests comparing the two.
 
+pub mod engine;
 pub mod error;
 pub mod gpu;
 pub mod model;
 pub mod ops;
+pub mod rng;
 #[doc(hidden)]
 pub mod testing;
 

@@ -223,3 +223,36 @@ fn greedy_generation_matches_transformers_while_the_top2_gap_is_clear() {
         );
     }
 }
+
+#[test]
+fn tokenizer_and_chat_template_match_transformers() {
+    use kvsift::model::{Message, TextTokenizer};
+    for name in MODELS {
+        let dir = model_dir(name);
+        let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
+        let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = meta.metadata().as_ref().unwrap();
+        let tok = TextTokenizer::load(&dir).unwrap();
+        assert_eq!(
+            tok.encode(&meta["prompt"], true).unwrap(),
+            golden(name).prompt_ids,
+            "{name}: prompt ids"
+        );
+        let chat = tok
+            .apply_chat_template(
+                &[Message {
+                    role: "user".into(),
+                    content: "What is 12 + 7?".into(),
+                }],
+                true,
+            )
+            .unwrap();
+        assert_eq!(chat, meta["chat_prompt"], "{name}: chat template");
+        let ids = tok.encode(&meta["prompt"], false).unwrap();
+        assert_eq!(
+            tok.decode(&ids, true).unwrap(),
+            meta["prompt"],
+            "{name}: decode round trip"
+        );
+    }
+}

@@ -1,6 +1,9 @@
 //! clap subcommands; each lives in its own file.
 
+mod common;
+mod generate;
 mod info;
+mod score;
 
 use clap::{Parser, Subcommand};
 
@@ -22,10 +25,16 @@ pub struct Cli {
 pub enum Command {
     /// List GPU adapters, the one kvsift would use, its features and limits.
     Info(info::InfoArgs),
+    /// Generate a completion of a prompt, streaming the text.
+    Generate(generate::GenerateArgs),
+    /// Teacher-forced scoring: mean negative log-likelihood and perplexity.
+    Score(score::ScoreArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(a) => info::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Score(a) => score::run(a),
     }
 }

@@ -238,7 +238,9 @@ impl From<Dispatch> for Op {
 }
 
 /// One recorded kernel launch: everything it needs is created up front, so
-/// encoding it allocates nothing.
+/// encoding it allocates nothing. Clones share the pipeline, bind group and
+/// parameter buffer.
+#[derive(Clone)]
 pub struct Dispatch {
     pub label: String,
     pipeline: wgpu::ComputePipeline,

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::ops::rope::{RopeConfig, RopeScaling};
+use crate::ops::sample::SamplingParams;
 
 /// The architectures kvsift runs; all are the Llama decoder with variations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,6 +185,47 @@ impl ModelConfig {
             }
         }
         Ok(cfg)
+    }
+}
+
+/// Defaults from `generation_config.json`, as transformers applies them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationDefaults {
+    pub eos_token_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+}
+
+impl GenerationDefaults {
+    /// Reads `dir/generation_config.json`; a missing file means greedy with no extra stop ids.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(Self {
+                eos_token_ids: vec![],
+                sampling: SamplingParams::greedy(),
+            });
+        };
+        let j: Value = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+            path: path.clone(),
+            reason: format!("not valid JSON: {e}"),
+        })?;
+        let f = Fields { path: &path, j: &j };
+        let mut sampling = SamplingParams::greedy();
+        if f.opt_bool("do_sample")?.unwrap_or(false) {
+            // transformers' GenerationConfig defaults when sampling.
+            sampling.temperature = f.opt_f64_in(&j, "temperature")?.unwrap_or(1.0) as f32;
+            sampling.top_k = f.opt_usize("top_k")?.unwrap_or(50);
+            sampling.top_p = f.opt_f64_in(&j, "top_p")?.unwrap_or(1.0) as f32;
+            sampling.min_p = f.opt_f64_in(&j, "min_p")?.unwrap_or(0.0) as f32;
+        }
+        sampling.repetition_penalty = f.opt_f64_in(&j, "repetition_penalty")?.unwrap_or(1.0) as f32;
+        sampling
+            .validate()
+            .map_err(|e| f.bad("sampling", &e.to_string()))?;
+        Ok(Self {
+            eos_token_ids: token_ids(j.get("eos_token_id")),
+            sampling,
+        })
     }
 }
 

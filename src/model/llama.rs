@@ -32,7 +32,9 @@ use crate::ops::attention::{AttentionShape, attention, kv_store};
 use crate::ops::linear::{Linear, linear};
 use crate::ops::rmsnorm::{NormShape, rmsnorm, rmsnorm_inplace};
 use crate::ops::rope::{RopeShape, RopeTable, rope};
+use crate::ops::sample::{Sampler, SamplingParams, mark_seen, seen_words};
 use crate::ops::{argmax, embedding, nll, silu_mul};
+use crate::rng::Rng;
 
 /// How to load a model.
 #[derive(Clone, Debug)]
@@ -96,6 +98,8 @@ struct Activations {
     /// `[head_rows, vocab]`
     logits: GpuBuffer<f32>,
     token: GpuBuffer<u32>,
+    /// Bitmask of the tokens in the sequence (repetition penalty).
+    seen: GpuBuffer<u32>,
     /// Teacher-forcing targets and their NLLs (score).
     targets: GpuBuffer<u32>,
     nll: GpuBuffer<f32>,
@@ -110,6 +114,8 @@ pub enum Readout {
     Argmax,
     /// The logits of the last position, read back.
     Logits,
+    /// A token drawn with the model's [`SamplingParams`] on the GPU (4 bytes read back).
+    Sample,
 }
 
 /// Result of a step.
@@ -148,6 +154,11 @@ pub struct Model<'c> {
     decode_body: Option<Vec<Op>>,
     head_argmax: Vec<Op>,
     head_logits: Vec<Op>,
+    head_sample: Vec<Op>,
+    sampler: Sampler,
+    sampling: SamplingParams,
+    rng: Rng,
+    seen_host: Vec<u32>,
     token_slot: ReadbackSlot,
     logits_slot: ReadbackSlot,
     cos_host: Vec<f32>,
@@ -433,6 +444,7 @@ impl<'c> Model<'c> {
             head_in: GpuBuffer::zeros(ctx, "act.head_in", head_rows * h)?,
             logits: GpuBuffer::zeros(ctx, "act.logits", head_rows * v)?,
             token: GpuBuffer::zeros(ctx, "act.token", 1)?,
+            seen: GpuBuffer::zeros(ctx, "act.seen", seen_words(v))?,
             targets: GpuBuffer::zeros(ctx, "act.targets", capacity)?,
             nll: GpuBuffer::zeros(ctx, "act.nll", capacity)?,
         };
@@ -447,8 +459,14 @@ impl<'c> Model<'c> {
                         + l.down.size_bytes()
                 })
                 .sum::<u64>();
+        let sampler = Sampler::new(ctx, v, &acts.logits, &acts.seen, &acts.token)?;
         let mut model = Model {
             ctx,
+            sampler,
+            sampling: SamplingParams::greedy(),
+            rng: Rng::new(0),
+            seen_host: vec![0; seen_words(v)],
+            head_sample: vec![],
             rope_table: RopeTable::new(&cfg.rope)?,
             dir: dir.to_path_buf(),
             weights_dtype: dtype,
@@ -474,6 +492,7 @@ impl<'c> Model<'c> {
         };
         model.head_argmax = model.last_token_head(Readout::Argmax, 1)?;
         model.head_logits = model.last_token_head(Readout::Logits, 1)?;
+        model.head_sample = model.last_token_head(Readout::Sample, 1)?;
         model.decode_body = Some(model.body(1)?);
         Ok(model)
     }
@@ -504,6 +523,16 @@ impl<'c> Model<'c> {
     /// Forgets the sequence (the cache is overwritten from position 0).
     pub fn reset(&mut self) {
         self.position = 0;
+        self.seen_host.fill(0);
+        self.acts.seen.write(self.ctx, 0, &self.seen_host);
+    }
+
+    /// How [`Readout::Sample`] picks tokens from now on; reseeds the generator.
+    pub fn set_sampling(&mut self, params: SamplingParams) -> Result<()> {
+        params.validate()?;
+        self.rng = Rng::new(params.seed);
+        self.sampling = params;
+        Ok(())
     }
 
     fn lm_head(&self) -> &GpuMatrix {
@@ -666,6 +695,10 @@ impl<'c> Model<'c> {
                     (cfg.vocab_size * 4) as u64,
                 ));
             }
+            Readout::Sample => {
+                ops.push(Op::Dispatch(self.sampler.dispatch.clone()));
+                ops.push(self.token_slot.copy_from(a.token.raw(), 0, 4));
+            }
             Readout::None => unreachable!(),
         }
         Ok(ops)
@@ -705,6 +738,14 @@ impl<'c> Model<'c> {
             &mut self.cos_host[..n * half],
             &mut self.sin_host[..n * half],
         );
+        // Mark the tokens for the repetition penalty; a single token rewrites one word.
+        mark_seen(&mut self.seen_host, tokens);
+        if let [t] = tokens {
+            let w = *t as usize / 32;
+            self.acts.seen.write(self.ctx, w, &self.seen_host[w..w + 1]);
+        } else {
+            self.acts.seen.write(self.ctx, 0, &self.seen_host);
+        }
         let a = &self.acts;
         a.ids.write(self.ctx, 0, tokens);
         a.positions.write(self.ctx, 0, &self.pos_host[..n]);
@@ -715,7 +756,7 @@ impl<'c> Model<'c> {
     fn finish(&self, readout: Readout) -> Result<StepOutput> {
         Ok(match readout {
             Readout::None => StepOutput::default(),
-            Readout::Argmax => StepOutput {
+            Readout::Argmax | Readout::Sample => StepOutput {
                 token: Some(self.token_slot.read::<u32>(self.ctx, 1)?[0]),
                 logits: None,
             },
@@ -743,11 +784,16 @@ impl<'c> Model<'c> {
             let last = i + 1 == chunks.len();
             let r = if last { readout } else { Readout::None };
             self.stage_inputs(chunk);
+            if r == Readout::Sample {
+                let u = self.rng.uniform();
+                self.sampler.set(self.ctx, &self.sampling, u);
+            }
             let n = chunk.len();
             if n == 1 {
                 let head = match r {
                     Readout::Argmax => &self.head_argmax[..],
                     Readout::Logits => &self.head_logits[..],
+                    Readout::Sample => &self.head_sample[..],
                     Readout::None => &[],
                 };
                 let body = self

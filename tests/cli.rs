@@ -1,0 +1,238 @@
+//! The `kvsift` binary end to end: it runs on the shipped models, and every
+//! bad input a user can give ends in a clear error and a non-zero exit, never
+//! a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn gpu_available() -> bool {
+    kvsift::testing::gpu().is_some()
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn kvsift(args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvsift"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A copy of models/tiny-llama in a temp dir, to break.
+fn model_copy(tag: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("kvsift-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    let src = repo().join("models/tiny-llama");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let p = f.unwrap().path();
+        std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+    }
+    dst
+}
+
+fn expect_error(r: &Run, needles: &[&str]) {
+    assert_ne!(r.code, 0, "expected failure; stdout {}", r.stdout);
+    assert!(
+        !r.stderr.contains("panicked"),
+        "panic instead of an error:\n{}",
+        r.stderr
+    );
+    for n in needles {
+        assert!(
+            r.stderr.contains(n),
+            "stderr should mention {n:?}:\n{}",
+            r.stderr
+        );
+    }
+}
+
+fn generate_with(dir: &Path) -> Run {
+    kvsift(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "2",
+    ])
+}
+
+#[test]
+fn generate_and_score_run_on_the_default_model() {
+    if !gpu_available() {
+        return;
+    }
+    let r = kvsift(&[
+        "generate",
+        "--prompt",
+        "The cache",
+        "--max-tokens",
+        "5",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(j["tokens"].as_array().unwrap().len(), 5);
+    assert!(j["decode_tok_s"].as_f64().unwrap() > 0.0);
+    let r = kvsift(&[
+        "score",
+        "--tokens",
+        "0,461,363,429,86",
+        "--prefill",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(j["scored"], 4);
+    assert!(j["perplexity"].as_f64().unwrap() > 1.0);
+}
+
+#[test]
+fn score_dumps_logits_as_safetensors() {
+    if !gpu_available() {
+        return;
+    }
+    let path =
+        std::env::temp_dir().join(format!("kvsift-logits-{}.safetensors", std::process::id()));
+    let r = kvsift(&[
+        "score",
+        "--tokens",
+        "0,461,363",
+        "--prefill",
+        "1",
+        "--dump-logits",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    assert_eq!(t.shape(), &[3, 512]);
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+}
+
+#[test]
+fn bad_model_files_are_clear_errors() {
+    if !gpu_available() {
+        return;
+    }
+    // Missing weights.
+    let d = model_copy("missing");
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    expect_error(&generate_with(&d), &["model.safetensors"]);
+
+    // Truncated weights.
+    let d = model_copy("truncated");
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    expect_error(
+        &generate_with(&d),
+        &["model.safetensors", "not a valid safetensors file"],
+    );
+
+    // Corrupt header.
+    let d = model_copy("corrupt");
+    let mut bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    for b in &mut bytes[8..40] {
+        *b = b'#';
+    }
+    std::fs::write(d.join("model.safetensors"), &bytes).unwrap();
+    expect_error(&generate_with(&d), &["model.safetensors"]);
+
+    // A tensor whose shape disagrees with the config.
+    let d = model_copy("shape");
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"intermediate_size\": 256", "\"intermediate_size\": 200"),
+    )
+    .unwrap();
+    expect_error(&generate_with(&d), &["gate_proj.weight", "shape"]);
+
+    // Unknown architecture.
+    let d = model_copy("arch");
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("LlamaForCausalLM", "GPTNeoXForCausalLM"),
+    )
+    .unwrap();
+    expect_error(&generate_with(&d), &["GPTNeoXForCausalLM", "unsupported"]);
+
+    // Missing tokenizer.
+    let d = model_copy("tok");
+    std::fs::remove_file(d.join("tokenizer.json")).unwrap();
+    expect_error(&generate_with(&d), &["tokenizer.json"]);
+
+    // Not a model directory at all.
+    expect_error(
+        &generate_with(Path::new("/nonexistent/kvsift")),
+        &["config.json"],
+    );
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_a_clear_error() {
+    if !gpu_available() {
+        return;
+    }
+    let long: Vec<String> = (0..600).map(|i| (i % 500).to_string()).collect();
+    let r = kvsift(&["score", "--tokens", &long.join(",")]);
+    expect_error(&r, &["600 tokens", "512"]);
+    let r = kvsift(&[
+        "generate",
+        "--prompt",
+        "a b c d e f g",
+        "--max-context",
+        "4",
+    ]);
+    expect_error(&r, &["--max-context"]);
+    let r = kvsift(&["generate", "--prompt", "hi", "--max-context", "100000"]);
+    expect_error(&r, &["--max-context", "max_position_embeddings"]);
+}
+
+#[test]
+fn bad_flags_are_clear_errors() {
+    if !gpu_available() {
+        return;
+    }
+    for (args, needle) in [
+        (
+            vec!["generate", "--prompt", "x", "--temperature=-1"],
+            "--temperature",
+        ),
+        (vec!["generate", "--prompt", "x", "--top-p", "0"], "--top-p"),
+        (
+            vec!["generate", "--prompt", "x", "--weights-dtype", "int3"],
+            "--weights-dtype",
+        ),
+        (vec!["score", "--tokens", "1,2,99999"], "99999"),
+        (
+            vec!["score", "--tokens", "1,2,3", "--prefill", "0"],
+            "--prefill",
+        ),
+        (vec!["score", "--tokens", "1"], "at least 2 tokens"),
+    ] {
+        expect_error(&kvsift(&args), &[needle]);
+    }
+    // Missing required flags are clap's errors.
+    expect_error(&kvsift(&["generate"]), &["--prompt"]);
+    expect_error(&kvsift(&["score"]), &["--text"]);
+}
