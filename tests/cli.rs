@@ -236,3 +236,63 @@ fn bad_flags_are_clear_errors() {
     expect_error(&kvsift(&["generate"]), &["--prompt"]);
     expect_error(&kvsift(&["score"]), &["--text"]);
 }
+
+#[test]
+fn weights_beyond_the_f16_range_ask_for_f32() {
+    if !gpu_available() {
+        return;
+    }
+    // tiny-qwen2 is bf16 on disk; put 1e6 (fine in bf16, inf in f16) into one weight.
+    let src = repo().join("models/tiny-qwen2");
+    let d = std::env::temp_dir().join(format!("kvsift-cli-f16-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let p = f.unwrap().path();
+        std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+    }
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let mut data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    let t = data.iter_mut().find(|t| t.0 == name).unwrap();
+    t.3[..2].copy_from_slice(&half::bf16::from_f32(1e6).to_le_bytes());
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, dt, sh, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &d.join("model.safetensors")).unwrap();
+
+    let dir = d.to_str().unwrap();
+    let r = kvsift(&[
+        "generate",
+        "--model",
+        dir,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "1",
+    ]);
+    expect_error(&r, &[name, "--weights-dtype f32"]);
+    let r = kvsift(&[
+        "generate",
+        "--model",
+        dir,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "1",
+        "--weights-dtype",
+        "f32",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}

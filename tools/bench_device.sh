@@ -1,19 +1,39 @@
 #!/usr/bin/env bash
-# Runs every benchmark kvsift has on the machine it is started on, from
-# prebuilt release binaries, and writes the outputs to $OUT (default
-# ./bench-out). Used for the real-GPU figures in docs/BENCHMARKS.md:
+# Runs kvsift's benchmarks on the machine it is started on, from prebuilt
+# release binaries in .bin/, and writes the outputs to $OUT (default
+# ./bench-out). Used for the real-GPU figures in docs/BENCHMARKS.md.
 #
 #   cargo build --release && cargo bench --no-run
 #   mkdir -p .bin && cp target/release/kvsift .bin/ \
 #     && cp "$(ls -t target/release/deps/kernels-* | grep -v '\.d$' | head -1)" .bin/kernels
-#   tools/bench_device.sh
+#   tools/bench_device.sh [kernels] [models]      # default: both
+#
+# `models` needs python3 with torch + transformers to write the random
+# ~100M-parameter Llama (tools/make_bench_model.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./bench-out}"
 mkdir -p "$OUT"
 export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+what="${*:-kernels models}"
 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
 .bin/kvsift info 2>&1 | tee "$OUT/info.txt"
-.bin/kernels --bench --noplot 2>&1 | grep -v '^Benchmarking' | tee "$OUT/kernels.txt"
+
+if [[ " $what " == *" kernels "* ]]; then
+  .bin/kernels --bench --noplot 2>&1 | grep -v '^Benchmarking' | tee "$OUT/kernels.txt"
+fi
+
+if [[ " $what " == *" models "* ]]; then
+  prompt="$(python3 -c "print(' '.join(['The cache keeps every key and value the model has seen.'] * 12))")"
+  python3 tools/make_bench_model.py /tmp/llama-100m 2>&1 | tail -1
+  {
+    for m in models/tiny-llama models/tiny-qwen2 models/tiny-qwen3 models/tiny-mistral /tmp/llama-100m; do
+      for dt in f16 f32; do
+        .bin/kvsift generate --model "$m" --weights-dtype "$dt" --prompt "$prompt" --max-tokens 128 --json \
+          | python3 -c "import json,sys; j=json.load(sys.stdin); print('$m $dt prompt %d gen %d prefill %.1f tok/s decode %.1f tok/s' % (j['prompt_tokens'], len(j['tokens']), j['prefill_tok_s'], j['decode_tok_s']))"
+      done
+    done
+  } 2>&1 | tee "$OUT/models.txt"
+fi

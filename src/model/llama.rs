@@ -196,13 +196,32 @@ fn fused_matrix(
         .collect();
     let total: usize = parts.iter().map(|(_, r)| r).sum();
     let mut scratch = Vec::new();
+    let mut overflow = None;
     let m = GpuMatrix::upload_with(ctx, label, total, cols, dtype, |r, out| {
         let i = starts
             .iter()
             .rposition(|s| *s <= r)
             .expect("row in some part");
         tensors[i].pack_row(r - starts[i], dtype, &mut scratch, out);
+        // bf16/f32 values beyond f16's range would become infinities.
+        if dtype == WeightDtype::F16
+            && overflow.is_none()
+            && out
+                .iter()
+                .any(|w| (w & 0x7c00) == 0x7c00 || ((w >> 16) & 0x7c00) == 0x7c00)
+            && tensors[i].dtype != safetensors::Dtype::F16
+        {
+            overflow = Some(i);
+        }
     })?;
+    if let Some(i) = overflow {
+        return Err(Error::BadTensor {
+            path: tensors[i].path.to_path_buf(),
+            tensor: tensors[i].name.to_string(),
+            reason: "holds values beyond the f16 range (65504); load with --weights-dtype f32"
+                .into(),
+        });
+    }
     progress.inc(tensors.iter().map(|t| t.byte_len() as u64).sum());
     Ok(m)
 }
@@ -494,6 +513,9 @@ impl<'c> Model<'c> {
         model.head_logits = model.last_token_head(Readout::Logits, 1)?;
         model.head_sample = model.last_token_head(Readout::Sample, 1)?;
         model.decode_body = Some(model.body(1)?);
+        // Build (and so compile) the prefill pipelines now, not inside the first prompt.
+        model.body(crate::ops::linear::MATVEC_MAX_VECS + 1)?;
+        model.last_token_head(Readout::Argmax, 2)?;
         Ok(model)
     }
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env python3
+"""Writes a random ~100M-parameter Llama (f16) for speed measurements; not committed.
+
+    python3 tools/make_bench_model.py /tmp/llama-100m
+
+hidden 768, 8 layers, 12 heads (4 KV heads), intermediate 2048, vocab 32000,
+untied embeddings: 99.4M parameters, 199 MB. The tokenizer is tiny-llama's
+(its ids are a subset of the 32000), so `kvsift generate` works on it.
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+import transformers
+
+out = sys.argv[1] if len(sys.argv) > 1 else "/tmp/llama-100m"
+os.makedirs(out, exist_ok=True)
+torch.manual_seed(0)
+cfg = transformers.LlamaConfig(
+    vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+    num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
+    bos_token_id=0, eos_token_id=1,
+)
+model = transformers.LlamaForCausalLM(cfg).to(torch.float16)
+model.save_pretrained(out)
+src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models", "tiny-llama")
+for f in ["tokenizer.json", "tokenizer_config.json"]:
+    shutil.copy(os.path.join(src, f), out)
+n = sum(p.numel() for p in model.parameters())
+print(f"{out}: {n / 1e6:.1f}M parameters", file=sys.stderr)
