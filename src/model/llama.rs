@@ -800,10 +800,10 @@ impl<'c> Model<'c> {
         }
         // Fail before any chunk runs, so the sequence is left unchanged.
         self.check_input(tokens)?;
-        let chunks: Vec<&[u32]> = tokens.chunks(self.max_batch_tokens).collect();
+        let n_chunks = tokens.len().div_ceil(self.max_batch_tokens);
         let mut out = StepOutput::default();
-        for (i, chunk) in chunks.iter().enumerate() {
-            let last = i + 1 == chunks.len();
+        for (i, chunk) in tokens.chunks(self.max_batch_tokens).enumerate() {
+            let last = i + 1 == n_chunks;
             let r = if last { readout } else { Readout::None };
             self.stage_inputs(chunk);
             if r == Readout::Sample {

@@ -232,3 +232,86 @@ mod tests {
         assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod template_tests {
+    use super::*;
+
+    /// A tokenizer dir with the given chat template, reusing a shipped tokenizer.json.
+    fn with_template(tag: &str, template: &str) -> TextTokenizer {
+        let d = std::env::temp_dir().join(format!("kvsift-tpl-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-qwen2/tokenizer.json");
+        std::fs::copy(src, d.join("tokenizer.json")).unwrap();
+        let cfg = serde_json::json!({"bos_token": {"content": "<s>"}, "eos_token": "</s>", "chat_template": template});
+        std::fs::write(d.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        TextTokenizer::load(&d).unwrap()
+    }
+
+    fn msgs(pairs: &[(&str, &str)]) -> Vec<Message> {
+        pairs
+            .iter()
+            .map(|(r, c)| Message {
+                role: r.to_string(),
+                content: c.to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn templates_use_what_real_checkpoints_use() {
+        // The constructs of the Qwen2.5 / DeepSeek-R1-Distill / Llama 3 templates:
+        // whitespace control, namespace(), Python string methods, loop
+        // variables, undefined `tools`, raise_exception, tojson, strftime_now.
+        let t = with_template(
+            "rich",
+            "{%- set ns = namespace(system='') -%}\n\
+             {%- for m in messages -%}\n\
+               {%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] | trim -%}{%- endif -%}\n\
+             {%- endfor -%}\n\
+             {{ bos_token }}{% if tools %}TOOLS{{ tools | tojson }}{% endif %}\n\
+             {%- if ns.system %}[SYS]{{ ns.system }}{% endif %}\n\
+             {%- for m in messages if m.role != 'system' %}\n\
+               {%- if m.role not in ['user', 'assistant'] %}{{ raise_exception('bad role') }}{% endif %}\n\
+               <|{{ m.role }}|>{{ m.content.split('</think>')[-1].strip() }}{% if not loop.last %}\\n{% endif %}\n\
+             {%- endfor %}\n\
+             {%- if add_generation_prompt %}<|assistant|>{% endif %}",
+        );
+        let out = t
+            .apply_chat_template(
+                &msgs(&[
+                    ("system", "  Be brief. "),
+                    ("user", "hi"),
+                    ("assistant", "<think>x</think> 19 "),
+                    ("user", "ok"),
+                ]),
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<s>[SYS]Be brief.<|user|>hi\\n<|assistant|>19\\n<|user|>ok<|assistant|>"
+        );
+        let e = t
+            .apply_chat_template(&msgs(&[("tool", "x")]), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad role"), "{e}");
+        let date = with_template("date", "{{ strftime_now('%Y') }}");
+        assert!(
+            date.apply_chat_template(&[], false)
+                .unwrap()
+                .starts_with("20")
+        );
+    }
+
+    #[test]
+    fn a_broken_template_or_none_is_a_clear_error() {
+        let t = with_template("broken", "{% for m in messages %}{{ m.content ");
+        let e = t
+            .apply_chat_template(&msgs(&[("user", "hi")]), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("chat template"), "{e}");
+    }
+}
