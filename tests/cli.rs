@@ -34,10 +34,15 @@ fn kvsift(args: &[&str]) -> Run {
 
 /// A copy of models/tiny-llama in a temp dir, to break.
 fn model_copy(tag: &str) -> PathBuf {
+    copy_of("tiny-llama", tag)
+}
+
+/// A copy of models/`name` in a temp dir.
+fn copy_of(name: &str, tag: &str) -> PathBuf {
     let dst = std::env::temp_dir().join(format!("kvsift-cli-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dst);
     std::fs::create_dir_all(&dst).unwrap();
-    let src = repo().join("models/tiny-llama");
+    let src = repo().join("models").join(name);
     for f in std::fs::read_dir(&src).unwrap() {
         let p = f.unwrap().path();
         std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
@@ -243,14 +248,7 @@ fn weights_beyond_the_f16_range_ask_for_f32() {
         return;
     }
     // tiny-qwen2 is bf16 on disk; put 1e6 (fine in bf16, inf in f16) into one weight.
-    let src = repo().join("models/tiny-qwen2");
-    let d = std::env::temp_dir().join(format!("kvsift-cli-f16-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    for f in std::fs::read_dir(&src).unwrap() {
-        let p = f.unwrap().path();
-        std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
-    }
+    let d = copy_of("tiny-qwen2", "f16");
     let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let name = "model.layers.0.mlp.up_proj.weight";

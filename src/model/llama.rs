@@ -694,17 +694,7 @@ impl<'c> Model<'c> {
             ..NormShape::rows(1, h, cfg.rms_norm_eps)
         };
         ops.push(rmsnorm(ctx, &last, &a.hidden, &self.final_norm, &a.normed)?.into());
-        ops.push(copy(&a.normed, (n - 1) * h, &a.head_in, 0, h));
-        push_linear(
-            &mut ops,
-            ctx,
-            self.lm_head(),
-            None,
-            &a.head_in,
-            &a.logits,
-            1,
-            false,
-        )?;
+        self.push_lm_head(&mut ops, n - 1, 1)?;
         match readout {
             Readout::Argmax => {
                 ops.push(argmax::argmax(ctx, 1, cfg.vocab_size, &a.logits, &a.token)?.into());
@@ -943,27 +933,29 @@ impl<'c> Model<'c> {
         })
     }
 
-    /// lm_head over `rows` rows of `normed` starting at row `r0`, then the NLL
-    /// of the targets at `row_offset..`.
-    fn all_rows_head(&self, r0: usize, rows: usize, row_offset: usize) -> Result<Vec<Op>> {
-        let (ctx, a, h, v) = (
-            self.ctx,
-            &self.acts,
-            self.cfg.hidden_size,
-            self.cfg.vocab_size,
-        );
-        let mut ops = vec![copy(&a.normed, r0 * h, &a.head_in, 0, rows * h)];
+    /// logits[0..rows] = lm_head(normed rows r0..r0 + rows), through `head_in`.
+    fn push_lm_head(&self, ops: &mut Vec<Op>, r0: usize, rows: usize) -> Result<()> {
+        let (a, h) = (&self.acts, self.cfg.hidden_size);
+        ops.push(copy(&a.normed, r0 * h, &a.head_in, 0, rows * h));
         push_linear(
-            &mut ops,
-            ctx,
+            ops,
+            self.ctx,
             self.lm_head(),
             None,
             &a.head_in,
             &a.logits,
             rows,
             false,
-        )?;
-        ops.push(nll::nll(ctx, rows, v, &a.logits, &a.targets, &a.nll, row_offset)?.into());
+        )
+    }
+
+    /// lm_head over `rows` rows of `normed` starting at row `r0`, then the NLL
+    /// of the targets at `row_offset..`.
+    fn all_rows_head(&self, r0: usize, rows: usize, row_offset: usize) -> Result<Vec<Op>> {
+        let mut ops = vec![];
+        self.push_lm_head(&mut ops, r0, rows)?;
+        let (a, v) = (&self.acts, self.cfg.vocab_size);
+        ops.push(nll::nll(self.ctx, rows, v, &a.logits, &a.targets, &a.nll, row_offset)?.into());
         Ok(ops)
     }
 }
