@@ -126,9 +126,26 @@ impl<T: Pod> GpuBuffer<T> {
 /// written through a mapping at creation (no staging copy).
 pub fn create_init(ctx: &GpuContext, label: &str, size: u64, data: &[u8]) -> Result<wgpu::Buffer> {
     assert!(
-        data.len() as u64 <= size && size.is_multiple_of(4),
+        data.len() as u64 <= size,
         "create_init {label}: {} bytes of data into a {size}-byte buffer",
         data.len()
+    );
+    create_with(ctx, label, size, |view| {
+        view.slice(..data.len()).copy_from_slice(data)
+    })
+}
+
+/// Creates a storage buffer of `size` bytes (a multiple of 4) mapped at
+/// creation, lets `fill` write into the mapping, then unmaps it.
+pub fn create_with(
+    ctx: &GpuContext,
+    label: &str,
+    size: u64,
+    fill: impl FnOnce(&mut wgpu::BufferViewMut),
+) -> Result<wgpu::Buffer> {
+    assert!(
+        size.is_multiple_of(4),
+        "create_with {label}: size {size} is not a multiple of 4"
     );
     check_size(ctx, label, size)?;
     let buffer = ctx.checked(label, || {
@@ -144,7 +161,7 @@ pub fn create_init(ctx: &GpuContext, label: &str, size: u64, data: &[u8]) -> Res
             during: format!("mapping {label} for upload"),
             message: e.to_string(),
         })?;
-        view.slice(..data.len()).copy_from_slice(data);
+        fill(&mut view);
     }
     buffer.unmap();
     Ok(buffer)

@@ -5,7 +5,7 @@
 
 use half::f16;
 
-use super::{GpuContext, buffer::create_init};
+use super::{GpuContext, buffer::create_with};
 use crate::error::{Error, Result};
 
 /// How a weight matrix is stored on the GPU.
@@ -131,8 +131,8 @@ impl GpuMatrix {
         })
     }
 
-    /// Uploads part by part; `fill(row, words)` writes one stored row. Only one
-    /// part is staged in host memory at a time.
+    /// Uploads part by part; `fill(row, words)` writes one stored row, which
+    /// goes straight into the mapped GPU buffer (one row of host memory).
     pub fn upload_with(
         ctx: &GpuContext,
         label: &str,
@@ -155,22 +155,23 @@ impl GpuMatrix {
         let row_words = dtype.row_words(cols);
         let per_part = Self::rows_per_part(ctx, label, row_words)?;
         let mut parts = Vec::with_capacity(rows.div_ceil(per_part));
-        let mut staging = Vec::new();
+        let mut row = vec![0u32; row_words];
+        let row_bytes = row_words * 4;
         let mut first_row = 0;
         while first_row < rows {
             let n = per_part.min(rows - first_row);
-            staging.clear();
-            staging.resize(n * row_words, 0u32);
-            for (i, out) in staging.chunks_exact_mut(row_words).enumerate() {
-                fill(first_row + i, out);
-            }
             let part_label = if parts.is_empty() && n == rows {
                 label.to_string()
             } else {
                 format!("{label}[rows {first_row}..{}]", first_row + n)
             };
-            let bytes: &[u8] = bytemuck::cast_slice(&staging);
-            let buffer = create_init(ctx, &part_label, bytes.len() as u64, bytes)?;
+            let buffer = create_with(ctx, &part_label, (n * row_bytes) as u64, |view| {
+                for i in 0..n {
+                    fill(first_row + i, &mut row);
+                    view.slice(i * row_bytes..(i + 1) * row_bytes)
+                        .copy_from_slice(bytemuck::cast_slice(&row));
+                }
+            })?;
             parts.push(MatrixPart {
                 first_row,
                 rows: n,
