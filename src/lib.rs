@@ -9,6 +9,7 @@
 pub mod engine;
 pub mod error;
 pub mod gpu;
+pub mod kv;
 pub mod model;
 pub mod ops;
 pub mod rng;

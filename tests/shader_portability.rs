@@ -22,7 +22,6 @@ fn capabilities(kernel: &Kernel) -> Capabilities {
     caps
 }
 
-/// Representative override sets: the defaults, and other workgroup sizes.
 fn override_sets(module: &naga::Module) -> Vec<naga::back::PipelineConstants> {
     let has_wg = module
         .overrides

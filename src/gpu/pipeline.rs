@@ -251,6 +251,31 @@ pub struct Dispatch {
 }
 
 impl Dispatch {
+    /// Binds a new uniform holding `params` to binding 0 and each resource to
+    /// its given binding (for entry points that use a sparse set of bindings).
+    pub fn with_params_at<P: bytemuck::Pod>(
+        ctx: &GpuContext,
+        pipeline: wgpu::ComputePipeline,
+        label: String,
+        params: &P,
+        resources: &[(u32, wgpu::BindingResource<'_>)],
+        workgroups: [u32; 3],
+    ) -> Result<Self> {
+        let uniform = ctx.uniform(&label, params)?;
+        let mut entries = Vec::with_capacity(resources.len() + 1);
+        entries.push(wgpu::BindGroupEntry {
+            binding: 0,
+            resource: uniform.as_entire_binding(),
+        });
+        entries.extend(resources.iter().map(|(binding, r)| wgpu::BindGroupEntry {
+            binding: *binding,
+            resource: r.clone(),
+        }));
+        let mut d = Self::from_entries(ctx, pipeline, label, &entries, workgroups)?;
+        d.params = Some(uniform);
+        Ok(d)
+    }
+
     /// Binds a new uniform holding `params` to binding 0 and `resources` to
     /// bindings 1.. in order.
     pub fn with_params<P: bytemuck::Pod>(
@@ -298,11 +323,21 @@ impl Dispatch {
                 resource: r.clone(),
             })
             .collect();
+        Self::from_entries(ctx, pipeline, label, &entries, workgroups)
+    }
+
+    fn from_entries(
+        ctx: &GpuContext,
+        pipeline: wgpu::ComputePipeline,
+        label: String,
+        entries: &[wgpu::BindGroupEntry<'_>],
+        workgroups: [u32; 3],
+    ) -> Result<Self> {
         let bind_group = ctx.checked(&label, || {
             ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some(&label),
                 layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
+                entries,
             })
         })?;
         Ok(Self {

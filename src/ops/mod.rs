@@ -9,6 +9,7 @@ pub mod attention;
 pub mod embedding;
 pub mod linear;
 pub mod nll;
+pub mod paged_attention;
 pub mod rmsnorm;
 pub mod rope;
 pub mod sample;
@@ -64,6 +65,8 @@ pub fn all_kernels() -> Vec<&'static Kernel> {
         &attention::KV_STORE,
         &attention::ATTENTION.workgroup,
         &attention::ATTENTION.subgroup,
+        &paged_attention::PAGED_KV_STORE,
+        &paged_attention::PAGED_ATTENTION,
         &rope::ROPE,
         &silu_mul::SILU_MUL,
         &add::ADD,

@@ -1,0 +1,338 @@
+// paged_attention.wgsl: attention through the block tables of the paged KV
+// pool: decode (split over pages, log-sum-exp merge) and prefill.
+//
+// attend_decode: one workgroup per (row, stored head, split). It serves all G
+// query heads that read that stored head, so each K and V slot is read once
+// for all of them. For each page of its split it scores the page's slots
+// (q . k * scale; slots past `len`, after the query's position, or outside the
+// sliding window are masked by the positions stored in the page), updates a
+// running max and sum per query head, and accumulates V. It writes, per query
+// head, the partial (acc[0..D], max, sum) of its split.
+// merge_splits: one workgroup per (row, query head) combines the splits:
+//   out = sum_j acc_j exp(m_j - M) / sum_j l_j exp(m_j - M),  M = max_j m_j.
+//
+// attend_prefill: one workgroup per (tile of BQ query tokens of one sequence,
+// query head); walks the sequence's pages for that head with the same masked
+// online softmax per query row (causal by the stored positions), and writes
+// the output rows directly.
+//
+// Pool page layout as in paged_kv_store.wgsl.
+//
+// Bindings (attend_decode):
+//   0 params     uniform Params
+//   1 positions  storage read  [n_rows] u32 (the query's position)
+//   2 qkv        storage read  [n_rows, q_stride] f32 (query heads first)
+//   3 desc       storage read  per (row, stored head) of this layer: {table offset, len}
+//   4 tables     storage read  page indices
+//   5 pool       storage read  pages of this layer's shard
+//   6 partials   storage rw    [n_rows * n_heads * group, n_splits, head_dim + 2] f32
+// Bindings (merge_splits):
+//   0 params, 6 partials (read), 7 out rw [n_rows, n_heads * group * head_dim] f32
+// Bindings (attend_prefill; n_rows = query tokens of one sequence, desc_base =
+// its entry for stored head 0): 0-5 as attend_decode, 7 out rw [n_rows, n_heads * group * head_dim]
+
+override WG: u32 = 64u;
+override KV_F16: bool = true;
+const MAX_GD: u32 = 2048u;   // group * head_dim
+const MAX_GP: u32 = 512u;    // group * page_size
+const MAX_G: u32 = 32u;
+const ACC: u32 = 32u;        // MAX_GD / WG for WG >= 64
+const BQ: u32 = 8u;          // query rows per prefill workgroup (BQ * head_dim <= MAX_GD)
+const NEG: f32 = -3.0e38;
+
+struct Params {
+    n_rows: u32,
+    n_heads: u32,      // stored heads
+    group: u32,        // query heads per stored head
+    head_dim: u32,
+    dw: u32,
+    page_size: u32,
+    page_words: u32,
+    q_stride: u32,
+    desc_base: u32,
+    n_splits: u32,
+    split_pages: u32,
+    window: u32,
+    scale: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> positions: array<u32>;
+@group(0) @binding(2) var<storage, read> qkv: array<f32>;
+@group(0) @binding(3) var<storage, read> desc: array<u32>;
+@group(0) @binding(4) var<storage, read> tables: array<u32>;
+@group(0) @binding(5) var<storage, read> pool: array<u32>;
+@group(0) @binding(6) var<storage, read_write> partials: array<f32>;
+@group(0) @binding(7) var<storage, read_write> out: array<f32>;
+
+var<workgroup> q_sh: array<f32, MAX_GD>;
+var<workgroup> sc_sh: array<f32, MAX_GP>;
+var<workgroup> m_sh: array<f32, MAX_G>;
+var<workgroup> l_sh: array<f32, MAX_G>;
+var<workgroup> corr_sh: array<f32, MAX_G>;
+var<workgroup> bounds: vec3<u32>;   // table offset, len, query position
+
+fn k_dot(base: u32, qoff: u32) -> f32 {
+    var s = 0.0;
+    if KV_F16 {
+        for (var w = 0u; w < p.dw; w = w + 1u) {
+            let k = unpack2x16float(pool[base + w]);
+            s = s + q_sh[qoff + 2u * w] * k.x + q_sh[qoff + 2u * w + 1u] * k.y;
+        }
+    } else {
+        for (var d = 0u; d < p.head_dim; d = d + 1u) {
+            s = s + q_sh[qoff + d] * bitcast<f32>(pool[base + d]);
+        }
+    }
+    return s;
+}
+
+fn v_at(base: u32, d: u32) -> f32 {
+    if KV_F16 {
+        let v = unpack2x16float(pool[base + d / 2u]);
+        return select(v.x, v.y, (d & 1u) == 1u);
+    }
+    return bitcast<f32>(pool[base + d]);
+}
+
+// Is a slot holding `pos` visible to a query at `q_pos`?
+fn visible(pos: u32, q_pos: u32) -> bool {
+    return pos <= q_pos && (p.window == 0u || pos + p.window > q_pos);
+}
+
+@compute @workgroup_size(WG)
+fn attend_decode(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let item = wg.x + wg.y * nwg.x;
+    if item >= p.n_rows * p.n_heads * p.n_splits {
+        return;
+    }
+    let j = item % p.n_splits;
+    let s = (item / p.n_splits) % p.n_heads;
+    let b = item / (p.n_splits * p.n_heads);
+    let dim = p.head_dim;
+    let gd = p.group * dim;
+    let gp = p.group * p.page_size;
+    let h0 = s * p.group;   // first query head of the group
+
+    let qb = b * p.q_stride + h0 * dim;
+    for (var i = lid; i < gd; i = i + WG) {
+        q_sh[i] = qkv[qb + i];
+    }
+    if lid < p.group {
+        m_sh[lid] = NEG;
+        l_sh[lid] = 0.0;
+    }
+    if lid == 0u {
+        let d = (p.desc_base + b * p.n_heads + s) * 2u;
+        bounds = vec3<u32>(desc[d], desc[d + 1u], positions[b]);
+    }
+    let bd = workgroupUniformLoad(&bounds);
+    let n_pages = (bd.y + p.page_size - 1u) / p.page_size;
+    let p0 = j * p.split_pages;
+    let p1 = min(p0 + p.split_pages, n_pages);
+
+    var acc: array<f32, ACC>;
+    for (var k = 0u; k < ACC; k = k + 1u) {
+        acc[k] = 0.0;
+    }
+    for (var pg = p0; pg < p1; pg = pg + 1u) {
+        let base = tables[bd.x + pg] * p.page_words;
+        let v_base = base + p.page_size * p.dw;
+        let pos_base = base + 2u * p.page_size * p.dw;
+        for (var idx = lid; idx < gp; idx = idx + WG) {
+            let i = idx % p.page_size;
+            let g = idx / p.page_size;
+            var score = NEG;
+            if pg * p.page_size + i < bd.y && visible(pool[pos_base + i], bd.z) {
+                score = k_dot(base + i * p.dw, g * dim) * p.scale;
+            }
+            sc_sh[idx] = score;
+        }
+        workgroupBarrier();
+        if lid < p.group {
+            let g = lid;
+            var pm = NEG;
+            for (var i = 0u; i < p.page_size; i = i + 1u) {
+                pm = max(pm, sc_sh[g * p.page_size + i]);
+            }
+            let new_m = max(m_sh[g], pm);
+            var sum = 0.0;
+            for (var i = 0u; i < p.page_size; i = i + 1u) {
+                let sv = sc_sh[g * p.page_size + i];
+                var e = 0.0;
+                if sv > NEG {
+                    e = exp(sv - new_m);
+                }
+                sc_sh[g * p.page_size + i] = e;
+                sum = sum + e;
+            }
+            let corr = select(exp(m_sh[g] - new_m), 0.0, m_sh[g] <= NEG);
+            corr_sh[g] = corr;
+            l_sh[g] = l_sh[g] * corr + sum;
+            m_sh[g] = new_m;
+        }
+        workgroupBarrier();
+        for (var k = 0u; k < ACC; k = k + 1u) {
+            let e = lid + k * WG;
+            if e < gd {
+                let g = e / dim;
+                let d = e % dim;
+                var a = acc[k] * corr_sh[g];
+                for (var i = 0u; i < p.page_size; i = i + 1u) {
+                    let w = sc_sh[g * p.page_size + i];
+                    if w > 0.0 {
+                        a = a + w * v_at(v_base + i * p.dw, d);
+                    }
+                }
+                acc[k] = a;
+            }
+        }
+        workgroupBarrier();
+    }
+    let stride = dim + 2u;
+    for (var k = 0u; k < ACC; k = k + 1u) {
+        let e = lid + k * WG;
+        if e < gd {
+            let g = e / dim;
+            let d = e % dim;
+            let hq = b * p.n_heads * p.group + h0 + g;
+            partials[(hq * p.n_splits + j) * stride + d] = acc[k];
+        }
+    }
+    if lid < p.group {
+        let hq = b * p.n_heads * p.group + h0 + lid;
+        let o = (hq * p.n_splits + j) * stride + dim;
+        partials[o] = m_sh[lid];
+        partials[o + 1u] = l_sh[lid];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn merge_splits(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let hq = wg.x + wg.y * nwg.x;   // row * (n_heads * group) + query head
+    if hq >= p.n_rows * p.n_heads * p.group {
+        return;
+    }
+    let dim = p.head_dim;
+    let stride = dim + 2u;
+    let first = hq * p.n_splits * stride;
+    var big_m = NEG;
+    for (var j = 0u; j < p.n_splits; j = j + 1u) {
+        big_m = max(big_m, partials[first + j * stride + dim]);
+    }
+    var big_l = 0.0;
+    for (var j = 0u; j < p.n_splits; j = j + 1u) {
+        let m = partials[first + j * stride + dim];
+        if m > NEG {
+            big_l = big_l + partials[first + j * stride + dim + 1u] * exp(m - big_m);
+        }
+    }
+    for (var d = lid; d < dim; d = d + WG) {
+        var a = 0.0;
+        for (var j = 0u; j < p.n_splits; j = j + 1u) {
+            let m = partials[first + j * stride + dim];
+            if m > NEG {
+                a = a + partials[first + j * stride + d] * exp(m - big_m);
+            }
+        }
+        out[hq * dim + d] = a / big_l;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let hq_count = p.n_heads * p.group;
+    let tiles = (p.n_rows + BQ - 1u) / BQ;
+    let item = wg.x + wg.y * nwg.x;
+    if item >= tiles * hq_count {
+        return;
+    }
+    let h = item % hq_count;
+    let t0 = (item / hq_count) * BQ;
+    let nq = min(BQ, p.n_rows - t0);
+    let s = h / p.group;
+    let dim = p.head_dim;
+    let rd = nq * dim;
+
+    for (var i = lid; i < rd; i = i + WG) {
+        q_sh[i] = qkv[(t0 + i / dim) * p.q_stride + h * dim + i % dim];
+    }
+    if lid < BQ {
+        m_sh[lid] = NEG;
+        l_sh[lid] = 0.0;
+    }
+    if lid == 0u {
+        let d = (p.desc_base + s) * 2u;
+        bounds = vec3<u32>(desc[d], desc[d + 1u], 0u);
+    }
+    let bd = workgroupUniformLoad(&bounds);
+    let n_pages = (bd.y + p.page_size - 1u) / p.page_size;
+    let rp = nq * p.page_size;
+
+    var acc: array<f32, ACC>;
+    for (var k = 0u; k < ACC; k = k + 1u) {
+        acc[k] = 0.0;
+    }
+    for (var pg = 0u; pg < n_pages; pg = pg + 1u) {
+        let base = tables[bd.x + pg] * p.page_words;
+        let v_base = base + p.page_size * p.dw;
+        let pos_base = base + 2u * p.page_size * p.dw;
+        for (var idx = lid; idx < rp; idx = idx + WG) {
+            let i = idx % p.page_size;
+            let r = idx / p.page_size;
+            var score = NEG;
+            if pg * p.page_size + i < bd.y && visible(pool[pos_base + i], positions[t0 + r]) {
+                score = k_dot(base + i * p.dw, r * dim) * p.scale;
+            }
+            sc_sh[idx] = score;
+        }
+        workgroupBarrier();
+        if lid < nq {
+            let r = lid;
+            var pm = NEG;
+            for (var i = 0u; i < p.page_size; i = i + 1u) {
+                pm = max(pm, sc_sh[r * p.page_size + i]);
+            }
+            let new_m = max(m_sh[r], pm);
+            var sum = 0.0;
+            for (var i = 0u; i < p.page_size; i = i + 1u) {
+                let sv = sc_sh[r * p.page_size + i];
+                var e = 0.0;
+                if sv > NEG {
+                    e = exp(sv - new_m);
+                }
+                sc_sh[r * p.page_size + i] = e;
+                sum = sum + e;
+            }
+            let corr = select(exp(m_sh[r] - new_m), 0.0, m_sh[r] <= NEG);
+            corr_sh[r] = corr;
+            l_sh[r] = l_sh[r] * corr + sum;
+            m_sh[r] = new_m;
+        }
+        workgroupBarrier();
+        for (var k = 0u; k < ACC; k = k + 1u) {
+            let e = lid + k * WG;
+            if e < rd {
+                let r = e / dim;
+                let d = e % dim;
+                var a = acc[k] * corr_sh[r];
+                for (var i = 0u; i < p.page_size; i = i + 1u) {
+                    let w = sc_sh[r * p.page_size + i];
+                    if w > 0.0 {
+                        a = a + w * v_at(v_base + i * p.dw, d);
+                    }
+                }
+                acc[k] = a;
+            }
+        }
+        workgroupBarrier();
+    }
+    let out_stride = hq_count * dim;
+    for (var k = 0u; k < ACC; k = k + 1u) {
+        let e = lid + k * WG;
+        if e < rd {
+            let r = e / dim;
+            out[(t0 + r) * out_stride + h * dim + e % dim] = acc[k] / l_sh[r];
+        }
+    }
+}

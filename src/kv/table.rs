@@ -1,0 +1,156 @@
+//! Block tables of one sequence (host side, no GPU code): for every
+//! (layer, stored head) the pages holding its slots, in slot order, and the
+//! number of slots used. Heads may have different lengths (compression gives
+//! them different budgets); plain decoding appends one slot to every head.
+
+use super::pool::{Exhausted, PageAllocator, PageId};
+
+#[derive(Clone, Debug, Default)]
+pub struct HeadTable {
+    pub pages: Vec<PageId>,
+    /// Slots in use (the last page may be partly filled).
+    pub len: usize,
+}
+
+/// A page a call to [`SeqTables::append`] added: where it sits in which table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewPage {
+    pub layer: usize,
+    pub head: usize,
+    /// Index of the page within the head's table.
+    pub slot_page: usize,
+    pub page: PageId,
+}
+
+#[derive(Clone, Debug)]
+pub struct SeqTables {
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub page_size: usize,
+    heads: Vec<HeadTable>,
+}
+
+impl SeqTables {
+    pub fn new(n_layers: usize, n_heads: usize, page_size: usize) -> Self {
+        assert!(page_size > 0, "page size 0");
+        Self {
+            n_layers,
+            n_heads,
+            page_size,
+            heads: vec![HeadTable::default(); n_layers * n_heads],
+        }
+    }
+
+    pub fn head(&self, layer: usize, head: usize) -> &HeadTable {
+        &self.heads[layer * self.n_heads + head]
+    }
+
+    pub fn head_mut(&mut self, layer: usize, head: usize) -> &mut HeadTable {
+        &mut self.heads[layer * self.n_heads + head]
+    }
+
+    /// Pages `layer` needs to grow every head by `n` slots.
+    pub fn pages_needed(&self, layer: usize, n: usize) -> usize {
+        (0..self.n_heads)
+            .map(|h| {
+                let t = self.head(layer, h);
+                (t.len + n)
+                    .div_ceil(self.page_size)
+                    .saturating_sub(t.pages.len())
+            })
+            .sum()
+    }
+
+    /// Grows every head of every layer by `n` slots, allocating pages. All or
+    /// nothing: on `Exhausted` nothing was allocated or changed.
+    pub fn append(
+        &mut self,
+        n: usize,
+        alloc: &mut PageAllocator,
+    ) -> Result<Vec<NewPage>, Exhausted> {
+        if !alloc.fits(|l| self.pages_needed(l, n)) {
+            let shard = (0..self.n_layers)
+                .find(|&l| alloc.available_for_layer(l) < self.pages_needed(l, n))
+                .map_or(0, |l| alloc.shard_of_layer(l));
+            return Err(Exhausted { shard });
+        }
+        let mut new = vec![];
+        let page_size = self.page_size;
+        for layer in 0..self.n_layers {
+            for head in 0..self.n_heads {
+                let t = self.head_mut(layer, head);
+                t.len += n;
+                while t.pages.len() * page_size < t.len {
+                    let page = alloc.alloc(layer).expect("checked by fits()");
+                    new.push(NewPage {
+                        layer,
+                        head,
+                        slot_page: t.pages.len(),
+                        page,
+                    });
+                    t.pages.push(page);
+                }
+            }
+        }
+        Ok(new)
+    }
+
+    /// Returns every page to the pool and empties the tables.
+    pub fn release(&mut self, alloc: &mut PageAllocator) {
+        for t in &mut self.heads {
+            for p in t.pages.drain(..) {
+                alloc.free(p);
+            }
+            t.len = 0;
+        }
+    }
+
+    pub fn pages_in_use(&self) -> usize {
+        self.heads.iter().map(|t| t.pages.len()).sum()
+    }
+
+    /// Slots held in each layer (summed over its heads).
+    pub fn slots_per_layer(&self) -> Vec<usize> {
+        (0..self.n_layers)
+            .map(|l| (0..self.n_heads).map(|h| self.head(l, h).len).sum())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_allocates_pages_as_slots_cross_page_boundaries() {
+        let mut alloc = PageAllocator::new(&[100], 2);
+        let mut t = SeqTables::new(2, 3, 4);
+        let new = t.append(5, &mut alloc).unwrap();
+        assert_eq!(new.len(), 2 * 3 * 2, "5 slots = 2 pages per head");
+        assert_eq!(t.head(1, 2).len, 5);
+        assert!(
+            t.append(3, &mut alloc).unwrap().is_empty(),
+            "8 slots still fit 2 pages"
+        );
+        assert_eq!(t.append(1, &mut alloc).unwrap().len(), 6);
+        assert_eq!(t.pages_in_use(), 18);
+        assert_eq!(alloc.pages_in_use(), 18);
+        t.release(&mut alloc);
+        assert_eq!(alloc.pages_in_use(), 0);
+        assert_eq!(t.head(0, 0).len, 0);
+    }
+
+    #[test]
+    fn append_is_all_or_nothing_when_the_pool_is_short() {
+        let mut alloc = PageAllocator::new(&[5], 2);
+        let mut t = SeqTables::new(2, 2, 4);
+        t.append(4, &mut alloc).unwrap(); // 4 pages
+        let before = alloc.pages_in_use();
+        assert!(
+            t.append(1, &mut alloc).is_err(),
+            "needs 4 more pages, 1 left"
+        );
+        assert_eq!(alloc.pages_in_use(), before);
+        assert_eq!(t.head(0, 0).len, 4);
+    }
+}
