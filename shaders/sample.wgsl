@@ -1,5 +1,6 @@
-// sample.wgsl: picks the next token from one row of logits, as transformers'
-// sampling does, in its processor order:
+// sample.wgsl: picks the next token from each row of logits (one sequence
+// per row, each with its own settings), as transformers' sampling does, in
+// its processor order:
 //   repetition penalty (tokens in `seen`: l < 0 ? l * penalty : l / penalty)
 //   -> temperature (l / T) -> top-k (keep l >= the k-th largest, ties kept)
 //   -> top-p (keep j iff the mass of strictly more probable tokens < top_p)
@@ -8,24 +9,30 @@
 // returns the first index of the largest penalised logit instead. The
 // thresholds are found by radix search over the order-preserving bit patterns
 // of the values (32 passes), so no sort is needed. The chosen token's bit is
-// set in `seen` (for the next step's penalty).
+// set in the row's `seen` mask (for the next step's penalty).
 //
-// Dispatch: one workgroup (one sequence). Needs a reduction prelude.
+// Dispatch: one workgroup per row (grid folded into x/y). Needs a reduction prelude.
 //
 // Bindings:
 //   0 params  uniform Params
-//   1 logits  storage read  [n] f32
-//   2 seen    storage rw    [ceil(n / 32)] u32 bitmask
-//   3 out     storage rw    [1] u32
+//   1 logits  storage read  [n_rows, n] f32
+//   2 seen    storage rw    [lanes, seen_words] u32 bitmasks (row r uses lane rows[r].lane)
+//   3 out     storage rw    [n_rows] u32
+//   4 rows    storage read  [n_rows] Row: each row's settings and draw
 
 override WG: u32 = 256u;
 const NEG: f32 = -3.0e38;
 
 struct Params {
     n: u32,
+    seen_words: u32,
+    n_rows: u32,
+}
+
+struct Row {
     top_k: u32,     // 0 = off
     greedy: u32,    // 1 = argmax of the penalised logits
-    _pad: u32,
+    lane: u32,      // which seen mask
     temperature: f32,
     top_p: f32,     // 1 = off
     min_p: f32,     // 0 = off
@@ -33,16 +40,22 @@ struct Params {
     u: f32,         // uniform draw in [0, 1), new each step
 }
 
-@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> seen: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<u32>;
+@group(0) @binding(4) var<storage, read> rows: array<Row>;
 
 var<workgroup> chunk_mass: array<f32, WG>;
+var<workgroup> row_sh: Row;
+// The current row's settings and offsets (uniform across the workgroup).
+var<private> p: Row;
+var<private> logit_base: u32;
+var<private> seen_base: u32;
 
 fn score(i: u32) -> f32 {
-    var l = logits[i];
-    if p.penalty != 1.0 && ((seen[i >> 5u] >> (i & 31u)) & 1u) == 1u {
+    var l = logits[logit_base + i];
+    if p.penalty != 1.0 && ((seen[seen_base + (i >> 5u)] >> (i & 31u)) & 1u) == 1u {
         l = select(l / p.penalty, l * p.penalty, l < 0.0);
     }
     if p.greedy == 0u {
@@ -57,14 +70,25 @@ fn key(f: f32) -> u32 {
     return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
 }
 
-fn finish(token: u32) {
-    out[0] = token;
-    seen[token >> 5u] = seen[token >> 5u] | (1u << (token & 31u));
+fn finish(row: u32, token: u32) {
+    out[row] = token;
+    let w = seen_base + (token >> 5u);
+    seen[w] = seen[w] | (1u << (token & 31u));
 }
 
 @compute @workgroup_size(WG)
-fn sample(lane: Lane) {
-    let n = p.n;
+fn sample(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = wg.x + wg.y * nwg.x;
+    if row >= params.n_rows {
+        return;
+    }
+    if lane.lid == 0u {
+        row_sh = rows[row];
+    }
+    p = workgroupUniformLoad(&row_sh);
+    let n = params.n;
+    logit_base = row * n;
+    seen_base = p.lane * params.seen_words;
     var m = NEG;
     for (var i = lane.lid; i < n; i = i + WG) {
         m = max(m, score(i));
@@ -81,7 +105,7 @@ fn sample(lane: Lane) {
         }
         best = workgroup_max(best, lane);
         if lane.lid == 0u {
-            finish(u32(-best));
+            finish(row, u32(-best));
         }
         return;
     }
@@ -191,6 +215,6 @@ fn sample(lane: Lane) {
                 }
             }
         }
-        finish(chosen);
+        finish(row, chosen);
     }
 }

@@ -87,12 +87,11 @@ impl SamplingParams {
         Ok(())
     }
 
-    fn kernel_params(&self, n: usize, u: f32) -> SampleParams {
-        SampleParams {
-            n: u32_of("vocab", n),
+    fn row(&self, lane: usize, u: f32) -> RowParams {
+        RowParams {
             top_k: u32::try_from(self.top_k).unwrap_or(u32::MAX),
             greedy: self.is_greedy() as u32,
-            _pad: 0,
+            lane: u32_of("lane", lane),
             temperature: if self.is_greedy() {
                 1.0
             } else {
@@ -110,9 +109,17 @@ impl SamplingParams {
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct SampleParams {
     n: u32,
+    seen_words: u32,
+    n_rows: u32,
+}
+
+/// One row's settings as the kernel reads them (`Row` in sample.wgsl).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct RowParams {
     top_k: u32,
     greedy: u32,
-    _pad: u32,
+    lane: u32,
     temperature: f32,
     top_p: f32,
     min_p: f32,
@@ -132,59 +139,98 @@ pub fn mark_seen(mask: &mut [u32], tokens: &[u32]) {
     }
 }
 
-/// A recorded sampling dispatch; [`Sampler::set`] rewrites its parameters
-/// before each step (new draw `u`), without allocating.
+/// Per-row sampling on the GPU: the rows' settings live in a small storage
+/// buffer that [`Sampler::set_rows`] rewrites before each step (new draws),
+/// so the recorded dispatches never change.
 pub struct Sampler {
-    pub dispatch: Dispatch,
+    kernel: &'static Kernel,
     n: usize,
+    seen_words: usize,
+    rows: GpuBuffer<RowParams>,
+    host_rows: Vec<RowParams>,
 }
 
 impl Sampler {
-    pub fn new(
-        ctx: &GpuContext,
-        n: usize,
-        logits: &GpuBuffer<f32>,
-        seen: &GpuBuffer<u32>,
-        out: &GpuBuffer<u32>,
-    ) -> Result<Self> {
-        Self::with_kernel(ctx, SAMPLE.pick(ctx), n, logits, seen, out)
+    /// For a vocabulary of `n` and up to `max_rows` rows per step.
+    pub fn new(ctx: &GpuContext, n: usize, max_rows: usize) -> Result<Self> {
+        Self::with_kernel(ctx, SAMPLE.pick(ctx), n, max_rows)
     }
 
     pub fn with_kernel(
         ctx: &GpuContext,
         kernel: &'static Kernel,
         n: usize,
-        logits: &GpuBuffer<f32>,
-        seen: &GpuBuffer<u32>,
-        out: &GpuBuffer<u32>,
+        max_rows: usize,
     ) -> Result<Self> {
-        assert!(
-            logits.len() >= n && seen.len() >= seen_words(n) && !out.is_empty(),
-            "sample: n {n} against logits {}, seen {}, out {}",
-            logits.len(),
-            seen.len(),
-            out.len()
-        );
         assert!(
             n < (1 << 24),
             "sample: vocabulary {n} too large for exact f32 indices"
         );
-        let pipeline = ctx.pipeline(kernel, "sample", &super::wg_constants())?;
-        let dispatch = Dispatch::with_params(
+        Ok(Self {
+            kernel,
+            n,
+            seen_words: seen_words(n),
+            rows: GpuBuffer::zeros(ctx, "kvsift.sample.rows", max_rows.max(1))?,
+            host_rows: Vec::with_capacity(max_rows.max(1)),
+        })
+    }
+
+    /// A dispatch sampling `n_rows` rows of `logits` into `out`, row r using
+    /// the seen mask of its lane.
+    pub fn dispatch(
+        &self,
+        ctx: &GpuContext,
+        n_rows: usize,
+        logits: &GpuBuffer<f32>,
+        seen: &GpuBuffer<u32>,
+        out: &GpuBuffer<u32>,
+    ) -> Result<Dispatch> {
+        assert!(
+            n_rows <= self.rows.len()
+                && logits.len() >= n_rows * self.n
+                && out.len() >= n_rows
+                && seen.len() >= self.seen_words,
+            "sample: {n_rows} rows of {} against logits {}, seen {}, out {}",
+            self.n,
+            logits.len(),
+            seen.len(),
+            out.len()
+        );
+        let pipeline = ctx.pipeline(self.kernel, "sample", &super::wg_constants())?;
+        let params = SampleParams {
+            n: u32_of("vocab", self.n),
+            seen_words: u32_of("seen words", self.seen_words),
+            n_rows: u32_of("rows", n_rows),
+        };
+        Dispatch::with_params(
             ctx,
             pipeline,
             "kvsift.sample".into(),
-            &SamplingParams::greedy().kernel_params(n, 0.0),
-            &[logits.binding(), seen.binding(), out.binding()],
-            [1, 1, 1],
-        )?;
-        Ok(Self { dispatch, n })
+            &params,
+            &[
+                logits.binding(),
+                seen.binding(),
+                out.binding(),
+                self.rows.binding(),
+            ],
+            ctx.grid(u32_of("rows", n_rows)),
+        )
     }
 
-    /// Parameters for the next step, with the uniform draw `u` in [0, 1).
-    pub fn set(&self, ctx: &GpuContext, params: &SamplingParams, u: f32) {
-        self.dispatch
-            .write_params(ctx, &params.kernel_params(self.n, u));
+    /// The settings of rows `0..` for the next step: (params, lane, uniform draw).
+    pub fn set_rows(
+        &mut self,
+        ctx: &GpuContext,
+        rows: impl IntoIterator<Item = (SamplingParams, usize, f32)>,
+    ) {
+        self.host_rows.clear();
+        self.host_rows
+            .extend(rows.into_iter().map(|(p, lane, u)| p.row(lane, u)));
+        assert!(
+            self.host_rows.len() <= self.rows.len(),
+            "sample: more rows than the sampler holds"
+        );
+        self.rows.write(ctx, 0, &self.host_rows);
     }
 }
 
@@ -293,19 +339,24 @@ mod tests {
         params: &SamplingParams,
         us: &[f32],
     ) -> (Vec<u32>, Vec<u32>) {
+        // All draws in one dispatch: row r samples the same logits with u[r],
+        // each row with its own copy of the seen mask (lane r).
         let n = logits.len();
-        let lb = GpuBuffer::from_slice(ctx, "logits", logits).unwrap();
-        let sb = GpuBuffer::from_slice(ctx, "seen", seen).unwrap();
-        let ob = GpuBuffer::<u32>::zeros(ctx, "out", 1).unwrap();
-        let s = Sampler::with_kernel(ctx, kernel, n, &lb, &sb, &ob).unwrap();
-        let mut got = vec![];
-        for &u in us {
-            sb.write(ctx, 0, seen); // each draw from the same state
-            s.set(ctx, params, u);
-            ctx.run("test", &[&s.dispatch]).unwrap();
-            got.push(ob.read(ctx).unwrap()[0]);
-        }
-        (got, sb.read(ctx).unwrap())
+        let rows = us.len();
+        let all_logits: Vec<f32> = (0..rows).flat_map(|_| logits.iter().copied()).collect();
+        let all_seen: Vec<u32> = (0..rows).flat_map(|_| seen.iter().copied()).collect();
+        let lb = GpuBuffer::from_slice(ctx, "logits", &all_logits).unwrap();
+        let sb = GpuBuffer::from_slice(ctx, "seen", &all_seen).unwrap();
+        let ob = GpuBuffer::<u32>::zeros(ctx, "out", rows).unwrap();
+        let mut s = Sampler::with_kernel(ctx, kernel, n, rows).unwrap();
+        let d = s.dispatch(ctx, rows, &lb, &sb, &ob).unwrap();
+        s.set_rows(ctx, us.iter().enumerate().map(|(r, u)| (*params, r, *u)));
+        ctx.run("test", &[&d]).unwrap();
+        let got = ob.read(ctx).unwrap();
+        let seen_after = sb.read(ctx).unwrap();
+        // The last row's mask.
+        let w = seen.len();
+        (got, seen_after[(rows - 1) * w..].to_vec())
     }
 
     /// Draws within this relative distance of a CDF or top-p boundary are
