@@ -101,15 +101,28 @@ impl PageAllocator {
             .sum()
     }
 
-    /// Would `per_layer[l]` more pages for every layer `l` fit right now?
-    pub fn fits(&self, per_layer: impl Fn(usize) -> usize) -> bool {
+    fn need_per_shard(&self, per_layer: impl Fn(usize) -> usize) -> Vec<usize> {
         let mut need = vec![0usize; self.shards.len()];
         for l in 0..self.n_layers {
             need[self.shard_of_layer(l) as usize] += per_layer(l);
         }
+        need
+    }
+
+    /// Would `per_layer(l)` more pages for every layer `l` fit right now?
+    pub fn fits(&self, per_layer: impl Fn(usize) -> usize) -> bool {
+        let need = self.need_per_shard(per_layer);
         need.iter()
             .zip(&self.shards)
             .all(|(n, s)| *n <= s.free.len())
+    }
+
+    /// Would they fit in the whole pool, were it empty?
+    pub fn fits_when_empty(&self, per_layer: impl Fn(usize) -> usize) -> bool {
+        let need = self.need_per_shard(per_layer);
+        need.iter()
+            .zip(&self.shards)
+            .all(|(n, s)| *n <= s.pages as usize)
     }
 }
 

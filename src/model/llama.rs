@@ -513,6 +513,27 @@ pub fn push_lm_head(
     )
 }
 
+/// lm_head over `rows` rows of `a.normed` from `first`, then the NLL of
+/// `targets[row_offset..]` into `nll[row_offset..]`; the nll dispatch is the
+/// last op (see `runner::set_nll_row`).
+#[allow(clippy::too_many_arguments)]
+pub fn push_nll_head(
+    ops: &mut Vec<Op>,
+    ctx: &GpuContext,
+    w: &LlamaWeights,
+    a: &Activations,
+    targets: &GpuBuffer<u32>,
+    nll_out: &GpuBuffer<f32>,
+    first: usize,
+    rows: usize,
+    row_offset: usize,
+) -> Result<()> {
+    push_lm_head(ops, ctx, w, a, first, rows)?;
+    let v = w.cfg.vocab_size;
+    ops.push(crate::ops::nll::nll(ctx, rows, v, &a.logits, targets, nll_out, row_offset)?.into());
+    Ok(())
+}
+
 /// Checks token ids against the vocabulary (a user error otherwise).
 pub fn check_ids(cfg: &ModelConfig, tokens: &[u32]) -> Result<()> {
     embedding::check_ids(tokens, cfg.vocab_size)

@@ -10,11 +10,13 @@ use crate::gpu::buffer::ReadbackSlot;
 use crate::gpu::{GpuBuffer, GpuContext, Op, WeightDtype};
 use crate::model::config::ModelConfig;
 use crate::model::llama::{
-    Activations, LlamaWeights, body, check_ids, final_norm, load_weights, push_lm_head, read_rows,
+    Activations, LlamaWeights, body, check_ids, final_norm, load_weights, push_lm_head,
+    push_nll_head, read_rows,
 };
 use crate::ops::attention::{AttentionShape, attention, kv_store};
 use crate::ops::sample::{Sampler, SamplingParams, mark_seen, seen_words};
 use crate::ops::{argmax, nll};
+
 use crate::rng::Rng;
 
 /// How to load a model.
@@ -442,24 +444,19 @@ impl<'c> Model<'c> {
         })
     }
 
-    /// lm_head over `rows` rows of `normed` from `first`, then the NLL of the
-    /// targets at `row_offset..` (the last op is the nll dispatch).
     fn nll_head(&self, first: usize, rows: usize, row_offset: usize) -> Result<Vec<Op>> {
         let mut ops = vec![];
-        push_lm_head(&mut ops, self.ctx, &self.weights, &self.acts, first, rows)?;
-        let v = self.cfg.vocab_size;
-        ops.push(
-            nll::nll(
-                self.ctx,
-                rows,
-                v,
-                &self.acts.logits,
-                &self.targets,
-                &self.nll,
-                row_offset,
-            )?
-            .into(),
-        );
+        push_nll_head(
+            &mut ops,
+            self.ctx,
+            &self.weights,
+            &self.acts,
+            &self.targets,
+            &self.nll,
+            first,
+            rows,
+            row_offset,
+        )?;
         Ok(ops)
     }
 }

@@ -1,0 +1,727 @@
+//! The serving engine: many sequences over one paged KV pool, advanced
+//! together (continuous batching).
+//!
+//! Each [`Engine::step`]:
+//! 1. admits waiting requests, first come first served, while a lane is free
+//!    and the pool holds their tokens; each runs its prefill (in chunks) and
+//!    samples its first token;
+//! 2. grows every running sequence by one slot; when the pool is exhausted it
+//!    either preempts the most recently admitted sequence (frees its pages; it
+//!    is recomputed from its tokens when readmitted) or fails the sequence
+//!    that cannot grow, as configured;
+//! 3. runs one decode step for all running sequences in one submission (the
+//!    projections are matmuls over the batch) and reads back one token each.
+//!
+//! Sequences join and leave between steps. Only sampled tokens are read back.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::engine::generate::StopReason;
+use crate::error::{Error, Result};
+use crate::gpu::buffer::ReadbackSlot;
+use crate::gpu::{GpuBuffer, GpuContext, Op};
+use crate::kv::paged::{PagedKv, PoolConfig, PoolUsage};
+use crate::kv::{Exhausted, SeqTables};
+use crate::model::config::ModelConfig;
+use crate::model::llama::{
+    Activations, LlamaWeights, body, check_ids, final_norm, push_lm_head, push_nll_head, read_rows,
+};
+use crate::model::runner::{
+    ScoreOutput, check_score_args, context_capacity, score_targets, set_nll_row, too_long,
+};
+use crate::ops::paged_attention::{
+    QkvRows, paged_decode, paged_kv_store, paged_prefill, partials_len,
+};
+use crate::ops::sample::{Sampler, SamplingParams, mark_seen, seen_words};
+use crate::rng::Rng;
+
+/// What to do when a running sequence needs a page and none is free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exhaustion {
+    /// Free the most recently admitted sequence's pages and recompute it later.
+    Preempt,
+    /// Fail the sequence that cannot grow, with a clear error.
+    Reject,
+}
+
+impl std::str::FromStr for Exhaustion {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "preempt" => Ok(Self::Preempt),
+            "reject" => Ok(Self::Reject),
+            _ => Err(Error::invalid(
+                "--on-exhaustion",
+                format!("{s:?}: expected preempt or reject"),
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Sequences decoded together (lanes).
+    pub max_batch: usize,
+    /// KV positions per sequence (default: max_position_embeddings, at most 4096).
+    pub max_context: Option<usize>,
+    /// Tokens per prefill step.
+    pub prefill_chunk: usize,
+    pub pool: PoolConfig,
+    pub on_exhaustion: Exhaustion,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 8,
+            max_context: None,
+            prefill_chunk: 256,
+            pool: PoolConfig::default(),
+            on_exhaustion: Exhaustion::Preempt,
+        }
+    }
+}
+
+/// A generation request.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation stops after any of these (the token is kept).
+    pub stop_ids: Vec<u32>,
+}
+
+pub type RequestId = u64;
+
+/// What a step reports.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Token {
+        id: RequestId,
+        token: u32,
+    },
+    Finished {
+        id: RequestId,
+        reason: StopReason,
+    },
+    /// The pool ran out; this sequence's pages were freed and it waits to be recomputed.
+    Preempted {
+        id: RequestId,
+    },
+    /// The request cannot be served (the message says why); its pages are freed.
+    Failed {
+        id: RequestId,
+        error: String,
+    },
+    /// The logits the token was drawn from (only with [`Engine::capture_logits`]).
+    Logits {
+        id: RequestId,
+        logits: Vec<f32>,
+    },
+}
+
+struct Sequence {
+    id: RequestId,
+    req: Request,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    generated: usize,
+    lane: usize,
+    tables: SeqTables,
+    rng: Rng,
+    admitted: u64,
+}
+
+/// Pool and scheduler figures.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EngineStats {
+    pub pool: PoolUsage,
+    pub peak_pages_in_use: usize,
+    pub running: usize,
+    pub waiting: usize,
+    pub preemptions: u64,
+    /// KV slots held per layer by the running sequences (summed over heads).
+    pub slots_per_layer: Vec<usize>,
+}
+
+pub struct Engine<'c> {
+    ctx: &'c GpuContext,
+    pub cfg: ModelConfig,
+    weights: LlamaWeights,
+    acts: Activations,
+    kv: PagedKv,
+    config: EngineConfig,
+    capacity: usize,
+    running: Vec<Sequence>,
+    waiting: VecDeque<Sequence>,
+    free_lanes: Vec<usize>,
+    sampler: Sampler,
+    seen: GpuBuffer<u32>,
+    tokens_out: GpuBuffer<u32>,
+    partials: GpuBuffer<f32>,
+    token_slot: ReadbackSlot,
+    decode_plans: HashMap<usize, Vec<Op>>,
+    split_pages: usize,
+    n_splits: usize,
+    next_id: RequestId,
+    steps: u64,
+    preemptions: u64,
+    peak_pages: usize,
+    ids_host: Vec<u32>,
+    pos_host: Vec<u32>,
+    capture_logits: bool,
+}
+
+impl<'c> Engine<'c> {
+    pub fn new(ctx: &'c GpuContext, weights: LlamaWeights, config: EngineConfig) -> Result<Self> {
+        let cfg = weights.cfg.clone();
+        let capacity = context_capacity(&cfg, config.max_context)?;
+        if config.max_batch == 0 || config.prefill_chunk == 0 {
+            return Err(Error::invalid(
+                "--batch / prefill chunk",
+                "must be positive",
+            ));
+        }
+        let rows = config.max_batch.max(config.prefill_chunk);
+        let acts = Activations::new(ctx, &cfg, rows, config.max_batch)?;
+        if acts.head_rows < config.max_batch {
+            return Err(Error::LimitExceeded {
+                what: format!(
+                    "logits of {} sequences x {} tokens",
+                    config.max_batch, cfg.vocab_size
+                ),
+                requested: (config.max_batch * cfg.vocab_size * 4) as u64,
+                limit_name: "max_storage_buffer_binding_size",
+                limit: ctx.caps.max_binding_bytes,
+            });
+        }
+        let kv = PagedKv::new(ctx, &cfg, &config.pool, config.max_batch, rows, capacity, 1)?;
+        // At most 16 splits per head: each covers enough pages for the longest context.
+        let max_pages = kv.pages_for(capacity);
+        let split_pages = max_pages.div_ceil(16).max(1);
+        let n_splits = max_pages.div_ceil(split_pages);
+        let v = cfg.vocab_size;
+        let mut engine = Engine {
+            ctx,
+            sampler: Sampler::new(ctx, v, config.max_batch)?,
+            seen: GpuBuffer::zeros(ctx, "engine.seen", config.max_batch * seen_words(v))?,
+            tokens_out: GpuBuffer::zeros(ctx, "engine.tokens", config.max_batch)?,
+            partials: GpuBuffer::zeros(
+                ctx,
+                "engine.partials",
+                partials_len(config.max_batch, cfg.n_heads, n_splits, cfg.head_dim),
+            )?,
+            token_slot: ReadbackSlot::new(ctx, "readback.tokens", (config.max_batch * 4) as u64)?,
+            decode_plans: HashMap::new(),
+            split_pages,
+            n_splits,
+            free_lanes: (0..config.max_batch).rev().collect(),
+            running: vec![],
+            waiting: VecDeque::new(),
+            next_id: 0,
+            steps: 0,
+            preemptions: 0,
+            peak_pages: 0,
+            ids_host: vec![0; rows],
+            pos_host: vec![0; rows],
+            capture_logits: false,
+            cfg,
+            weights,
+            acts,
+            kv,
+            config,
+            capacity,
+        };
+        // Compile the decode and prefill pipelines now, not in the first request.
+        engine.ensure_decode_plan(1)?;
+        engine.prefill_ops(crate::ops::linear::MATVEC_MAX_VECS + 1, 0)?;
+        Ok(engine)
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Also read back and report the logits each token is drawn from
+    /// ([`Event::Logits`]); for checking and research, it costs a readback.
+    pub fn capture_logits(&mut self, on: bool) {
+        self.capture_logits = on;
+    }
+
+    pub fn weight_bytes(&self) -> u64 {
+        self.weights.bytes()
+    }
+
+    /// Queues a request; invalid ones are an error right away.
+    pub fn add_request(&mut self, req: Request) -> Result<RequestId> {
+        if req.prompt.is_empty() {
+            return Err(Error::invalid("prompt", "is empty"));
+        }
+        check_ids(&self.cfg, &req.prompt)?;
+        if req.prompt.len() >= self.capacity {
+            return Err(too_long(&self.cfg, req.prompt.len() + 1, self.capacity));
+        }
+        req.sampling.validate()?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let tables = self.kv.new_tables();
+        self.waiting.push_back(Sequence {
+            id,
+            rng: Rng::new(req.sampling.seed),
+            tokens: req.prompt.clone(),
+            generated: 0,
+            lane: usize::MAX,
+            tables,
+            admitted: 0,
+            req,
+        });
+        Ok(id)
+    }
+
+    /// Stops a request; its pages return to the pool. False if unknown or done.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            self.waiting.remove(i);
+            return true;
+        }
+        if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            let s = self.running.remove(i);
+            self.retire(s);
+            return true;
+        }
+        false
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let mut slots = vec![0; self.cfg.n_layers];
+        for s in &self.running {
+            for (acc, v) in slots.iter_mut().zip(s.tables.slots_per_layer()) {
+                *acc += v;
+            }
+        }
+        EngineStats {
+            pool: self.kv.usage(),
+            peak_pages_in_use: self.peak_pages,
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            preemptions: self.preemptions,
+            slots_per_layer: slots,
+        }
+    }
+
+    fn retire(&mut self, mut s: Sequence) {
+        s.tables.release(&mut self.kv.alloc);
+        self.free_lanes.push(s.lane);
+    }
+
+    /// Advances every sequence by one token (admitting and prefilling waiting ones).
+    pub fn step(&mut self) -> Result<Vec<Event>> {
+        self.steps += 1;
+        let mut events = vec![];
+        let decoders = self.running.len();
+        self.admit(&mut events)?;
+        // Sequences admitted this step already produced their first token.
+        if decoders > 0 {
+            self.grow(&mut events);
+            if !self.running.is_empty() {
+                self.decode(&mut events)?;
+            }
+        }
+        self.peak_pages = self.peak_pages.max(self.kv.alloc.pages_in_use());
+        Ok(events)
+    }
+
+    fn admit(&mut self, events: &mut Vec<Event>) -> Result<()> {
+        while let Some(front) = self.waiting.front() {
+            let need = self.kv.pages_for(front.tokens.len()) * self.kv.n_heads;
+            if !self.kv.alloc.fits_when_empty(|_| need) {
+                let s = self.waiting.pop_front().expect("front exists");
+                events.push(Event::Failed {
+                    id: s.id,
+                    error: format!(
+                        "{} tokens need {} KV pages ({need} per layer) but the pool holds {}; raise --kv-pool-mb",
+                        s.tokens.len(),
+                        need * self.cfg.n_layers,
+                        self.kv.alloc.total_pages()
+                    ),
+                });
+                continue;
+            }
+            if self.free_lanes.is_empty() || !self.kv.alloc.fits(|_| need) {
+                break;
+            }
+            let mut s = self.waiting.pop_front().expect("front exists");
+            s.lane = self.free_lanes.pop().expect("a free lane");
+            s.admitted = self.steps;
+            let new = s
+                .tables
+                .append(s.tokens.len(), &mut self.kv.alloc)
+                .expect("checked by fits()");
+            self.kv.write_pages(self.ctx, s.lane, &new);
+            // The lane's repetition-penalty mask starts from the sequence's tokens.
+            let words = seen_words(self.cfg.vocab_size);
+            let mut mask = vec![0u32; words];
+            mark_seen(&mut mask, &s.tokens);
+            self.seen.write(self.ctx, s.lane * words, &mask);
+            let token = self.prefill(&mut s)?;
+            if self.capture_logits {
+                let logits = read_rows(self.ctx, &self.acts.logits, self.cfg.vocab_size)?;
+                events.push(Event::Logits { id: s.id, logits });
+            }
+            self.accept(s, token, events);
+        }
+        Ok(())
+    }
+
+    /// Runs a sequence's prefill (all its tokens, in chunks) and samples the next token.
+    fn prefill(&mut self, s: &mut Sequence) -> Result<u32> {
+        let chunk = self.config.prefill_chunk;
+        let total = s.tokens.len();
+        let mut token = 0;
+        for start in (0..total).step_by(chunk) {
+            let n = chunk.min(total - start);
+            let last = start + n == total;
+            for (i, p) in self.pos_host[..n].iter_mut().enumerate() {
+                *p = (start + i) as u32;
+            }
+            self.acts
+                .write_inputs(self.ctx, &s.tokens[start..start + n], &self.pos_host[..n]);
+            self.kv.set_row(0, s.lane, &s.tables, Some(start + n));
+            self.kv.upload_rows(self.ctx);
+            let body = self.prefill_ops(n, 0)?;
+            let mut head = vec![];
+            if last {
+                head.push(final_norm(self.ctx, &self.weights, &self.acts, n - 1, 1)?);
+                push_lm_head(&mut head, self.ctx, &self.weights, &self.acts, n - 1, 1)?;
+                head.push(
+                    self.sampler
+                        .dispatch(self.ctx, 1, &self.acts.logits, &self.seen, &self.tokens_out)?
+                        .into(),
+                );
+                head.push(self.token_slot.copy_from(self.tokens_out.raw(), 0, 4));
+                let u = s.rng.uniform();
+                self.sampler
+                    .set_rows(self.ctx, [(s.req.sampling, s.lane, u)]);
+            }
+            self.ctx.run_ops("kvsift.engine.prefill", &[&body, &head])?;
+            if last {
+                token = self.token_slot.read::<u32>(self.ctx, 1)?[0];
+            }
+        }
+        Ok(token)
+    }
+
+    /// The body of a prefill chunk of `n` tokens of the sequence in step row `row`.
+    fn prefill_ops(&self, n: usize, row: usize) -> Result<Vec<Op>> {
+        let (ctx, cfg, a) = (self.ctx, &self.cfg, &self.acts);
+        let mut attend = |l: usize, ops: &mut Vec<Op>| -> Result<()> {
+            let mut kv = self.kv.layer(l);
+            kv.desc_base += row * kv.n_heads;
+            let q = qkv_rows(cfg, a);
+            ops.push(paged_kv_store(ctx, &kv, &q, n, n)?.into());
+            ops.push(
+                paged_prefill(ctx, &kv, &q, n, self.weights.layers[l].window, &a.attn)?.into(),
+            );
+            Ok(())
+        };
+        body(ctx, &self.weights, a, n, &mut attend)
+    }
+
+    /// The body of a decode step for `b` rows (one token each, rows set with
+    /// `PagedKv::set_row`).
+    fn decode_body(&self, b: usize) -> Result<Vec<Op>> {
+        let (ctx, cfg, a) = (self.ctx, &self.cfg, &self.acts);
+        let mut attend = |l: usize, ops: &mut Vec<Op>| -> Result<()> {
+            let kv = self.kv.layer(l);
+            let q = qkv_rows(cfg, a);
+            ops.push(paged_kv_store(ctx, &kv, &q, b, 1)?.into());
+            let window = self.weights.layers[l].window;
+            let pair = paged_decode(
+                ctx,
+                &kv,
+                &q,
+                b,
+                window,
+                self.n_splits,
+                self.split_pages,
+                &self.partials,
+                &a.attn,
+            )?;
+            ops.extend(pair.into_iter().map(Op::from));
+            Ok(())
+        };
+        body(ctx, &self.weights, a, b, &mut attend)
+    }
+
+    /// Builds (once) the decode step for `b` rows: body, final norm, lm_head
+    /// over the batch, sampling, and the copy of the tokens for readback.
+    fn ensure_decode_plan(&mut self, b: usize) -> Result<()> {
+        if !self.decode_plans.contains_key(&b) {
+            let (ctx, a) = (self.ctx, &self.acts);
+            let mut ops = self.decode_body(b)?;
+            ops.push(final_norm(ctx, &self.weights, a, 0, b)?);
+            push_lm_head(&mut ops, ctx, &self.weights, a, 0, b)?;
+            ops.push(
+                self.sampler
+                    .dispatch(ctx, b, &a.logits, &self.seen, &self.tokens_out)?
+                    .into(),
+            );
+            ops.push(
+                self.token_slot
+                    .copy_from(self.tokens_out.raw(), 0, (b * 4) as u64),
+            );
+            self.decode_plans.insert(b, ops);
+        }
+        Ok(())
+    }
+
+    /// One more slot for every running sequence, preempting or failing on exhaustion.
+    fn grow(&mut self, events: &mut Vec<Event>) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let lane = self.running[i].lane;
+            match self.running[i].tables.append(1, &mut self.kv.alloc) {
+                Ok(new) => {
+                    self.kv.write_pages(self.ctx, lane, &new);
+                    i += 1;
+                }
+                Err(Exhausted { .. }) => {
+                    let victim = match self.config.on_exhaustion {
+                        Exhaustion::Preempt if self.running.len() > 1 => {
+                            // The most recently admitted other sequence (ties: the later row).
+                            (0..self.running.len())
+                                .filter(|&j| j != i)
+                                .max_by_key(|&j| (self.running[j].admitted, j))
+                        }
+                        _ => None,
+                    };
+                    match victim {
+                        Some(j) => {
+                            let mut s = self.running.remove(j);
+                            events.push(Event::Preempted { id: s.id });
+                            self.preemptions += 1;
+                            s.tables.release(&mut self.kv.alloc);
+                            self.free_lanes.push(s.lane);
+                            s.lane = usize::MAX;
+                            self.waiting.push_front(s);
+                            if j < i {
+                                i -= 1;
+                            }
+                        }
+                        None => {
+                            let s = self.running.remove(i);
+                            events.push(Event::Failed {
+                                id: s.id,
+                                error: format!(
+                                    "KV pool exhausted ({} pages in use of {}) after {} tokens; raise --kv-pool-mb{}",
+                                    self.kv.alloc.pages_in_use(),
+                                    self.kv.alloc.total_pages(),
+                                    s.tokens.len(),
+                                    if self.config.on_exhaustion == Exhaustion::Reject {
+                                        " or use --on-exhaustion preempt"
+                                    } else {
+                                        ""
+                                    }
+                                ),
+                            });
+                            self.retire(s);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn decode(&mut self, events: &mut Vec<Event>) -> Result<()> {
+        let b = self.running.len();
+        for (row, s) in self.running.iter().enumerate() {
+            self.ids_host[row] = *s.tokens.last().expect("a pending token");
+            self.pos_host[row] = (s.tokens.len() - 1) as u32;
+            self.kv.set_row(row, s.lane, &s.tables, None);
+        }
+        self.kv.upload_rows(self.ctx);
+        self.acts
+            .write_inputs(self.ctx, &self.ids_host[..b], &self.pos_host[..b]);
+        let draws: Vec<(SamplingParams, usize, f32)> = self
+            .running
+            .iter_mut()
+            .map(|s| (s.req.sampling, s.lane, s.rng.uniform()))
+            .collect();
+        self.sampler.set_rows(self.ctx, draws);
+        self.ensure_decode_plan(b)?;
+        self.ctx
+            .run_ops("kvsift.engine.decode", &[&self.decode_plans[&b]])?;
+        let tokens = self.token_slot.read::<u32>(self.ctx, b)?;
+        if self.capture_logits {
+            let v = self.cfg.vocab_size;
+            let all = read_rows(self.ctx, &self.acts.logits, b * v)?;
+            for (s, row) in self.running.iter().zip(all.chunks_exact(v)) {
+                events.push(Event::Logits {
+                    id: s.id,
+                    logits: row.to_vec(),
+                });
+            }
+        }
+        let running = std::mem::take(&mut self.running);
+        for (s, token) in running.into_iter().zip(tokens) {
+            self.accept(s, token, events);
+        }
+        Ok(())
+    }
+
+    /// Records a sampled token; keeps the sequence running or retires it.
+    fn accept(&mut self, mut s: Sequence, token: u32, events: &mut Vec<Event>) {
+        s.tokens.push(token);
+        s.generated += 1;
+        events.push(Event::Token { id: s.id, token });
+        let reason = if s.req.stop_ids.contains(&token) {
+            Some(StopReason::Eos)
+        } else if s.generated >= s.req.max_tokens {
+            Some(StopReason::MaxTokens)
+        } else if s.tokens.len() >= self.capacity {
+            Some(StopReason::Context)
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => {
+                events.push(Event::Finished { id: s.id, reason });
+                self.retire(s);
+            }
+            None => self.running.push(s),
+        }
+    }
+
+    /// Teacher-forced scoring through the paged cache, as [`crate::model::Model::score`]:
+    /// the first `prefill` tokens as one prefill (in chunks), then one decode
+    /// step per token. Needs an idle engine.
+    pub fn score(
+        &mut self,
+        tokens: &[u32],
+        prefill: usize,
+        want_logits: bool,
+    ) -> Result<ScoreOutput> {
+        let t = tokens.len();
+        check_score_args(t, prefill)?;
+        if self.has_work() {
+            return Err(Error::invalid("score", "the engine is serving requests"));
+        }
+        if t > self.capacity {
+            return Err(too_long(&self.cfg, t, self.capacity));
+        }
+        check_ids(&self.cfg, tokens)?;
+        let (v, h) = (self.cfg.vocab_size, self.acts.head_rows);
+        let targets = GpuBuffer::from_slice(self.ctx, "score.targets", &score_targets(tokens))?;
+        let nll_out = GpuBuffer::<f32>::zeros(self.ctx, "score.nll", t)?;
+        let mut logits = want_logits.then(|| Vec::with_capacity(t * v));
+        let lane = self
+            .free_lanes
+            .pop()
+            .expect("an idle engine has a free lane");
+        let mut tables = self.kv.new_tables();
+        let result = (|| -> Result<()> {
+            let grow = |tables: &mut SeqTables,
+                        n: usize,
+                        kv: &mut PagedKv,
+                        ctx: &GpuContext|
+             -> Result<()> {
+                let new = tables.append(n, &mut kv.alloc).map_err(|_| {
+                    Error::invalid(
+                        "--kv-pool-mb",
+                        format!("the pool cannot hold {t} tokens for scoring"),
+                    )
+                })?;
+                kv.write_pages(ctx, lane, &new);
+                Ok(())
+            };
+            for start in (0..prefill).step_by(self.config.prefill_chunk) {
+                let n = self.config.prefill_chunk.min(prefill - start);
+                grow(&mut tables, n, &mut self.kv, self.ctx)?;
+                for (i, p) in self.pos_host[..n].iter_mut().enumerate() {
+                    *p = (start + i) as u32;
+                }
+                self.acts
+                    .write_inputs(self.ctx, &tokens[start..start + n], &self.pos_host[..n]);
+                self.kv.set_row(0, lane, &tables, None);
+                self.kv.upload_rows(self.ctx);
+                let body = self.prefill_ops(n, 0)?;
+                let norm = final_norm(self.ctx, &self.weights, &self.acts, 0, n)?;
+                self.ctx.run_ops(
+                    "kvsift.score.prefill",
+                    &[&body, std::slice::from_ref(&norm)],
+                )?;
+                for r0 in (0..n).step_by(h) {
+                    let rows = h.min(n - r0);
+                    let mut head = vec![];
+                    push_nll_head(
+                        &mut head,
+                        self.ctx,
+                        &self.weights,
+                        &self.acts,
+                        &targets,
+                        &nll_out,
+                        r0,
+                        rows,
+                        start + r0,
+                    )?;
+                    self.ctx.run_ops("kvsift.score.head", &[&head])?;
+                    if let Some(l) = logits.as_mut() {
+                        l.extend(read_rows(self.ctx, &self.acts.logits, rows * v)?);
+                    }
+                }
+            }
+            if prefill < t {
+                let mut head = vec![final_norm(self.ctx, &self.weights, &self.acts, 0, 1)?];
+                push_nll_head(
+                    &mut head,
+                    self.ctx,
+                    &self.weights,
+                    &self.acts,
+                    &targets,
+                    &nll_out,
+                    0,
+                    1,
+                    0,
+                )?;
+                let body = self.decode_body(1)?;
+                for (i, &tok) in tokens[prefill..].iter().enumerate() {
+                    let row = prefill + i;
+                    grow(&mut tables, 1, &mut self.kv, self.ctx)?;
+                    self.acts.write_inputs(self.ctx, &[tok], &[row as u32]);
+                    self.kv.set_row(0, lane, &tables, None);
+                    self.kv.upload_rows(self.ctx);
+                    set_nll_row(self.ctx, &head, v, row);
+                    self.ctx.run_ops("kvsift.score.decode", &[&body, &head])?;
+                    if let Some(l) = logits.as_mut() {
+                        l.extend(read_rows(self.ctx, &self.acts.logits, v)?);
+                    }
+                }
+            }
+            Ok(())
+        })();
+        self.peak_pages = self.peak_pages.max(self.kv.alloc.pages_in_use());
+        tables.release(&mut self.kv.alloc);
+        self.free_lanes.push(lane);
+        result?;
+        let nll = read_rows(self.ctx, &nll_out, t)?;
+        Ok(ScoreOutput {
+            nll: nll[..t - 1].to_vec(),
+            logits,
+        })
+    }
+}
+
+fn qkv_rows<'a>(cfg: &ModelConfig, a: &'a Activations) -> QkvRows<'a> {
+    QkvRows {
+        positions: &a.positions,
+        qkv: &a.qkv,
+        qkv_stride: cfg.qkv_dim(),
+        n_q_heads: cfg.n_heads,
+        n_kv_heads: cfg.n_kv_heads,
+    }
+}
