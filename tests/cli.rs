@@ -294,3 +294,76 @@ fn weights_beyond_the_f16_range_ask_for_f32() {
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
+
+#[test]
+fn several_prompts_and_batches_run_concurrently() {
+    if !gpu_available() {
+        return;
+    }
+    let r = kvsift(&[
+        "generate",
+        "--prompt",
+        "The cache",
+        "--prompt",
+        "A budget of ten",
+        "--batch",
+        "2",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0.8",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let reqs = j["requests"].as_array().unwrap();
+    assert_eq!(reqs.len(), 4);
+    for q in reqs {
+        assert_eq!(q["tokens"].as_array().unwrap().len(), 4);
+    }
+    // The two copies of a prompt draw with different seeds.
+    assert_eq!(reqs[0]["prompt_ids"], reqs[1]["prompt_ids"]);
+    assert!(j["kv"]["peak_pages_in_use"].as_u64().unwrap() > 0);
+    assert_eq!(j["kv"]["pool"]["pages_in_use"], 0);
+    let r = kvsift(&[
+        "generate",
+        "--prompt",
+        "a",
+        "--prompt",
+        "b",
+        "--max-tokens",
+        "3",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("[0]") && r.stdout.contains("[1]"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn bad_kv_flags_are_clear_errors() {
+    if !gpu_available() {
+        return;
+    }
+    for (flag, value, needle) in [
+        ("--kv-dtype", "int8", "--kv-dtype"),
+        ("--on-exhaustion", "panic", "--on-exhaustion"),
+        ("--kv-pool-mb", "0", "--kv-pool-mb"),
+        ("--kv-pool-mb", "0.0001", "--kv-pool-mb"),
+        ("--page-size", "0", "--page-size"),
+        ("--batch", "0", "--batch"),
+    ] {
+        let r = kvsift(&[
+            "generate",
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "1",
+            flag,
+            value,
+        ]);
+        expect_error(&r, &[needle]);
+    }
+}

@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use kvsift::engine::{Engine, EngineConfig, Exhaustion};
 use kvsift::gpu::{GpuContext, WeightDtype};
-use kvsift::model::{LoadOptions, Model};
+use kvsift::kv::paged::PoolConfig;
+use kvsift::model::llama::load_weights;
 
 /// The model shipped in models/ that runs when no --model is given.
 pub const DEFAULT_MODEL: &str = "tiny-llama";
@@ -18,12 +20,25 @@ pub struct ModelArgs {
     /// Storage of the weight matrices on the GPU: f16 (packed, half the memory) or f32.
     #[arg(long, default_value = "f16")]
     pub weights_dtype: String,
-    /// KV-cache positions to allocate (default: max_position_embeddings, at most 4096).
+    /// KV positions per sequence (default: max_position_embeddings, at most 4096).
     #[arg(long)]
     pub max_context: Option<usize>,
     /// Tokens per prefill step (longer prompts run in chunks).
     #[arg(long, default_value_t = 256)]
     pub batch_tokens: usize,
+    /// Memory for the paged KV pool, MiB (default 512, at most one storage binding per layer).
+    #[arg(long)]
+    pub kv_pool_mb: Option<f64>,
+    /// KV storage: f16 (packed) or f32.
+    #[arg(long, default_value = "f16")]
+    pub kv_dtype: String,
+    /// Slots per KV page.
+    #[arg(long, default_value_t = 16)]
+    pub page_size: usize,
+    /// When the pool runs out: preempt (free the newest sequence, recompute it
+    /// later) or reject (fail the sequence that cannot grow).
+    #[arg(long, default_value = "preempt")]
+    pub on_exhaustion: String,
 }
 
 impl ModelArgs {
@@ -54,18 +69,35 @@ impl ModelArgs {
             })
     }
 
-    pub fn load<'c>(&self, ctx: &'c GpuContext) -> anyhow::Result<Model<'c>> {
+    /// The engine for `max_batch` concurrent sequences.
+    pub fn engine<'c>(&self, ctx: &'c GpuContext, max_batch: usize) -> anyhow::Result<Engine<'c>> {
         let dtype: WeightDtype = self
             .weights_dtype
             .parse()
             .map_err(|e| anyhow::anyhow!("--weights-dtype {e}"))?;
-        let opts = LoadOptions {
-            weights_dtype: dtype,
-            max_context: self.max_context,
-            max_batch_tokens: self.batch_tokens,
-            progress: true,
+        let kv_f16 = match self.kv_dtype.as_str() {
+            "f16" => true,
+            "f32" => false,
+            other => anyhow::bail!("--kv-dtype {other:?}: expected f16 or f32"),
         };
-        let dir = self.dir()?;
-        Ok(Model::load(ctx, &dir, &opts)?)
+        let bytes = match self.kv_pool_mb {
+            None => None,
+            Some(mb) if mb.is_finite() && mb > 0.0 => Some((mb * 1024.0 * 1024.0) as u64),
+            Some(mb) => anyhow::bail!("--kv-pool-mb {mb}: must be positive"),
+        };
+        let on_exhaustion: Exhaustion = self.on_exhaustion.parse()?;
+        let config = EngineConfig {
+            max_batch,
+            max_context: self.max_context,
+            prefill_chunk: self.batch_tokens,
+            pool: PoolConfig {
+                bytes,
+                page_size: self.page_size,
+                kv_f16,
+            },
+            on_exhaustion,
+        };
+        let weights = load_weights(ctx, &self.dir()?, dtype, true)?;
+        Ok(Engine::new(ctx, weights, config)?)
     }
 }

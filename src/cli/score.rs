@@ -1,4 +1,5 @@
-//! `kvsift score`: teacher-forced negative log-likelihood and perplexity.
+//! `kvsift score`: teacher-forced negative log-likelihood and perplexity,
+//! through the serving engine's paged cache.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -40,22 +41,23 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
         (None, Some(t)) => t.clone(),
         (None, None) => anyhow::bail!("give --text or --tokens"),
     };
-    let mut model = a.model.load(&ctx)?;
+    let mut engine = a.model.engine(&ctx, 1)?;
     let prefill = a.prefill.unwrap_or(tokens.len());
     let t0 = std::time::Instant::now();
-    let out = model.score(&tokens, prefill, a.dump_logits.is_some())?;
+    let out = engine.score(&tokens, prefill, a.dump_logits.is_some())?;
     let secs = t0.elapsed().as_secs_f64();
     let mean = out.nll.iter().map(|v| *v as f64).sum::<f64>() / out.nll.len() as f64;
     if let (Some(path), Some(logits)) = (&a.dump_logits, &out.logits) {
         let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
         let view = safetensors::tensor::TensorView::new(
             safetensors::Dtype::F32,
-            vec![tokens.len(), model.cfg.vocab_size],
+            vec![tokens.len(), engine.cfg.vocab_size],
             &bytes,
         )?;
         safetensors::serialize_to_file([("logits", view)], None, path)
             .map_err(|e| anyhow::anyhow!("--dump-logits {}: {e}", path.display()))?;
     }
+    let stats = engine.stats();
     let mut stdout = std::io::stdout().lock();
     if a.json {
         let j = json!({
@@ -66,6 +68,7 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
             "perplexity": mean.exp(),
             "nll": out.nll,
             "seconds": secs,
+            "kv": stats,
         });
         writeln!(stdout, "{}", serde_json::to_string_pretty(&j)?)?;
     } else {
