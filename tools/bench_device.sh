@@ -6,7 +6,7 @@
 #   cargo build --release && cargo bench --no-run
 #   mkdir -p .bin && cp target/release/kvsift .bin/ \
 #     && cp "$(ls -t target/release/deps/kernels-* | grep -v '\.d$' | head -1)" .bin/kernels
-#   tools/bench_device.sh [kernels] [models]      # default: both
+#   tools/bench_device.sh [kernels] [models] [batch]      # default: all
 #
 # `models` needs python3 with torch + transformers to write the random
 # ~100M-parameter Llama (tools/make_bench_model.py).
@@ -16,7 +16,7 @@ OUT="${OUT:-./bench-out}"
 mkdir -p "$OUT"
 export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
-what="${*:-kernels models}"
+what="${*:-kernels models batch}"
 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
 .bin/kvsift info 2>&1 | tee "$OUT/info.txt"
@@ -36,4 +36,22 @@ if [[ " $what " == *" models "* ]]; then
       done
     done
   } 2>&1 | tee "$OUT/models.txt"
+fi
+
+if [[ " $what " == *" batch "* ]]; then
+  [ -d /tmp/llama-100m ] || python3 tools/make_bench_model.py /tmp/llama-100m 2>&1 | tail -1
+  {
+    for m in models/tiny-llama /tmp/llama-100m; do
+      for b in 1 4 16; do
+        .bin/kvsift generate --model "$m" --prompt "The cache keeps every key and value the model has seen." \
+          --batch "$b" --max-tokens 128 --temperature 0.8 --json \
+          | python3 -c "
+import json, statistics, sys
+j = json.load(sys.stdin); r = j['requests']; kv = j['kv']
+print('$m batch $b: %d tokens in %.2f s = %.1f tok/s aggregate; per-request decode %.1f tok/s; peak KV pages %d of %d (%d B each)' % (
+    j['generated_tokens'], j['seconds'], j['throughput_tok_s'], statistics.mean(x['decode_tok_s'] for x in r),
+    kv['peak_pages_in_use'], kv['pool']['pages_total'], kv['pool']['page_bytes']))"
+      done
+    done
+  } 2>&1 | tee "$OUT/batch.txt"
 fi

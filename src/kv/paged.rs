@@ -143,6 +143,14 @@ impl PagedKv {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
+        // wgpu zero-fills a new buffer at its first use; do it now, at load,
+        // rather than inside the first request.
+        let mut enc = ctx.encoder("kvsift.kv.pool.clear");
+        for shard in &shards {
+            enc.clear_buffer(shard.raw(), 0, None);
+        }
+        ctx.checked("clearing the KV pool", || ctx.queue.submit([enc.finish()]))?;
+        ctx.wait_idle()?;
         let n_heads = cfg.n_kv_heads * heads_per_kv;
         let max_pages = max_context.div_ceil(pc.page_size).max(1);
         let desc_len = n_layers * max_rows * n_heads * 2;
