@@ -100,6 +100,54 @@ fn visible(pos: u32, q_pos: u32) -> bool {
     return pos <= q_pos && (p.window == 0u || pos + p.window > q_pos);
 }
 
+// Online softmax over one page for `n_rows` rows of scores in sc_sh (row r
+// at r * page_size; NEG = masked): turns scores into weights exp(s - m_new),
+// updates each row's running max and sum, and leaves its rescale factor in corr_sh.
+fn softmax_page(lid: u32, n_rows: u32) {
+    if lid < n_rows {
+        let r = lid;
+        var pm = NEG;
+        for (var i = 0u; i < p.page_size; i = i + 1u) {
+            pm = max(pm, sc_sh[r * p.page_size + i]);
+        }
+        let new_m = max(m_sh[r], pm);
+        var sum = 0.0;
+        for (var i = 0u; i < p.page_size; i = i + 1u) {
+            let sv = sc_sh[r * p.page_size + i];
+            var e = 0.0;
+            if sv > NEG {
+                e = exp(sv - new_m);
+            }
+            sc_sh[r * p.page_size + i] = e;
+            sum = sum + e;
+        }
+        let corr = select(exp(m_sh[r] - new_m), 0.0, m_sh[r] <= NEG);
+        corr_sh[r] = corr;
+        l_sh[r] = l_sh[r] * corr + sum;
+        m_sh[r] = new_m;
+    }
+}
+
+// acc for the (row, d) elements this invocation owns (element lid + k * WG
+// of n_rows * head_dim): acc = acc * corr[row] + sum_i w[row, i] * v[i, d].
+fn accumulate_page(lid: u32, acc: ptr<function, array<f32, ACC>>, n_elems: u32, v_base: u32) {
+    for (var k = 0u; k < ACC; k = k + 1u) {
+        let e = lid + k * WG;
+        if e < n_elems {
+            let r = e / p.head_dim;
+            let d = e % p.head_dim;
+            var a = (*acc)[k] * corr_sh[r];
+            for (var i = 0u; i < p.page_size; i = i + 1u) {
+                let w = sc_sh[r * p.page_size + i];
+                if w > 0.0 {
+                    a = a + w * v_at(v_base + i * p.dw, d);
+                }
+            }
+            (*acc)[k] = a;
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn attend_decode(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let item = wg.x + wg.y * nwg.x;
@@ -149,44 +197,9 @@ fn attend_decode(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
             sc_sh[idx] = score;
         }
         workgroupBarrier();
-        if lid < p.group {
-            let g = lid;
-            var pm = NEG;
-            for (var i = 0u; i < p.page_size; i = i + 1u) {
-                pm = max(pm, sc_sh[g * p.page_size + i]);
-            }
-            let new_m = max(m_sh[g], pm);
-            var sum = 0.0;
-            for (var i = 0u; i < p.page_size; i = i + 1u) {
-                let sv = sc_sh[g * p.page_size + i];
-                var e = 0.0;
-                if sv > NEG {
-                    e = exp(sv - new_m);
-                }
-                sc_sh[g * p.page_size + i] = e;
-                sum = sum + e;
-            }
-            let corr = select(exp(m_sh[g] - new_m), 0.0, m_sh[g] <= NEG);
-            corr_sh[g] = corr;
-            l_sh[g] = l_sh[g] * corr + sum;
-            m_sh[g] = new_m;
-        }
+        softmax_page(lid, p.group);
         workgroupBarrier();
-        for (var k = 0u; k < ACC; k = k + 1u) {
-            let e = lid + k * WG;
-            if e < gd {
-                let g = e / dim;
-                let d = e % dim;
-                var a = acc[k] * corr_sh[g];
-                for (var i = 0u; i < p.page_size; i = i + 1u) {
-                    let w = sc_sh[g * p.page_size + i];
-                    if w > 0.0 {
-                        a = a + w * v_at(v_base + i * p.dw, d);
-                    }
-                }
-                acc[k] = a;
-            }
-        }
+        accumulate_page(lid, &acc, gd, v_base);
         workgroupBarrier();
     }
     let stride = dim + 2u;
@@ -287,44 +300,9 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
             sc_sh[idx] = score;
         }
         workgroupBarrier();
-        if lid < nq {
-            let r = lid;
-            var pm = NEG;
-            for (var i = 0u; i < p.page_size; i = i + 1u) {
-                pm = max(pm, sc_sh[r * p.page_size + i]);
-            }
-            let new_m = max(m_sh[r], pm);
-            var sum = 0.0;
-            for (var i = 0u; i < p.page_size; i = i + 1u) {
-                let sv = sc_sh[r * p.page_size + i];
-                var e = 0.0;
-                if sv > NEG {
-                    e = exp(sv - new_m);
-                }
-                sc_sh[r * p.page_size + i] = e;
-                sum = sum + e;
-            }
-            let corr = select(exp(m_sh[r] - new_m), 0.0, m_sh[r] <= NEG);
-            corr_sh[r] = corr;
-            l_sh[r] = l_sh[r] * corr + sum;
-            m_sh[r] = new_m;
-        }
+        softmax_page(lid, nq);
         workgroupBarrier();
-        for (var k = 0u; k < ACC; k = k + 1u) {
-            let e = lid + k * WG;
-            if e < rd {
-                let r = e / dim;
-                let d = e % dim;
-                var a = acc[k] * corr_sh[r];
-                for (var i = 0u; i < p.page_size; i = i + 1u) {
-                    let w = sc_sh[r * p.page_size + i];
-                    if w > 0.0 {
-                        a = a + w * v_at(v_base + i * p.dw, d);
-                    }
-                }
-                acc[k] = a;
-            }
-        }
+        accumulate_page(lid, &acc, rd, v_base);
         workgroupBarrier();
     }
     let out_stride = hq_count * dim;

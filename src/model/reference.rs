@@ -192,6 +192,7 @@ impl Reference {
         let mut x: Vec<f32> = self.embed[token as usize * h..(token as usize + 1) * h].to_vec();
         let group = cfg.n_heads / cfg.n_kv_heads;
         let scale = 1.0 / (d as f64).sqrt();
+        let attend_cpu = crate::ops::attention::attend_cpu;
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let xn = rmsnorm(&x, &layer.input_norm, cfg.rms_norm_eps);
             let (mut q, mut k, v) = (layer.q.apply(&xn), layer.k.apply(&xn), layer.v.apply(&xn));
@@ -208,33 +209,17 @@ impl Reference {
                 Some(w) => (pos + 1).saturating_sub(w),
                 None => 0,
             };
-            let mut attn = vec![0.0f32; cfg.q_dim()];
+            let (keys, values) = (&layer.keys, &layer.values);
+            let mut attn = Vec::with_capacity(cfg.q_dim());
             for hq in 0..cfg.n_heads {
                 let g = hq / group;
-                let qh = &q[hq * d..(hq + 1) * d];
-                let scores: Vec<f64> = (lo..=pos)
-                    .map(|j| {
-                        let kj = &layer.keys[j][g * d..(g + 1) * d];
-                        qh.iter()
-                            .zip(kj)
-                            .map(|(a, b)| *a as f64 * *b as f64)
-                            .sum::<f64>()
-                            * scale
-                    })
-                    .collect();
-                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-                let z: f64 = w.iter().sum();
-                let mut acc = vec![0.0f64; d];
-                for (wi, j) in w.iter().zip(lo..=pos) {
-                    let vj = &layer.values[j][g * d..(g + 1) * d];
-                    for (a, vv) in acc.iter_mut().zip(vj) {
-                        *a += wi / z * *vv as f64;
-                    }
-                }
-                for (o, a) in attn[hq * d..(hq + 1) * d].iter_mut().zip(&acc) {
-                    *o = *a as f32;
-                }
+                let slots = (lo..=pos)
+                    .map(move |j| (&keys[j][g * d..(g + 1) * d], &values[j][g * d..(g + 1) * d]));
+                attn.extend(
+                    attend_cpu(&q[hq * d..(hq + 1) * d], slots, scale)
+                        .into_iter()
+                        .map(|v| v as f32),
+                );
             }
             for (xi, oi) in x.iter_mut().zip(layer.o.apply(&attn)) {
                 *xi += oi;

@@ -246,6 +246,40 @@ pub fn kv_store_cpu(
     }
 }
 
+/// Softmax attention of one query over `(key, value)` pairs, in f64: the
+/// math every attention twin shares. `scale` is applied to `q . k`.
+pub fn attend_cpu<'a>(
+    q: &[f32],
+    slots: impl Iterator<Item = (&'a [f32], &'a [f32])> + Clone,
+    scale: f64,
+) -> Vec<f64> {
+    let scores: Vec<f64> = slots
+        .clone()
+        .map(|(k, _)| {
+            q.iter()
+                .zip(k)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>()
+                * scale
+        })
+        .collect();
+    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+    let z: f64 = w.iter().sum();
+    let mut out = vec![0.0; q.len()];
+    for (wi, (_, v)) in w.iter().zip(slots) {
+        for (o, vv) in out.iter_mut().zip(v) {
+            *o += wi / z * *vv as f64;
+        }
+    }
+    out
+}
+
+/// The scale transformers uses, rounded to f32 as the kernels get it.
+pub fn attention_scale(head_dim: usize) -> f64 {
+    (1.0 / (head_dim as f64).sqrt()) as f32 as f64
+}
+
 /// CPU twin of `attention` (f64): returns `[n_tokens, n_heads * head_dim]`.
 pub fn attention_cpu(
     s: &AttentionShape,
@@ -256,38 +290,27 @@ pub fn attention_cpu(
 ) -> Vec<f64> {
     let d = s.head_dim;
     let group = s.n_heads / s.n_kv_heads;
-    let scale = (1.0 / (d as f64).sqrt()) as f32 as f64;
-    let mut out = vec![0.0; s.n_tokens * s.n_heads * d];
-    for t in 0..s.n_tokens {
-        let pos = positions[t] as usize;
+    let mut out = Vec::with_capacity(s.n_tokens * s.n_heads * d);
+    for (t, &pos) in positions.iter().enumerate().take(s.n_tokens) {
+        let pos = pos as usize;
         let lo = if s.window > 0 {
             (pos + 1).saturating_sub(s.window)
         } else {
             0
         };
         for h in 0..s.n_heads {
-            let g = h / group;
-            let q = &qkv[t * s.qkv_stride + h * d..][..d];
-            let scores: Vec<f64> = (lo..=pos)
-                .map(|j| {
-                    let k = &cache_k[(g * s.capacity + j) * d..][..d];
-                    q.iter()
-                        .zip(k)
-                        .map(|(a, b)| *a as f64 * *b as f64)
-                        .sum::<f64>()
-                        * scale
-                })
-                .collect();
-            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-            let z: f64 = w.iter().sum();
-            let o = &mut out[(t * s.n_heads + h) * d..][..d];
-            for (i, j) in (lo..=pos).enumerate() {
-                let v = &cache_v[(g * s.capacity + j) * d..][..d];
-                for k in 0..d {
-                    o[k] += w[i] / z * v[k] as f64;
-                }
-            }
+            let base = (h / group) * s.capacity;
+            let slots = (lo..=pos).map(|j| {
+                (
+                    &cache_k[(base + j) * d..][..d],
+                    &cache_v[(base + j) * d..][..d],
+                )
+            });
+            out.extend(attend_cpu(
+                &qkv[t * s.qkv_stride + h * d..][..d],
+                slots,
+                attention_scale(d),
+            ));
         }
     }
     out

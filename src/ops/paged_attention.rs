@@ -452,14 +452,11 @@ pub fn paged_attention_cpu(
     rows: &[usize],
     window: usize,
 ) -> Vec<f64> {
-    let (positions, qkv, qkv_stride, n_q_heads) = (q.positions, q.qkv, q.qkv_stride, q.n_q_heads);
     let d = kv.layout.head_dim;
-    let group = n_q_heads / kv.n_heads;
-    let scale = (1.0 / (d as f64).sqrt()) as f32 as f64;
-    let mut out = vec![0.0; positions.len() * n_q_heads * d];
-    for (t, (&q_pos, &row)) in positions.iter().zip(rows).enumerate() {
-        for h in 0..n_q_heads {
-            let q = &qkv[t * qkv_stride + h * d..][..d];
+    let group = q.n_q_heads / kv.n_heads;
+    let mut out = Vec::with_capacity(q.positions.len() * q.n_q_heads * d);
+    for (t, (&q_pos, &row)) in q.positions.iter().zip(rows).enumerate() {
+        for h in 0..q.n_q_heads {
             let slots: Vec<_> = kv
                 .gather(pool, row, h / group)
                 .into_iter()
@@ -467,25 +464,12 @@ pub fn paged_attention_cpu(
                     *pos <= q_pos && (window == 0 || (*pos as usize) + window > q_pos as usize)
                 })
                 .collect();
-            let scores: Vec<f64> = slots
-                .iter()
-                .map(|(_, k, _)| {
-                    q.iter()
-                        .zip(k)
-                        .map(|(a, b)| *a as f64 * *b as f64)
-                        .sum::<f64>()
-                        * scale
-                })
-                .collect();
-            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-            let z: f64 = w.iter().sum();
-            let o = &mut out[(t * n_q_heads + h) * d..][..d];
-            for (wi, (_, _, v)) in w.iter().zip(&slots) {
-                for (oo, vv) in o.iter_mut().zip(v) {
-                    *oo += wi / z * *vv as f64;
-                }
-            }
+            let pairs = slots.iter().map(|(_, k, v)| (&k[..], &v[..]));
+            out.extend(super::attention::attend_cpu(
+                &q.qkv[t * q.qkv_stride + h * d..][..d],
+                pairs,
+                super::attention::attention_scale(d),
+            ));
         }
     }
     out
@@ -554,6 +538,53 @@ mod tests {
             desc,
             tables,
             total_pages: total,
+        }
+    }
+
+    /// A scenario's buffers on the GPU.
+    struct Uploaded {
+        pool: GpuBuffer<u32>,
+        desc: GpuBuffer<u32>,
+        tables: GpuBuffer<u32>,
+        positions: GpuBuffer<u32>,
+        qkv: GpuBuffer<f32>,
+    }
+
+    impl Uploaded {
+        fn new(
+            ctx: &GpuContext,
+            pool: &[u32],
+            sc: &Scenario,
+            positions: &[u32],
+            qkv: &[f32],
+        ) -> Self {
+            Self {
+                pool: GpuBuffer::from_slice(ctx, "pool", pool).unwrap(),
+                desc: GpuBuffer::from_slice(ctx, "desc", &sc.desc).unwrap(),
+                tables: GpuBuffer::from_slice(ctx, "tables", &sc.tables).unwrap(),
+                positions: GpuBuffer::from_slice(ctx, "pos", positions).unwrap(),
+                qkv: GpuBuffer::from_slice(ctx, "qkv", qkv).unwrap(),
+            }
+        }
+
+        fn views(&self, c: &Case, layout: PoolLayout) -> (LayerKv<'_>, QkvRows<'_>) {
+            let kv = LayerKv {
+                layout,
+                pool: &self.pool,
+                desc: &self.desc,
+                tables: &self.tables,
+                desc_base: 0,
+                n_heads: c.kv_heads * c.heads_per_kv,
+                heads_per_kv: c.heads_per_kv,
+            };
+            let q = QkvRows {
+                positions: &self.positions,
+                qkv: &self.qkv,
+                qkv_stride: (c.q_heads + 2 * c.kv_heads) * c.dim,
+                n_q_heads: c.q_heads,
+                n_kv_heads: c.kv_heads,
+            };
+            (kv, q)
         }
     }
 
@@ -707,27 +738,9 @@ mod tests {
                 &mut want_pool,
             );
 
-            let gpool = GpuBuffer::from_slice(ctx, "pool", &pool).unwrap();
-            let gdesc = GpuBuffer::from_slice(ctx, "desc", &sc.desc).unwrap();
-            let gtables = GpuBuffer::from_slice(ctx, "tables", &sc.tables).unwrap();
-            let gpos = GpuBuffer::from_slice(ctx, "pos", &positions).unwrap();
-            let gqkv = GpuBuffer::from_slice(ctx, "qkv", &qkv).unwrap();
-            let kv = LayerKv {
-                layout,
-                pool: &gpool,
-                desc: &gdesc,
-                tables: &gtables,
-                desc_base: 0,
-                n_heads,
-                heads_per_kv: c.heads_per_kv,
-            };
-            let q = QkvRows {
-                positions: &gpos,
-                qkv: &gqkv,
-                qkv_stride: stride,
-                n_q_heads: c.q_heads,
-                n_kv_heads: c.kv_heads,
-            };
+            let g = Uploaded::new(ctx, &pool, &sc, &positions, &qkv);
+            let gpool = &g.pool;
+            let (kv, q) = g.views(c, layout);
             let store = paged_kv_store(ctx, &kv, &q, b, 1).unwrap();
             ctx.run("test", &[&store]).unwrap();
             let got_pool = gpool.read(ctx).unwrap();
@@ -847,27 +860,9 @@ mod tests {
                 &mut want_pool,
             );
 
-            let gpool = GpuBuffer::from_slice(ctx, "pool", &pool).unwrap();
-            let gdesc = GpuBuffer::from_slice(ctx, "desc", &sc.desc).unwrap();
-            let gtables = GpuBuffer::from_slice(ctx, "tables", &sc.tables).unwrap();
-            let gpos = GpuBuffer::from_slice(ctx, "pos", &positions).unwrap();
-            let gqkv = GpuBuffer::from_slice(ctx, "qkv", &qkv).unwrap();
-            let kv = LayerKv {
-                layout,
-                pool: &gpool,
-                desc: &gdesc,
-                tables: &gtables,
-                desc_base: 0,
-                n_heads,
-                heads_per_kv: c.heads_per_kv,
-            };
-            let q = QkvRows {
-                positions: &gpos,
-                qkv: &gqkv,
-                qkv_stride: stride,
-                n_q_heads: c.q_heads,
-                n_kv_heads: c.kv_heads,
-            };
+            let g = Uploaded::new(ctx, &pool, &sc, &positions, &qkv);
+            let gpool = &g.pool;
+            let (kv, q) = g.views(c, layout);
             let out = GpuBuffer::<f32>::zeros(ctx, "out", chunk * c.q_heads * c.dim).unwrap();
             let store = paged_kv_store(ctx, &kv, &q, chunk, chunk).unwrap();
             let attend = paged_prefill(ctx, &kv, &q, chunk, c.window, &out).unwrap();
