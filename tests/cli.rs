@@ -367,3 +367,98 @@ fn bad_kv_flags_are_clear_errors() {
         expect_error(&r, &[needle]);
     }
 }
+
+#[test]
+fn select_reproduces_a_vector_and_rejects_bad_settings() {
+    let v = repo().join("tests/vectors/rkv_004.safetensors");
+    let v = v.to_str().unwrap();
+    let r = kvsift(&[
+        "select", "--method", "rkv", "--input", v, "--budget", "48", "--window", "8", "--lambda",
+        "0.3", "--cpu",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let got: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let bytes = std::fs::read(v).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("expected").unwrap();
+    let want: Vec<i64> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+        .collect();
+    let got: Vec<i64> = got["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|h| h.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()))
+        .collect();
+    assert_eq!(got, want);
+
+    let snap = repo().join("tests/vectors/snapkv_000.safetensors");
+    let snap = snap.to_str().unwrap();
+    for (extra, needle) in [
+        (
+            vec!["--method", "snapkv", "--budget", "8", "--window", "8"],
+            "--budget",
+        ),
+        (
+            vec!["--method", "snapkv", "--budget", "42", "--kernel", "4"],
+            "--kernel",
+        ),
+        (
+            vec!["--method", "rkv", "--budget", "42", "--lambda", "1.5"],
+            "--lambda",
+        ),
+        (
+            vec![
+                "--method",
+                "streamingllm",
+                "--budget",
+                "42",
+                "--sinks",
+                "42",
+            ],
+            "--sinks",
+        ),
+        (vec!["--method", "lru", "--budget", "42"], "lru"),
+        (vec!["--method", "snapkv"], "--budget"),
+        (
+            vec![
+                "--method",
+                "snapkv",
+                "--budget",
+                "42",
+                "--pooling",
+                "median",
+            ],
+            "--pooling",
+        ),
+        // The vector's queries cover a window of 8, not 4.
+        (
+            vec!["--method", "snapkv", "--budget", "42", "--window", "4"],
+            "window",
+        ),
+        // H2O v3 needs all T queries.
+        (vec!["--method", "h2o", "--budget", "42"], "all T queries"),
+    ] {
+        let mut args = vec!["select", "--input", snap, "--cpu"];
+        args.extend(extra);
+        expect_error(&kvsift(&args), &[needle]);
+    }
+    // Not safetensors, or missing tensors.
+    let junk = std::env::temp_dir().join(format!("kvsift-junk-{}.safetensors", std::process::id()));
+    std::fs::write(&junk, b"junk").unwrap();
+    expect_error(
+        &kvsift(&[
+            "select",
+            "--method",
+            "snapkv",
+            "--budget",
+            "9",
+            "--input",
+            junk.to_str().unwrap(),
+            "--cpu",
+        ]),
+        &["safetensors"],
+    );
+}

@@ -1,9 +1,11 @@
 //! clap subcommands; each lives in its own file.
 
 mod common;
+mod compress;
 mod generate;
 mod info;
 mod score;
+mod select;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +31,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Teacher-forced scoring: mean negative log-likelihood and perplexity.
     Score(score::ScoreArgs),
+    /// Which KV slots a compression method keeps, from captured keys and queries.
+    Select(select::SelectArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -36,5 +40,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
+        Command::Select(a) => select::run(a),
     }
 }

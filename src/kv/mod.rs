@@ -2,6 +2,7 @@
 //! belong to which sequence, layer and head), with no GPU code; `paged` holds
 //! the GPU pool and the kernels that read and write it through the tables.
 
+pub mod compression;
 pub mod paged;
 pub mod pool;
 pub mod table;

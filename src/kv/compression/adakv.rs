@@ -1,0 +1,54 @@
+//! AdaKV / Ada-SnapKV (Feng et al., "Ada-KV: Optimizing KV Cache Eviction by
+//! Adaptive Budget Allocation"): SnapKV scores with the row mean, then the
+//! heads share `H * (budget - window)` prefix slots by score, with a floor.
+//! Contract section "AdaKV".
+
+use super::{Captured, CompressConfig, Selection, common, snapkv};
+
+/// Round half to even, as numpy and torch round.
+fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 {
+        2.0 * (x / 2.0).round()
+    } else {
+        r
+    }
+}
+
+pub fn select(cfg: &CompressConfig, x: &Captured) -> Selection {
+    let base = cfg.budget - cfg.window;
+    let scores = snapkv::scores(cfg, x, true, true);
+    let heads = scores.len();
+    // 1. each head's slots by descending score (ties: lower slot first)
+    let ranked: Vec<Vec<usize>> = scores
+        .iter()
+        .map(|s| common::topk_ranked(s, s.len()))
+        .collect();
+    // 2. normalise each head's sorted scores by its top-base share
+    let mut flat: Vec<(f32, usize)> = vec![];
+    for (h, (s, order)) in scores.iter().zip(&ranked).enumerate() {
+        let total: f32 = s.iter().sum();
+        let top: f32 = order.iter().take(base).map(|&i| s[i]).sum();
+        let factor = top / total;
+        flat.extend(order.iter().map(|&i| (s[i] * factor, h)));
+    }
+    // 3. the top H * base of all heads, ties to the lower flat index
+    let vals: Vec<f32> = flat.iter().map(|(v, _)| *v).collect();
+    let mut count = vec![0usize; heads];
+    for i in common::topk_ranked(&vals, heads * base) {
+        count[flat[i].1] += 1;
+    }
+    // 4. cap = round_half_even(count * (1 - floor) + floor(floor * base)); 5. keep
+    let floor_slots = (cfg.floor * base as f64).floor();
+    Selection {
+        kept: ranked
+            .iter()
+            .zip(&count)
+            .map(|(order, &c)| {
+                let cap = round_half_even(c as f64 * (1.0 - cfg.floor) + floor_slots) as usize;
+                common::kept_with_window(order.iter().take(cap).copied().collect(), x.t, cfg.window)
+            })
+            .collect(),
+        reference: None,
+    }
+}

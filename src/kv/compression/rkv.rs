@@ -1,0 +1,101 @@
+//! R-KV (Cai et al., "R-KV: Redundancy-aware KV Cache Compression for
+//! Reasoning Models"): per KV head, score = lambda * importance -
+//! (1 - lambda) * redundancy; keep the top `budget - window` candidates plus
+//! the window. Contract section "R-KV"; the slots are taken in the order
+//! they are given (position order, or the reference layout order).
+
+use super::{Captured, CompressConfig, Pooling, Selection, common};
+
+/// The R-KV scores of the `t - w` candidate slots of every KV head.
+pub fn scores(cfg: &CompressConfig, x: &Captured) -> Vec<Vec<f32>> {
+    let (w, t, d) = (cfg.window, x.t, x.d);
+    let c = t - w;
+    let g = x.hq / x.hkv;
+    let scale = 1.0 / (d as f64).sqrt();
+    (0..x.hkv)
+        .map(|kh| {
+            let keys = x.key_head(kh);
+            // Importance: group max over raw logits, softmax over the C candidates, mean over w.
+            let mut importance = vec![0.0f64; c];
+            for i in 0..w {
+                let logits: Vec<f64> = (0..c)
+                    .map(|s| {
+                        (0..g)
+                            .map(|j| {
+                                let q = &x.query_head(kh * g + j)[i * d..][..d];
+                                q.iter()
+                                    .zip(&keys[s * d..][..d])
+                                    .map(|(a, b)| *a as f64 * *b as f64)
+                                    .sum::<f64>()
+                                    * scale
+                            })
+                            .fold(f64::NEG_INFINITY, f64::max)
+                    })
+                    .collect();
+                let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (acc, v) in importance.iter_mut().zip(e) {
+                    *acc += v / z / w as f64;
+                }
+            }
+            let importance = common::pool(&importance, cfg.kernel, Pooling::Max);
+
+            // Redundancy: cosine similarity of normalised keys, the last(i) rule, column means.
+            let kn: Vec<Vec<f64>> = (0..t)
+                .map(|s| {
+                    let k = &keys[s * d..][..d];
+                    let norm =
+                        k.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt() + cfg.eps as f64;
+                    k.iter().map(|v| *v as f64 / norm).collect()
+                })
+                .collect();
+            let mut colsum = vec![0.0f64; t];
+            for i in 0..t {
+                let row: Vec<f64> = (0..t)
+                    .map(|j| {
+                        if i == j {
+                            0.0
+                        } else {
+                            kn[i].iter().zip(&kn[j]).map(|(a, b)| a * b).sum()
+                        }
+                    })
+                    .collect();
+                let last = (0..t)
+                    .rev()
+                    .find(|&j| row[j] > cfg.sim_threshold as f64)
+                    .unwrap_or(0);
+                for (j, v) in row.iter().enumerate() {
+                    if j != last {
+                        colsum[j] += v;
+                    }
+                }
+            }
+            let colmean: Vec<f64> = colsum.iter().map(|v| v / t as f64).collect();
+            let m = colmean.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = colmean.iter().map(|v| (v - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            let lambda = cfg.lambda as f64;
+            (0..c)
+                .map(|s| (lambda * importance[s] - (1.0 - lambda) * e[s] / z) as f32)
+                .collect()
+        })
+        .collect()
+}
+
+pub fn select(cfg: &CompressConfig, x: &Captured) -> Selection {
+    let k = cfg.budget - cfg.window;
+    let mut kept = vec![];
+    let mut reference = vec![];
+    for s in scores(cfg, x) {
+        let ranked = common::topk_ranked(&s, k);
+        let mut r = ranked.clone();
+        r.extend(x.t - cfg.window..x.t);
+        reference.push(r);
+        kept.push(common::kept_with_window(ranked, x.t, cfg.window));
+    }
+    Selection {
+        kept,
+        reference: Some(reference),
+    }
+}

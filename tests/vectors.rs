@@ -1,0 +1,259 @@
+//! Every case in tests/vectors (copied from shared/vectors, produced by an
+//! independent implementation of the contract) through the CPU selection,
+//! including the R-KV decode streams replayed round by round.
+
+use std::path::PathBuf;
+
+use kvsift::kv::compression::*;
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
+}
+
+struct Case {
+    name: String,
+    meta: Value,
+    tensors: std::collections::HashMap<String, (Vec<usize>, Vec<u8>)>,
+}
+
+fn cases(prefix: &str) -> Vec<Case> {
+    let mut names: Vec<_> = std::fs::read_dir(dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(prefix) && n.ends_with(".safetensors"))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let bytes = std::fs::read(dir().join(&name)).unwrap();
+            let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+            let meta: Value =
+                serde_json::from_str(&meta.metadata().as_ref().unwrap()["case"]).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            let tensors = st
+                .tensors()
+                .into_iter()
+                .map(|(n, v)| (n, (v.shape().to_vec(), v.data().to_vec())))
+                .collect();
+            Case {
+                name,
+                meta,
+                tensors,
+            }
+        })
+        .collect()
+}
+
+impl Case {
+    fn f32s(&self, n: &str) -> (Vec<usize>, Vec<f32>) {
+        let (s, b) = &self.tensors[n];
+        (
+            s.clone(),
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
+    }
+    fn i32s(&self, n: &str) -> (Vec<usize>, Vec<usize>) {
+        let (s, b) = &self.tensors[n];
+        (
+            s.clone(),
+            b.chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
+                .collect(),
+        )
+    }
+    fn u(&self, k: &str) -> usize {
+        self.meta[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{}: {k}", self.name)) as usize
+    }
+}
+
+fn config(c: &Case) -> CompressConfig {
+    let m = &c.meta;
+    let method: Method = m["method"].as_str().unwrap().parse().unwrap();
+    let mut cfg = CompressConfig::new(method, c.u("budget"));
+    cfg.window = c.u("window");
+    if let Some(k) = m["kernel"].as_u64() {
+        cfg.kernel = k as usize;
+    }
+    match m["pooling"].as_str() {
+        Some("avgpool") => cfg.pooling = Pooling::Avg,
+        Some("maxpool") => cfg.pooling = Pooling::Max,
+        _ => {}
+    }
+    if m["granularity"].as_str() == Some("query_head") {
+        cfg.granularity = Granularity::QueryHead;
+    }
+    cfg.gqa_agg = match m["gqa_agg"].as_str() {
+        Some("max") => GqaAgg::Max,
+        Some("sum") => GqaAgg::Sum,
+        _ => GqaAgg::Mean,
+    };
+    if m["version"].as_str() == Some("v1") {
+        cfg.h2o_version = H2oVersion::V1;
+    }
+    if let Some(s) = m["sinks"].as_u64() {
+        cfg.sinks = Some(s as usize);
+    }
+    if let Some(b) = m["beta"].as_u64() {
+        cfg.beta = b as usize;
+    }
+    if let Some(f) = m["floor"].as_f64() {
+        cfg.floor = f;
+    }
+    if let Some(l) = m["mix_lambda"].as_f64() {
+        cfg.lambda = l as f32;
+    }
+    if let Some(b) = m["buffer"].as_u64() {
+        cfg.buffer = b as usize;
+    }
+    cfg
+}
+
+fn expected_lists(c: &Case) -> Vec<Vec<usize>> {
+    let (shape, flat) = c.i32s("expected");
+    if let Some((_, lens)) = c
+        .tensors
+        .get("expected_lens")
+        .map(|_| c.i32s("expected_lens"))
+    {
+        let mut out = vec![];
+        let mut at = 0;
+        for l in lens {
+            out.push(flat[at..at + l].to_vec());
+            at += l;
+        }
+        return out;
+    }
+    flat.chunks(shape[1]).map(|r| r.to_vec()).collect()
+}
+
+#[test]
+fn every_selection_vector_passes_on_the_cpu() {
+    let mut n = 0;
+    for prefix in [
+        "streamingllm",
+        "h2o_v1",
+        "h2o_v3",
+        "snapkv",
+        "pyramidkv",
+        "adakv",
+        "rkv_0",
+    ] {
+        for c in cases(prefix) {
+            let cfg = config(&c);
+            let (ks, keys) = c.f32s("keys");
+            let (qs, queries) = c.f32s("queries");
+            let x = Captured {
+                keys: &keys,
+                queries: &queries,
+                hkv: ks[0],
+                hq: qs[0],
+                t: ks[1],
+                q_rows: qs[1],
+                d: ks[2],
+            };
+            let (layer, layers) = (
+                c.meta["layer"].as_u64().unwrap_or(0) as usize,
+                c.meta["num_layers"].as_u64().unwrap_or(1) as usize,
+            );
+            let sel = select_cpu(&cfg, &x, layer, layers).unwrap();
+            let want = expected_lists(&c);
+            assert_eq!(sel.kept.len(), want.len(), "{}: head count", c.name);
+            for (h, (got, want)) in sel.kept.iter().zip(&want).enumerate() {
+                assert_eq!(got, want, "{}: head {h}", c.name);
+            }
+            if c.tensors.contains_key("expected_reference") {
+                let (s, r) = c.i32s("expected_reference");
+                let want: Vec<Vec<usize>> = r.chunks(s[1]).map(|v| v.to_vec()).collect();
+                assert_eq!(
+                    sel.reference.as_ref().unwrap(),
+                    &want,
+                    "{}: reference order",
+                    c.name
+                );
+            }
+            n += 1;
+        }
+    }
+    assert_eq!(n, 84, "every selection vector was read");
+}
+
+/// Replays an R-KV stream on the CPU: prompt, then one token at a time,
+/// compressing at positions p % buffer == 0 once the cache holds the budget.
+fn replay(c: &Case, order: SlotOrder) -> Vec<Vec<usize>> {
+    let mut cfg = config(c);
+    cfg.slot_order = order;
+    let (ks, keys) = c.f32s("keys");
+    let (qs, queries) = c.f32s("queries");
+    let (hkv, n, d, hq) = (ks[0], ks[1], ks[2], qs[0]);
+    let (p_len, w, b) = (c.u("prompt_len"), cfg.window, cfg.budget);
+    // Per KV head: the positions held, in slot order.
+    let mut cache: Vec<Vec<usize>> = vec![(0..p_len).collect(); hkv];
+    let compress = |cache: &mut Vec<Vec<usize>>, q_end: usize| {
+        let t = cache[0].len();
+        let mut kbuf = Vec::with_capacity(hkv * t * d);
+        for (h, slots) in cache.iter().enumerate() {
+            for &p in slots {
+                kbuf.extend_from_slice(&keys[(h * n + p) * d..][..d]);
+            }
+        }
+        let mut qbuf = Vec::with_capacity(hq * w * d);
+        for h in 0..hq {
+            for p in q_end + 1 - w..=q_end {
+                qbuf.extend_from_slice(&queries[(h * n + p) * d..][..d]);
+            }
+        }
+        let x = Captured {
+            keys: &kbuf,
+            queries: &qbuf,
+            hkv,
+            hq,
+            t,
+            q_rows: w,
+            d,
+        };
+        let sel = select_cpu(&cfg, &x, 0, 1).unwrap();
+        let lists = match order {
+            SlotOrder::Position => sel.kept,
+            SlotOrder::Reference => sel.reference.unwrap(),
+        };
+        for (h, l) in lists.iter().enumerate() {
+            cache[h] = l.iter().map(|&s| cache[h][s]).collect();
+        }
+    };
+    if p_len >= b {
+        compress(&mut cache, p_len - 1);
+    }
+    for p in p_len..n {
+        for slots in cache.iter_mut() {
+            slots.push(p);
+        }
+        if p % cfg.buffer == 0 && cache[0].len() >= b {
+            compress(&mut cache, p);
+        }
+    }
+    cache
+}
+
+#[test]
+fn rkv_streams_replay_on_the_cpu_in_both_slot_orders() {
+    let streams = cases("rkv_stream");
+    assert_eq!(streams.len(), 6);
+    for c in &streams {
+        for (order, tensor) in [
+            (SlotOrder::Position, "expected_position"),
+            (SlotOrder::Reference, "expected_reference"),
+        ] {
+            let got = replay(c, order);
+            let (s, flat) = c.i32s(tensor);
+            let want: Vec<Vec<usize>> = flat.chunks(s[1]).map(|v| v.to_vec()).collect();
+            assert_eq!(got, want, "{} {order:?}", c.name);
+        }
+    }
+}
