@@ -541,6 +541,29 @@ mod tests {
         }
     }
 
+    /// The scenario's descriptors and tables as the twins read them.
+    fn host_kv<'a>(sc: &'a Scenario, c: &Case, layout: PoolLayout) -> HostKv<'a> {
+        HostKv {
+            layout,
+            desc: &sc.desc,
+            tables: &sc.tables,
+            desc_base: 0,
+            n_heads: c.kv_heads * c.heads_per_kv,
+            heads_per_kv: c.heads_per_kv,
+        }
+    }
+
+    /// Rows' positions and qkv as the twins read them.
+    fn host_qkv<'a>(c: &Case, positions: &'a [u32], qkv: &'a [f32]) -> HostQkv<'a> {
+        HostQkv {
+            positions,
+            qkv,
+            qkv_stride: (c.q_heads + 2 * c.kv_heads) * c.dim,
+            n_q_heads: c.q_heads,
+            n_kv_heads: c.kv_heads,
+        }
+    }
+
     /// A scenario's buffers on the GPU.
     struct Uploaded {
         pool: GpuBuffer<u32>,
@@ -680,14 +703,7 @@ mod tests {
             let mut pool: Vec<u32> = vec![0; sc.total_pages * layout.page_words()];
             for (r, &len) in lens.iter().enumerate() {
                 for slot in 0..len - 1 {
-                    let host = HostKv {
-                        layout,
-                        desc: &sc.desc,
-                        tables: &sc.tables,
-                        desc_base: 0,
-                        n_heads,
-                        heads_per_kv: c.heads_per_kv,
-                    };
+                    let host = host_kv(&sc, c, layout);
                     let mut d = sc.desc.clone();
                     for s in 0..n_heads {
                         d[(r * n_heads + s) * 2 + 1] = (slot + 1) as u32;
@@ -699,44 +715,15 @@ mod tests {
                         desc_base: r * n_heads,
                         ..host1
                     };
-                    paged_kv_store_cpu(
-                        &rows_desc,
-                        &HostQkv {
-                            positions: &pos,
-                            qkv: &qkv,
-                            qkv_stride: stride,
-                            n_q_heads: c.q_heads,
-                            n_kv_heads: c.kv_heads,
-                        },
-                        1,
-                        &mut pool,
-                    );
+                    paged_kv_store_cpu(&rows_desc, &host_qkv(c, &pos, &qkv), 1, &mut pool);
                 }
             }
             // This step: one token per row at position 2 * (len - 1).
             let positions: Vec<u32> = lens.iter().map(|l| (2 * (l - 1)) as u32).collect();
             let qkv = rng.normals(b * stride);
-            let host = HostKv {
-                layout,
-                desc: &sc.desc,
-                tables: &sc.tables,
-                desc_base: 0,
-                n_heads,
-                heads_per_kv: c.heads_per_kv,
-            };
+            let host = host_kv(&sc, c, layout);
             let mut want_pool = pool.clone();
-            paged_kv_store_cpu(
-                &host,
-                &HostQkv {
-                    positions: &positions,
-                    qkv: &qkv,
-                    qkv_stride: stride,
-                    n_q_heads: c.q_heads,
-                    n_kv_heads: c.kv_heads,
-                },
-                1,
-                &mut want_pool,
-            );
+            paged_kv_store_cpu(&host, &host_qkv(c, &positions, &qkv), 1, &mut want_pool);
 
             let g = Uploaded::new(ctx, &pool, &sc, &positions, &qkv);
             let gpool = &g.pool;
@@ -754,13 +741,7 @@ mod tests {
             let want = paged_attention_cpu(
                 &host,
                 &want_pool,
-                &HostQkv {
-                    positions: &positions,
-                    qkv: &qkv,
-                    qkv_stride: stride,
-                    n_q_heads: c.q_heads,
-                    n_kv_heads: c.kv_heads,
-                },
+                &host_qkv(c, &positions, &qkv),
                 &(0..b).collect::<Vec<_>>(),
                 c.window,
             );
@@ -825,40 +806,16 @@ mod tests {
             };
             paged_kv_store_cpu(
                 &host_prefix,
-                &HostQkv {
-                    positions: &prefix_pos,
-                    qkv: &prefix_qkv,
-                    qkv_stride: stride,
-                    n_q_heads: c.q_heads,
-                    n_kv_heads: c.kv_heads,
-                },
+                &host_qkv(c, &prefix_pos, &prefix_qkv),
                 prefix,
                 &mut pool,
             );
 
             let positions: Vec<u32> = (prefix as u32..(prefix + chunk) as u32).collect();
             let qkv = rng.normals(chunk * stride);
-            let host = HostKv {
-                layout,
-                desc: &sc.desc,
-                tables: &sc.tables,
-                desc_base: 0,
-                n_heads,
-                heads_per_kv: c.heads_per_kv,
-            };
+            let host = host_kv(&sc, c, layout);
             let mut want_pool = pool.clone();
-            paged_kv_store_cpu(
-                &host,
-                &HostQkv {
-                    positions: &positions,
-                    qkv: &qkv,
-                    qkv_stride: stride,
-                    n_q_heads: c.q_heads,
-                    n_kv_heads: c.kv_heads,
-                },
-                chunk,
-                &mut want_pool,
-            );
+            paged_kv_store_cpu(&host, &host_qkv(c, &positions, &qkv), chunk, &mut want_pool);
 
             let g = Uploaded::new(ctx, &pool, &sc, &positions, &qkv);
             let gpool = &g.pool;
@@ -875,13 +832,7 @@ mod tests {
             let want = paged_attention_cpu(
                 &host,
                 &want_pool,
-                &HostQkv {
-                    positions: &positions,
-                    qkv: &qkv,
-                    qkv_stride: stride,
-                    n_q_heads: c.q_heads,
-                    n_kv_heads: c.kv_heads,
-                },
+                &host_qkv(c, &positions, &qkv),
                 &vec![0; chunk],
                 c.window,
             );
