@@ -372,12 +372,6 @@ fn bad_kv_flags_are_clear_errors() {
 fn select_reproduces_a_vector_and_rejects_bad_settings() {
     let v = repo().join("tests/vectors/rkv_004.safetensors");
     let v = v.to_str().unwrap();
-    let r = kvsift(&[
-        "select", "--method", "rkv", "--input", v, "--budget", "48", "--window", "8", "--lambda",
-        "0.3", "--cpu",
-    ]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let got: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     let bytes = std::fs::read(v).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("expected").unwrap();
@@ -386,13 +380,24 @@ fn select_reproduces_a_vector_and_rejects_bad_settings() {
         .chunks_exact(4)
         .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
         .collect();
-    let got: Vec<i64> = got["kept"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|h| h.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()))
-        .collect();
-    assert_eq!(got, want);
+    // The CPU reference and the GPU kernels (the default).
+    for path in [&["--cpu"][..], &[]] {
+        let mut args = vec![
+            "select", "--method", "rkv", "--input", v, "--budget", "48", "--window", "8",
+            "--lambda", "0.3",
+        ];
+        args.extend(path);
+        let r = kvsift(&args);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let got: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        let got: Vec<i64> = got["kept"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|h| h.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()))
+            .collect();
+        assert_eq!(got, want, "select {path:?}");
+    }
 
     let snap = repo().join("tests/vectors/snapkv_000.safetensors");
     let snap = snap.to_str().unwrap();
@@ -441,9 +446,12 @@ fn select_reproduces_a_vector_and_rejects_bad_settings() {
         // H2O v3 needs all T queries.
         (vec!["--method", "h2o", "--budget", "42"], "all T queries"),
     ] {
-        let mut args = vec!["select", "--input", snap, "--cpu"];
-        args.extend(extra);
-        expect_error(&kvsift(&args), &[needle]);
+        for path in [&["--cpu"][..], &[]] {
+            let mut args = vec!["select", "--input", snap];
+            args.extend(path);
+            args.extend(extra.iter());
+            expect_error(&kvsift(&args), &[needle]);
+        }
     }
     // Not safetensors, or missing tensors.
     let junk = std::env::temp_dir().join(format!("kvsift-junk-{}.safetensors", std::process::id()));

@@ -135,6 +135,19 @@ fn expected_lists(c: &Case) -> Vec<Vec<usize>> {
 
 #[test]
 fn every_selection_vector_passes_on_the_cpu() {
+    every_selection_vector_passes(None);
+}
+
+#[test]
+fn every_selection_vector_passes_on_the_gpu() {
+    let Some(ctx) = kvsift::testing::gpu() else {
+        return;
+    };
+    every_selection_vector_passes(Some(ctx));
+}
+
+/// Runs every selection vector through the CPU reference (`ctx` None) or the GPU kernels.
+fn every_selection_vector_passes(ctx: Option<&kvsift::gpu::GpuContext>) {
     let mut n = 0;
     for prefix in [
         "streamingllm",
@@ -162,11 +175,16 @@ fn every_selection_vector_passes_on_the_cpu() {
                 c.meta["layer"].as_u64().unwrap_or(0) as usize,
                 c.meta["num_layers"].as_u64().unwrap_or(1) as usize,
             );
-            let sel = select_cpu(&cfg, &x, layer, layers).unwrap();
+            let sel = match ctx {
+                None => select_cpu(&cfg, &x, layer, layers).unwrap(),
+                Some(ctx) => gpu::select_gpu(ctx, &cfg, &x, layer, layers).unwrap(),
+            };
             let want = expected_lists(&c);
-            assert_eq!(sel.kept.len(), want.len(), "{}: head count", c.name);
+            let path = if ctx.is_some() { "gpu" } else { "cpu" };
+            let name = format!("{} ({path})", c.name);
+            assert_eq!(sel.kept.len(), want.len(), "{name}: head count");
             for (h, (got, want)) in sel.kept.iter().zip(&want).enumerate() {
-                assert_eq!(got, want, "{}: head {h}", c.name);
+                assert_eq!(got, want, "{name}: head {h}");
             }
             if c.tensors.contains_key("expected_reference") {
                 let (s, r) = c.i32s("expected_reference");
@@ -174,13 +192,13 @@ fn every_selection_vector_passes_on_the_cpu() {
                 assert_eq!(
                     sel.reference.as_ref().unwrap(),
                     &want,
-                    "{}: reference order",
-                    c.name
+                    "{name}: reference order"
                 );
             }
             n += 1;
         }
     }
+    eprintln!("{n} selection vectors passed ({})", if ctx.is_some() { "gpu" } else { "cpu" });
     assert_eq!(n, 84, "every selection vector was read");
 }
 

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use kvsift::kv::compression::{Captured, Method, SlotOrder, select_cpu};
+use kvsift::kv::compression::{Captured, Method, SlotOrder, gpu, select_cpu};
 use safetensors::SafeTensors;
 
 use super::compress::CompressArgs;
@@ -26,7 +26,7 @@ pub struct SelectArgs {
     /// Layers of the model (PyramidKV).
     #[arg(long, default_value_t = 1)]
     pub num_layers: usize,
-    /// Run the CPU reference selection.
+    /// Run the CPU reference selection instead of the GPU kernels.
     #[arg(long)]
     pub cpu: bool,
     #[command(flatten)]
@@ -63,11 +63,6 @@ pub fn run(mut a: SelectArgs) -> anyhow::Result<()> {
     if cfg.method == Method::None {
         anyhow::bail!("--method none selects nothing; pick a compression method");
     }
-    if !a.cpu {
-        anyhow::bail!(
-            "the GPU selection passes are not built yet; run the CPU reference selection with --cpu"
-        );
-    }
     if a.num_layers == 0 || a.layer >= a.num_layers {
         anyhow::bail!(
             "--layer {} must be below --num-layers {}",
@@ -98,7 +93,12 @@ pub fn run(mut a: SelectArgs) -> anyhow::Result<()> {
         q_rows: qs[1],
         d: ks[2],
     };
-    let sel = select_cpu(&cfg, &x, a.layer, a.num_layers)?;
+    let sel = if a.cpu {
+        select_cpu(&cfg, &x, a.layer, a.num_layers)?
+    } else {
+        let ctx = kvsift::gpu::GpuContext::from_env()?;
+        gpu::select_gpu(&ctx, &cfg, &x, a.layer, a.num_layers)?
+    };
     let kept = match (cfg.slot_order, sel.reference) {
         (SlotOrder::Reference, Some(r)) => r,
         _ => sel.kept,

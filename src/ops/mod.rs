@@ -6,6 +6,7 @@
 pub mod add;
 pub mod argmax;
 pub mod attention;
+pub mod compress;
 pub mod embedding;
 pub mod linear;
 pub mod nll;
@@ -67,6 +68,7 @@ pub fn all_kernels() -> Vec<&'static Kernel> {
         &attention::ATTENTION.subgroup,
         &paged_attention::PAGED_KV_STORE,
         &paged_attention::PAGED_ATTENTION,
+        &compress::COMPRESS,
         &rope::ROPE,
         &silu_mul::SILU_MUL,
         &add::ADD,

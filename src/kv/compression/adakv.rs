@@ -15,9 +15,10 @@ fn round_half_even(x: f64) -> f64 {
     }
 }
 
-pub fn select(cfg: &CompressConfig, x: &Captured) -> Selection {
-    let base = cfg.budget - cfg.window;
-    let scores = snapkv::scores(cfg, x, true, true);
+/// Per-head slot counts (window excluded) of AdaKV's budget rule over each
+/// head's candidate scores (heads may have different lengths): steps 1-4
+/// of the contract. Also returns each head's slots by descending score.
+pub fn head_caps(scores: &[Vec<f32>], base: usize, floor: f64) -> (Vec<usize>, Vec<Vec<usize>>) {
     let heads = scores.len();
     // 1. each head's slots by descending score (ties: lower slot first)
     let ranked: Vec<Vec<usize>> = scores
@@ -38,14 +39,28 @@ pub fn select(cfg: &CompressConfig, x: &Captured) -> Selection {
     for i in common::topk_ranked(&vals, heads * base) {
         count[flat[i].1] += 1;
     }
-    // 4. cap = round_half_even(count * (1 - floor) + floor(floor * base)); 5. keep
-    let floor_slots = (cfg.floor * base as f64).floor();
+    // 4. cap = round_half_even(count * (1 - floor) + floor(floor * base))
+    let floor_slots = (floor * base as f64).floor();
+    let caps = count
+        .iter()
+        .zip(scores)
+        .map(|(&c, s)| {
+            (round_half_even(c as f64 * (1.0 - floor) + floor_slots) as usize).min(s.len())
+        })
+        .collect();
+    (caps, ranked)
+}
+
+pub fn select(cfg: &CompressConfig, x: &Captured) -> Selection {
+    let base = cfg.budget - cfg.window;
+    let scores = snapkv::scores(cfg, x, true, true);
+    let (caps, ranked) = head_caps(&scores, base, cfg.floor);
+    // 5. each head keeps its first cap sorted slots plus the window
     Selection {
         kept: ranked
             .iter()
-            .zip(&count)
-            .map(|(order, &c)| {
-                let cap = round_half_even(c as f64 * (1.0 - cfg.floor) + floor_slots) as usize;
+            .zip(&caps)
+            .map(|(order, &cap)| {
                 common::kept_with_window(order.iter().take(cap).copied().collect(), x.t, cfg.window)
             })
             .collect(),

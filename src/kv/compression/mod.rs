@@ -6,6 +6,7 @@
 
 pub mod adakv;
 pub mod common;
+pub mod gpu;
 pub mod h2o;
 pub mod pyramidkv;
 pub mod rkv;

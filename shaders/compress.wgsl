@@ -1,0 +1,670 @@
+// compress.wgsl: KV-cache compression passes over the paged pool
+// (shared/specs/kv-compression.md). Keys are read through the block tables
+// (desc entry per stored head: {table offset, len}); every slot's position
+// sits in its page (layout as in paged_kv_store.wgsl).
+//
+// Score units: in the SnapKV family a unit is a query head (U = Hq) feeding
+// stored head u / units_per_head; in R-KV mode (RKV = 1) a unit is a KV head
+// whose logit is the max over its G query heads' raw logits, columns are the
+// C = len - window candidates only and nothing is masked.
+//
+// Entry points, in pass order:
+//   store_window_queries  (in the forward) the last `window` queries of each row
+//                         group into the lane's ring, slot = position % window
+//   score_stats           per (query row, unit): max and exp-sum of the row's
+//                         visible logits (visible: slot position <= query position)
+//   score_accumulate      per (group, unit, slot): sum over the group's rows of
+//                         the probabilities; into acc (replacing, or adding: H2O)
+//   score_reduce          per (stored head, candidate): row mean (optional) and
+//                         GQA reduction (mean / max / sum) over the head's units
+//   score_pool            per (stored head, candidate): max or avg pooling
+//   key_norms             per (stored head, slot): 1 / (||k|| + eps)
+//   redundancy_rows       per (stored head, row i): sum of cosine similarities
+//                         to the other slots, last(i) and S[i, last(i)]
+//   redundancy_cols       per (stored head, column j): column mean of S with the
+//                         last(i) entries removed (row-sum identity, S symmetric)
+//   rkv_combine           per stored head: lambda * I - (1 - lambda) * softmax(colmean)
+//   topk_select           per stored head: exact top-k by radix select on sortable
+//                         score bits, exact ties to the lower slot; kept slots
+//                         ascending, then the window
+//   rank_reference        the selected slots by descending score (R-KV's layout)
+//   compact_gather        kept slots (K, V, position, H2O accumulators) -> scratch
+//   compact_scatter       scratch -> slots 0.. of the same head (the host then frees
+//                         the pages past the new length)
+
+override WG: u32 = 256u;
+override KV_F16: bool = true;
+const SG: u32 = 64u;        // workgroup of score_stats
+const TK: u32 = 256u;       // workgroup of topk_select
+
+struct Params {
+    n_heads: u32,          // stored heads
+    units: u32,            // score units
+    units_per_head: u32,   // units feeding one stored head
+    group: u32,            // query heads per KV head (R-KV's max)
+    head_dim: u32,
+    dw: u32,
+    page_size: u32,
+    page_words: u32,
+    n_rows: u32,           // query rows
+    rows_per_group: u32,   // rows sharing one sequence (one acc region)
+    q_base: u32,
+    q_row_stride: u32,
+    qpos_base: u32,
+    desc_base: u32,        // desc entry of (row 0, stored head 0)
+    acc_base: u32,         // acc offset of lane 0 (this layer)
+    acc_lane_stride: u32,
+    t_stride: u32,         // slots per unit / head in acc, scores, norms, ...
+    window: u32,
+    kernel: u32,
+    rkv: u32,
+    mean: u32,             // score_reduce: divide by n_rows
+    agg: u32,              // 0 mean, 1 max, 2 sum
+    pooling: u32,          // 0 max, 1 avg
+    accumulate: u32,       // score_accumulate adds to acc
+    k_stride: u32,         // kept list stride per head
+    acc_units: u32,        // accumulator units per stored head moved by compaction (0: none)
+    ring_lane_rows: u32,   // store_window_queries: ring rows per lane (layers * window)
+    scale: f32,
+    lambda: f32,
+    threshold: f32,
+    eps: f32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> qpos: array<u32>;
+@group(0) @binding(2) var<storage, read_write> queries: array<f32>;
+@group(0) @binding(3) var<storage, read> desc: array<u32>;
+@group(0) @binding(4) var<storage, read> tables: array<u32>;
+@group(0) @binding(5) var<storage, read_write> pool: array<u32>;
+@group(0) @binding(6) var<storage, read_write> stats: array<f32>;
+@group(0) @binding(7) var<storage, read_write> acc: array<f32>;
+@group(0) @binding(8) var<storage, read> lanes: array<u32>;
+@group(0) @binding(9) var<storage, read_write> raw: array<f32>;
+@group(0) @binding(10) var<storage, read_write> scores: array<f32>;
+@group(0) @binding(11) var<storage, read_write> norms: array<f32>;
+@group(0) @binding(12) var<storage, read_write> rowstat: array<f32>;
+@group(0) @binding(13) var<storage, read_write> last: array<u32>;
+@group(0) @binding(14) var<storage, read> kvec: array<u32>;
+@group(0) @binding(15) var<storage, read_write> kept: array<u32>;
+@group(0) @binding(16) var<storage, read_write> order: array<u32>;
+@group(0) @binding(17) var<storage, read_write> scratch: array<u32>;
+// store_window_queries only: the step's rows
+@group(0) @binding(18) var<storage, read> positions: array<u32>;
+@group(0) @binding(19) var<storage, read> qkv: array<f32>;
+
+fn flat_id(wg: vec3<u32>, nwg: vec3<u32>, lid: u32, size: u32) -> u32 {
+    return (wg.x + wg.y * nwg.x) * size + lid;
+}
+
+fn head_len(s: u32) -> u32 {
+    return desc[(p.desc_base + s) * 2u + 1u];
+}
+
+// Word index in the pool of slot t's key of stored head s, for the desc entry `d`.
+fn slot_base(d: u32, t: u32) -> u32 {
+    let off = desc[d * 2u];
+    return tables[off + t / p.page_size] * p.page_words + (t % p.page_size) * p.dw;
+}
+
+fn slot_pos(d: u32, t: u32) -> u32 {
+    let off = desc[d * 2u];
+    return pool[tables[off + t / p.page_size] * p.page_words + 2u * p.page_size * p.dw + t % p.page_size];
+}
+
+// q (queries[qoff..]) . key at word `kb`.
+fn q_dot(qoff: u32, kb: u32) -> f32 {
+    var s = 0.0;
+    if KV_F16 {
+        for (var w = 0u; w < p.dw; w = w + 1u) {
+            let k = unpack2x16float(pool[kb + w]);
+            s = s + queries[qoff + 2u * w] * k.x + queries[qoff + 2u * w + 1u] * k.y;
+        }
+    } else {
+        for (var w = 0u; w < p.dw; w = w + 1u) {
+            s = s + queries[qoff + w] * bitcast<f32>(pool[kb + w]);
+        }
+    }
+    return s;
+}
+
+fn k_dot(a: u32, b: u32) -> f32 {
+    var s = 0.0;
+    if KV_F16 {
+        for (var w = 0u; w < p.dw; w = w + 1u) {
+            let x = unpack2x16float(pool[a + w]);
+            let y = unpack2x16float(pool[b + w]);
+            s = s + x.x * y.x + x.y * y.y;
+        }
+    } else {
+        for (var w = 0u; w < p.dw; w = w + 1u) {
+            s = s + bitcast<f32>(pool[a + w]) * bitcast<f32>(pool[b + w]);
+        }
+    }
+    return s;
+}
+
+// Stored head a unit reads.
+fn unit_head(u: u32) -> u32 {
+    if p.rkv == 1u {
+        return u;
+    }
+    return u / p.units_per_head;
+}
+
+// Logit of query row r, unit u against the key at word kb (R-KV: max over the group).
+fn unit_logit(r: u32, u: u32, kb: u32) -> f32 {
+    let row = p.q_base + r * p.q_row_stride;
+    if p.rkv == 1u {
+        var m = -3.0e38;
+        for (var g = 0u; g < p.group; g = g + 1u) {
+            m = max(m, q_dot(row + (u * p.group + g) * p.head_dim, kb) * p.scale);
+        }
+        return m;
+    }
+    return q_dot(row + u * p.head_dim, kb) * p.scale;
+}
+
+// Columns a unit's softmax runs over, for a head of `len` slots.
+fn columns(len: u32) -> u32 {
+    if p.rkv == 1u {
+        return len - min(len, p.window);
+    }
+    return len;
+}
+
+fn desc_of_row(r: u32, s: u32) -> u32 {
+    return p.desc_base + (r / p.rows_per_group) * p.rows_per_group * p.n_heads + s;
+}
+
+// ---------------------------------------------------------------------------
+
+@compute @workgroup_size(WG)
+fn store_window_queries(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let width = p.units * p.head_dim;          // query heads * head_dim
+    let idx = flat_id(wg, nwg, lid, WG);
+    if idx >= p.n_rows * width {
+        return;
+    }
+    let n = idx / width;
+    let i = idx % width;
+    let g = n / p.rows_per_group;
+    if n % p.rows_per_group + p.window < p.rows_per_group {
+        return;   // not among the last `window` rows of its group
+    }
+    let lane = lanes[g];
+    let pos = positions[n];
+    let slot = pos % p.window;
+    queries[p.q_base + (lane * p.ring_lane_rows + slot) * width + i] = qkv[n * p.q_row_stride + i];
+    if i == 0u {
+        qpos[lane * p.window + slot] = pos;
+    }
+}
+
+var<workgroup> red_m: array<f32, SG>;
+var<workgroup> red_z: array<f32, SG>;
+
+@compute @workgroup_size(SG)
+fn score_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let id = wg.x + wg.y * nwg.x;      // row * units + unit (uniform)
+    let valid = id < p.n_rows * p.units;
+    let r = id / p.units;
+    let u = id % p.units;
+    let s = unit_head(u);
+    var m = -3.0e38;
+    var z = 0.0;
+    if valid {
+        let d = desc_of_row(r, s);
+        let n = columns(desc[d * 2u + 1u]);
+        let qp = qpos[p.qpos_base + r];
+        for (var t = lid; t < n; t = t + SG) {
+            if p.rkv == 1u || slot_pos(d, t) <= qp {
+                let l = unit_logit(r, u, slot_base(d, t));
+                let m2 = max(m, l);
+                z = z * exp(m - m2) + exp(l - m2);
+                m = m2;
+            }
+        }
+    }
+    red_m[lid] = m;
+    red_z[lid] = z;
+    workgroupBarrier();
+    for (var h = SG / 2u; h > 0u; h = h >> 1u) {
+        if lid < h {
+            let ma = red_m[lid];
+            let mb = red_m[lid + h];
+            let mm = max(ma, mb);
+            red_z[lid] = red_z[lid] * exp(ma - mm) + red_z[lid + h] * exp(mb - mm);
+            red_m[lid] = mm;
+        }
+        workgroupBarrier();
+    }
+    if valid && lid == 0u {
+        stats[id * 2u] = red_m[0];
+        stats[id * 2u + 1u] = red_z[0];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn score_accumulate(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    // x: slot blocks, y: unit, z: row group
+    let t = wg.x * WG + lid;
+    let u = wg.y;
+    let g = wg.z;
+    let s = unit_head(u);
+    let r0 = g * p.rows_per_group;
+    let d = desc_of_row(r0, s);
+    let n = columns(desc[d * 2u + 1u]);
+    if t >= n {
+        return;
+    }
+    let kb = slot_base(d, t);
+    let tp = slot_pos(d, t);
+    var sum = 0.0;
+    for (var r = r0; r < min(r0 + p.rows_per_group, p.n_rows); r = r + 1u) {
+        if p.rkv == 1u || tp <= qpos[p.qpos_base + r] {
+            let st = (r * p.units + u) * 2u;
+            sum = sum + exp(unit_logit(r, u, kb) - stats[st]) / stats[st + 1u];
+        }
+    }
+    let a = p.acc_base + lanes[g] * p.acc_lane_stride + u * p.t_stride + t;
+    if p.accumulate == 1u {
+        acc[a] = acc[a] + sum;
+    } else {
+        acc[a] = sum;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn score_reduce(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let t = wg.x * WG + lid;
+    let s = wg.y;
+    let len = head_len(s);
+    if t >= len - min(len, p.window) {
+        return;
+    }
+    var per_row = 1.0;
+    if p.mean == 1u {
+        per_row = 1.0 / f32(p.n_rows);
+    }
+    var v = 0.0;
+    if p.agg == 1u {
+        v = -3.0e38;
+    }
+    let ups = select(p.units_per_head, 1u, p.rkv == 1u);
+    for (var j = 0u; j < ups; j = j + 1u) {
+        let x = acc[p.acc_base + (s * ups + j) * p.t_stride + t] * per_row;
+        if p.agg == 1u {
+            v = max(v, x);
+        } else {
+            v = v + x;
+        }
+    }
+    if p.agg == 0u {
+        v = v / f32(ups);
+    }
+    raw[s * p.t_stride + t] = v;
+}
+
+@compute @workgroup_size(WG)
+fn score_pool(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let t = wg.x * WG + lid;
+    let s = wg.y;
+    let len = head_len(s);
+    let c = len - min(len, p.window);
+    if t >= c {
+        return;
+    }
+    let half = p.kernel / 2u;
+    let lo = t - min(t, half);
+    let hi = min(t + half + 1u, c);
+    let base = s * p.t_stride;
+    var v = 0.0;
+    if p.pooling == 0u {
+        v = -3.0e38;
+        for (var j = lo; j < hi; j = j + 1u) {
+            v = max(v, raw[base + j]);
+        }
+    } else {
+        for (var j = lo; j < hi; j = j + 1u) {
+            v = v + raw[base + j];
+        }
+        v = v / f32(p.kernel);
+    }
+    scores[base + t] = v;
+}
+
+@compute @workgroup_size(WG)
+fn key_norms(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let t = wg.x * WG + lid;
+    let s = wg.y;
+    let d = p.desc_base + s;
+    if t >= desc[d * 2u + 1u] {
+        return;
+    }
+    let kb = slot_base(d, t);
+    norms[s * p.t_stride + t] = 1.0 / (sqrt(k_dot(kb, kb)) + p.eps);
+}
+
+@compute @workgroup_size(WG)
+fn redundancy_rows(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let i = wg.x * WG + lid;
+    let s = wg.y;
+    let d = p.desc_base + s;
+    let n = desc[d * 2u + 1u];
+    if i >= n {
+        return;
+    }
+    let ki = slot_base(d, i);
+    let ni = norms[s * p.t_stride + i];
+    var sum = 0.0;
+    var hit = 0u;
+    var hit_val = 0.0;
+    var first = 0.0;
+    var found = false;
+    for (var j = 0u; j < n; j = j + 1u) {
+        if j == i {
+            continue;
+        }
+        let sim = k_dot(ki, slot_base(d, j)) * (ni * norms[s * p.t_stride + j]);
+        sum = sum + sim;
+        if j == 0u {
+            first = sim;
+        }
+        if sim > p.threshold {
+            hit = j;
+            hit_val = sim;
+            found = true;
+        }
+    }
+    if !found {
+        hit = 0u;
+        hit_val = first;   // S[i, 0] (0 when i == 0: the diagonal)
+    }
+    rowstat[(s * p.t_stride + i) * 2u] = sum;
+    rowstat[(s * p.t_stride + i) * 2u + 1u] = hit_val;
+    last[s * p.t_stride + i] = hit;
+}
+
+var<workgroup> tile_last: array<u32, WG>;
+var<workgroup> tile_val: array<f32, WG>;
+
+@compute @workgroup_size(WG)
+fn redundancy_cols(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let j = wg.x * WG + lid;
+    let s = wg.y;
+    let n = head_len(s);
+    var fix = 0.0;
+    for (var i0 = 0u; i0 < n; i0 = i0 + WG) {
+        let i = i0 + lid;
+        if i < n {
+            tile_last[lid] = last[s * p.t_stride + i];
+            tile_val[lid] = rowstat[(s * p.t_stride + i) * 2u + 1u];
+        } else {
+            tile_last[lid] = 0xffffffffu;
+        }
+        workgroupBarrier();
+        for (var k = 0u; k < WG; k = k + 1u) {
+            if tile_last[k] == j {
+                fix = fix + tile_val[k];
+            }
+        }
+        workgroupBarrier();
+    }
+    if j < n {
+        raw[s * p.t_stride + j] = (rowstat[(s * p.t_stride + j) * 2u] - fix) / f32(n);
+    }
+}
+
+var<workgroup> comb: array<f32, WG>;
+
+@compute @workgroup_size(WG)
+fn rkv_combine(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let s = wg.x;
+    let n = head_len(s);
+    let base = s * p.t_stride;
+    var m = -3.0e38;
+    for (var t = lid; t < n; t = t + WG) {
+        m = max(m, raw[base + t]);
+    }
+    comb[lid] = m;
+    workgroupBarrier();
+    for (var h = WG / 2u; h > 0u; h = h >> 1u) {
+        if lid < h {
+            comb[lid] = max(comb[lid], comb[lid + h]);
+        }
+        workgroupBarrier();
+    }
+    m = comb[0];
+    workgroupBarrier();
+    var z = 0.0;
+    for (var t = lid; t < n; t = t + WG) {
+        z = z + exp(raw[base + t] - m);
+    }
+    comb[lid] = z;
+    workgroupBarrier();
+    for (var h = WG / 2u; h > 0u; h = h >> 1u) {
+        if lid < h {
+            comb[lid] = comb[lid] + comb[lid + h];
+        }
+        workgroupBarrier();
+    }
+    z = comb[0];
+    let c = n - min(n, p.window);
+    for (var t = lid; t < c; t = t + WG) {
+        scores[base + t] = p.lambda * scores[base + t] - (1.0 - p.lambda) * (exp(raw[base + t] - m) / z);
+    }
+}
+
+// Sortable key: larger float -> larger u32.
+fn sort_key(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    if (b & 0x80000000u) != 0u {
+        return ~b;
+    }
+    return b | 0x80000000u;
+}
+
+var<workgroup> hist: array<atomic<u32>, 256>;
+var<workgroup> sel: array<u32, 4>;      // prefix, mask, remaining, count
+var<workgroup> scan: array<u32, TK>;
+var<workgroup> carry: array<u32, 2>;    // equal so far, kept so far
+
+// Inclusive workgroup scan of x (Hillis-Steele); returns the inclusive sum.
+fn scan_tk(x: u32, lid: u32) -> u32 {
+    scan[lid] = x;
+    workgroupBarrier();
+    for (var o = 1u; o < TK; o = o << 1u) {
+        var v = 0u;
+        if lid >= o {
+            v = scan[lid - o];
+        }
+        workgroupBarrier();
+        scan[lid] = scan[lid] + v;
+        workgroupBarrier();
+    }
+    let r = scan[lid];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(TK)
+fn topk_select(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let s = wg.x;
+    let base = s * p.t_stride;
+    if lid == 0u {
+        let len = head_len(s);
+        let c = len - min(len, p.window);
+        sel[0] = 0u;
+        sel[1] = 0u;
+        sel[2] = min(kvec[s], c);
+        sel[3] = c;
+    }
+    let c = workgroupUniformLoad(&sel[3]);
+    let k = workgroupUniformLoad(&sel[2]);
+    // Radix select: 4 passes of 8 bits find the k-th largest key; `remaining`
+    // ends as how many keys equal to it are kept (the lowest slots).
+    if k > 0u && k < c {
+        for (var round = 0u; round < 4u; round = round + 1u) {
+            let shift = 24u - 8u * round;
+            atomicStore(&hist[lid], 0u);
+            workgroupBarrier();
+            let prefix = sel[0];
+            let mask = sel[1];
+            for (var t = lid; t < c; t = t + TK) {
+                let key = sort_key(scores[base + t]);
+                if (key & mask) == prefix {
+                    atomicAdd(&hist[(key >> shift) & 255u], 1u);
+                }
+            }
+            workgroupBarrier();
+            if lid == 0u {
+                var above = 0u;
+                var b = 255u;
+                loop {
+                    let h = atomicLoad(&hist[b]);
+                    if above + h >= sel[2] || b == 0u {
+                        break;
+                    }
+                    above = above + h;
+                    b = b - 1u;
+                }
+                sel[2] = sel[2] - above;
+                sel[0] = sel[0] | (b << shift);
+                sel[1] = sel[1] | (255u << shift);
+            }
+            workgroupBarrier();
+        }
+    }
+    let thr = workgroupUniformLoad(&sel[0]);
+    let need_eq = workgroupUniformLoad(&sel[2]);
+    if lid == 0u {
+        carry[0] = 0u;
+        carry[1] = 0u;
+    }
+    workgroupBarrier();
+    let out = s * p.k_stride;
+    for (var t0 = 0u; t0 < c; t0 = t0 + TK) {
+        let t = t0 + lid;
+        var key = 0u;
+        if t < c {
+            key = sort_key(scores[base + t]);
+        }
+        let eq = select(0u, 1u, t < c && key == thr);
+        let eq_incl = scan_tk(eq, lid);
+        let eq_before = carry[0] + eq_incl - eq;
+        var keep = 0u;
+        if t < c {
+            if k >= c {
+                keep = 1u;
+            } else if k > 0u && (key > thr || (eq == 1u && eq_before < need_eq)) {
+                keep = 1u;
+            }
+        }
+        let keep_incl = scan_tk(keep, lid);
+        if keep == 1u {
+            kept[out + carry[1] + keep_incl - 1u] = t;
+        }
+        workgroupBarrier();
+        if lid == TK - 1u {
+            carry[0] = carry[0] + eq_incl;
+            carry[1] = carry[1] + keep_incl;
+        }
+        workgroupBarrier();
+    }
+    // the window
+    let len = c + min(head_len(s), p.window);
+    for (var t = c + lid; t < len; t = t + TK) {
+        kept[out + k + t - c] = t;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn rank_reference(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let n = wg.x * WG + lid;
+    let s = wg.y;
+    let len = head_len(s);
+    let c = len - min(len, p.window);
+    let k = min(kvec[s], c);
+    let out = s * p.k_stride;
+    if n < k {
+        let me = kept[out + n];
+        let v = scores[s * p.t_stride + me];
+        var rank = 0u;
+        for (var m = 0u; m < k; m = m + 1u) {
+            let o = kept[out + m];
+            let w = scores[s * p.t_stride + o];
+            if w > v || (w == v && o < me) {
+                rank = rank + 1u;
+            }
+        }
+        order[out + rank] = me;
+    } else if n < k + len - c {
+        order[out + n] = kept[out + n];
+    }
+}
+
+// Words per moved slot: key, value, position, then the H2O accumulators.
+fn slot_words() -> u32 {
+    return 2u * p.dw + 1u + p.acc_units;
+}
+
+@compute @workgroup_size(WG)
+fn compact_gather(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let sw = slot_words();
+    let idx = flat_id(wg, nwg, lid, WG);
+    let per_head = p.k_stride * sw;
+    let s = idx / per_head;
+    if s >= p.n_heads {
+        return;
+    }
+    let n = (idx % per_head) / sw;
+    let w = idx % sw;
+    if n >= kvec[s] + p.window {
+        return;
+    }
+    let d = p.desc_base + s;
+    let src = kept[s * p.k_stride + n];
+    var v = 0u;
+    let kb = slot_base(d, src);
+    if w < p.dw {
+        v = pool[kb + w];
+    } else if w < 2u * p.dw {
+        v = pool[kb + p.page_size * p.dw + w - p.dw];
+    } else if w == 2u * p.dw {
+        v = slot_pos(d, src);
+    } else {
+        v = bitcast<u32>(acc[p.acc_base + (s * p.acc_units + w - 2u * p.dw - 1u) * p.t_stride + src]);
+    }
+    scratch[idx] = v;
+}
+
+@compute @workgroup_size(WG)
+fn compact_scatter(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let sw = slot_words();
+    let idx = flat_id(wg, nwg, lid, WG);
+    let per_head = p.k_stride * sw;
+    let s = idx / per_head;
+    if s >= p.n_heads {
+        return;
+    }
+    let n = (idx % per_head) / sw;
+    let w = idx % sw;
+    if n >= kvec[s] + p.window {
+        return;
+    }
+    let d = p.desc_base + s;
+    let v = scratch[idx];
+    let kb = slot_base(d, n);
+    if w < p.dw {
+        pool[kb + w] = v;
+    } else if w < 2u * p.dw {
+        pool[kb + p.page_size * p.dw + w - p.dw] = v;
+    } else if w == 2u * p.dw {
+        let off = desc[d * 2u];
+        pool[tables[off + n / p.page_size] * p.page_words + 2u * p.page_size * p.dw + n % p.page_size] = v;
+    } else {
+        acc[p.acc_base + (s * p.acc_units + w - 2u * p.dw - 1u) * p.t_stride + n] = bitcast<f32>(v);
+    }
+}

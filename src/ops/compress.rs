@@ -1,0 +1,660 @@
+//! KV-compression kernels (`shaders/compress.wgsl`): window attention scores
+//! through the block tables, GQA reduction and pooling, R-KV's key
+//! redundancy by the row-sum identity, exact radix top-k with ties to the
+//! lower slot, and compaction of the kept slots. The CPU twins are the
+//! methods' reference code in `kv::compression` (f64); the tests below run
+//! both on seeded random inputs.
+//!
+//! Each function records the dispatches of one stage for one sequence's
+//! layer; the caller (`kv::compression::gpu`) strings them together.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{NO_FEATURES, u32_of};
+use crate::error::Result;
+use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
+use crate::kv::compression::{GqaAgg, Pooling};
+use crate::ops::paged_attention::{LayerKv, PoolLayout};
+
+pub static COMPRESS: Kernel = Kernel {
+    name: "compress",
+    sources: &[include_str!("../../shaders/compress.wgsl")],
+    entries: &[
+        "store_window_queries",
+        "score_stats",
+        "score_accumulate",
+        "score_reduce",
+        "score_pool",
+        "key_norms",
+        "redundancy_rows",
+        "redundancy_cols",
+        "rkv_combine",
+        "topk_select",
+        "rank_reference",
+        "compact_gather",
+        "compact_scatter",
+    ],
+    needs: NO_FEATURES,
+};
+
+const WG: usize = 256;
+
+/// Mirrors `Params` in compress.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Default, Debug)]
+pub struct CompressParams {
+    pub n_heads: u32,
+    pub units: u32,
+    pub units_per_head: u32,
+    pub group: u32,
+    pub head_dim: u32,
+    pub dw: u32,
+    pub page_size: u32,
+    pub page_words: u32,
+    pub n_rows: u32,
+    pub rows_per_group: u32,
+    pub q_base: u32,
+    pub q_row_stride: u32,
+    pub qpos_base: u32,
+    pub desc_base: u32,
+    pub acc_base: u32,
+    pub acc_lane_stride: u32,
+    pub t_stride: u32,
+    pub window: u32,
+    pub kernel: u32,
+    pub rkv: u32,
+    pub mean: u32,
+    pub agg: u32,
+    pub pooling: u32,
+    pub accumulate: u32,
+    pub k_stride: u32,
+    pub acc_units: u32,
+    pub ring_lane_rows: u32,
+    pub scale: f32,
+    pub lambda: f32,
+    pub threshold: f32,
+    pub eps: f32,
+    pub _pad: u32,
+}
+
+impl CompressParams {
+    fn for_kv(kv: &LayerKv) -> Self {
+        let l = kv.layout;
+        Self {
+            n_heads: u32_of("stored heads", kv.n_heads),
+            head_dim: u32_of("head dim", l.head_dim),
+            dw: u32_of("dw", l.dw()),
+            page_size: u32_of("page size", l.page_size),
+            page_words: u32_of("page words", l.page_words()),
+            desc_base: u32_of("desc base", kv.desc_base),
+            rows_per_group: 1,
+            ..Default::default()
+        }
+    }
+}
+
+/// Where the scoring queries sit: row `r`, query head `h` at
+/// `queries[base + r * row_stride + h * head_dim ..]`, position `positions[pos_base + r]`.
+pub struct ScoreQueries<'a> {
+    pub queries: &'a GpuBuffer<f32>,
+    pub positions: &'a GpuBuffer<u32>,
+    pub base: usize,
+    pub row_stride: usize,
+    pub pos_base: usize,
+    pub n_rows: usize,
+    /// Rows sharing one sequence (one desc entry and accumulator region).
+    pub rows_per_group: usize,
+    pub n_q_heads: usize,
+}
+
+/// How the window scores are formed.
+#[derive(Clone, Copy, Debug)]
+pub struct ScoreSpec {
+    /// R-KV importance: group max of raw logits, softmax over the candidates, no mask.
+    pub rkv: bool,
+    /// Mean over the query rows (else sum).
+    pub mean: bool,
+    pub agg: GqaAgg,
+    /// Pooling kernel (1: none).
+    pub kernel: usize,
+    pub pooling: Pooling,
+    pub window: usize,
+    /// Query heads per model KV head.
+    pub group: usize,
+}
+
+impl ScoreSpec {
+    fn units(&self, q: &ScoreQueries) -> usize {
+        if self.rkv {
+            q.n_q_heads / self.group
+        } else {
+            q.n_q_heads
+        }
+    }
+}
+
+/// Scratch of the passes over up to `heads` stored heads of `t_max` slots.
+pub struct CompressBuffers {
+    pub t_max: usize,
+    pub heads: usize,
+    pub stats: GpuBuffer<f32>,
+    pub acc: GpuBuffer<f32>,
+    pub raw: GpuBuffer<f32>,
+    pub scores: GpuBuffer<f32>,
+    pub norms: GpuBuffer<f32>,
+    pub rowstat: GpuBuffer<f32>,
+    pub last: GpuBuffer<u32>,
+    pub kept: GpuBuffer<u32>,
+    pub order: GpuBuffer<u32>,
+    pub lane0: GpuBuffer<u32>,
+    pub scratch: GpuBuffer<u32>,
+}
+
+impl CompressBuffers {
+    /// `units`: score units (query heads); `rows`: window query rows;
+    /// `acc_units`: accumulator units a compaction moves per stored head.
+    pub fn new(
+        ctx: &GpuContext,
+        layout: PoolLayout,
+        heads: usize,
+        units: usize,
+        rows: usize,
+        t_max: usize,
+        acc_units: usize,
+    ) -> Result<Self> {
+        let t = t_max.max(1);
+        let z = |label: &str, n: usize| GpuBuffer::<f32>::zeros(ctx, label, n.max(1));
+        let zu = |label: &str, n: usize| GpuBuffer::<u32>::zeros(ctx, label, n.max(1));
+        let slot_words = 2 * layout.dw() + 1 + acc_units;
+        Ok(Self {
+            t_max: t,
+            heads,
+            stats: z("compress.stats", rows * units * 2)?,
+            acc: z("compress.acc", units * t)?,
+            raw: z("compress.raw", heads * t)?,
+            scores: z("compress.scores", heads * t)?,
+            norms: z("compress.norms", heads * t)?,
+            rowstat: z("compress.rowstat", heads * t * 2)?,
+            last: zu("compress.last", heads * t)?,
+            kept: zu("compress.kept", heads * t)?,
+            order: zu("compress.order", heads * t)?,
+            lane0: zu("compress.lane0", 1)?,
+            scratch: zu("compress.scratch", heads * t * slot_words)?,
+        })
+    }
+}
+
+fn pipeline(ctx: &GpuContext, kv: &LayerKv, entry: &str) -> Result<wgpu::ComputePipeline> {
+    let f16 = if kv.layout.kv_f16 { 1.0 } else { 0.0 };
+    ctx.pipeline(&COMPRESS, entry, &[("WG", WG as f64), ("KV_F16", f16)])
+}
+
+fn dispatch(
+    ctx: &GpuContext,
+    kv: &LayerKv,
+    entry: &str,
+    params: &CompressParams,
+    resources: &[(u32, wgpu::BindingResource<'_>)],
+    workgroups: [u32; 3],
+) -> Result<Dispatch> {
+    Dispatch::with_params_at(
+        ctx,
+        pipeline(ctx, kv, entry)?,
+        format!("kvsift.compress.{entry}"),
+        params,
+        resources,
+        workgroups,
+    )
+}
+
+fn blocks(n: usize) -> u32 {
+    u32_of("workgroups", n.div_ceil(WG).max(1))
+}
+
+/// Writes the last `window` query rows of each row group into the lanes'
+/// rings (`ring[lane][layer][position % window][Hq * D]`, positions in
+/// `ring_pos[lane][window]`). Runs in the forward, after RoPE.
+#[allow(clippy::too_many_arguments)]
+pub fn store_window_queries(
+    ctx: &GpuContext,
+    kv: &LayerKv,
+    positions: &GpuBuffer<u32>,
+    qkv: &GpuBuffer<f32>,
+    qkv_stride: usize,
+    n_q_heads: usize,
+    n_rows: usize,
+    rows_per_group: usize,
+    lanes: &GpuBuffer<u32>,
+    ring: &GpuBuffer<f32>,
+    ring_pos: &GpuBuffer<u32>,
+    layer: usize,
+    n_layers: usize,
+    window: usize,
+) -> Result<Dispatch> {
+    let width = n_q_heads * kv.layout.head_dim;
+    let p = CompressParams {
+        units: u32_of("query heads", n_q_heads),
+        n_rows: u32_of("rows", n_rows),
+        rows_per_group: u32_of("rows per group", rows_per_group),
+        q_base: u32_of("ring base", layer * window * width),
+        q_row_stride: u32_of("qkv stride", qkv_stride),
+        ring_lane_rows: u32_of("ring rows", n_layers * window),
+        window: u32_of("window", window),
+        ..CompressParams::for_kv(kv)
+    };
+    dispatch(
+        ctx,
+        kv,
+        "store_window_queries",
+        &p,
+        &[
+            (1, ring_pos.binding()),
+            (2, ring.binding()),
+            (8, lanes.binding()),
+            (18, positions.binding()),
+            (19, qkv.binding()),
+        ],
+        ctx.grid(blocks(n_rows * width)),
+    )
+}
+
+/// Per-unit probability sums of the query rows over every slot: into
+/// `acc[acc_base + lanes[group] * acc_lane_stride + unit * t_stride + slot]`,
+/// replacing or (`accumulate`) adding.
+#[allow(clippy::too_many_arguments)]
+pub fn score_accumulate(
+    ctx: &GpuContext,
+    kv: &LayerKv,
+    q: &ScoreQueries,
+    spec: &ScoreSpec,
+    stats: &GpuBuffer<f32>,
+    acc: &GpuBuffer<f32>,
+    lanes: &GpuBuffer<u32>,
+    acc_base: usize,
+    acc_lane_stride: usize,
+    t_stride: usize,
+    accumulate: bool,
+) -> Result<[Dispatch; 2]> {
+    let units = spec.units(q);
+    let groups = q.n_rows.div_ceil(q.rows_per_group);
+    let p = params_for(kv, q, spec, t_stride)
+        .with(|p| {
+            p.acc_base = u32_of("acc base", acc_base);
+            p.acc_lane_stride = u32_of("acc lane stride", acc_lane_stride);
+            p.accumulate = accumulate as u32;
+        });
+    let stats_d = dispatch(
+        ctx,
+        kv,
+        "score_stats",
+        &p,
+        &[
+            (1, q.positions.binding()),
+            (2, q.queries.binding()),
+            (3, kv.desc.binding()),
+            (4, kv.tables.binding()),
+            (5, kv.pool.binding()),
+            (6, stats.binding()),
+        ],
+        ctx.grid(u32_of("stats workgroups", q.n_rows * units)),
+    )?;
+    let acc_d = dispatch(
+        ctx,
+        kv,
+        "score_accumulate",
+        &p,
+        &[
+            (1, q.positions.binding()),
+            (2, q.queries.binding()),
+            (3, kv.desc.binding()),
+            (4, kv.tables.binding()),
+            (5, kv.pool.binding()),
+            (6, stats.binding()),
+            (7, acc.binding()),
+            (8, lanes.binding()),
+        ],
+        [
+            blocks(t_stride),
+            u32_of("units", units),
+            u32_of("groups", groups),
+        ],
+    )?;
+    Ok([stats_d, acc_d])
+}
+
+trait With: Sized {
+    fn with(mut self, f: impl FnOnce(&mut Self)) -> Self {
+        f(&mut self);
+        self
+    }
+}
+impl With for CompressParams {}
+
+fn params_for(kv: &LayerKv, q: &ScoreQueries, spec: &ScoreSpec, t_stride: usize) -> CompressParams {
+    let units = spec.units(q);
+    CompressParams {
+        units: u32_of("units", units),
+        units_per_head: u32_of("units per head", (units / kv.n_heads).max(1)),
+        group: u32_of("group", spec.group),
+        n_rows: u32_of("rows", q.n_rows),
+        rows_per_group: u32_of("rows per group", q.rows_per_group),
+        q_base: u32_of("query base", q.base),
+        q_row_stride: u32_of("query stride", q.row_stride),
+        qpos_base: u32_of("query positions base", q.pos_base),
+        t_stride: u32_of("t stride", t_stride),
+        window: u32_of("window", spec.window),
+        kernel: u32_of("kernel", spec.kernel),
+        rkv: spec.rkv as u32,
+        mean: spec.mean as u32,
+        agg: match spec.agg {
+            GqaAgg::Mean => 0,
+            GqaAgg::Max => 1,
+            GqaAgg::Sum => 2,
+        },
+        pooling: match spec.pooling {
+            Pooling::Max => 0,
+            Pooling::Avg => 1,
+        },
+        scale: 1.0 / (kv.layout.head_dim as f32).sqrt(),
+        ..CompressParams::for_kv(kv)
+    }
+}
+
+/// Row reduction, GQA reduction and pooling of the unit sums in `acc`
+/// (at `acc_base`) into `bufs.scores` (per stored head, candidates `[0, len - window)`).
+pub fn reduce_and_pool(
+    ctx: &GpuContext,
+    kv: &LayerKv,
+    q: &ScoreQueries,
+    spec: &ScoreSpec,
+    acc: &GpuBuffer<f32>,
+    acc_base: usize,
+    bufs: &CompressBuffers,
+) -> Result<[Dispatch; 2]> {
+    let p = params_for(kv, q, spec, bufs.t_max).with(|p| p.acc_base = u32_of("acc base", acc_base));
+    let grid = [blocks(bufs.t_max), u32_of("heads", kv.n_heads), 1];
+    Ok([
+        dispatch(
+            ctx,
+            kv,
+            "score_reduce",
+            &p,
+            &[
+                (3, kv.desc.binding()),
+                (7, acc.binding()),
+                (9, bufs.raw.binding()),
+            ],
+            grid,
+        )?,
+        dispatch(
+            ctx,
+            kv,
+            "score_pool",
+            &p,
+            &[
+                (3, kv.desc.binding()),
+                (9, bufs.raw.binding()),
+                (10, bufs.scores.binding()),
+            ],
+            grid,
+        )?,
+    ])
+}
+
+/// Window scores of one sequence: stats, unit sums (scratch `bufs.acc`),
+/// reduction and pooling into `bufs.scores`.
+pub fn window_scores(
+    ctx: &GpuContext,
+    kv: &LayerKv,
+    q: &ScoreQueries,
+    spec: &ScoreSpec,
+    bufs: &CompressBuffers,
+) -> Result<Vec<Dispatch>> {
+    let mut out = Vec::with_capacity(4);
+    out.extend(score_accumulate(
+        ctx,
+        kv,
+        q,
+        spec,
+        &bufs.stats,
+        &bufs.acc,
+        &bufs.lane0,
+        0,
+        0,
+        bufs.t_max,
+        false,
+    )?);
+    out.extend(reduce_and_pool(ctx, kv, q, spec, &bufs.acc, 0, bufs)?);
+    Ok(out)
+}
+
+/// R-KV: redundancy of every slot and the final score
+/// `lambda * importance - (1 - lambda) * redundancy` in `bufs.scores`
+/// (which holds the pooled importance).
+pub fn rkv_redundancy(
+    ctx: &GpuContext,
+    kv: &LayerKv,
+    window: usize,
+    lambda: f32,
+    threshold: f32,
+    eps: f32,
+    bufs: &CompressBuffers,
+) -> Result<Vec<Dispatch>> {
+    let p = CompressParams {
+        t_stride: u32_of("t stride", bufs.t_max),
+        window: u32_of("window", window),
+        lambda,
+        threshold,
+        eps,
+        ..CompressParams::for_kv(kv)
+    };
+    let grid = [blocks(bufs.t_max), u32_of("heads", kv.n_heads), 1];
+    fn with_pool<'a>(
+        kv: &'a LayerKv,
+        extra: &[(u32, wgpu::BindingResource<'a>)],
+    ) -> Vec<(u32, wgpu::BindingResource<'a>)> {
+        let mut v = vec![
+            (3, kv.desc.binding()),
+            (4, kv.tables.binding()),
+            (5, kv.pool.binding()),
+        ];
+        v.extend(extra.iter().cloned());
+        v
+    }
+    Ok(vec![
+        dispatch(
+            ctx,
+            kv,
+            "key_norms",
+            &p,
+            &with_pool(kv, &[(11, bufs.norms.binding())]),
+            grid,
+        )?,
+        dispatch(
+            ctx,
+            kv,
+            "redundancy_rows",
+            &p,
+            &with_pool(kv, &[
+                (11, bufs.norms.binding()),
+                (12, bufs.rowstat.binding()),
+                (13, bufs.last.binding()),
+            ]),
+            grid,
+        )?,
+        dispatch(
+            ctx,
+            kv,
+            "redundancy_cols",
+            &p,
+            &[
+                (3, kv.desc.binding()),
+                (9, bufs.raw.binding()),
+                (12, bufs.rowstat.binding()),
+                (13, bufs.last.binding()),
+            ],
+            grid,
+        )?,
+        dispatch(
+            ctx,
+            kv,
+            "rkv_combine",
+            &p,
+            &[
+                (3, kv.desc.binding()),
+                (9, bufs.raw.binding()),
+                (10, bufs.scores.binding()),
+            ],
+            [u32_of("heads", kv.n_heads), 1, 1],
+        )?,
+    ])
+}
+
+/// Exact top-`kvec[s]` of each stored head's candidate scores, ties to the
+/// lower slot: `bufs.kept[s]` = the kept slots ascending, then the window.
+/// With `reference_order`, `bufs.order[s]` = the same slots in R-KV's layout
+/// (selected by descending score, then the window).
+pub fn topk(
+    ctx: &GpuContext,
+    kv: &LayerKv,
+    window: usize,
+    bufs: &CompressBuffers,
+    kvec: &GpuBuffer<u32>,
+    reference_order: bool,
+) -> Result<Vec<Dispatch>> {
+    let p = CompressParams {
+        t_stride: u32_of("t stride", bufs.t_max),
+        k_stride: u32_of("k stride", bufs.t_max),
+        window: u32_of("window", window),
+        ..CompressParams::for_kv(kv)
+    };
+    let mut out = vec![dispatch(
+        ctx,
+        kv,
+        "topk_select",
+        &p,
+        &[
+            (3, kv.desc.binding()),
+            (10, bufs.scores.binding()),
+            (14, kvec.binding()),
+            (15, bufs.kept.binding()),
+        ],
+        [u32_of("heads", kv.n_heads), 1, 1],
+    )?];
+    if reference_order {
+        out.push(dispatch(
+            ctx,
+            kv,
+            "rank_reference",
+            &p,
+            &[
+                (3, kv.desc.binding()),
+                (10, bufs.scores.binding()),
+                (14, kvec.binding()),
+                (15, bufs.kept.binding()),
+                (16, bufs.order.binding()),
+            ],
+            [blocks(bufs.t_max), u32_of("heads", kv.n_heads), 1],
+        )?);
+    }
+    Ok(out)
+}
+
+/// Moves slot `list[s][n]` of every stored head to slot `n`, for
+/// `n < kvec[s] + window` (the list from `bufs.kept` or `bufs.order`), with
+/// `acc_units` accumulator rows per head (H2O) at `acc_base` moving along.
+#[allow(clippy::too_many_arguments)]
+pub fn compact(
+    ctx: &GpuContext,
+    kv: &LayerKv,
+    window: usize,
+    bufs: &CompressBuffers,
+    kvec: &GpuBuffer<u32>,
+    list: &GpuBuffer<u32>,
+    acc: &GpuBuffer<f32>,
+    acc_base: usize,
+    acc_t_stride: usize,
+    acc_units: usize,
+) -> Result<[Dispatch; 2]> {
+    let p = CompressParams {
+        t_stride: u32_of("acc t stride", acc_t_stride),
+        k_stride: u32_of("k stride", bufs.t_max),
+        window: u32_of("window", window),
+        acc_base: u32_of("acc base", acc_base),
+        acc_units: u32_of("acc units", acc_units),
+        ..CompressParams::for_kv(kv)
+    };
+    let words = kv.n_heads * bufs.t_max * (2 * kv.layout.dw() + 1 + acc_units);
+    assert!(
+        words <= bufs.scratch.len(),
+        "compaction scratch too small"
+    );
+    let grid = ctx.grid(blocks(words));
+    let gather = [
+        (3, kv.desc.binding()),
+        (4, kv.tables.binding()),
+        (5, kv.pool.binding()),
+        (7, acc.binding()),
+        (14, kvec.binding()),
+        (15, list.binding()),
+        (17, bufs.scratch.binding()),
+    ];
+    let scatter = [
+        (3, kv.desc.binding()),
+        (4, kv.tables.binding()),
+        (5, kv.pool.binding()),
+        (7, acc.binding()),
+        (14, kvec.binding()),
+        (17, bufs.scratch.binding()),
+    ];
+    Ok([
+        dispatch(ctx, kv, "compact_gather", &p, &gather, grid)?,
+        dispatch(ctx, kv, "compact_scatter", &p, &scatter, grid)?,
+    ])
+}
+
+/// Pool words holding `keys` (`[heads][t][head_dim]` f32) with positions
+/// `0..t`, values zero, one table per head over pages `order` (a permutation
+/// of the pages, to exercise the tables): `(pool, desc, tables)`.
+pub fn pool_from_keys(
+    layout: PoolLayout,
+    keys: &[f32],
+    heads: usize,
+    t: usize,
+    page_order: Option<&[usize]>,
+) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let d = layout.head_dim;
+    let ps = layout.page_size;
+    let per_head = t.div_ceil(ps).max(1);
+    let total = heads * per_head;
+    let identity: Vec<usize> = (0..total).collect();
+    let order = page_order.unwrap_or(&identity);
+    assert_eq!(order.len(), total, "page order covers every page");
+    let mut pool = vec![0u32; total * layout.page_words()];
+    let mut desc = vec![];
+    let mut tables = vec![0u32; total];
+    for h in 0..heads {
+        desc.extend([(h * per_head) as u32, t as u32]);
+        for pi in 0..per_head {
+            tables[h * per_head + pi] = order[h * per_head + pi] as u32;
+        }
+        for s in 0..t {
+            let page = order[h * per_head + s / ps];
+            let base = page * layout.page_words() + (s % ps) * layout.dw();
+            let k = &keys[(h * t + s) * d..][..d];
+            if layout.kv_f16 {
+                for w in 0..d / 2 {
+                    let lo = half::f16::from_f32(k[2 * w]).to_bits() as u32;
+                    let hi = half::f16::from_f32(k[2 * w + 1]).to_bits() as u32;
+                    pool[base + w] = lo | (hi << 16);
+                }
+            } else {
+                for (w, v) in k.iter().enumerate() {
+                    pool[base + w] = v.to_bits();
+                }
+            }
+            pool[page * layout.page_words() + 2 * ps * layout.dw() + s % ps] = s as u32;
+        }
+    }
+    (pool, desc, tables)
+}
