@@ -34,7 +34,7 @@
 
 override WG: u32 = 256u;
 override KV_F16: bool = true;
-const SG: u32 = 64u;        // workgroup of score_stats
+const SG: u32 = 256u;       // workgroup of score_stats
 const TK: u32 = 256u;       // workgroup of topk_select
 
 struct Params {
@@ -347,44 +347,66 @@ fn key_norms(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     norms[s * p.t_stride + t] = 1.0 / (sqrt(k_dot(kb, kb)) + p.eps);
 }
 
+var<workgroup> rr_sum: array<f32, WG>;
+var<workgroup> rr_hit: array<u32, WG>;     // largest j with S > threshold, plus one (0: none)
+var<workgroup> rr_val: array<f32, WG>;
+var<workgroup> rr_first: f32;
+
+// One workgroup per (row i, stored head): the threads split the columns j,
+// so no invocation loops over more than T / WG slots (llvmpipe stops loops
+// after 65535 iterations per invocation).
 @compute @workgroup_size(WG)
-fn redundancy_rows(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
-    let i = wg.x * WG + lid;
-    let s = wg.y;
+fn redundancy_rows(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = wg.x + wg.y * nwg.x;
+    let s = wg.z;
     let d = p.desc_base + s;
     let n = desc[d * 2u + 1u];
-    if i >= n {
-        return;
-    }
-    let ki = slot_base(d, i);
-    let ni = norms[s * p.t_stride + i];
     var sum = 0.0;
     var hit = 0u;
     var hit_val = 0.0;
-    var first = 0.0;
-    var found = false;
-    for (var j = 0u; j < n; j = j + 1u) {
-        if j == i {
-            continue;
-        }
-        let sim = k_dot(ki, slot_base(d, j)) * (ni * norms[s * p.t_stride + j]);
-        sum = sum + sim;
-        if j == 0u {
-            first = sim;
-        }
-        if sim > p.threshold {
-            hit = j;
-            hit_val = sim;
-            found = true;
+    if i < n {
+        let ki = slot_base(d, i);
+        let ni = norms[s * p.t_stride + i];
+        for (var j = lid; j < n; j = j + WG) {
+            var sim = 0.0;
+            if j != i {
+                sim = k_dot(ki, slot_base(d, j)) * (ni * norms[s * p.t_stride + j]);
+            }
+            sum = sum + sim;
+            if j == 0u {
+                rr_first = sim;   // S[i, 0] (0 when i == 0: the diagonal)
+            }
+            if j != i && sim > p.threshold {
+                hit = j + 1u;
+                hit_val = sim;
+            }
         }
     }
-    if !found {
-        hit = 0u;
-        hit_val = first;   // S[i, 0] (0 when i == 0: the diagonal)
+    rr_sum[lid] = sum;
+    rr_hit[lid] = hit;
+    rr_val[lid] = hit_val;
+    workgroupBarrier();
+    for (var h = WG / 2u; h > 0u; h = h >> 1u) {
+        if lid < h {
+            rr_sum[lid] = rr_sum[lid] + rr_sum[lid + h];
+            if rr_hit[lid + h] > rr_hit[lid] {
+                rr_hit[lid] = rr_hit[lid + h];
+                rr_val[lid] = rr_val[lid + h];
+            }
+        }
+        workgroupBarrier();
     }
-    rowstat[(s * p.t_stride + i) * 2u] = sum;
-    rowstat[(s * p.t_stride + i) * 2u + 1u] = hit_val;
-    last[s * p.t_stride + i] = hit;
+    if lid == 0u && i < n {
+        let at = s * p.t_stride + i;
+        rowstat[at * 2u] = rr_sum[0];
+        if rr_hit[0] == 0u {
+            last[at] = 0u;
+            rowstat[at * 2u + 1u] = rr_first;
+        } else {
+            last[at] = rr_hit[0] - 1u;
+            rowstat[at * 2u + 1u] = rr_val[0];
+        }
+    }
 }
 
 var<workgroup> tile_last: array<u32, WG>;

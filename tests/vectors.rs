@@ -198,7 +198,10 @@ fn every_selection_vector_passes(ctx: Option<&kvsift::gpu::GpuContext>) {
             n += 1;
         }
     }
-    eprintln!("{n} selection vectors passed ({})", if ctx.is_some() { "gpu" } else { "cpu" });
+    eprintln!(
+        "{n} selection vectors passed ({})",
+        if ctx.is_some() { "gpu" } else { "cpu" }
+    );
     assert_eq!(n, 84, "every selection vector was read");
 }
 

@@ -95,6 +95,7 @@ impl CompressParams {
 
 /// Where the scoring queries sit: row `r`, query head `h` at
 /// `queries[base + r * row_stride + h * head_dim ..]`, position `positions[pos_base + r]`.
+#[derive(Clone, Copy)]
 pub struct ScoreQueries<'a> {
     pub queries: &'a GpuBuffer<f32>,
     pub positions: &'a GpuBuffer<u32>,
@@ -258,6 +259,11 @@ pub fn store_window_queries(
     )
 }
 
+/// Query rows one `score_accumulate` invocation loops over at most: a
+/// single sequence's rows are split into chunks that add up (llvmpipe stops
+/// loops after 65535 iterations per invocation).
+const ROWS_PER_PASS: usize = 64;
+
 /// Per-unit probability sums of the query rows over every slot: into
 /// `acc[acc_base + lanes[group] * acc_lane_stride + unit * t_stride + slot]`,
 /// replacing or (`accumulate`) adding.
@@ -274,15 +280,41 @@ pub fn score_accumulate(
     acc_lane_stride: usize,
     t_stride: usize,
     accumulate: bool,
-) -> Result<[Dispatch; 2]> {
+) -> Result<Vec<Dispatch>> {
+    if q.rows_per_group == q.n_rows && q.n_rows > ROWS_PER_PASS {
+        let mut out = vec![];
+        for r0 in (0..q.n_rows).step_by(ROWS_PER_PASS) {
+            let n = ROWS_PER_PASS.min(q.n_rows - r0);
+            let chunk = ScoreQueries {
+                base: q.base + r0 * q.row_stride,
+                pos_base: q.pos_base + r0,
+                n_rows: n,
+                rows_per_group: n,
+                ..*q
+            };
+            out.extend(score_accumulate(
+                ctx,
+                kv,
+                &chunk,
+                spec,
+                stats,
+                acc,
+                lanes,
+                acc_base,
+                acc_lane_stride,
+                t_stride,
+                accumulate || r0 > 0,
+            )?);
+        }
+        return Ok(out);
+    }
     let units = spec.units(q);
     let groups = q.n_rows.div_ceil(q.rows_per_group);
-    let p = params_for(kv, q, spec, t_stride)
-        .with(|p| {
-            p.acc_base = u32_of("acc base", acc_base);
-            p.acc_lane_stride = u32_of("acc lane stride", acc_lane_stride);
-            p.accumulate = accumulate as u32;
-        });
+    let p = params_for(kv, q, spec, t_stride).with(|p| {
+        p.acc_base = u32_of("acc base", acc_base);
+        p.acc_lane_stride = u32_of("acc lane stride", acc_lane_stride);
+        p.accumulate = accumulate as u32;
+    });
     let stats_d = dispatch(
         ctx,
         kv,
@@ -319,7 +351,7 @@ pub fn score_accumulate(
             u32_of("groups", groups),
         ],
     )?;
-    Ok([stats_d, acc_d])
+    Ok(vec![stats_d, acc_d])
 }
 
 trait With: Sized {
@@ -475,12 +507,18 @@ pub fn rkv_redundancy(
             kv,
             "redundancy_rows",
             &p,
-            &with_pool(kv, &[
-                (11, bufs.norms.binding()),
-                (12, bufs.rowstat.binding()),
-                (13, bufs.last.binding()),
-            ]),
-            grid,
+            &with_pool(
+                kv,
+                &[
+                    (11, bufs.norms.binding()),
+                    (12, bufs.rowstat.binding()),
+                    (13, bufs.last.binding()),
+                ],
+            ),
+            {
+                let [x, y, _] = ctx.grid(u32_of("rows", bufs.t_max));
+                [x, y, u32_of("heads", kv.n_heads)]
+            },
         )?,
         dispatch(
             ctx,
@@ -585,10 +623,7 @@ pub fn compact(
         ..CompressParams::for_kv(kv)
     };
     let words = kv.n_heads * bufs.t_max * (2 * kv.layout.dw() + 1 + acc_units);
-    assert!(
-        words <= bufs.scratch.len(),
-        "compaction scratch too small"
-    );
+    assert!(words <= bufs.scratch.len(), "compaction scratch too small");
     let grid = ctx.grid(blocks(words));
     let gather = [
         (3, kv.desc.binding()),
@@ -657,4 +692,349 @@ pub fn pool_from_keys(
         }
     }
     (pool, desc, tables)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::compression::gpu::{ScratchPool, heads_per_kv};
+    use crate::kv::compression::{
+        Captured, CompressConfig, Granularity, H2oVersion, Method, common, rkv, snapkv,
+    };
+    use crate::testing::{Rng, assert_nmse, gpu};
+
+    const LAMBDA: f32 = 0.3;
+    fn f16_round(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect()
+    }
+
+    /// GPU window / R-KV scores against the CPU twins (snapkv::scores,
+    /// rkv::scores, f64) on seeded inputs: candidate counts 1, non-multiples
+    /// of the workgroup and several workgroups, head dims 64 and 128, f32 and
+    /// f16 slots, both granularities and every GQA reduction. Tolerance: NMSE 1e-9.
+    #[test]
+    fn window_and_rkv_scores_match_the_cpu_twins() {
+        let Some(ctx) = gpu() else { return };
+        let mut rng = Rng::new(7);
+        let cases = [
+            // (hkv, group, t, d, window, kv_f16)
+            (1, 1, 9, 64, 8, false),
+            (2, 2, 300, 64, 8, false),
+            (2, 4, 300, 128, 16, false),
+            (1, 1, 520, 128, 8, false),
+            (2, 4, 700, 128, 16, false),
+            (1, 2, 261, 128, 4, true),
+        ];
+        for &(hkv, g, t, d, w, kv_f16) in &cases {
+            let hq = hkv * g;
+            let mut keys = rng.normals(hkv * t * d);
+            // Some near-duplicate keys so the redundancy rule fires.
+            for i in (5..t).step_by(7) {
+                for j in 0..d {
+                    keys[i * d + j] = keys[(i - 3) * d + j] + 0.01 * rng.normal();
+                }
+            }
+            let queries = rng.normals(hq * w * d);
+            let cpu_keys = if kv_f16 {
+                f16_round(&keys)
+            } else {
+                keys.clone()
+            };
+            let x = Captured {
+                keys: &keys,
+                queries: &queries,
+                hkv,
+                hq,
+                t,
+                q_rows: w,
+                d,
+            };
+            let xc = Captured {
+                keys: &cpu_keys,
+                ..x
+            };
+            let methods: &[(Method, Granularity, GqaAgg, Pooling)] = &[
+                (
+                    Method::SnapKv,
+                    Granularity::KvHead,
+                    GqaAgg::Mean,
+                    Pooling::Max,
+                ),
+                (
+                    Method::SnapKv,
+                    Granularity::KvHead,
+                    GqaAgg::Max,
+                    Pooling::Avg,
+                ),
+                (
+                    Method::SnapKv,
+                    Granularity::QueryHead,
+                    GqaAgg::Sum,
+                    Pooling::Max,
+                ),
+                (
+                    Method::AdaKv,
+                    Granularity::KvHead,
+                    GqaAgg::Sum,
+                    Pooling::Max,
+                ),
+                (Method::H2o, Granularity::KvHead, GqaAgg::Mean, Pooling::Max),
+                (Method::Rkv, Granularity::KvHead, GqaAgg::Mean, Pooling::Max),
+            ];
+            for &(method, granularity, agg, pooling) in methods {
+                let mut cfg = CompressConfig::new(method, w + 1);
+                cfg.window = w;
+                cfg.granularity = granularity;
+                cfg.gqa_agg = agg;
+                cfg.pooling = pooling;
+                cfg.h2o_version = H2oVersion::V1;
+                cfg.lambda = LAMBDA;
+                let want: Vec<Vec<f32>> = match method {
+                    Method::Rkv => rkv::scores(&cfg, &xc),
+                    Method::H2o => snapkv::scores(&cfg, &xc, false, false),
+                    Method::AdaKv => snapkv::scores(&cfg, &xc, true, true),
+                    _ => snapkv::scores(&cfg, &xc, false, true),
+                };
+                let hpk = heads_per_kv(&cfg, g);
+                let order: Vec<usize> = {
+                    let n = hkv * hpk * t.div_ceil(16);
+                    let mut o: Vec<usize> = (0..n).collect();
+                    for i in (1..n).rev() {
+                        o.swap(i, rng.below(i + 1));
+                    }
+                    o
+                };
+                let sp = ScratchPool::upload(ctx, &x, hpk, kv_f16, Some(&order)).unwrap();
+                let job = sp.job(&x, 0, 1);
+                let spec = ScoreSpec {
+                    rkv: method == Method::Rkv,
+                    mean: matches!(method, Method::AdaKv | Method::Rkv),
+                    agg,
+                    kernel: if method == Method::H2o { 1 } else { cfg.kernel },
+                    pooling: if method == Method::Rkv {
+                        Pooling::Max
+                    } else {
+                        pooling
+                    },
+                    window: w,
+                    group: g,
+                };
+                let crate::kv::compression::gpu::ScoreSource::Queries(q) = &job.source else {
+                    unreachable!()
+                };
+                let mut ds = window_scores(ctx, &job.kv, q, &spec, &sp.bufs).unwrap();
+                if spec.rkv {
+                    ds.extend(
+                        rkv_redundancy(ctx, &job.kv, w, LAMBDA, 0.5, 1e-8, &sp.bufs).unwrap(),
+                    );
+                }
+                ctx.run("test.scores", &ds.iter().collect::<Vec<_>>())
+                    .unwrap();
+                let got = sp.bufs.scores.read(ctx).unwrap();
+                let c = t - w;
+                for (s, want) in want.iter().enumerate() {
+                    let w64: Vec<f64> = want.iter().map(|v| *v as f64).collect();
+                    assert_nmse(
+                        &format!(
+                            "{method:?} {granularity:?} {agg:?} t={t} d={d} f16={kv_f16} head {s}"
+                        ),
+                        &got[s * sp.bufs.t_max..][..c],
+                        &w64,
+                        1e-9,
+                    );
+                }
+            }
+        }
+    }
+
+    /// A layer view of `heads` heads of `lens` slots over a pool that holds no
+    /// keys (for kernels that only read lengths and scores).
+    struct Bare {
+        pool: GpuBuffer<u32>,
+        desc: GpuBuffer<u32>,
+        tables: GpuBuffer<u32>,
+        layout: PoolLayout,
+        heads: usize,
+    }
+
+    impl Bare {
+        fn new(ctx: &GpuContext, lens: &[usize]) -> Self {
+            let desc: Vec<u32> = lens.iter().flat_map(|&l| [0, l as u32]).collect();
+            Self {
+                pool: GpuBuffer::zeros(ctx, "bare.pool", 4).unwrap(),
+                desc: GpuBuffer::from_slice(ctx, "bare.desc", &desc).unwrap(),
+                tables: GpuBuffer::zeros(ctx, "bare.tables", 1).unwrap(),
+                layout: PoolLayout {
+                    page_size: 1,
+                    head_dim: 2,
+                    kv_f16: false,
+                },
+                heads: lens.len(),
+            }
+        }
+        fn kv(&self) -> LayerKv<'_> {
+            LayerKv {
+                layout: self.layout,
+                pool: &self.pool,
+                desc: &self.desc,
+                tables: &self.tables,
+                desc_base: 0,
+                n_heads: self.heads,
+                heads_per_kv: 1,
+            }
+        }
+    }
+
+    /// Radix top-k against sorting on the CPU: scores with many exact ties
+    /// (few distinct values, negatives and zeros), every k from 0 to C, up to
+    /// C = 131072 candidates; kept slots ascending then the window, and the
+    /// reference ranking (descending score, ties to the lower slot).
+    #[test]
+    fn topk_is_exact_with_ties_to_the_lower_slot() {
+        let Some(ctx) = gpu() else { return };
+        let mut rng = Rng::new(11);
+        let w = 4;
+        for &(c, distinct) in &[(1usize, 3usize), (255, 5), (1000, 40), (131072, 1000)] {
+            let heads = 2;
+            let t = c + w;
+            let bare = Bare::new(ctx, &vec![t; heads]);
+            let bufs = CompressBuffers::new(ctx, bare.layout, heads, 1, 1, t, 0).unwrap();
+            let mut scores = vec![0f32; heads * t];
+            for v in scores.iter_mut() {
+                *v = (rng.below(distinct) as f32 - distinct as f32 / 3.0) * 0.125;
+            }
+            bufs.scores.write(ctx, 0, &scores);
+            let ks: Vec<usize> = if c < 4 {
+                (0..=c).collect()
+            } else {
+                vec![0, 1, c / 3, c - 1, c]
+            };
+            for &k in &ks {
+                let kvec = GpuBuffer::from_slice(ctx, "kvec", &[k as u32, (c - k) as u32]).unwrap();
+                let ranked = c <= 1000;
+                let ds = topk(ctx, &bare.kv(), w, &bufs, &kvec, ranked).unwrap();
+                ctx.run("test.topk", &ds.iter().collect::<Vec<_>>())
+                    .unwrap();
+                let kept = bufs.kept.read(ctx).unwrap();
+                let order = bufs.order.read(ctx).unwrap();
+                for (s, k) in [k, c - k].into_iter().enumerate() {
+                    let sc = &scores[s * t..][..c];
+                    let ranked_cpu = common::topk_ranked(sc, k);
+                    let want = common::kept_with_window(ranked_cpu.clone(), t, w);
+                    let got: Vec<usize> =
+                        kept[s * t..][..k + w].iter().map(|&v| v as usize).collect();
+                    assert_eq!(got, want, "C={c} k={k} head {s}");
+                    if ranked {
+                        let mut want = ranked_cpu;
+                        want.extend(c..t);
+                        let got: Vec<usize> = order[s * t..][..k + w]
+                            .iter()
+                            .map(|&v| v as usize)
+                            .collect();
+                        assert_eq!(got, want, "reference order C={c} k={k} head {s}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Compaction moves each head's listed slots (K, V, position words and
+    /// the accumulators) to slots 0.. through shuffled tables, bit-exact
+    /// against a host gather, f32 and f16 layouts.
+    #[test]
+    fn compaction_moves_the_listed_slots_bit_exactly() {
+        let Some(ctx) = gpu() else { return };
+        let mut rng = Rng::new(5);
+        for kv_f16 in [false, true] {
+            let layout = PoolLayout {
+                page_size: 16,
+                head_dim: 64,
+                kv_f16,
+            };
+            let (heads, t, w, acc_units) = (3usize, 70usize, 4usize, 2usize);
+            let per_head = t.div_ceil(16);
+            let mut order: Vec<usize> = (0..heads * per_head).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.below(i + 1));
+            }
+            let (_, desc, tables) =
+                pool_from_keys(layout, &vec![0.0; heads * t * 64], heads, t, Some(&order));
+            let pool: Vec<u32> = (0..heads * per_head * layout.page_words())
+                .map(|_| rng.next_u64() as u32)
+                .collect();
+            let acc: Vec<f32> = rng.normals(heads * acc_units * t);
+            let g_pool = GpuBuffer::from_slice(ctx, "pool", &pool).unwrap();
+            let g_desc = GpuBuffer::from_slice(ctx, "desc", &desc).unwrap();
+            let g_tables = GpuBuffer::from_slice(ctx, "tables", &tables).unwrap();
+            let g_acc = GpuBuffer::from_slice(ctx, "acc", &acc).unwrap();
+            let kv = LayerKv {
+                layout,
+                pool: &g_pool,
+                desc: &g_desc,
+                tables: &g_tables,
+                desc_base: 0,
+                n_heads: heads,
+                heads_per_kv: 1,
+            };
+            let bufs = CompressBuffers::new(ctx, layout, heads, 1, 1, t, acc_units).unwrap();
+            // Per head: a random subset of the candidates (shuffled for one head) plus the window.
+            let c = t - w;
+            let ks = [0usize, 17, c];
+            let mut lists = vec![0u32; heads * t];
+            let mut want_lists = vec![];
+            for (s, &k) in ks.iter().enumerate() {
+                let mut pick: Vec<usize> = (0..c).collect();
+                for i in (1..c).rev() {
+                    pick.swap(i, rng.below(i + 1));
+                }
+                pick.truncate(k);
+                if s != 1 {
+                    pick.sort_unstable();
+                }
+                pick.extend(c..t);
+                for (n, &v) in pick.iter().enumerate() {
+                    lists[s * t + n] = v as u32;
+                }
+                want_lists.push(pick);
+            }
+            let list = GpuBuffer::from_slice(ctx, "list", &lists).unwrap();
+            let kvec = GpuBuffer::from_slice(
+                ctx,
+                "kvec",
+                &ks.iter().map(|&k| k as u32).collect::<Vec<_>>(),
+            )
+            .unwrap();
+            let ds = compact(ctx, &kv, w, &bufs, &kvec, &list, &g_acc, 0, t, acc_units).unwrap();
+            ctx.run("test.compact", &ds.iter().collect::<Vec<_>>())
+                .unwrap();
+            let after = g_pool.read(ctx).unwrap();
+            let acc_after = g_acc.read(ctx).unwrap();
+            let dw = layout.dw();
+            let slot = |s: usize, n: usize| {
+                let page = tables[s * per_head + n / 16] as usize;
+                (
+                    page * layout.page_words() + (n % 16) * dw,
+                    page * layout.page_words() + 16 * dw + (n % 16) * dw,
+                    page * layout.page_words() + 32 * dw + n % 16,
+                )
+            };
+            for (s, list) in want_lists.iter().enumerate() {
+                for (n, &src) in list.iter().enumerate() {
+                    let (k1, v1, p1) = slot(s, n);
+                    let (k0, v0, p0) = slot(s, src);
+                    assert_eq!(after[k1..k1 + dw], pool[k0..k0 + dw], "K head {s} slot {n}");
+                    assert_eq!(after[v1..v1 + dw], pool[v0..v0 + dw], "V head {s} slot {n}");
+                    assert_eq!(after[p1], pool[p0], "position head {s} slot {n}");
+                    for u in 0..acc_units {
+                        let row = (s * acc_units + u) * t;
+                        assert_eq!(
+                            acc_after[row + n].to_bits(),
+                            acc[row + src].to_bits(),
+                            "acc head {s} unit {u} slot {n}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

@@ -5,8 +5,7 @@
 //! engine (a sequence's pages in the real pool).
 
 use super::{
-    Captured, CompressConfig, Granularity, Method, Pooling, Selection, SlotOrder,
-    adakv, pyramidkv,
+    Captured, CompressConfig, Granularity, Method, Pooling, Selection, SlotOrder, adakv, pyramidkv,
 };
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext};
@@ -140,8 +139,15 @@ pub fn select_layer(
     };
     let mut ds = match &job.source {
         ScoreSource::Queries(q) => compress::window_scores(ctx, &job.kv, q, &spec, bufs)?,
-        ScoreSource::Accumulated { acc, base, t_stride } => {
-            assert_eq!(*t_stride, bufs.t_max, "accumulators and scratch share a stride");
+        ScoreSource::Accumulated {
+            acc,
+            base,
+            t_stride,
+        } => {
+            assert_eq!(
+                *t_stride, bufs.t_max,
+                "accumulators and scratch share a stride"
+            );
             // The reduction only needs the query-head count and the rows (sum, no mean).
             let q = ScoreQueries {
                 queries: acc,
@@ -210,8 +216,120 @@ pub fn select_layer(
     }))
 }
 
+/// Captured tensors uploaded into a scratch pool (pages of 16, one table
+/// per stored head, optionally in a shuffled page order) with the query rows,
+/// ready to run through the same kernels as the engine.
+pub struct ScratchPool {
+    pub layout: PoolLayout,
+    pub pool: GpuBuffer<u32>,
+    pub desc: GpuBuffer<u32>,
+    pub tables: GpuBuffer<u32>,
+    pub queries: GpuBuffer<f32>,
+    pub positions: GpuBuffer<u32>,
+    pub bufs: CompressBuffers,
+    pub heads: usize,
+    pub hpk: usize,
+}
+
+impl ScratchPool {
+    pub fn upload(
+        ctx: &GpuContext,
+        x: &Captured,
+        hpk: usize,
+        kv_f16: bool,
+        page_order: Option<&[usize]>,
+    ) -> Result<Self> {
+        let heads = x.hkv * hpk;
+        let layout = PoolLayout {
+            page_size: 16,
+            head_dim: x.d,
+            kv_f16,
+        };
+        // Stored head s holds the keys of KV head s / hpk.
+        let mut keys = Vec::with_capacity(heads * x.t * x.d);
+        for s in 0..heads {
+            keys.extend_from_slice(x.key_head(s / hpk));
+        }
+        let (pool, desc, tables) = compress::pool_from_keys(layout, &keys, heads, x.t, page_order);
+        // Queries as rows [q_rows][hq * d], positions of the last q_rows tokens.
+        let width = x.hq * x.d;
+        let mut rows = vec![0f32; x.q_rows * width];
+        for h in 0..x.hq {
+            for r in 0..x.q_rows {
+                rows[r * width + h * x.d..][..x.d]
+                    .copy_from_slice(&x.query_head(h)[r * x.d..][..x.d]);
+            }
+        }
+        let qpos: Vec<u32> = (x.t - x.q_rows.min(x.t)..x.t).map(|p| p as u32).collect();
+        Ok(Self {
+            layout,
+            pool: GpuBuffer::from_slice(ctx, "select.pool", &pool)?,
+            desc: GpuBuffer::from_slice(ctx, "select.desc", &desc)?,
+            tables: GpuBuffer::from_slice(ctx, "select.tables", &tables)?,
+            queries: GpuBuffer::from_slice(ctx, "select.queries", &rows)?,
+            positions: GpuBuffer::from_slice(ctx, "select.positions", &qpos)?,
+            bufs: CompressBuffers::new(ctx, layout, heads, x.hq, x.q_rows, x.t, 0)?,
+            heads,
+            hpk,
+        })
+    }
+
+    pub fn kv(&self) -> LayerKv<'_> {
+        LayerKv {
+            layout: self.layout,
+            pool: &self.pool,
+            desc: &self.desc,
+            tables: &self.tables,
+            desc_base: 0,
+            n_heads: self.heads,
+            heads_per_kv: self.hpk,
+        }
+    }
+
+    pub fn job(&self, x: &Captured, layer: usize, n_layers: usize) -> LayerJob<'_> {
+        LayerJob {
+            kv: self.kv(),
+            lens: vec![x.t; self.heads],
+            source: ScoreSource::Queries(ScoreQueries {
+                queries: &self.queries,
+                positions: &self.positions,
+                base: 0,
+                row_stride: x.hq * x.d,
+                pos_base: 0,
+                n_rows: x.q_rows,
+                rows_per_group: x.q_rows,
+                n_q_heads: x.hq,
+            }),
+            layer,
+            n_layers,
+            n_q_heads: x.hq,
+            group: x.hq / x.hkv,
+        }
+    }
+
+    /// Reads `n[s]` entries of each stored head's list.
+    pub fn read_lists(
+        &self,
+        ctx: &GpuContext,
+        buf: &GpuBuffer<u32>,
+        n: &[usize],
+    ) -> Result<Vec<Vec<usize>>> {
+        let words = buf.read(ctx)?;
+        let stride = self.bufs.t_max;
+        Ok(n.iter()
+            .enumerate()
+            .map(|(s, &n)| {
+                words[s * stride..][..n]
+                    .iter()
+                    .map(|&v| v as usize)
+                    .collect()
+            })
+            .collect())
+    }
+}
+
 /// `kvsift select` on the GPU: the captured tensors go into a scratch pool
-/// (f32 slots, pages of 16) and run through the same kernels as the engine.
+/// (f32 slots) and run through the same kernels as the engine.
 pub fn select_gpu(
     ctx: &GpuContext,
     cfg: &CompressConfig,
@@ -221,8 +339,7 @@ pub fn select_gpu(
 ) -> Result<Selection> {
     cfg.validate()?;
     x.check(cfg)?;
-    let g = x.hq / x.hkv;
-    let hpk = heads_per_kv(cfg, g);
+    let hpk = heads_per_kv(cfg, x.hq / x.hkv);
     let heads = x.hkv * hpk;
     let all = || Selection {
         kept: vec![(0..x.t).collect(); heads],
@@ -231,83 +348,21 @@ pub fn select_gpu(
     if cfg.method == Method::None || x.t < cfg.budget {
         return Ok(all());
     }
-    let layout = PoolLayout {
-        page_size: 16,
-        head_dim: x.d,
-        kv_f16: false,
-    };
-    // Stored head s holds the keys of KV head s / hpk.
-    let mut keys = Vec::with_capacity(heads * x.t * x.d);
-    for s in 0..heads {
-        keys.extend_from_slice(x.key_head(s / hpk));
-    }
-    let (pool, desc, tables) = compress::pool_from_keys(layout, &keys, heads, x.t, None);
-    let pool = GpuBuffer::from_slice(ctx, "select.pool", &pool)?;
-    let desc = GpuBuffer::from_slice(ctx, "select.desc", &desc)?;
-    let tables = GpuBuffer::from_slice(ctx, "select.tables", &tables)?;
-    // Queries as rows [q_rows][hq * d], positions of the last q_rows tokens.
-    let width = x.hq * x.d;
-    let mut rows = vec![0f32; x.q_rows * width];
-    for h in 0..x.hq {
-        for r in 0..x.q_rows {
-            rows[r * width + h * x.d..][..x.d].copy_from_slice(&x.query_head(h)[r * x.d..][..x.d]);
-        }
-    }
-    let queries = GpuBuffer::from_slice(ctx, "select.queries", &rows)?;
-    let qpos: Vec<u32> = (x.t - x.q_rows.min(x.t)..x.t).map(|p| p as u32).collect();
-    let positions = GpuBuffer::from_slice(ctx, "select.positions", &qpos)?;
-    let bufs = CompressBuffers::new(ctx, layout, heads, x.hq, x.q_rows, x.t, 0)?;
-    let job = LayerJob {
-        kv: LayerKv {
-            layout,
-            pool: &pool,
-            desc: &desc,
-            tables: &tables,
-            desc_base: 0,
-            n_heads: heads,
-            heads_per_kv: hpk,
-        },
-        lens: vec![x.t; heads],
-        source: ScoreSource::Queries(ScoreQueries {
-            queries: &queries,
-            positions: &positions,
-            base: 0,
-            row_stride: width,
-            pos_base: 0,
-            n_rows: x.q_rows,
-            rows_per_group: x.q_rows,
-            n_q_heads: x.hq,
-        }),
-        layer,
-        n_layers,
-        n_q_heads: x.hq,
-        group: g,
-    };
-    let Some(keep) = select_layer(ctx, cfg, &job, &bufs)? else {
+    let scratch = ScratchPool::upload(ctx, x, hpk, false, None)?;
+    let Some(keep) = select_layer(ctx, cfg, &scratch.job(x, layer, n_layers), &scratch.bufs)?
+    else {
         return Ok(all());
     };
     let refs: Vec<&Dispatch> = keep.dispatches.iter().collect();
     ctx.run("kvsift.select", &refs)?;
-    let read = |buf: &GpuBuffer<u32>| -> Result<Vec<Vec<usize>>> {
-        let words = buf.read(ctx)?;
-        Ok(keep
-            .new_lens
-            .iter()
-            .enumerate()
-            .map(|(s, &n)| {
-                words[s * bufs.t_max..][..n]
-                    .iter()
-                    .map(|&v| v as usize)
-                    .collect()
-            })
-            .collect())
-    };
-    let kept = match &keep.host_list {
-        Some(l) => read(l)?,
-        None => read(&bufs.kept)?,
+    let kept = scratch.read_lists(ctx, keep.list(&scratch.bufs), &keep.new_lens)?;
+    let kept = if keep.host_list.is_some() {
+        kept
+    } else {
+        scratch.read_lists(ctx, &scratch.bufs.kept, &keep.new_lens)?
     };
     let reference = if cfg.method == Method::Rkv {
-        Some(read(&bufs.order)?)
+        Some(scratch.read_lists(ctx, &scratch.bufs.order, &keep.new_lens)?)
     } else {
         None
     };
