@@ -29,8 +29,9 @@
 //                         ascending, then the window
 //   rank_reference        the selected slots by descending score (R-KV's layout)
 //   compact_gather        kept slots (K, V, position, H2O accumulators) -> scratch
-//   compact_scatter       scratch -> slots 0.. of the same head (the host then frees
-//                         the pages past the new length)
+//   compact_scatter       scratch -> slots 0.. of the same head, accumulators past
+//                         the new length zeroed (the host then frees the pages
+//                         past the new length)
 
 override WG: u32 = 256u;
 override KV_F16: bool = true;
@@ -673,10 +674,14 @@ fn compact_scatter(@builtin(local_invocation_index) lid: u32, @builtin(workgroup
     }
     let n = (idx % per_head) / sw;
     let w = idx % sw;
+    let d = p.desc_base + s;
     if n >= kvec[s] + p.window {
+        // Slots past the new length start again from zero accumulators.
+        if w > 2u * p.dw && n < desc[d * 2u + 1u] {
+            acc[p.acc_base + (s * p.acc_units + w - 2u * p.dw - 1u) * p.t_stride + n] = 0.0;
+        }
         return;
     }
-    let d = p.desc_base + s;
     let v = scratch[idx];
     let kb = slot_base(d, n);
     if w < p.dw {

@@ -278,3 +278,143 @@ fn rkv_streams_replay_on_the_cpu_in_both_slot_orders() {
         }
     }
 }
+
+/// Replays an R-KV stream through the engine's machinery: the paged pool,
+/// `paged_kv_store` writing each token's key, the forward's window-query
+/// ring, and the engine's compression pass (`Compressor::compress`: GPU
+/// selection, compaction, table truncation) on its real schedule. Returns
+/// the positions each head holds, in slot order, read from the pool.
+fn replay_on_the_engine(
+    ctx: &kvsift::gpu::GpuContext,
+    c: &Case,
+    order: SlotOrder,
+    kv_f16: bool,
+) -> (Vec<Vec<usize>>, usize, usize) {
+    use kvsift::engine::compressor::Compressor;
+    use kvsift::gpu::GpuBuffer;
+    use kvsift::kv::paged::{PagedKv, PoolConfig};
+    use kvsift::model::config::ModelConfig;
+    use kvsift::ops::paged_attention::{QkvRows, paged_kv_store};
+
+    let mut cfg = config(c);
+    cfg.slot_order = order;
+    let (ks, keys) = c.f32s("keys");
+    let (qs, queries) = c.f32s("queries");
+    let (hkv, n, d, hq) = (ks[0], ks[1], ks[2], qs[0]);
+    let p_len = c.u("prompt_len");
+    let model = ModelConfig::from_json(
+        std::path::Path::new("stream"),
+        &serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": hq * d,
+            "num_attention_heads": hq, "num_key_value_heads": hkv, "head_dim": d,
+            "num_hidden_layers": 1, "vocab_size": 8, "intermediate_size": 8,
+            "max_position_embeddings": n, "rms_norm_eps": 1e-5,
+        }),
+    )
+    .unwrap();
+    let pool = PoolConfig {
+        bytes: Some(4 << 20),
+        page_size: 16,
+        kv_f16,
+    };
+    let mut kv = PagedKv::new(ctx, &model, &pool, 1, n, n, 1).unwrap();
+    let mut comp = Compressor::new(ctx, cfg.clone(), &model, &kv, 1, n, n).unwrap();
+    let mut tables = kv.new_tables();
+    let qkv_dim = (hq + 2 * hkv) * d;
+    // Rows of fused qkv for positions [from, to): queries, keys, zero values.
+    let rows = |from: usize, to: usize| -> Vec<f32> {
+        let mut out = vec![0f32; (to - from) * qkv_dim];
+        for (r, p) in (from..to).enumerate() {
+            for h in 0..hq {
+                out[r * qkv_dim + h * d..][..d].copy_from_slice(&queries[(h * n + p) * d..][..d]);
+            }
+            for h in 0..hkv {
+                out[r * qkv_dim + (hq + h) * d..][..d]
+                    .copy_from_slice(&keys[(h * n + p) * d..][..d]);
+            }
+        }
+        out
+    };
+    let mut peak_pages = 0;
+    let mut step = |kv: &mut PagedKv,
+                    comp: &Compressor,
+                    tables: &mut kvsift::kv::SeqTables,
+                    from: usize,
+                    to: usize| {
+        let m = to - from;
+        let new = tables.append(m, &mut kv.alloc).unwrap();
+        kv.write_pages(ctx, 0, &new);
+        kv.set_row(0, 0, tables, None);
+        kv.upload_rows(ctx);
+        let qkv = GpuBuffer::from_slice(ctx, "qkv", &rows(from, to)).unwrap();
+        let pos: Vec<u32> = (from as u32..to as u32).collect();
+        let positions = GpuBuffer::from_slice(ctx, "pos", &pos).unwrap();
+        let layer = kv.layer(0);
+        let q = QkvRows {
+            positions: &positions,
+            qkv: &qkv,
+            qkv_stride: qkv_dim,
+            n_q_heads: hq,
+            n_kv_heads: hkv,
+        };
+        comp.set_lanes(ctx, &[0]);
+        let mut ops = vec![paged_kv_store(ctx, &layer, &q, m, m).unwrap().into()];
+        ops.extend(
+            comp.forward_ops(ctx, &layer, &positions, &qkv, qkv_dim, 0, m, m)
+                .unwrap(),
+        );
+        ctx.run_ops("replay", &[&ops]).unwrap();
+    };
+    step(&mut kv, &comp, &mut tables, 0, p_len);
+    peak_pages = peak_pages.max(kv.alloc.pages_in_use());
+    if comp.after_prefill(p_len) {
+        comp.compress(ctx, &mut kv, 0, &mut tables).unwrap();
+    }
+    for p in p_len..n {
+        step(&mut kv, &comp, &mut tables, p, p + 1);
+        peak_pages = peak_pages.max(kv.alloc.pages_in_use());
+        if comp.after_decode(p) {
+            comp.compress(ctx, &mut kv, 0, &mut tables).unwrap();
+        }
+    }
+    // Positions per head in slot order, from the pool through the tables.
+    let layout = kv.layout;
+    let words = kv.layer(0).pool.read(ctx).unwrap();
+    let held = (0..hkv)
+        .map(|h| {
+            let t = tables.head(0, h);
+            (0..t.len)
+                .map(|s| {
+                    let page = t.pages[s / 16].index as usize;
+                    words[page * layout.page_words() + 2 * 16 * layout.dw() + s % 16] as usize
+                })
+                .collect()
+        })
+        .collect();
+    // Pages in use must be what the kept slots need.
+    let need: usize = (0..hkv).map(|h| tables.head(0, h).len.div_ceil(16)).sum();
+    assert_eq!(kv.alloc.pages_in_use(), need, "pool holds only the kept slots");
+    (held, peak_pages, need)
+}
+
+#[test]
+fn rkv_streams_replay_through_the_engine_in_both_slot_orders() {
+    let Some(ctx) = kvsift::testing::gpu() else {
+        return;
+    };
+    for c in &cases("rkv_stream") {
+        for (order, tensor) in [
+            (SlotOrder::Position, "expected_position"),
+            (SlotOrder::Reference, "expected_reference"),
+        ] {
+            let (got, peak, end) = replay_on_the_engine(ctx, c, order, false);
+            let (s, flat) = c.i32s(tensor);
+            let want: Vec<Vec<usize>> = flat.chunks(s[1]).map(|v| v.to_vec()).collect();
+            assert_eq!(got, want, "{} {order:?} (engine)", c.name);
+            eprintln!(
+                "{} {order:?}: peak {peak} pages, {end} at the end",
+                c.name
+            );
+        }
+    }
+}

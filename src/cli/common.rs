@@ -8,6 +8,8 @@ use kvsift::gpu::{GpuContext, WeightDtype};
 use kvsift::kv::paged::PoolConfig;
 use kvsift::model::llama::load_weights;
 
+use super::compress::CompressArgs;
+
 /// The model shipped in models/ that runs when no --model is given.
 pub const DEFAULT_MODEL: &str = "tiny-llama";
 
@@ -39,6 +41,8 @@ pub struct ModelArgs {
     /// later) or reject (fail the sequence that cannot grow).
     #[arg(long, default_value = "preempt")]
     pub on_exhaustion: String,
+    #[command(flatten)]
+    pub compress: CompressArgs,
 }
 
 impl ModelArgs {
@@ -96,6 +100,7 @@ impl ModelArgs {
                 kv_f16,
             },
             on_exhaustion,
+            compression: self.compress.config()?,
         };
         let weights = load_weights(ctx, &self.dir()?, dtype, true)?;
         Ok(Engine::new(ctx, weights, config)?)

@@ -59,6 +59,7 @@ struct Outcome {
     stop: Option<String>,
     first_token: Option<f64>,
     last_token: Option<f64>,
+    id: kvsift::engine::RequestId,
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
@@ -126,6 +127,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                 stop: None,
                 first_token: None,
                 last_token: None,
+                id,
             });
         }
     }
@@ -183,6 +185,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                     "time_to_first_token_ms": ttft * 1e3,
                     "prefill_tok_s": o.prompt_ids.len() as f64 / ttft.max(1e-9),
                     "decode_tok_s": o.tokens.len().saturating_sub(1) as f64 / decode_s.max(1e-9),
+                    "kv_slots_per_layer": engine.final_slots(o.id),
                 })
             })
             .collect();
@@ -199,6 +202,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             "weights_dtype": a.model.weights_dtype,
             "weight_bytes": engine.weight_bytes(),
             "kv": stats,
+            "kv_compression": compression_json(&a.model.compress),
             "adapter": ctx.adapter_summary.name,
         });
         // With one request, its fields also at the top level.
@@ -241,4 +245,18 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         anyhow::bail!("{} of {n_requests} requests failed: {e}", failures.len());
     }
     Ok(())
+}
+
+/// The compression settings in effect, for `--json`.
+fn compression_json(c: &super::compress::CompressArgs) -> serde_json::Value {
+    match c.config() {
+        Ok(cfg) => json!({
+            "method": format!("{:?}", cfg.method).to_lowercase(),
+            "budget": cfg.budget,
+            "window": cfg.window,
+            "schedule": format!("{:?}", cfg.schedule).to_lowercase(),
+            "buffer": cfg.buffer,
+        }),
+        Err(_) => serde_json::Value::Null,
+    }
 }

@@ -1,5 +1,6 @@
 //! Generation on top of the model: prompts in, streamed tokens out.
 
+pub mod compressor;
 pub mod generate;
 pub mod serve;
 

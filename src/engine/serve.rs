@@ -21,6 +21,8 @@ use crate::error::{Error, Result};
 use crate::gpu::buffer::ReadbackSlot;
 use crate::gpu::{GpuBuffer, GpuContext, Op};
 use crate::kv::paged::{PagedKv, PoolConfig, PoolUsage};
+use crate::engine::compressor::{CompressionStats, Compressor};
+use crate::kv::compression::{CompressConfig, Method};
 use crate::kv::{Exhausted, SeqTables};
 use crate::model::config::ModelConfig;
 use crate::model::llama::{
@@ -68,6 +70,8 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     pub pool: PoolConfig,
     pub on_exhaustion: Exhaustion,
+    /// KV compression (method none: full cache).
+    pub compression: CompressConfig,
 }
 
 impl Default for EngineConfig {
@@ -78,6 +82,7 @@ impl Default for EngineConfig {
             prefill_chunk: 256,
             pool: PoolConfig::default(),
             on_exhaustion: Exhaustion::Preempt,
+            compression: CompressConfig::new(Method::None, 0),
         }
     }
 }
@@ -143,6 +148,8 @@ pub struct EngineStats {
     pub preemptions: u64,
     /// KV slots held per layer by the running sequences (summed over heads).
     pub slots_per_layer: Vec<usize>,
+    /// What the compression passes did (None without compression).
+    pub compression: Option<CompressionStats>,
 }
 
 pub struct Engine<'c> {
@@ -171,6 +178,8 @@ pub struct Engine<'c> {
     ids_host: Vec<u32>,
     pos_host: Vec<u32>,
     capture_logits: bool,
+    compressor: Option<Compressor>,
+    final_slots: HashMap<RequestId, Vec<usize>>,
 }
 
 impl<'c> Engine<'c> {
@@ -196,7 +205,22 @@ impl<'c> Engine<'c> {
                 limit: ctx.caps.max_binding_bytes,
             });
         }
-        let kv = PagedKv::new(ctx, &cfg, &config.pool, config.max_batch, rows, capacity, 1)?;
+        config.compression.validate()?;
+        let hpk = Compressor::heads_per_kv(&config.compression, &cfg);
+        let kv = PagedKv::new(ctx, &cfg, &config.pool, config.max_batch, rows, capacity, hpk)?;
+        let compressor = if config.compression.method == Method::None {
+            None
+        } else {
+            Some(Compressor::new(
+                ctx,
+                config.compression.clone(),
+                &cfg,
+                &kv,
+                config.max_batch,
+                rows,
+                capacity,
+            )?)
+        };
         // At most 16 splits per head: each covers enough pages for the longest context.
         let max_pages = kv.pages_for(capacity);
         let split_pages = max_pages.div_ceil(16).max(1);
@@ -226,6 +250,8 @@ impl<'c> Engine<'c> {
             ids_host: vec![0; rows],
             pos_host: vec![0; rows],
             capture_logits: false,
+            compressor,
+            final_slots: HashMap::new(),
             cfg,
             weights,
             acts,
@@ -237,6 +263,12 @@ impl<'c> Engine<'c> {
         engine.ensure_decode_plan(1)?;
         engine.prefill_ops(crate::ops::linear::MATVEC_MAX_VECS + 1, 0)?;
         Ok(engine)
+    }
+
+    /// KV slots a finished (or cancelled) request held per layer when it
+    /// left, summed over the layer's heads.
+    pub fn final_slots(&self, id: RequestId) -> Option<&[usize]> {
+        self.final_slots.get(&id).map(|v| v.as_slice())
     }
 
     pub fn capacity(&self) -> usize {
@@ -311,10 +343,12 @@ impl<'c> Engine<'c> {
             waiting: self.waiting.len(),
             preemptions: self.preemptions,
             slots_per_layer: slots,
+            compression: self.compressor.as_ref().map(|c| c.stats.clone()),
         }
     }
 
     fn retire(&mut self, mut s: Sequence) {
+        self.final_slots.insert(s.id, s.tables.slots_per_layer());
         s.tables.release(&mut self.kv.alloc);
         self.free_lanes.push(s.lane);
     }
@@ -363,6 +397,9 @@ impl<'c> Engine<'c> {
                 .append(s.tokens.len(), &mut self.kv.alloc)
                 .expect("checked by fits()");
             self.kv.write_pages(self.ctx, s.lane, &new);
+            if let Some(c) = &self.compressor {
+                c.reset_lane(self.ctx, s.lane)?;
+            }
             // The lane's repetition-penalty mask starts from the sequence's tokens.
             let words = seen_words(self.cfg.vocab_size);
             let mut mask = vec![0u32; words];
@@ -393,6 +430,9 @@ impl<'c> Engine<'c> {
                 .write_inputs(self.ctx, &s.tokens[start..start + n], &self.pos_host[..n]);
             self.kv.set_row(0, s.lane, &s.tables, Some(start + n));
             self.kv.upload_rows(self.ctx);
+            if let Some(c) = &self.compressor {
+                c.set_lanes(self.ctx, &[s.lane as u32]);
+            }
             let body = self.prefill_ops(n, 0)?;
             let mut head = vec![];
             if last {
@@ -413,7 +453,22 @@ impl<'c> Engine<'c> {
                 token = self.token_slot.read::<u32>(self.ctx, 1)?[0];
             }
         }
+        if self
+            .compressor
+            .as_ref()
+            .is_some_and(|c| c.after_prefill(total))
+        {
+            self.compress(s.lane, &mut s.tables)?;
+        }
         Ok(token)
+    }
+
+    /// Runs the compression pass over the sequence in `lane`.
+    fn compress(&mut self, lane: usize, tables: &mut SeqTables) -> Result<()> {
+        if let Some(c) = self.compressor.as_mut() {
+            c.compress(self.ctx, &mut self.kv, lane, tables)?;
+        }
+        Ok(())
     }
 
     /// The body of a prefill chunk of `n` tokens of the sequence in step row `row`.
@@ -427,6 +482,9 @@ impl<'c> Engine<'c> {
             ops.push(
                 paged_prefill(ctx, &kv, &q, n, self.weights.layers[l].window, &a.attn)?.into(),
             );
+            if let Some(c) = &self.compressor {
+                ops.extend(c.forward_ops(ctx, &kv, &a.positions, &a.qkv, cfg.qkv_dim(), l, n, n)?);
+            }
             Ok(())
         };
         body(ctx, &self.weights, a, n, &mut attend)
@@ -453,6 +511,9 @@ impl<'c> Engine<'c> {
                 &a.attn,
             )?;
             ops.extend(pair.into_iter().map(Op::from));
+            if let Some(c) = &self.compressor {
+                ops.extend(c.forward_ops(ctx, &kv, &a.positions, &a.qkv, cfg.qkv_dim(), l, b, 1)?);
+            }
             Ok(())
         };
         body(ctx, &self.weights, a, b, &mut attend)
@@ -545,6 +606,10 @@ impl<'c> Engine<'c> {
             self.kv.set_row(row, s.lane, &s.tables, None);
         }
         self.kv.upload_rows(self.ctx);
+        if let Some(c) = &self.compressor {
+            let lanes: Vec<u32> = self.running.iter().map(|s| s.lane as u32).collect();
+            c.set_lanes(self.ctx, &lanes);
+        }
         self.acts
             .write_inputs(self.ctx, &self.ids_host[..b], &self.pos_host[..b]);
         let draws: Vec<(SamplingParams, usize, f32)> = self
@@ -567,7 +632,18 @@ impl<'c> Engine<'c> {
                 });
             }
         }
-        let running = std::mem::take(&mut self.running);
+        let mut running = std::mem::take(&mut self.running);
+        if let Some(c) = &self.compressor {
+            let due: Vec<bool> = running
+                .iter()
+                .map(|s| c.after_decode(s.tokens.len() - 1))
+                .collect();
+            for (s, due) in running.iter_mut().zip(due) {
+                if due {
+                    self.compress(s.lane, &mut s.tables)?;
+                }
+            }
+        }
         for (s, token) in running.into_iter().zip(tokens) {
             self.accept(s, token, events);
         }
@@ -624,6 +700,10 @@ impl<'c> Engine<'c> {
             .pop()
             .expect("an idle engine has a free lane");
         let mut tables = self.kv.new_tables();
+        if let Some(c) = &self.compressor {
+            c.reset_lane(self.ctx, lane)?;
+            c.set_lanes(self.ctx, &[lane as u32]);
+        }
         let result = (|| -> Result<()> {
             let grow = |tables: &mut SeqTables,
                         n: usize,
@@ -675,6 +755,13 @@ impl<'c> Engine<'c> {
                     }
                 }
             }
+            if self
+                .compressor
+                .as_ref()
+                .is_some_and(|c| c.after_prefill(prefill))
+            {
+                self.compress(lane, &mut tables)?;
+            }
             if prefill < t {
                 let mut head = vec![final_norm(self.ctx, &self.weights, &self.acts, 0, 1)?];
                 push_nll_head(
@@ -699,6 +786,9 @@ impl<'c> Engine<'c> {
                     self.ctx.run_ops("kvsift.score.decode", &[&body, &head])?;
                     if let Some(l) = logits.as_mut() {
                         l.extend(read_rows(self.ctx, &self.acts.logits, v)?);
+                    }
+                    if self.compressor.as_ref().is_some_and(|c| c.after_decode(row)) {
+                        self.compress(lane, &mut tables)?;
                     }
                 }
             }

@@ -105,6 +105,18 @@ impl SeqTables {
         }
     }
 
+    /// Shortens one head to `len` slots (after compaction moved its kept
+    /// slots to the front) and returns the pages past them to the pool.
+    pub fn truncate(&mut self, layer: usize, head: usize, len: usize, alloc: &mut PageAllocator) {
+        let page_size = self.page_size;
+        let t = self.head_mut(layer, head);
+        assert!(len <= t.len, "truncate grows a head ({} -> {len})", t.len);
+        t.len = len;
+        while t.pages.len() > len.div_ceil(page_size) {
+            alloc.free(t.pages.pop().expect("a page"));
+        }
+    }
+
     pub fn pages_in_use(&self) -> usize {
         self.heads.iter().map(|t| t.pages.len()).sum()
     }
@@ -138,6 +150,23 @@ mod tests {
         t.release(&mut alloc);
         assert_eq!(alloc.pages_in_use(), 0);
         assert_eq!(t.head(0, 0).len, 0);
+    }
+
+    #[test]
+    fn truncate_frees_the_pages_past_the_new_length() {
+        let mut alloc = PageAllocator::new(&[100], 1);
+        let mut t = SeqTables::new(1, 2, 4);
+        t.append(13, &mut alloc).unwrap(); // 4 pages per head
+        t.truncate(0, 1, 5, &mut alloc);
+        assert_eq!(t.head(0, 1).pages.len(), 2);
+        assert_eq!(t.head(0, 1).len, 5);
+        assert_eq!(t.head(0, 0).pages.len(), 4, "the other head keeps its pages");
+        assert_eq!(alloc.pages_in_use(), 6);
+        t.truncate(0, 0, 0, &mut alloc);
+        assert_eq!(alloc.pages_in_use(), 2);
+        // Growing again appends to each head from its own length.
+        t.append(1, &mut alloc).unwrap();
+        assert_eq!((t.head(0, 0).len, t.head(0, 1).len), (1, 6));
     }
 
     #[test]

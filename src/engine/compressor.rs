@@ -1,0 +1,303 @@
+//! The engine's side of KV compression: what the forward records for it
+//! (each lane's ring of its last `window` queries, H2O's running attention
+//! column sums) and the compression pass over one sequence: per layer the
+//! method selects (`kv::compression::gpu`), the kept slots move to the
+//! front of each head (`ops::compress::compact`), and the pages past the new
+//! lengths go back to the pool.
+
+use crate::error::{Error, Result};
+use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Op};
+use crate::kv::SeqTables;
+use crate::kv::compression::gpu::{LayerJob, ScoreSource, heads_per_kv, select_layer};
+use crate::kv::compression::{CompressConfig, H2oVersion, Method, Schedule};
+use crate::kv::paged::PagedKv;
+use crate::model::config::ModelConfig;
+use crate::ops::compress::{self, CompressBuffers, ScoreQueries, ScoreSpec};
+use crate::ops::paged_attention::LayerKv;
+
+/// What the compression passes did, for the API and `--json`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CompressionStats {
+    /// Compression passes run (one per sequence and trigger).
+    pub passes: u64,
+    /// Pool bytes in use just before and just after the latest pass.
+    pub bytes_before_last: u64,
+    pub bytes_after_last: u64,
+    /// Slots dropped by all passes (summed over layers and heads).
+    pub slots_dropped: u64,
+}
+
+pub struct Compressor {
+    pub cfg: CompressConfig,
+    bufs: CompressBuffers,
+    /// `[lane][layer][window][Hq * D]` and `[lane][window]`.
+    ring: GpuBuffer<f32>,
+    ring_pos: GpuBuffer<u32>,
+    /// Lane of each row group of the step being run.
+    lanes: GpuBuffer<u32>,
+    /// H2O v3: `[lane][layer][Hq][capacity]` running column sums.
+    h2o: Option<GpuBuffer<f32>>,
+    h2o_stats: GpuBuffer<f32>,
+    n_layers: usize,
+    n_q_heads: usize,
+    group: usize,
+    capacity: usize,
+    pub stats: CompressionStats,
+}
+
+impl Compressor {
+    /// Stored heads per KV head the pool needs for `cfg`.
+    pub fn heads_per_kv(cfg: &CompressConfig, model: &ModelConfig) -> usize {
+        heads_per_kv(cfg, model.n_heads / model.n_kv_heads)
+    }
+
+    pub fn new(
+        ctx: &GpuContext,
+        cfg: CompressConfig,
+        model: &ModelConfig,
+        kv: &PagedKv,
+        lanes: usize,
+        rows: usize,
+        capacity: usize,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let hq = model.n_heads;
+        let w = cfg.window;
+        let accumulates = cfg.method == Method::H2o && cfg.h2o_version == H2oVersion::V3;
+        let acc_units = if accumulates { hq / kv.n_heads } else { 0 };
+        let h2o = if accumulates {
+            let words = lanes * model.n_layers * hq * capacity;
+            if (words * 4) as u64 > ctx.caps.max_binding_bytes {
+                return Err(Error::LimitExceeded {
+                    what: format!(
+                        "H2O attention sums of {lanes} sequences x {} layers x {hq} heads x {capacity} slots",
+                        model.n_layers
+                    ),
+                    requested: (words * 4) as u64,
+                    limit_name: "max_storage_buffer_binding_size",
+                    limit: ctx.caps.max_binding_bytes,
+                });
+            }
+            Some(GpuBuffer::zeros(ctx, "compress.h2o", words)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            bufs: CompressBuffers::new(ctx, kv.layout, kv.n_heads, hq, w, capacity, acc_units)?,
+            ring: GpuBuffer::zeros(
+                ctx,
+                "compress.ring",
+                lanes * model.n_layers * w * hq * model.head_dim,
+            )?,
+            ring_pos: GpuBuffer::zeros(ctx, "compress.ring_pos", lanes * w)?,
+            lanes: GpuBuffer::zeros(ctx, "compress.lanes", rows.max(1))?,
+            h2o,
+            h2o_stats: GpuBuffer::zeros(ctx, "compress.h2o_stats", rows.max(1) * hq * 2)?,
+            n_layers: model.n_layers,
+            n_q_heads: hq,
+            group: model.n_heads / model.n_kv_heads,
+            capacity,
+            stats: CompressionStats::default(),
+            cfg,
+        })
+    }
+
+    fn needs_queries(&self) -> bool {
+        !matches!(self.cfg.method, Method::None | Method::StreamingLlm) && self.h2o.is_none()
+    }
+
+    /// Which lane each row group of the next step belongs to.
+    pub fn set_lanes(&self, ctx: &GpuContext, lanes: &[u32]) {
+        self.lanes.write(ctx, 0, lanes);
+    }
+
+    /// A new sequence in `lane` starts from zero attention sums.
+    pub fn reset_lane(&self, ctx: &GpuContext, lane: usize) -> Result<()> {
+        if let Some(h2o) = &self.h2o {
+            let words = (self.n_layers * self.n_q_heads * self.capacity) as u64;
+            let mut enc = ctx.encoder("kvsift.compress.reset");
+            enc.clear_buffer(h2o.raw(), lane as u64 * words * 4, Some(words * 4));
+            ctx.checked("resetting H2O sums", || ctx.queue.submit([enc.finish()]))?;
+        }
+        Ok(())
+    }
+
+    /// What layer `layer`'s forward records after the attention of `n_rows`
+    /// query rows (`rows_per_group` per sequence): the window queries, or
+    /// H2O's column sums.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_ops(
+        &self,
+        ctx: &GpuContext,
+        kv: &LayerKv,
+        positions: &GpuBuffer<u32>,
+        qkv: &GpuBuffer<f32>,
+        qkv_stride: usize,
+        layer: usize,
+        n_rows: usize,
+        rows_per_group: usize,
+    ) -> Result<Vec<Op>> {
+        let mut ops = vec![];
+        if self.needs_queries() {
+            ops.push(
+                compress::store_window_queries(
+                    ctx,
+                    kv,
+                    positions,
+                    qkv,
+                    qkv_stride,
+                    self.n_q_heads,
+                    n_rows,
+                    rows_per_group,
+                    &self.lanes,
+                    &self.ring,
+                    &self.ring_pos,
+                    layer,
+                    self.n_layers,
+                    self.cfg.window,
+                )?
+                .into(),
+            );
+        }
+        if let Some(h2o) = &self.h2o {
+            let q = ScoreQueries {
+                queries: qkv,
+                positions,
+                base: 0,
+                row_stride: qkv_stride,
+                pos_base: 0,
+                n_rows,
+                rows_per_group,
+                n_q_heads: self.n_q_heads,
+            };
+            let per_lane = self.n_layers * self.n_q_heads * self.capacity;
+            ops.extend(
+                compress::score_accumulate(
+                    ctx,
+                    kv,
+                    &q,
+                    &self.spec(),
+                    &self.h2o_stats,
+                    h2o,
+                    &self.lanes,
+                    layer * self.n_q_heads * self.capacity,
+                    per_lane,
+                    self.capacity,
+                    true,
+                )?
+                .into_iter()
+                .map(Op::from),
+            );
+        }
+        Ok(ops)
+    }
+
+    fn spec(&self) -> ScoreSpec {
+        ScoreSpec {
+            rkv: false,
+            mean: false,
+            agg: self.cfg.gqa_agg,
+            kernel: 1,
+            pooling: self.cfg.pooling,
+            window: self.cfg.window,
+            group: self.group,
+        }
+    }
+
+    /// Whether the decode schedule compresses after the step whose token
+    /// has position `pos`.
+    pub fn after_decode(&self, pos: usize) -> bool {
+        self.cfg.method != Method::None
+            && self.cfg.schedule == Schedule::Decode
+            && pos.is_multiple_of(self.cfg.buffer)
+    }
+
+    /// Whether a prompt of `len` tokens is compressed after its prefill.
+    pub fn after_prefill(&self, len: usize) -> bool {
+        self.cfg.method != Method::None && len >= self.cfg.budget
+    }
+
+    /// Compresses the sequence in `lane` (every layer), frees the pages past
+    /// the new lengths; true if any slot was dropped. Uses step row 0's
+    /// descriptors (rewritten before the next step).
+    pub fn compress(
+        &mut self,
+        ctx: &GpuContext,
+        kv: &mut PagedKv,
+        lane: usize,
+        tables: &mut SeqTables,
+    ) -> Result<bool> {
+        let before = kv.usage().bytes_in_use;
+        kv.set_row(0, lane, tables, None);
+        kv.upload_rows(ctx);
+        let (w, hq, d) = (self.cfg.window, self.n_q_heads, kv.layout.head_dim);
+        let mut dropped = 0u64;
+        for layer in 0..self.n_layers {
+            let lens: Vec<usize> = (0..kv.n_heads)
+                .map(|h| tables.head(layer, h).len)
+                .collect();
+            let layer_kv = kv.layer(layer);
+            let per_lane = self.n_layers * hq * self.capacity;
+            let acc_base = lane * per_lane + layer * hq * self.capacity;
+            let source = match &self.h2o {
+                Some(acc) => ScoreSource::Accumulated {
+                    acc,
+                    base: acc_base,
+                    t_stride: self.capacity,
+                },
+                None => ScoreSource::Queries(ScoreQueries {
+                    queries: &self.ring,
+                    positions: &self.ring_pos,
+                    base: (lane * self.n_layers + layer) * w * hq * d,
+                    row_stride: hq * d,
+                    pos_base: lane * w,
+                    n_rows: w,
+                    rows_per_group: w,
+                    n_q_heads: hq,
+                }),
+            };
+            let job = LayerJob {
+                kv: layer_kv,
+                lens: lens.clone(),
+                source,
+                layer,
+                n_layers: self.n_layers,
+                n_q_heads: hq,
+                group: self.group,
+            };
+            let Some(keep) = select_layer(ctx, &self.cfg, &job, &self.bufs)? else {
+                continue;
+            };
+            if keep.new_lens == lens && !keep.reference {
+                continue; // everything kept, in place
+            }
+            let (acc, acc_units) = match &self.h2o {
+                Some(acc) => (acc, hq / kv.n_heads),
+                None => (&self.bufs.acc, 0),
+            };
+            let mut ds: Vec<Dispatch> = keep.dispatches.clone();
+            ds.extend(compress::compact(
+                ctx,
+                &job.kv,
+                w,
+                &self.bufs,
+                &keep.kvec,
+                keep.list(&self.bufs),
+                acc,
+                acc_base,
+                self.capacity,
+                acc_units,
+            )?);
+            ctx.run("kvsift.compress", &ds.iter().collect::<Vec<_>>())?;
+            for (h, (&old, &new)) in lens.iter().zip(&keep.new_lens).enumerate() {
+                dropped += (old - new) as u64;
+                tables.truncate(layer, h, new, &mut kv.alloc);
+            }
+        }
+        self.stats.passes += 1;
+        self.stats.slots_dropped += dropped;
+        self.stats.bytes_before_last = before;
+        self.stats.bytes_after_last = kv.usage().bytes_in_use;
+        Ok(dropped > 0)
+    }
+}
