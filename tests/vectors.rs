@@ -66,6 +66,27 @@ impl Case {
                 .collect(),
         )
     }
+    /// The stream cut to its first `n` positions.
+    fn clone_prefix(&self, n: usize) -> Case {
+        let mut tensors = std::collections::HashMap::new();
+        for name in ["keys", "queries"] {
+            let (shape, data) = self.f32s(name);
+            let (h, t, d) = (shape[0], shape[1], shape[2]);
+            let mut bytes = vec![];
+            for head in 0..h {
+                for v in &data[head * t * d..][..n * d] {
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            tensors.insert(name.to_string(), (vec![h, n, d], bytes));
+        }
+        Case {
+            name: self.name.clone(),
+            meta: self.meta.clone(),
+            tensors,
+        }
+    }
+
     fn u(&self, k: &str) -> usize {
         self.meta[k]
             .as_u64()
@@ -210,6 +231,12 @@ fn every_selection_vector_passes(ctx: Option<&kvsift::gpu::GpuContext>) {
 fn replay(c: &Case, order: SlotOrder) -> Vec<Vec<usize>> {
     let mut cfg = config(c);
     cfg.slot_order = order;
+    replay_cpu(c, &cfg)
+}
+
+/// The CPU replay of a stream's keys and queries under any method and schedule.
+fn replay_cpu(c: &Case, cfg: &CompressConfig) -> Vec<Vec<usize>> {
+    let order = cfg.slot_order;
     let (ks, keys) = c.f32s("keys");
     let (qs, queries) = c.f32s("queries");
     let (hkv, n, d, hq) = (ks[0], ks[1], ks[2], qs[0]);
@@ -239,7 +266,7 @@ fn replay(c: &Case, order: SlotOrder) -> Vec<Vec<usize>> {
             q_rows: w,
             d,
         };
-        let sel = select_cpu(&cfg, &x, 0, 1).unwrap();
+        let sel = select_cpu(cfg, &x, 0, 1).unwrap();
         let lists = match order {
             SlotOrder::Position => sel.kept,
             SlotOrder::Reference => sel.reference.unwrap(),
@@ -255,7 +282,7 @@ fn replay(c: &Case, order: SlotOrder) -> Vec<Vec<usize>> {
         for slots in cache.iter_mut() {
             slots.push(p);
         }
-        if p % cfg.buffer == 0 && cache[0].len() >= b {
+        if cfg.schedule == Schedule::Decode && p % cfg.buffer == 0 && cache[0].len() >= b {
             compress(&mut cache, p);
         }
     }
@@ -287,8 +314,9 @@ fn rkv_streams_replay_on_the_cpu_in_both_slot_orders() {
 fn replay_on_the_engine(
     ctx: &kvsift::gpu::GpuContext,
     c: &Case,
-    order: SlotOrder,
+    cfg: &CompressConfig,
     kv_f16: bool,
+    prefill_chunk: usize,
 ) -> (Vec<Vec<usize>>, usize, usize) {
     use kvsift::engine::compressor::Compressor;
     use kvsift::gpu::GpuBuffer;
@@ -296,8 +324,6 @@ fn replay_on_the_engine(
     use kvsift::model::config::ModelConfig;
     use kvsift::ops::paged_attention::{QkvRows, paged_kv_store};
 
-    let mut cfg = config(c);
-    cfg.slot_order = order;
     let (ks, keys) = c.f32s("keys");
     let (qs, queries) = c.f32s("queries");
     let (hkv, n, d, hq) = (ks[0], ks[1], ks[2], qs[0]);
@@ -365,7 +391,9 @@ fn replay_on_the_engine(
         );
         ctx.run_ops("replay", &[&ops]).unwrap();
     };
-    step(&mut kv, &comp, &mut tables, 0, p_len);
+    for from in (0..p_len).step_by(prefill_chunk) {
+        step(&mut kv, &comp, &mut tables, from, p_len.min(from + prefill_chunk));
+    }
     peak_pages = peak_pages.max(kv.alloc.pages_in_use());
     if comp.after_prefill(p_len) {
         comp.compress(ctx, &mut kv, 0, &mut tables).unwrap();
@@ -407,7 +435,9 @@ fn rkv_streams_replay_through_the_engine_in_both_slot_orders() {
             (SlotOrder::Position, "expected_position"),
             (SlotOrder::Reference, "expected_reference"),
         ] {
-            let (got, peak, end) = replay_on_the_engine(ctx, c, order, false);
+            let mut cfg = config(c);
+            cfg.slot_order = order;
+            let (got, peak, end) = replay_on_the_engine(ctx, c, &cfg, false, usize::MAX);
             let (s, flat) = c.i32s(tensor);
             let want: Vec<Vec<usize>> = flat.chunks(s[1]).map(|v| v.to_vec()).collect();
             assert_eq!(got, want, "{} {order:?} (engine)", c.name);
@@ -417,4 +447,89 @@ fn rkv_streams_replay_through_the_engine_in_both_slot_orders() {
             );
         }
     }
+}
+
+/// Every method on the streams' keys and queries, prefill and decode
+/// schedules, through the engine's machinery against the CPU replay (f32
+/// slots; prompts prefilled in chunks of 5 so the rings and H2O's sums
+/// span chunks). H2O v3's engine scores are its running sums over every
+/// prompt query, checked against the contract's all-T-queries selection;
+/// per-head lengths (AdaKV) only in the prefill schedule, where the CPU
+/// replay can follow them.
+#[test]
+fn every_method_replays_through_the_engine_like_the_cpu() {
+    let Some(ctx) = kvsift::testing::gpu() else {
+        return;
+    };
+    let mut checked = 0;
+    for c in &cases("rkv_stream") {
+        let base = config(c);
+        let mut runs = vec![];
+        for method in [
+            Method::StreamingLlm,
+            Method::SnapKv,
+            Method::PyramidKv,
+            Method::H2o,
+            Method::Rkv,
+            Method::AdaKv,
+        ] {
+            for schedule in [Schedule::Prefill, Schedule::Decode] {
+                if method == Method::AdaKv && schedule == Schedule::Decode {
+                    continue;
+                }
+                let mut cfg = CompressConfig::new(method, base.budget);
+                cfg.window = base.window;
+                cfg.buffer = base.buffer;
+                cfg.lambda = base.lambda;
+                cfg.schedule = schedule;
+                cfg.h2o_version = H2oVersion::V1;
+                runs.push(cfg);
+            }
+        }
+        for cfg in runs {
+            let (got, _, _) = replay_on_the_engine(ctx, c, &cfg, false, 5);
+            let want = replay_cpu(c, &cfg);
+            assert_eq!(
+                got, want,
+                "{} {:?} {:?} (engine vs cpu)",
+                c.name, cfg.method, cfg.schedule
+            );
+            checked += 1;
+        }
+        // H2O v3 at prefill: the running sums over all prompt queries.
+        let p_len = c.u("prompt_len");
+        if p_len >= base.budget {
+            let mut cfg = CompressConfig::new(Method::H2o, base.budget);
+            cfg.window = base.window;
+            let (ks, keys) = c.f32s("keys");
+            let (qs, queries) = c.f32s("queries");
+            let (hkv, n, d, hq) = (ks[0], ks[1], ks[2], qs[0]);
+            let mut kbuf = vec![];
+            for h in 0..hkv {
+                kbuf.extend_from_slice(&keys[h * n * d..][..p_len * d]);
+            }
+            let mut qbuf = vec![];
+            for h in 0..hq {
+                qbuf.extend_from_slice(&queries[h * n * d..][..p_len * d]);
+            }
+            let x = Captured {
+                keys: &kbuf,
+                queries: &qbuf,
+                hkv,
+                hq,
+                t: p_len,
+                q_rows: p_len,
+                d,
+            };
+            let want = select_cpu(&cfg, &x, 0, 1).unwrap().kept;
+            // Only the prompt: stop the stream after its prefill.
+            let mut short = c.clone_prefix(p_len);
+            short.meta["prompt_len"] = p_len.into();
+            let (got, _, _) = replay_on_the_engine(ctx, &short, &cfg, false, 5);
+            assert_eq!(got, want, "{} H2O v3 prefill (engine vs cpu)", c.name);
+            checked += 1;
+        }
+    }
+    eprintln!("{checked} method runs replayed through the engine");
+    assert!(checked >= 60);
 }
