@@ -470,3 +470,60 @@ fn select_reproduces_a_vector_and_rejects_bad_settings() {
         &["safetensors"],
     );
 }
+
+#[test]
+fn generate_with_compression_reports_slots_and_pool_bytes() {
+    let r = kvsift(&[
+        "generate",
+        "--prompt",
+        "the quick brown fox jumps over the lazy dog, again and again and again",
+        "--max-tokens",
+        "60",
+        "--temperature",
+        "0",
+        "--kv",
+        "rkv",
+        "--budget",
+        "24",
+        "--buffer",
+        "16",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let c = &j["kv"]["compression"];
+    assert!(c["passes"].as_u64().unwrap() >= 2, "{c}");
+    assert!(
+        c["bytes_after_last"].as_u64() < c["bytes_before_last"].as_u64(),
+        "{c}"
+    );
+    assert_eq!(j["kv_compression"]["method"], "rkv");
+    // tiny-llama: 2 KV heads per layer, at most budget + buffer slots each.
+    let slots = j["kv_slots_per_layer"].as_array().unwrap();
+    assert_eq!(slots.len(), 2);
+    for s in slots {
+        let s = s.as_u64().unwrap();
+        assert!(s > 0 && s <= 2 * (24 + 16), "slots {s}");
+    }
+    for (extra, needle) in [
+        (vec!["--kv", "snapkv"], "--budget"),
+        (vec!["--kv", "snapkv", "--budget", "4"], "--budget"),
+        (vec!["--kv", "lru", "--budget", "40"], "lru"),
+        (
+            vec!["--kv", "rkv", "--budget", "40", "--lambda", "2"],
+            "--lambda",
+        ),
+        (
+            vec!["--kv", "snapkv", "--budget", "40", "--kernel", "6"],
+            "--kernel",
+        ),
+        (
+            vec!["--kv", "snapkv", "--budget", "40", "--schedule", "never"],
+            "--schedule",
+        ),
+    ] {
+        let mut args = vec!["generate", "--prompt", "x", "--max-tokens", "1"];
+        args.extend(extra);
+        expect_error(&kvsift(&args), &[needle]);
+    }
+}

@@ -362,7 +362,7 @@ fn replay_on_the_engine(
         out
     };
     let mut peak_pages = 0;
-    let mut step = |kv: &mut PagedKv,
+    let step = |kv: &mut PagedKv,
                     comp: &Compressor,
                     tables: &mut kvsift::kv::SeqTables,
                     from: usize,
@@ -392,7 +392,13 @@ fn replay_on_the_engine(
         ctx.run_ops("replay", &[&ops]).unwrap();
     };
     for from in (0..p_len).step_by(prefill_chunk) {
-        step(&mut kv, &comp, &mut tables, from, p_len.min(from + prefill_chunk));
+        step(
+            &mut kv,
+            &comp,
+            &mut tables,
+            from,
+            p_len.min(from + prefill_chunk),
+        );
     }
     peak_pages = peak_pages.max(kv.alloc.pages_in_use());
     if comp.after_prefill(p_len) {
@@ -421,7 +427,11 @@ fn replay_on_the_engine(
         .collect();
     // Pages in use must be what the kept slots need.
     let need: usize = (0..hkv).map(|h| tables.head(0, h).len.div_ceil(16)).sum();
-    assert_eq!(kv.alloc.pages_in_use(), need, "pool holds only the kept slots");
+    assert_eq!(
+        kv.alloc.pages_in_use(),
+        need,
+        "pool holds only the kept slots"
+    );
     (held, peak_pages, need)
 }
 
@@ -441,10 +451,7 @@ fn rkv_streams_replay_through_the_engine_in_both_slot_orders() {
             let (s, flat) = c.i32s(tensor);
             let want: Vec<Vec<usize>> = flat.chunks(s[1]).map(|v| v.to_vec()).collect();
             assert_eq!(got, want, "{} {order:?} (engine)", c.name);
-            eprintln!(
-                "{} {order:?}: peak {peak} pages, {end} at the end",
-                c.name
-            );
+            eprintln!("{} {order:?}: peak {peak} pages, {end} at the end", c.name);
         }
     }
 }

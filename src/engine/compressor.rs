@@ -233,9 +233,7 @@ impl Compressor {
         let (w, hq, d) = (self.cfg.window, self.n_q_heads, kv.layout.head_dim);
         let mut dropped = 0u64;
         for layer in 0..self.n_layers {
-            let lens: Vec<usize> = (0..kv.n_heads)
-                .map(|h| tables.head(layer, h).len)
-                .collect();
+            let lens: Vec<usize> = (0..kv.n_heads).map(|h| tables.head(layer, h).len).collect();
             let layer_kv = kv.layer(layer);
             let per_lane = self.n_layers * hq * self.capacity;
             let acc_base = lane * per_lane + layer * hq * self.capacity;

@@ -16,13 +16,13 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use crate::engine::compressor::{CompressionStats, Compressor};
 use crate::engine::generate::StopReason;
 use crate::error::{Error, Result};
 use crate::gpu::buffer::ReadbackSlot;
 use crate::gpu::{GpuBuffer, GpuContext, Op};
-use crate::kv::paged::{PagedKv, PoolConfig, PoolUsage};
-use crate::engine::compressor::{CompressionStats, Compressor};
 use crate::kv::compression::{CompressConfig, Method};
+use crate::kv::paged::{PagedKv, PoolConfig, PoolUsage};
 use crate::kv::{Exhausted, SeqTables};
 use crate::model::config::ModelConfig;
 use crate::model::llama::{
@@ -207,7 +207,15 @@ impl<'c> Engine<'c> {
         }
         config.compression.validate()?;
         let hpk = Compressor::heads_per_kv(&config.compression, &cfg);
-        let kv = PagedKv::new(ctx, &cfg, &config.pool, config.max_batch, rows, capacity, hpk)?;
+        let kv = PagedKv::new(
+            ctx,
+            &cfg,
+            &config.pool,
+            config.max_batch,
+            rows,
+            capacity,
+            hpk,
+        )?;
         let compressor = if config.compression.method == Method::None {
             None
         } else {
@@ -483,7 +491,16 @@ impl<'c> Engine<'c> {
                 paged_prefill(ctx, &kv, &q, n, self.weights.layers[l].window, &a.attn)?.into(),
             );
             if let Some(c) = &self.compressor {
-                ops.extend(c.forward_ops(ctx, &kv, &a.positions, &a.qkv, cfg.qkv_dim(), l, n, n)?);
+                ops.extend(c.forward_ops(
+                    ctx,
+                    &kv,
+                    &a.positions,
+                    &a.qkv,
+                    cfg.qkv_dim(),
+                    l,
+                    n,
+                    n,
+                )?);
             }
             Ok(())
         };
@@ -512,7 +529,16 @@ impl<'c> Engine<'c> {
             )?;
             ops.extend(pair.into_iter().map(Op::from));
             if let Some(c) = &self.compressor {
-                ops.extend(c.forward_ops(ctx, &kv, &a.positions, &a.qkv, cfg.qkv_dim(), l, b, 1)?);
+                ops.extend(c.forward_ops(
+                    ctx,
+                    &kv,
+                    &a.positions,
+                    &a.qkv,
+                    cfg.qkv_dim(),
+                    l,
+                    b,
+                    1,
+                )?);
             }
             Ok(())
         };
@@ -787,7 +813,11 @@ impl<'c> Engine<'c> {
                     if let Some(l) = logits.as_mut() {
                         l.extend(read_rows(self.ctx, &self.acts.logits, v)?);
                     }
-                    if self.compressor.as_ref().is_some_and(|c| c.after_decode(row)) {
+                    if self
+                        .compressor
+                        .as_ref()
+                        .is_some_and(|c| c.after_decode(row))
+                    {
                         self.compress(lane, &mut tables)?;
                     }
                 }

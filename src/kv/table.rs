@@ -160,7 +160,11 @@ mod tests {
         t.truncate(0, 1, 5, &mut alloc);
         assert_eq!(t.head(0, 1).pages.len(), 2);
         assert_eq!(t.head(0, 1).len, 5);
-        assert_eq!(t.head(0, 0).pages.len(), 4, "the other head keeps its pages");
+        assert_eq!(
+            t.head(0, 0).pages.len(),
+            4,
+            "the other head keeps its pages"
+        );
         assert_eq!(alloc.pages_in_use(), 6);
         t.truncate(0, 0, 0, &mut alloc);
         assert_eq!(alloc.pages_in_use(), 2);
