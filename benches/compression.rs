@@ -101,7 +101,8 @@ fn main() {
             pass_ms.push(median_ms(ctx, &refs, if cpu { 3 } else { 11 }));
             if method == Method::SnapKv {
                 // One decode token against the same T slots (its own slot is the last one).
-                let qkv = GpuBuffer::from_slice(ctx, "qkv", &rng.normals((hq + 2 * hkv) * d)).unwrap();
+                let qkv =
+                    GpuBuffer::from_slice(ctx, "qkv", &rng.normals((hq + 2 * hkv) * d)).unwrap();
                 let pos = GpuBuffer::from_slice(ctx, "pos", &[(t - 1) as u32]).unwrap();
                 let q = QkvRows {
                     positions: &pos,
@@ -121,7 +122,11 @@ fn main() {
                     paged_decode(ctx, &job.kv, &q, 1, 0, splits, split_pages, &partials, &out)
                         .unwrap(),
                 );
-                decode_ms = median_ms(ctx, &ds.iter().collect::<Vec<_>>(), if cpu { 5 } else { 21 });
+                decode_ms = median_ms(
+                    ctx,
+                    &ds.iter().collect::<Vec<_>>(),
+                    if cpu { 5 } else { 21 },
+                );
             }
         }
         let amort = |p: f64| format!("{:.1}%", 100.0 * p / (buffer as f64 * decode_ms));

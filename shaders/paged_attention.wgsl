@@ -12,9 +12,11 @@
 //   out = sum_j acc_j exp(m_j - M) / sum_j l_j exp(m_j - M),  M = max_j m_j.
 //
 // attend_prefill: one workgroup per (tile of BQ query tokens of one sequence,
-// query head); walks the sequence's pages for that head with the same masked
-// online softmax per query row (causal by the stored positions), and writes
-// the output rows directly.
+// query head, split of pages); walks its pages for that head with the same
+// masked online softmax per query row (causal by the stored positions), and
+// writes the output rows directly (one split) or partials for merge_splits.
+// Splits bound the work of one invocation: llvmpipe stops any invocation's
+// loops after 65535 iterations in all, which a long prompt would pass.
 //
 // Pool page layout as in paged_kv_store.wgsl.
 //
@@ -257,11 +259,12 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
     let hq_count = p.n_heads * p.group;
     let tiles = (p.n_rows + BQ - 1u) / BQ;
     let item = wg.x + wg.y * nwg.x;
-    if item >= tiles * hq_count {
+    if item >= tiles * hq_count * p.n_splits {
         return;
     }
-    let h = item % hq_count;
-    let t0 = (item / hq_count) * BQ;
+    let j = item % p.n_splits;
+    let h = (item / p.n_splits) % hq_count;
+    let t0 = (item / (p.n_splits * hq_count)) * BQ;
     let nq = min(BQ, p.n_rows - t0);
     let s = h / p.group;
     let dim = p.head_dim;
@@ -280,13 +283,15 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
     }
     let bd = workgroupUniformLoad(&bounds);
     let n_pages = (bd.y + p.page_size - 1u) / p.page_size;
+    let p0 = j * p.split_pages;
+    let p1 = min(p0 + p.split_pages, n_pages);
     let rp = nq * p.page_size;
 
     var acc: array<f32, ACC>;
     for (var k = 0u; k < ACC; k = k + 1u) {
         acc[k] = 0.0;
     }
-    for (var pg = 0u; pg < n_pages; pg = pg + 1u) {
+    for (var pg = p0; pg < p1; pg = pg + 1u) {
         let base = tables[bd.x + pg] * p.page_words;
         let v_base = base + p.page_size * p.dw;
         let pos_base = base + 2u * p.page_size * p.dw;
@@ -305,12 +310,30 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
         accumulate_page(lid, &acc, rd, v_base);
         workgroupBarrier();
     }
-    let out_stride = hq_count * dim;
+    if p.n_splits == 1u {
+        let out_stride = hq_count * dim;
+        for (var k = 0u; k < ACC; k = k + 1u) {
+            let e = lid + k * WG;
+            if e < rd {
+                let r = e / dim;
+                out[(t0 + r) * out_stride + h * dim + e % dim] = acc[k] / l_sh[r];
+            }
+        }
+        return;
+    }
+    // Partials of this split, merged by merge_splits like decode's.
+    let stride = dim + 2u;
     for (var k = 0u; k < ACC; k = k + 1u) {
         let e = lid + k * WG;
         if e < rd {
             let r = e / dim;
-            out[(t0 + r) * out_stride + h * dim + e % dim] = acc[k] / l_sh[r];
+            let hq = (t0 + r) * hq_count + h;
+            partials[(hq * p.n_splits + j) * stride + e % dim] = acc[k];
         }
+    }
+    if lid < nq {
+        let o = (((t0 + lid) * hq_count + h) * p.n_splits + j) * stride + dim;
+        partials[o] = m_sh[lid];
+        partials[o + 1u] = l_sh[lid];
     }
 }

@@ -363,10 +363,10 @@ fn replay_on_the_engine(
     };
     let mut peak_pages = 0;
     let step = |kv: &mut PagedKv,
-                    comp: &Compressor,
-                    tables: &mut kvsift::kv::SeqTables,
-                    from: usize,
-                    to: usize| {
+                comp: &Compressor,
+                tables: &mut kvsift::kv::SeqTables,
+                from: usize,
+                to: usize| {
         let m = to - from;
         let new = tables.append(m, &mut kv.alloc).unwrap();
         kv.write_pages(ctx, 0, &new);

@@ -32,8 +32,11 @@ use crate::model::runner::{
     ScoreOutput, check_score_args, context_capacity, score_targets, set_nll_row, too_long,
 };
 use crate::ops::paged_attention::{
-    QkvRows, paged_decode, paged_kv_store, paged_prefill, partials_len,
+    QkvRows, paged_decode, paged_kv_store, paged_prefill, partials_len, prefill_splits,
 };
+
+/// Page splits a prefill chunk's attention uses at most.
+const MAX_PREFILL_SPLITS: usize = 16;
 use crate::ops::sample::{Sampler, SamplingParams, mark_seen, seen_words};
 use crate::rng::Rng;
 
@@ -242,7 +245,14 @@ impl<'c> Engine<'c> {
             partials: GpuBuffer::zeros(
                 ctx,
                 "engine.partials",
-                partials_len(config.max_batch, cfg.n_heads, n_splits, cfg.head_dim),
+                partials_len(config.max_batch, cfg.n_heads, n_splits, cfg.head_dim).max(
+                    partials_len(
+                        config.prefill_chunk,
+                        cfg.n_heads,
+                        prefill_splits(capacity, config.pool.page_size, MAX_PREFILL_SPLITS).0,
+                        cfg.head_dim,
+                    ),
+                ),
             )?,
             token_slot: ReadbackSlot::new(ctx, "readback.tokens", (config.max_batch * 4) as u64)?,
             decode_plans: HashMap::new(),
@@ -269,7 +279,8 @@ impl<'c> Engine<'c> {
         };
         // Compile the decode and prefill pipelines now, not in the first request.
         engine.ensure_decode_plan(1)?;
-        engine.prefill_ops(crate::ops::linear::MATVEC_MAX_VECS + 1, 0)?;
+        let n = crate::ops::linear::MATVEC_MAX_VECS + 1;
+        engine.prefill_ops(n, 0, n)?;
         Ok(engine)
     }
 
@@ -441,7 +452,7 @@ impl<'c> Engine<'c> {
             if let Some(c) = &self.compressor {
                 c.set_lanes(self.ctx, &[s.lane as u32]);
             }
-            let body = self.prefill_ops(n, 0)?;
+            let body = self.prefill_ops(n, 0, start + n)?;
             let mut head = vec![];
             if last {
                 head.push(final_norm(self.ctx, &self.weights, &self.acts, n - 1, 1)?);
@@ -479,16 +490,29 @@ impl<'c> Engine<'c> {
         Ok(())
     }
 
-    /// The body of a prefill chunk of `n` tokens of the sequence in step row `row`.
-    fn prefill_ops(&self, n: usize, row: usize) -> Result<Vec<Op>> {
+    /// The body of a prefill chunk of `n` tokens of the sequence in step row
+    /// `row`, whose heads hold `len` slots with the chunk.
+    fn prefill_ops(&self, n: usize, row: usize, len: usize) -> Result<Vec<Op>> {
         let (ctx, cfg, a) = (self.ctx, &self.cfg, &self.acts);
         let mut attend = |l: usize, ops: &mut Vec<Op>| -> Result<()> {
             let mut kv = self.kv.layer(l);
             kv.desc_base += row * kv.n_heads;
             let q = qkv_rows(cfg, a);
             ops.push(paged_kv_store(ctx, &kv, &q, n, n)?.into());
-            ops.push(
-                paged_prefill(ctx, &kv, &q, n, self.weights.layers[l].window, &a.attn)?.into(),
+            let splits = prefill_splits(len, kv.layout.page_size, MAX_PREFILL_SPLITS);
+            ops.extend(
+                paged_prefill(
+                    ctx,
+                    &kv,
+                    &q,
+                    n,
+                    self.weights.layers[l].window,
+                    splits,
+                    &self.partials,
+                    &a.attn,
+                )?
+                .into_iter()
+                .map(Op::from),
             );
             if let Some(c) = &self.compressor {
                 ops.extend(c.forward_ops(
@@ -755,7 +779,7 @@ impl<'c> Engine<'c> {
                     .write_inputs(self.ctx, &tokens[start..start + n], &self.pos_host[..n]);
                 self.kv.set_row(0, lane, &tables, None);
                 self.kv.upload_rows(self.ctx);
-                let body = self.prefill_ops(n, 0)?;
+                let body = self.prefill_ops(n, 0, start + n)?;
                 let norm = final_norm(self.ctx, &self.weights, &self.acts, 0, n)?;
                 self.ctx.run_ops(
                     "kvsift.score.prefill",

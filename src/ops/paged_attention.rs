@@ -293,29 +293,51 @@ pub fn paged_decode(
     Ok([split, merge])
 }
 
+/// Slots one prefill split covers at most: keeps each invocation's loops
+/// short (llvmpipe ends an invocation's loops after 65535 iterations in all).
+pub const PREFILL_SPLIT_SLOTS: usize = 512;
+
+/// Page splits of a prefill over `len` slots: `(n_splits, split_pages)`, at
+/// most `max_splits` (then longer splits).
+pub fn prefill_splits(len: usize, page_size: usize, max_splits: usize) -> (usize, usize) {
+    let pages = len.div_ceil(page_size).max(1);
+    let split_pages = (PREFILL_SPLIT_SLOTS / page_size)
+        .max(1)
+        .max(pages.div_ceil(max_splits.max(1)));
+    (pages.div_ceil(split_pages), split_pages)
+}
+
 /// Prefill attention for the `n_tokens` newest tokens of one sequence (its
-/// descriptors at `kv.desc_base`), into `out` `[n_tokens, n_q_heads * head_dim]`.
+/// descriptors at `kv.desc_base`), into `out` `[n_tokens, n_q_heads * head_dim]`,
+/// over `n_splits` splits of `split_pages` pages (see [`prefill_splits`]);
+/// with more than one, partials go through `partials` and a merge.
+#[allow(clippy::too_many_arguments)]
 pub fn paged_prefill(
     ctx: &GpuContext,
     kv: &LayerKv,
     q: &QkvRows,
     n_tokens: usize,
     window: usize,
+    (n_splits, split_pages): (usize, usize),
+    partials: &GpuBuffer<f32>,
     out: &GpuBuffer<f32>,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     let l = kv.layout;
     assert!(
-        out.len() >= n_tokens * q.n_q_heads * l.head_dim,
-        "paged_prefill: out {} for {n_tokens} tokens",
-        out.len()
+        out.len() >= n_tokens * q.n_q_heads * l.head_dim
+            && (n_splits == 1
+                || partials.len() >= partials_len(n_tokens, q.n_q_heads, n_splits, l.head_dim)),
+        "paged_prefill: out {} / partials {} for {n_tokens} tokens, {n_splits} splits",
+        out.len(),
+        partials.len()
     );
-    let params = attention_params(kv, q, n_tokens, window, 1, 1);
+    let params = attention_params(kv, q, n_tokens, window, n_splits, split_pages);
     let pipeline = ctx.pipeline(
         &PAGED_ATTENTION,
         "attend_prefill",
         &l.constants(ATTENTION_WG),
     )?;
-    Dispatch::with_params_at(
+    let attend = Dispatch::with_params_at(
         ctx,
         pipeline,
         "kvsift.paged_attention.prefill".into(),
@@ -326,13 +348,27 @@ pub fn paged_prefill(
             (3, kv.desc.binding()),
             (4, kv.tables.binding()),
             (5, kv.pool.binding()),
+            (6, partials.binding()),
             (7, out.binding()),
         ],
         ctx.grid(u32_of(
             "prefill items",
-            n_tokens.div_ceil(PREFILL_ROWS) * q.n_q_heads,
+            n_tokens.div_ceil(PREFILL_ROWS) * q.n_q_heads * n_splits,
         )),
-    )
+    )?;
+    if n_splits == 1 {
+        return Ok(vec![attend]);
+    }
+    let pipeline = ctx.pipeline(&PAGED_ATTENTION, "merge_splits", &l.constants(ATTENTION_WG))?;
+    let merge = Dispatch::with_params_at(
+        ctx,
+        pipeline,
+        "kvsift.paged_attention.prefill_merge".into(),
+        &params,
+        &[(6, partials.binding()), (7, out.binding())],
+        ctx.grid(u32_of("merge items", n_tokens * q.n_q_heads)),
+    )?;
+    Ok(vec![attend, merge])
 }
 
 // ---- CPU twins -------------------------------------------------------------
@@ -777,7 +813,12 @@ mod tests {
     #[test]
     fn prefill_attention_matches_twin() {
         let Some(ctx) = gpu() else { return };
-        for (ci, c) in CASES.iter().enumerate() {
+        // A short prefix (one split) and a long one (several splits and a merge).
+        for (ci, c, prefix) in CASES
+            .iter()
+            .enumerate()
+            .flat_map(|(ci, c)| [(ci, c, 21usize), (ci, c, 1500)])
+        {
             let mut rng = Rng::new(500 + ci as u64);
             let layout = PoolLayout {
                 page_size: c.page_size,
@@ -785,8 +826,8 @@ mod tests {
                 kv_f16: c.kv_f16,
             };
             let n_heads = c.kv_heads * c.heads_per_kv;
-            // One sequence: a 21-slot prefix from earlier chunks, then a 19-token chunk.
-            let (prefix, chunk) = (21usize, 19usize);
+            // One sequence: a prefix from earlier chunks, then a 19-token chunk.
+            let chunk = 19usize;
             let sc = scenario(&mut rng, layout, n_heads, &[prefix + chunk]);
             let stride = (c.q_heads + 2 * c.kv_heads) * c.dim;
             let mut pool: Vec<u32> = vec![0; sc.total_pages * layout.page_words()];
@@ -822,8 +863,19 @@ mod tests {
             let (kv, q) = g.views(c, layout);
             let out = GpuBuffer::<f32>::zeros(ctx, "out", chunk * c.q_heads * c.dim).unwrap();
             let store = paged_kv_store(ctx, &kv, &q, chunk, chunk).unwrap();
-            let attend = paged_prefill(ctx, &kv, &q, chunk, c.window, &out).unwrap();
-            ctx.run("test", &[&store, &attend]).unwrap();
+            let splits = prefill_splits(prefix + chunk, c.page_size, 16);
+            assert_eq!(splits.0 > 1, prefix > 500, "case {ci}: splits {splits:?}");
+            let partials = GpuBuffer::<f32>::zeros(
+                ctx,
+                "partials",
+                partials_len(chunk, c.q_heads, splits.0, c.dim),
+            )
+            .unwrap();
+            let attend =
+                paged_prefill(ctx, &kv, &q, chunk, c.window, splits, &partials, &out).unwrap();
+            let mut ds = vec![&store];
+            ds.extend(attend.iter());
+            ctx.run("test", &ds).unwrap();
             assert_eq!(
                 gpool.read(ctx).unwrap(),
                 want_pool,
@@ -837,7 +889,7 @@ mod tests {
                 c.window,
             );
             assert_close(
-                &format!("case {ci} prefill"),
+                &format!("case {ci} prefill after {prefix} slots"),
                 &out.read(ctx).unwrap(),
                 &want,
                 ATOL,
