@@ -11,8 +11,9 @@
 // Entry points, in pass order:
 //   store_window_queries  (in the forward) the last `window` queries of each row
 //                         group into the lane's ring, slot = position % window
-//   score_stats           per (query row, unit): max and exp-sum of the row's
-//                         visible logits (visible: slot position <= query position)
+//   score_stats           per (query row, unit, range of 8192 slots): max and
+//                         exp-sum of the row's visible logits (visible: slot
+//                         position <= query position), merged by score_accumulate
 //   score_accumulate      per (group, unit, slot): sum over the group's rows of
 //                         the probabilities; into acc (replacing, or adding: H2O)
 //   score_reduce          per (stored head, candidate): row mean (optional) and
@@ -37,6 +38,7 @@ override WG: u32 = 256u;
 override KV_F16: bool = true;
 const SG: u32 = 256u;       // workgroup of score_stats
 const TK: u32 = 256u;       // workgroup of topk_select
+const STAT_SPLIT: u32 = 8192u;  // slots one score_stats workgroup covers
 
 struct Params {
     n_heads: u32,          // stored heads
@@ -70,7 +72,10 @@ struct Params {
     lambda: f32,
     threshold: f32,
     eps: f32,
-    _pad: u32,
+    stat_splits: u32,      // score_stats: slot ranges of STAT_SPLIT per (row, unit)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -208,18 +213,19 @@ var<workgroup> red_z: array<f32, SG>;
 
 @compute @workgroup_size(SG)
 fn score_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let id = wg.x + wg.y * nwg.x;      // row * units + unit (uniform)
-    let valid = id < p.n_rows * p.units;
-    let r = id / p.units;
-    let u = id % p.units;
+    let id = wg.x + wg.y * nwg.x;      // (row * units + unit) * stat_splits + split (uniform)
+    let valid = id < p.n_rows * p.units * p.stat_splits;
+    let split = id % p.stat_splits;
+    let r = id / (p.units * p.stat_splits);
+    let u = (id / p.stat_splits) % p.units;
     let s = unit_head(u);
     var m = -3.0e38;
     var z = 0.0;
     if valid {
         let d = desc_of_row(r, s);
-        let n = columns(desc[d * 2u + 1u]);
+        let n = min(columns(desc[d * 2u + 1u]), (split + 1u) * STAT_SPLIT);
         let qp = qpos[p.qpos_base + r];
-        for (var t = lid; t < n; t = t + SG) {
+        for (var t = split * STAT_SPLIT + lid; t < n; t = t + SG) {
             if p.rkv == 1u || slot_pos(d, t) <= qp {
                 let l = unit_logit(r, u, slot_base(d, t));
                 let m2 = max(m, l);
@@ -265,8 +271,20 @@ fn score_accumulate(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
     var sum = 0.0;
     for (var r = r0; r < min(r0 + p.rows_per_group, p.n_rows); r = r + 1u) {
         if p.rkv == 1u || tp <= qpos[p.qpos_base + r] {
-            let st = (r * p.units + u) * 2u;
-            sum = sum + exp(unit_logit(r, u, kb) - stats[st]) / stats[st + 1u];
+            // Merge the row's split statistics.
+            let st = (r * p.units + u) * p.stat_splits * 2u;
+            var m = -3.0e38;
+            for (var j = 0u; j < p.stat_splits; j = j + 1u) {
+                m = max(m, stats[st + 2u * j]);
+            }
+            var z = 0.0;
+            for (var j = 0u; j < p.stat_splits; j = j + 1u) {
+                let zj = stats[st + 2u * j + 1u];
+                if zj > 0.0 {
+                    z = z + zj * exp(stats[st + 2u * j] - m);
+                }
+            }
+            sum = sum + exp(unit_logit(r, u, kb) - m) / z;
         }
     }
     let a = p.acc_base + lanes[g] * p.acc_lane_stride + u * p.t_stride + t;

@@ -92,7 +92,11 @@ impl Compressor {
             ring_pos: GpuBuffer::zeros(ctx, "compress.ring_pos", lanes * w)?,
             lanes: GpuBuffer::zeros(ctx, "compress.lanes", rows.max(1))?,
             h2o,
-            h2o_stats: GpuBuffer::zeros(ctx, "compress.h2o_stats", rows.max(1) * hq * 2)?,
+            h2o_stats: GpuBuffer::zeros(
+                ctx,
+                "compress.h2o_stats",
+                compress::stats_len(rows.max(1), hq, capacity),
+            )?,
             n_layers: model.n_layers,
             n_q_heads: hq,
             group: model.n_heads / model.n_kv_heads,
