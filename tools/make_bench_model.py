@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
-"""Writes a random ~100M-parameter Llama (f16) for speed measurements; not committed.
+"""Writes a random Llama for speed measurements; not committed.
 
-    python3 tools/make_bench_model.py /tmp/llama-100m
+    python3 tools/make_bench_model.py /tmp/llama-100m        # default: 100m
+    python3 tools/make_bench_model.py /tmp/llama-19m 19m
 
-hidden 768, 8 layers, 12 heads (4 KV heads), intermediate 2048, vocab 32000,
-untied embeddings: 99.4M parameters, 199 MB. The tokenizer is tiny-llama's
-(its ids are a subset of the 32000), so `kvsift generate` works on it.
+100m: hidden 768, 8 layers, 12 heads (4 KV heads), intermediate 2048, vocab
+32000, untied embeddings: 99.4M parameters, f16, 199 MB.
+19m: hidden 256, 4 layers, 8 heads, intermediate 512, vocab 32000, untied,
+f32: 19.0M parameters, 76 MB (the model of the llama.cpp lavapipe figure in
+the performance issue).
+The tokenizer is tiny-llama's (its ids are a subset of the 32000), so
+`kvsift generate` works on them.
 """
 import json
 import os
@@ -16,15 +21,21 @@ import torch
 import transformers
 
 out = sys.argv[1] if len(sys.argv) > 1 else "/tmp/llama-100m"
+size = sys.argv[2] if len(sys.argv) > 2 else "100m"
+shapes = {
+    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                 num_attention_heads=12, num_key_value_heads=4),
+    "19m": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=8),
+}[size]
 os.makedirs(out, exist_ok=True)
 torch.manual_seed(0)
 cfg = transformers.LlamaConfig(
-    vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-    num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096,
+    vocab_size=32000, max_position_embeddings=4096,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
-    bos_token_id=0, eos_token_id=1,
+    bos_token_id=0, eos_token_id=1, **shapes,
 )
-model = transformers.LlamaForCausalLM(cfg).to(torch.float16)
+model = transformers.LlamaForCausalLM(cfg).to(torch.float16 if size == "100m" else torch.float32)
 model.save_pretrained(out)
 src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models", "tiny-llama")
 for f in ["tokenizer.json", "tokenizer_config.json"]:

@@ -1,5 +1,6 @@
 //! clap subcommands; each lives in its own file.
 
+mod bench;
 mod common;
 mod compress;
 mod generate;
@@ -33,6 +34,8 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Which KV slots a compression method keeps, from captured keys and queries.
     Select(select::SelectArgs),
+    /// llama-bench-style pp/tg figures; `bench roofline`; `bench throughput`.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -41,5 +44,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
         Command::Select(a) => select::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

@@ -183,6 +183,8 @@ pub struct Engine<'c> {
     capture_logits: bool,
     compressor: Option<Compressor>,
     final_slots: HashMap<RequestId, Vec<usize>>,
+    profile_next: bool,
+    last_profile: Option<Vec<(String, f64)>>,
 }
 
 impl<'c> Engine<'c> {
@@ -234,7 +236,15 @@ impl<'c> Engine<'c> {
         };
         // At most 16 splits per head: each covers enough pages for the longest context.
         let max_pages = kv.pages_for(capacity);
-        let split_pages = max_pages.div_ceil(16).max(1);
+        // On a CPU adapter (lavapipe) every workgroup launch is costly and
+        // there are few cores: splits of up to 64 pages (within llvmpipe's
+        // per-invocation loop limit) instead of as many as 16.
+        let max_splits = if ctx.adapter_summary.device_type == wgpu::DeviceType::Cpu {
+            max_pages.div_ceil(64).clamp(1, 16)
+        } else {
+            16
+        };
+        let split_pages = max_pages.div_ceil(max_splits).max(1);
         let n_splits = max_pages.div_ceil(split_pages);
         let v = cfg.vocab_size;
         let mut engine = Engine {
@@ -270,6 +280,8 @@ impl<'c> Engine<'c> {
             capture_logits: false,
             compressor,
             final_slots: HashMap::new(),
+            profile_next: false,
+            last_profile: None,
             cfg,
             weights,
             acts,
@@ -282,6 +294,19 @@ impl<'c> Engine<'c> {
         let n = crate::ops::linear::MATVEC_MAX_VECS + 1;
         engine.prefill_ops(n, 0, n)?;
         Ok(engine)
+    }
+
+    /// Times each kernel of the next decode step on the GPU (timestamp
+    /// queries, or per-dispatch host timing without them); read it with
+    /// [`Engine::take_profile`].
+    pub fn profile_next_decode(&mut self) {
+        self.profile_next = true;
+    }
+
+    /// The per-kernel times (label, nanoseconds, in step order) of the last
+    /// profiled decode step.
+    pub fn take_profile(&mut self) -> Option<Vec<(String, f64)>> {
+        self.last_profile.take()
     }
 
     /// KV slots a finished (or cancelled) request held per layer when it
@@ -298,6 +323,13 @@ impl<'c> Engine<'c> {
     /// ([`Event::Logits`]); for checking and research, it costs a readback.
     pub fn capture_logits(&mut self, on: bool) {
         self.capture_logits = on;
+    }
+
+    /// KV bytes one position of one sequence holds (every layer and stored
+    /// head: key, value and position), what attention reads per slot.
+    pub fn kv_bytes_per_position(&self) -> u64 {
+        let l = self.kv.layout;
+        (self.kv.n_layers * self.kv.n_heads * l.page_bytes() / l.page_size) as u64
     }
 
     pub fn weight_bytes(&self) -> u64 {
@@ -669,8 +701,15 @@ impl<'c> Engine<'c> {
             .collect();
         self.sampler.set_rows(self.ctx, draws);
         self.ensure_decode_plan(b)?;
-        self.ctx
-            .run_ops("kvsift.engine.decode", &[&self.decode_plans[&b]])?;
+        if std::mem::take(&mut self.profile_next) {
+            self.last_profile = Some(
+                self.ctx
+                    .profile_ops("kvsift.engine.decode", &[&self.decode_plans[&b]])?,
+            );
+        } else {
+            self.ctx
+                .run_ops("kvsift.engine.decode", &[&self.decode_plans[&b]])?;
+        }
         let tokens = self.token_slot.read::<u32>(self.ctx, b)?;
         if self.capture_logits {
             let v = self.cfg.vocab_size;

@@ -168,6 +168,93 @@ impl GpuContext {
         })
     }
 
+    /// Runs a step like [`GpuContext::run_ops`] but with each dispatch in its
+    /// own compute pass between two timestamps, and returns every dispatch's
+    /// label with its GPU time in nanoseconds (in step order). Needs the
+    /// timestamp-query feature; without it, each dispatch is submitted alone
+    /// and timed on the host from submission to idle (an upper bound).
+    pub fn profile_ops(&self, label: &str, segments: &[&[Op]]) -> Result<Vec<(String, f64)>> {
+        let ops: Vec<&Op> = segments.iter().flat_map(|s| s.iter()).collect();
+        let n = ops.iter().filter(|o| matches!(o, Op::Dispatch(_))).count();
+        if !self.caps.features.timestamps {
+            let mut out = Vec::with_capacity(n);
+            for op in ops {
+                let start = std::time::Instant::now();
+                self.checked(label, || {
+                    let mut enc = self.encoder(label);
+                    encode_ops(&mut enc, label, std::iter::once(op));
+                    self.queue.submit([enc.finish()])
+                })?;
+                self.wait_idle()?;
+                if let Op::Dispatch(d) = op {
+                    out.push((d.label.clone(), start.elapsed().as_secs_f64() * 1e9));
+                }
+            }
+            return Ok(out);
+        }
+        let count = (2 * n).max(2) as u32;
+        let bytes = count as u64 * 8;
+        let (query_set, resolve) = self.checked(label, || {
+            let qs = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("kvsift.profile"),
+                ty: wgpu::QueryType::Timestamp,
+                count,
+            });
+            let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kvsift.profile.resolve"),
+                size: bytes,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            (qs, resolve)
+        })?;
+        let mut labels = Vec::with_capacity(n);
+        self.checked(label, || {
+            let mut enc = self.encoder(label);
+            for op in &ops {
+                match op {
+                    Op::Dispatch(d) => {
+                        let i = labels.len() as u32;
+                        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                            label: Some(&d.label),
+                            timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                                query_set: &query_set,
+                                beginning_of_pass_write_index: Some(2 * i),
+                                end_of_pass_write_index: Some(2 * i + 1),
+                            }),
+                        });
+                        d.encode(&mut pass);
+                        drop(pass);
+                        labels.push(d.label.clone());
+                    }
+                    Op::Copy(c) => enc.copy_buffer_to_buffer(
+                        &c.src,
+                        c.src_offset,
+                        &c.dst,
+                        c.dst_offset,
+                        c.size,
+                    ),
+                }
+            }
+            enc.resolve_query_set(&query_set, 0..count, &resolve, 0);
+            self.queue.submit([enc.finish()])
+        })?;
+        let raw = super::buffer::read_bytes(self, &resolve, "profile timestamps", 0, bytes)?;
+        let ticks: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let period = self.queue.get_timestamp_period() as f64;
+        Ok(labels
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let t = ticks[2 * i + 1].saturating_sub(ticks[2 * i]);
+                (l, t as f64 * period)
+            })
+            .collect())
+    }
+
     pub fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
         self.device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })

@@ -27,6 +27,14 @@ pub static MATVEC: ReducingKernel = ReducingKernel {
     },
 };
 
+/// One subgroup per 4 rows, no workgroup reduction (shaders/matvec_rows.wgsl).
+pub static MATVEC_ROWS: Kernel = Kernel {
+    name: "matvec_rows",
+    sources: &[include_str!("../../shaders/matvec_rows.wgsl")],
+    entries: &["matvec_rows_f32", "matvec_rows_f16"],
+    needs: SUBGROUPS,
+};
+
 pub static MATMUL: Kernel = Kernel {
     name: "matmul",
     sources: &[include_str!("../../shaders/matmul.wgsl")],
@@ -35,7 +43,7 @@ pub static MATMUL: Kernel = Kernel {
 };
 
 /// Rows computed by one matvec workgroup (`ROWS` in matvec.wgsl).
-const MATVEC_ROWS: usize = 4;
+const MATVEC_BLOCK: usize = 4;
 /// Output tile of one matmul workgroup (`BM`, `BN` in matmul.wgsl).
 const MATMUL_TILE: usize = 64;
 /// Up to this many vectors a projection runs as matvec, beyond it as matmul.
@@ -131,8 +139,15 @@ pub fn linear(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
     }
 }
 
+/// The decode projection: a subgroup per 4 rows where the device has
+/// subgroups that fit a workgroup, else the workgroup-reduction kernel.
 pub fn matvec(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
-    matvec_with(ctx, MATVEC.pick(ctx), args)
+    let caps = &ctx.caps;
+    if caps.features.subgroups && caps.subgroup_max_size <= super::WG {
+        matvec_with(ctx, &MATVEC_ROWS, args)
+    } else {
+        matvec_with(ctx, MATVEC.pick(ctx), args)
+    }
 }
 
 /// matvec with an explicit reduction variant (tests run both).
@@ -143,7 +158,9 @@ pub fn matvec_with(
 ) -> Result<Vec<Dispatch>> {
     args.check("matvec");
     let w = args.weights;
-    let pipeline = ctx.pipeline(kernel, &entry("matvec", w.dtype), &super::wg_constants())?;
+    let rows_kernel = std::ptr::eq(kernel, &MATVEC_ROWS);
+    let kind = if rows_kernel { "matvec_rows" } else { "matvec" };
+    let pipeline = ctx.pipeline(kernel, &entry(kind, w.dtype), &super::wg_constants())?;
     let n_vecs = u32_of("matvec vectors", args.n_vecs);
     assert!(
         n_vecs <= ctx.caps.max_workgroups_per_dim,
@@ -152,7 +169,7 @@ pub fn matvec_with(
     w.parts
         .iter()
         .map(|part| {
-            let row_blocks = u32_of("matvec row blocks", part.rows.div_ceil(MATVEC_ROWS));
+            let row_blocks = u32_of("matvec row blocks", part.rows.div_ceil(MATVEC_BLOCK));
             let params = MatvecParams {
                 rows: u32_of("rows", part.rows),
                 cols: u32_of("cols", w.cols),
@@ -165,7 +182,15 @@ pub fn matvec_with(
                 row_blocks,
             };
             let label = format!("kvsift.matvec.{}", w.label);
-            let [gx, gy, _] = ctx.grid(row_blocks);
+            // matvec_rows: a workgroup holds at least WG / subgroup_max_size
+            // subgroups of 4 rows; the kernel's grid stride covers the rest.
+            let workgroups = if rows_kernel {
+                let per_wg = (super::WG / ctx.caps.subgroup_max_size.max(1)).max(1);
+                row_blocks.div_ceil(per_wg)
+            } else {
+                row_blocks
+            };
+            let [gx, gy, _] = ctx.grid(workgroups);
             Dispatch::with_params(
                 ctx,
                 pipeline.clone(),
@@ -281,6 +306,7 @@ mod tests {
             v.push(("matvec".into(), Which::Matvec(&MATVEC.workgroup)));
             if ctx.caps.features.subgroups {
                 v.push(("matvec_subgroup".into(), Which::Matvec(&MATVEC.subgroup)));
+                v.push(("matvec_rows".into(), Which::Matvec(&MATVEC_ROWS)));
             }
         }
         v

@@ -7,6 +7,7 @@ pub mod add;
 pub mod argmax;
 pub mod attention;
 pub mod compress;
+pub mod copy;
 pub mod embedding;
 pub mod linear;
 pub mod nll;
@@ -58,6 +59,7 @@ pub fn all_kernels() -> Vec<&'static Kernel> {
     vec![
         &linear::MATVEC.workgroup,
         &linear::MATVEC.subgroup,
+        &linear::MATVEC_ROWS,
         &linear::MATMUL,
         &rmsnorm::RMSNORM.workgroup,
         &rmsnorm::RMSNORM.subgroup,
@@ -69,6 +71,7 @@ pub fn all_kernels() -> Vec<&'static Kernel> {
         &paged_attention::PAGED_KV_STORE,
         &paged_attention::PAGED_ATTENTION,
         &compress::COMPRESS,
+        &copy::COPY,
         &rope::ROPE,
         &silu_mul::SILU_MUL,
         &add::ADD,

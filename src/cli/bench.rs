@@ -1,0 +1,455 @@
+//! `kvsift bench`: llama-bench-style prompt processing (pp) and token
+//! generation (tg) figures, the device's copy bandwidth (`bench roofline`),
+//! per-kernel decode profiles (`--profile`), and the fixed-memory throughput
+//! experiment of the R-KV paper (`bench throughput`).
+
+use std::io::Write;
+use std::time::Instant;
+
+use clap::Args;
+use kvsift::engine::{Engine, Event, Request};
+use kvsift::gpu::{Dispatch, GpuBuffer, GpuContext};
+use kvsift::model::config::ModelConfig;
+use kvsift::ops::copy::copy_vec4;
+use kvsift::ops::sample::SamplingParams;
+use serde_json::json;
+
+use super::common::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// What to measure: nothing (pp and tg), `roofline` (the device's copy
+    /// bandwidth) or `throughput` (concurrent sequences in a fixed pool,
+    /// full cache against --kv).
+    pub mode: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt tokens of the pp test (0: skip it).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    pub n_prompt: usize,
+    /// Generated tokens of the tg test (0: skip it).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    pub n_gen: usize,
+    /// Repetitions of each test (after one warm-up run).
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    pub repetitions: usize,
+    /// Sequences generated together in the tg test.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Per-kernel GPU time of one decode step (at the end of a tg run).
+    #[arg(long)]
+    pub profile: bool,
+    /// Throughput: KV pool size in MiB (the fixed memory).
+    #[arg(long)]
+    pub pool_mb: Option<f64>,
+    /// Throughput: prompt tokens per sequence.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    /// Throughput: generated tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub gen_len: usize,
+    /// Throughput: most concurrent sequences tried.
+    #[arg(long, default_value_t = 256)]
+    pub max_sequences: usize,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Mean and sample standard deviation.
+fn mean_sd(x: &[f64]) -> (f64, f64) {
+    let n = x.len() as f64;
+    let m = x.iter().sum::<f64>() / n;
+    let v = if x.len() > 1 {
+        x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (m, v.sqrt())
+}
+
+/// Parameters of a Llama-family model from its configuration.
+fn param_count(c: &ModelConfig) -> u64 {
+    let (h, i, v) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.vocab_size as u64,
+    );
+    let per_layer = c.qkv_dim() as u64 * h + c.q_dim() as u64 * h + 3 * i * h + 2 * h;
+    let head = if c.tie_word_embeddings { 0 } else { v * h };
+    v * h + c.n_layers as u64 * per_layer + h + head
+}
+
+fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.2} GiB", b / (1024.0 * 1024.0 * 1024.0))
+    } else {
+        format!("{:.2} MiB", b / (1024.0 * 1024.0))
+    }
+}
+
+fn tokens(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
+    let mut rng = kvsift::rng::Rng::new(seed);
+    (0..n).map(|_| rng.below(vocab.min(32000)) as u32).collect()
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
+    Request {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+    }
+}
+
+/// Runs the engine until idle; returns the steps' count and the most
+/// sequences that ran at once.
+fn drain(e: &mut Engine) -> anyhow::Result<(usize, usize)> {
+    let mut steps = 0;
+    let mut most = 0;
+    while e.has_work() {
+        for ev in e.step()? {
+            if let Event::Failed { error, .. } = ev {
+                anyhow::bail!("{error}");
+            }
+        }
+        most = most.max(e.stats().running);
+        steps += 1;
+    }
+    Ok((steps, most))
+}
+
+/// Copy bandwidth of the device (read + write bytes / time), best of 5 runs.
+pub fn roofline(ctx: &GpuContext) -> anyhow::Result<f64> {
+    let bytes = (ctx.caps.max_binding_bytes.min(256 << 20) / 16) * 16;
+    let n = (bytes / 16) as usize;
+    let src = GpuBuffer::<u32>::zeros(ctx, "roofline.src", 4 * n)?;
+    let dst = GpuBuffer::<u32>::zeros(ctx, "roofline.dst", 4 * n)?;
+    let d = copy_vec4(ctx, n, &src, &dst)?;
+    let reps = 4;
+    let list: Vec<&Dispatch> = (0..reps).map(|_| &d).collect();
+    ctx.run("roofline.warmup", &list)?;
+    ctx.wait_idle()?;
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        ctx.run("roofline", &list)?;
+        ctx.wait_idle()?;
+        best = best.max(2.0 * bytes as f64 * reps as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    Ok(best)
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let ctx = GpuContext::from_env()?;
+    match a.mode.as_deref() {
+        None => pp_tg(&ctx, &a),
+        Some("roofline") => {
+            let gbs = roofline(&ctx)?;
+            if a.json {
+                println!(
+                    "{}",
+                    json!({"adapter": ctx.adapter_summary.name, "copy_gb_s": gbs})
+                );
+            } else {
+                println!(
+                    "{}: copy {gbs:.1} GB/s (read + write, decimal GB)",
+                    ctx.adapter_summary.name
+                );
+            }
+            Ok(())
+        }
+        Some("throughput") => throughput(&ctx, &a),
+        Some(other) => anyhow::bail!("kvsift bench {other:?}: expected roofline or throughput"),
+    }
+}
+
+fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
+    if a.repetitions == 0 || a.batch == 0 {
+        anyhow::bail!("-r and --batch must be at least 1");
+    }
+    let dir = a.model.dir()?;
+    let mut engine = a.model.engine(ctx, a.batch)?;
+    let cfg = engine.cfg.clone();
+    if a.n_prompt >= engine.capacity() || a.n_gen + 1 >= engine.capacity() {
+        anyhow::bail!(
+            "-p {} / -n {}: the model's context holds {} positions (--max-context)",
+            a.n_prompt,
+            a.n_gen,
+            engine.capacity()
+        );
+    }
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let size = engine.weight_bytes();
+    let params = param_count(&cfg);
+    let backend = format!("wgpu {:?}", ctx.adapter_summary.backend).to_lowercase();
+    let mut rows = vec![];
+
+    if a.n_prompt > 0 {
+        let mut rates = vec![];
+        for rep in 0..=a.repetitions {
+            engine.add_request(request(tokens(rep as u64, a.n_prompt, cfg.vocab_size), 1))?;
+            let t = Instant::now();
+            drain(&mut engine)?;
+            if rep > 0 {
+                rates.push(a.n_prompt as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        rows.push((format!("pp{}", a.n_prompt), rates, None));
+    }
+    let mut profile = None;
+    if a.n_gen > 0 {
+        let mut rates = vec![];
+        let mut step_s = vec![];
+        for rep in 0..=a.repetitions {
+            for b in 0..a.batch {
+                let seed = (rep * a.batch + b) as u64;
+                engine.add_request(request(tokens(seed, 1, cfg.vocab_size), a.n_gen))?;
+            }
+            if rep == a.repetitions && a.profile {
+                // Profile a decode step in the middle of the last run.
+                for _ in 0..a.n_gen / 2 {
+                    engine.step()?;
+                }
+                engine.profile_next_decode();
+                engine.step()?;
+                profile = engine.take_profile();
+                drain(&mut engine)?;
+                continue;
+            }
+            let t = Instant::now();
+            let (steps, _) = drain(&mut engine)?;
+            let s = t.elapsed().as_secs_f64();
+            if rep > 0 {
+                rates.push((a.n_gen * a.batch) as f64 / s);
+                step_s.push(s / steps as f64);
+            }
+        }
+        // Bytes one decode step reads: the weights once, each sequence's KV
+        // at its mean length over the run (about n / 2 positions).
+        let kv = engine.kv_bytes_per_position() as f64 * (a.n_gen as f64 / 2.0 + 1.0);
+        let step_bytes = size as f64 + a.batch as f64 * kv;
+        rows.push((
+            format!("tg{}", a.n_gen),
+            rates,
+            Some((step_bytes, mean_sd(&step_s).0)),
+        ));
+    }
+    let copy = roofline(ctx)?;
+
+    let mut out = vec![];
+    for (test, rates, bytes) in &rows {
+        let (m, sd) = mean_sd(rates);
+        let mut row = json!({
+            "model": name, "size_bytes": size, "params": params, "backend": backend,
+            "adapter": ctx.adapter_summary.name, "test": test, "batch": a.batch,
+            "t_s": m, "t_s_sd": sd, "repetitions": rates.len(),
+        });
+        if let Some((step_bytes, step)) = bytes {
+            let gbs = step_bytes / step / 1e9;
+            row["bytes_per_token"] = json!(step_bytes / a.batch as f64);
+            row["achieved_gb_s"] = json!(gbs);
+            row["roofline_gb_s"] = json!(copy);
+            row["roofline_fraction"] = json!(gbs / copy);
+        }
+        out.push(row);
+    }
+    let mut stdout = std::io::stdout().lock();
+    if a.json {
+        let mut j = json!({ "results": out, "roofline_gb_s": copy });
+        if let Some(p) = &profile {
+            j["profile"] = json!(
+                p.iter()
+                    .map(|(l, ns)| json!({"kernel": l, "ns": ns}))
+                    .collect::<Vec<_>>()
+            );
+        }
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&j)?)?;
+        return Ok(());
+    }
+    writeln!(
+        stdout,
+        "| model | size | params | backend | test | t/s |\n|---|---|---|---|---|---|"
+    )?;
+    for r in &out {
+        writeln!(
+            stdout,
+            "| {} | {} | {:.2} M | {} | {}{} | {:.2} ± {:.2} |",
+            r["model"].as_str().unwrap_or(""),
+            human(size),
+            params as f64 / 1e6,
+            backend,
+            r["test"].as_str().unwrap_or(""),
+            if a.batch > 1 && r["test"].as_str().unwrap_or("").starts_with("tg") {
+                format!(" x{}", a.batch)
+            } else {
+                String::new()
+            },
+            r["t_s"].as_f64().unwrap_or(0.0),
+            r["t_s_sd"].as_f64().unwrap_or(0.0)
+        )?;
+    }
+    for r in &out {
+        if let Some(g) = r["achieved_gb_s"].as_f64() {
+            writeln!(
+                stdout,
+                "\ndecode reads {} per token (weights {} + KV), {g:.2} GB/s achieved = {:.1}% of the copy roofline {copy:.2} GB/s ({})",
+                human(r["bytes_per_token"].as_f64().unwrap_or(0.0) as u64),
+                human(size),
+                100.0 * r["roofline_fraction"].as_f64().unwrap_or(0.0),
+                ctx.adapter_summary.name
+            )?;
+        }
+    }
+    if let Some(p) = profile {
+        print_profile(&mut stdout, &p, ctx.caps.features.timestamps)?;
+    }
+    Ok(())
+}
+
+/// Kernels of one decode step by total time, merged by label.
+fn print_profile(
+    out: &mut impl Write,
+    p: &[(String, f64)],
+    timestamps: bool,
+) -> anyhow::Result<()> {
+    let total: f64 = p.iter().map(|x| x.1).sum();
+    let mut by: Vec<(String, f64, usize)> = vec![];
+    for (l, ns) in p {
+        match by.iter_mut().find(|x| &x.0 == l) {
+            Some(x) => {
+                x.1 += ns;
+                x.2 += 1;
+            }
+            None => by.push((l.clone(), *ns, 1)),
+        }
+    }
+    by.sort_by(|a, b| b.1.total_cmp(&a.1));
+    writeln!(
+        out,
+        "\ndecode step profile ({}): {:.3} ms in {} dispatches",
+        if timestamps {
+            "GPU timestamps"
+        } else {
+            "host time per dispatch, no timestamp queries"
+        },
+        total / 1e6,
+        p.len()
+    )?;
+    writeln!(out, "| kernel | calls | ms | % |\n|---|---|---|---|")?;
+    for (l, ns, n) in by {
+        writeln!(
+            out,
+            "| {l} | {n} | {:.3} | {:.1} |",
+            ns / 1e6,
+            100.0 * ns / total
+        )?;
+    }
+    Ok(())
+}
+
+fn throughput(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
+    let Some(mb) = a.pool_mb.or(a.model.kv_pool_mb) else {
+        anyhow::bail!("bench throughput needs --pool-mb M (the fixed KV memory)");
+    };
+    if a.prompt_len == 0 || a.gen_len == 0 {
+        anyhow::bail!("--prompt-len and --gen-len must be positive");
+    }
+    let method = a.model.compress.config()?;
+    if method.method == kvsift::kv::compression::Method::None {
+        anyhow::bail!(
+            "bench throughput compares the full cache with a method: pass --kv METHOD --budget B"
+        );
+    }
+    let mut results = vec![];
+    for compressed in [false, true] {
+        let mut args = a.model.clone();
+        args.kv_pool_mb = Some(mb);
+        if !compressed {
+            args.compress.kv = "none".into();
+        }
+        // One sequence alone: its peak pages.
+        let mut probe = args.engine(ctx, 1)?;
+        let vocab = probe.cfg.vocab_size;
+        if a.prompt_len + a.gen_len >= probe.capacity() {
+            anyhow::bail!(
+                "--prompt-len + --gen-len = {} exceeds the context {} (--max-context)",
+                a.prompt_len + a.gen_len,
+                probe.capacity()
+            );
+        }
+        probe.add_request(request(tokens(0, a.prompt_len, vocab), a.gen_len))?;
+        drain(&mut probe)?;
+        let one = probe.stats().peak_pages_in_use.max(1);
+        let total = probe.stats().pool.pages_total;
+        let page_bytes = probe.stats().pool.page_bytes;
+        drop(probe);
+        let n = (total / one).min(a.max_sequences);
+        if n == 0 {
+            anyhow::bail!("one sequence needs {one} pages; the pool holds {total}");
+        }
+        let mut e = args.engine(ctx, n)?;
+        for i in 0..n {
+            e.add_request(request(
+                tokens(i as u64 + 1, a.prompt_len, vocab),
+                a.gen_len,
+            ))?;
+        }
+        let t = Instant::now();
+        let (_, most) = drain(&mut e)?;
+        let s = t.elapsed().as_secs_f64();
+        let st = e.stats();
+        results.push(json!({
+            "kv": if compressed { args.compress.kv.clone() } else { "none".into() },
+            "budget": if compressed { args.compress.budget } else { None },
+            "pages_per_sequence": one,
+            "max_concurrent": most,
+            "sequences": n,
+            "seconds": s,
+            "tok_s": (n * a.gen_len) as f64 / s,
+            "peak_kv_bytes": st.peak_pages_in_use * page_bytes,
+            "preemptions": st.preemptions,
+        }));
+    }
+    let ratio = |k: &str| {
+        results[1][k].as_f64().unwrap_or(0.0) / results[0][k].as_f64().unwrap_or(1.0).max(1e-9)
+    };
+    let summary = json!({
+        "pool_mb": mb, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
+        "adapter": ctx.adapter_summary.name,
+        "runs": results, "concurrency_ratio": ratio("max_concurrent"), "throughput_ratio": ratio("tok_s"),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    println!(
+        "fixed KV pool {mb} MiB, prompt {} + {} generated tokens per sequence ({})",
+        a.prompt_len, a.gen_len, ctx.adapter_summary.name
+    );
+    println!(
+        "| kv | pages/seq | max concurrent | tok/s | peak KV | preemptions |\n|---|---|---|---|---|---|"
+    );
+    for r in &results {
+        println!(
+            "| {} | {} | {} | {:.1} | {} | {} |",
+            r["kv"].as_str().unwrap_or(""),
+            r["pages_per_sequence"],
+            r["max_concurrent"],
+            r["tok_s"].as_f64().unwrap_or(0.0),
+            human(r["peak_kv_bytes"].as_u64().unwrap_or(0)),
+            r["preemptions"]
+        );
+    }
+    println!(
+        "{} vs none: {:.2}x concurrent sequences, {:.2}x throughput",
+        results[1]["kv"].as_str().unwrap_or(""),
+        ratio("max_concurrent"),
+        ratio("tok_s")
+    );
+    Ok(())
+}
