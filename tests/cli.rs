@@ -527,3 +527,93 @@ fn generate_with_compression_reports_slots_and_pool_bytes() {
         expect_error(&kvsift(&args), &[needle]);
     }
 }
+
+#[test]
+fn bench_prints_pp_tg_roofline_profile_and_throughput() {
+    let r = kvsift(&[
+        "bench",
+        "-p",
+        "32",
+        "-n",
+        "8",
+        "-r",
+        "2",
+        "--profile",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let results = j["results"].as_array().unwrap();
+    assert_eq!(results[0]["test"], "pp32");
+    assert_eq!(results[1]["test"], "tg8");
+    for row in results {
+        assert!(row["t_s"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["repetitions"], 2);
+    }
+    let frac = results[1]["roofline_fraction"].as_f64().unwrap();
+    assert!(frac > 0.0 && frac < 1.5, "roofline fraction {frac}");
+    assert!(j["roofline_gb_s"].as_f64().unwrap() > 0.0);
+    let profile = j["profile"].as_array().unwrap();
+    assert!(
+        profile
+            .iter()
+            .any(|k| k["kernel"].as_str().unwrap().contains("paged_attention")),
+        "{profile:?}"
+    );
+    // The table form.
+    let r = kvsift(&["bench", "-p", "16", "-n", "4", "-r", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("| model | size | params | backend | test | t/s |")
+    );
+    assert!(r.stdout.contains("pp16") && r.stdout.contains("tg4"));
+    assert!(r.stdout.contains("of the copy roofline"));
+
+    let r = kvsift(&["bench", "roofline", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(j["copy_gb_s"].as_f64().unwrap() > 0.0);
+
+    // Fixed memory: R-KV at budget 32 fits more sequences than the full cache.
+    let r = kvsift(&[
+        "bench",
+        "throughput",
+        "--pool-mb",
+        "0.25",
+        "--prompt-len",
+        "24",
+        "--gen-len",
+        "60",
+        "--kv",
+        "rkv",
+        "--budget",
+        "16",
+        "--buffer",
+        "8",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let runs = j["runs"].as_array().unwrap();
+    let full = runs[0]["max_concurrent"].as_u64().unwrap();
+    let rkv = runs[1]["max_concurrent"].as_u64().unwrap();
+    assert!(
+        full >= 1 && rkv > full,
+        "concurrency full {full}, rkv {rkv}"
+    );
+    assert!(j["concurrency_ratio"].as_f64().unwrap() > 1.0);
+
+    for (args, needle) in [
+        (vec!["bench", "-p", "5000"], "context"),
+        (vec!["bench", "-r", "0"], "-r"),
+        (vec!["bench", "sideways"], "roofline or throughput"),
+        (
+            vec!["bench", "throughput", "--kv", "rkv", "--budget", "16"],
+            "--pool-mb",
+        ),
+        (vec!["bench", "throughput", "--pool-mb", "1"], "--kv"),
+    ] {
+        expect_error(&kvsift(&args), &[needle]);
+    }
+}

@@ -210,17 +210,6 @@ fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
                 let seed = (rep * a.batch + b) as u64;
                 engine.add_request(request(tokens(seed, 1, cfg.vocab_size), a.n_gen))?;
             }
-            if rep == a.repetitions && a.profile {
-                // Profile a decode step in the middle of the last run.
-                for _ in 0..a.n_gen / 2 {
-                    engine.step()?;
-                }
-                engine.profile_next_decode();
-                engine.step()?;
-                profile = engine.take_profile();
-                drain(&mut engine)?;
-                continue;
-            }
             let t = Instant::now();
             let (steps, _) = drain(&mut engine)?;
             let s = t.elapsed().as_secs_f64();
@@ -228,6 +217,19 @@ fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
                 rates.push((a.n_gen * a.batch) as f64 / s);
                 step_s.push(s / steps as f64);
             }
+        }
+        if a.profile {
+            // One more run, untimed: profile a decode step in its middle.
+            for b in 0..a.batch {
+                engine.add_request(request(tokens(b as u64, 1, cfg.vocab_size), a.n_gen))?;
+            }
+            for _ in 0..a.n_gen / 2 {
+                engine.step()?;
+            }
+            engine.profile_next_decode();
+            engine.step()?;
+            profile = engine.take_profile();
+            drain(&mut engine)?;
         }
         // Bytes one decode step reads: the weights once, each sequence's KV
         // at its mean length over the run (about n / 2 positions).
