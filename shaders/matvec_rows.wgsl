@@ -6,7 +6,7 @@
 // size works (8 on lavapipe, 32 on NVIDIA, 32/64 on AMD) and the host
 // dispatches for the largest one.
 //
-// Dispatch: grid over workgroups (folded into x/y), z = vector index.
+// Dispatch: grid over workgroups (folded into x/y), z = block of NV vectors.
 //
 // Bindings: as matvec.wgsl:
 //   0 params  uniform Params
@@ -17,6 +17,7 @@
 
 override WG: u32 = 256u;
 const ROWS: u32 = 4u;
+const NV: u32 = 8u;          // vectors one subgroup serves per pass
 const FLAG_BIAS: u32 = 1u;
 const FLAG_ACCUMULATE: u32 = 2u;
 
@@ -71,60 +72,79 @@ fn store(r0: u32, v: u32, sums: vec4<f32>, lane: u32) {
     }
 }
 
+// Each subgroup serves NV vectors at once (v0 = wg.z * NV ..): every weight
+// word is read once for all of them.
 @compute @workgroup_size(WG)
 fn matvec_rows_f32(sg: Sg, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let v = wg.z;
-    let xb = v * p.x_stride;
+    let v0 = wg.z * NV;
+    let nv = min(NV, p.n_vecs - v0);
     let stride = nwg.x * nwg.y * sg.count;
     for (var first = (wg.x + wg.y * nwg.x) * sg.count; first < p.row_blocks; first = first + stride) {
         let block = first + sg.id;
-        var acc = vec4<f32>(0.0);
+        var acc: array<vec4<f32>, NV>;
+        for (var j = 0u; j < NV; j = j + 1u) {
+            acc[j] = vec4<f32>(0.0);
+        }
         if block < p.row_blocks {
             let rb = row_bases(block * ROWS);
             for (var k = sg.lane; k < p.cols; k = k + sg.size) {
-                let xk = x[xb + k];
-                acc = acc + vec4<f32>(
+                let wk = vec4<f32>(
                     bitcast<f32>(w[rb.x + k]),
                     bitcast<f32>(w[rb.y + k]),
                     bitcast<f32>(w[rb.z + k]),
                     bitcast<f32>(w[rb.w + k]),
-                ) * xk;
+                );
+                for (var j = 0u; j < nv; j = j + 1u) {
+                    acc[j] = acc[j] + wk * x[(v0 + j) * p.x_stride + k];
+                }
             }
         }
-        let sums = subgroupAdd(acc);
-        if block < p.row_blocks {
-            store(block * ROWS, v, sums, sg.lane);
+        for (var j = 0u; j < NV; j = j + 1u) {
+            let sums = subgroupAdd(acc[j]);
+            if block < p.row_blocks && j < nv {
+                store(block * ROWS, v0 + j, sums, sg.lane);
+            }
         }
     }
 }
 
 @compute @workgroup_size(WG)
 fn matvec_rows_f16(sg: Sg, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let v = wg.z;
-    let xb = v * p.x_stride;
+    let v0 = wg.z * NV;
+    let nv = min(NV, p.n_vecs - v0);
     let stride = nwg.x * nwg.y * sg.count;
     for (var first = (wg.x + wg.y * nwg.x) * sg.count; first < p.row_blocks; first = first + stride) {
         let block = first + sg.id;
-        var acc = vec4<f32>(0.0);
+        var acc: array<vec4<f32>, NV>;
+        for (var j = 0u; j < NV; j = j + 1u) {
+            acc[j] = vec4<f32>(0.0);
+        }
         if block < p.row_blocks {
             let rb = row_bases(block * ROWS);
-            for (var j = sg.lane; j < p.row_words; j = j + sg.size) {
-                let k = 2u * j;
-                var xj = vec2<f32>(x[xb + k], 0.0);
-                if k + 1u < p.cols {
-                    xj.y = x[xb + k + 1u];
+            for (var i = sg.lane; i < p.row_words; i = i + sg.size) {
+                let k = 2u * i;
+                let a = unpack2x16float(w[rb.x + i]);
+                let b = unpack2x16float(w[rb.y + i]);
+                let c = unpack2x16float(w[rb.z + i]);
+                let d = unpack2x16float(w[rb.w + i]);
+                let lo = vec4<f32>(a.x, b.x, c.x, d.x);
+                let hi = vec4<f32>(a.y, b.y, c.y, d.y);
+                let has_hi = k + 1u < p.cols;
+                for (var j = 0u; j < nv; j = j + 1u) {
+                    let xb = (v0 + j) * p.x_stride + k;
+                    var add = lo * x[xb];
+                    if has_hi {
+                        add = add + hi * x[xb + 1u];
+                    }
+                    acc[j] = acc[j] + add;
                 }
-                acc = acc + vec4<f32>(
-                    dot(unpack2x16float(w[rb.x + j]), xj),
-                    dot(unpack2x16float(w[rb.y + j]), xj),
-                    dot(unpack2x16float(w[rb.z + j]), xj),
-                    dot(unpack2x16float(w[rb.w + j]), xj),
-                );
             }
         }
-        let sums = subgroupAdd(acc);
-        if block < p.row_blocks {
-            store(block * ROWS, v, sums, sg.lane);
+        for (var j = 0u; j < NV; j = j + 1u) {
+            let sums = subgroupAdd(acc[j]);
+            if block < p.row_blocks && j < nv {
+                store(block * ROWS, v0 + j, sums, sg.lane);
+            }
         }
     }
 }

@@ -236,6 +236,10 @@ impl Compressor {
         kv.upload_rows(ctx);
         let (w, hq, d) = (self.cfg.window, self.n_q_heads, kv.layout.head_dim);
         let mut dropped = 0u64;
+        // One submission for all layers (they share the scratch buffers, in
+        // order); AdaKV submits per layer since it reads its scores back.
+        let mut pending: Vec<Dispatch> = vec![];
+        let mut truncations: Vec<(usize, Vec<usize>)> = vec![];
         for layer in 0..self.n_layers {
             let lens: Vec<usize> = (0..kv.n_heads).map(|h| tables.head(layer, h).len).collect();
             let layer_kv = kv.layer(layer);
@@ -266,6 +270,7 @@ impl Compressor {
                 n_layers: self.n_layers,
                 n_q_heads: hq,
                 group: self.group,
+                rank_reference: false,
             };
             let Some(keep) = select_layer(ctx, &self.cfg, &job, &self.bufs)? else {
                 continue;
@@ -277,7 +282,8 @@ impl Compressor {
                 Some(acc) => (acc, hq / kv.n_heads),
                 None => (&self.bufs.acc, 0),
             };
-            let mut ds: Vec<Dispatch> = keep.dispatches.clone();
+            let ds = &mut pending;
+            ds.extend(keep.dispatches.iter().cloned());
             ds.extend(compress::compact(
                 ctx,
                 &job.kv,
@@ -290,9 +296,20 @@ impl Compressor {
                 self.capacity,
                 acc_units,
             )?);
-            ctx.run("kvsift.compress", &ds.iter().collect::<Vec<_>>())?;
-            for (h, (&old, &new)) in lens.iter().zip(&keep.new_lens).enumerate() {
+            for (&old, &new) in lens.iter().zip(&keep.new_lens) {
                 dropped += (old - new) as u64;
+            }
+            truncations.push((layer, keep.new_lens.clone()));
+            if self.cfg.method == Method::AdaKv {
+                ctx.run("kvsift.compress", &pending.iter().collect::<Vec<_>>())?;
+                pending.clear();
+            }
+        }
+        if !pending.is_empty() {
+            ctx.run("kvsift.compress", &pending.iter().collect::<Vec<_>>())?;
+        }
+        for (layer, lens) in truncations {
+            for (h, new) in lens.into_iter().enumerate() {
                 tables.truncate(layer, h, new, &mut kv.alloc);
             }
         }

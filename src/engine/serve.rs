@@ -291,7 +291,7 @@ impl<'c> Engine<'c> {
         };
         // Compile the decode and prefill pipelines now, not in the first request.
         engine.ensure_decode_plan(1)?;
-        let n = crate::ops::linear::MATVEC_MAX_VECS + 1;
+        let n = (crate::ops::linear::matvec_max_vecs(ctx) + 1).min(rows);
         engine.prefill_ops(n, 0, n)?;
         Ok(engine)
     }

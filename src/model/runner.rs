@@ -198,7 +198,7 @@ impl<'c> Model<'c> {
         model.head_sample = model.last_token_head(Readout::Sample, 1)?;
         model.decode_body = model.body(1)?;
         // Build (and so compile) the prefill pipelines now, not inside the first prompt.
-        model.body(crate::ops::linear::MATVEC_MAX_VECS + 1)?;
+        model.body((crate::ops::linear::matvec_max_vecs(ctx) + 1).min(max_batch_tokens))?;
         model.last_token_head(Readout::Argmax, 2)?;
         Ok(model)
     }

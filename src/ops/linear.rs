@@ -132,18 +132,36 @@ fn entry(kind: &str, dtype: WeightDtype) -> String {
 
 /// The projection as matvec for few vectors, matmul for many.
 pub fn linear(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
-    if args.n_vecs <= MATVEC_MAX_VECS {
+    if args.n_vecs <= matvec_max_vecs(ctx) {
         matvec(ctx, args)
     } else {
         matmul(ctx, args)
     }
 }
 
+/// Vectors of rows `matvec_rows` serves in one pass (`NV` in matvec_rows.wgsl).
+const MATVEC_ROWS_VECS: usize = 8;
+
+fn has_matvec_rows(ctx: &GpuContext) -> bool {
+    let caps = &ctx.caps;
+    caps.features.subgroups && caps.subgroup_max_size <= super::WG
+}
+
+/// Most vectors [`linear`] sends to matvec (more go to the tiled matmul):
+/// 16 with `matvec_rows` (weights read once per 8 vectors), else
+/// [`MATVEC_MAX_VECS`] (weights read once per vector).
+pub fn matvec_max_vecs(ctx: &GpuContext) -> usize {
+    if has_matvec_rows(ctx) {
+        2 * MATVEC_ROWS_VECS
+    } else {
+        MATVEC_MAX_VECS
+    }
+}
+
 /// The decode projection: a subgroup per 4 rows where the device has
 /// subgroups that fit a workgroup, else the workgroup-reduction kernel.
 pub fn matvec(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
-    let caps = &ctx.caps;
-    if caps.features.subgroups && caps.subgroup_max_size <= super::WG {
+    if has_matvec_rows(ctx) {
         matvec_with(ctx, &MATVEC_ROWS, args)
     } else {
         matvec_with(ctx, MATVEC.pick(ctx), args)
@@ -191,6 +209,11 @@ pub fn matvec_with(
                 row_blocks
             };
             let [gx, gy, _] = ctx.grid(workgroups);
+            let z = if rows_kernel {
+                n_vecs.div_ceil(MATVEC_ROWS_VECS as u32)
+            } else {
+                n_vecs
+            };
             Dispatch::with_params(
                 ctx,
                 pipeline.clone(),
@@ -202,7 +225,7 @@ pub fn matvec_with(
                     args.bias_binding(),
                     args.y.binding(),
                 ],
-                [gx, gy, n_vecs],
+                [gx, gy, z],
             )
         })
         .collect()
@@ -380,6 +403,9 @@ mod tests {
             (1000, 33, 1),
             (130, 200, 65),
             (77, 64, 129),
+            // matvec_rows' blocks of 8 vectors: a partial second block, two full.
+            (50, 96, 9),
+            (33, 65, 16),
         ];
         for (i, &(rows, cols, n)) in cases.iter().enumerate() {
             for dtype in [WeightDtype::F32, WeightDtype::F16] {

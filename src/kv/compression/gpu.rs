@@ -37,6 +37,9 @@ pub struct LayerJob<'a> {
     pub n_q_heads: usize,
     /// Query heads per model KV head.
     pub group: usize,
+    /// Also rank R-KV's kept slots in the reference layout (`bufs.order`)
+    /// even when the cache keeps position order (`kvsift select` reports both).
+    pub rank_reference: bool,
 }
 
 /// The kept lists of one layer: recorded dispatches that fill them, and
@@ -200,7 +203,7 @@ pub fn select_layer(
         _ => uniform(b - w),
     };
     let reference = cfg.method == Method::Rkv && cfg.slot_order == SlotOrder::Reference;
-    let ranked = cfg.method == Method::Rkv;
+    let ranked = reference || (cfg.method == Method::Rkv && job.rank_reference);
     let kvec_buf = GpuBuffer::from_slice(
         ctx,
         "compress.kvec",
@@ -304,6 +307,7 @@ impl ScratchPool {
             n_layers,
             n_q_heads: x.hq,
             group: x.hq / x.hkv,
+            rank_reference: true,
         }
     }
 
