@@ -1,5 +1,7 @@
-//! Kernel throughput: matvec in GB/s (weight bytes streamed, decimal GB) and
-//! matmul in GFLOP/s (criterion prints it as "Gelem/s": one element = one flop).
+//! Kernel throughput: matvec in GB/s (weight bytes streamed, decimal GB),
+//! matmul in GFLOP/s (criterion prints it as "Gelem/s": one element = one
+//! flop), paged decode attention in GB/s of KV read. The compression passes
+//! have their own bench (benches/compression.rs).
 //!
 //!     WGPU_BACKEND=vulkan cargo bench --bench kernels
 //!
@@ -11,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kvsift::gpu::{Dispatch, GpuBuffer, GpuContext, GpuMatrix, WeightDtype};
+use kvsift::ops::compress::pool_from_keys;
 use kvsift::ops::linear::{Linear, matmul, matvec};
+use kvsift::ops::paged_attention::{LayerKv, PoolLayout, QkvRows, paged_decode, partials_len};
 use kvsift::testing::{Rng, gpu};
 
 const REPS: u32 = 8;
@@ -98,5 +102,69 @@ fn bench_matmul(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_matvec, bench_matmul);
+/// Paged decode attention of one token per sequence over T slots (f16 K/V,
+/// pages of 16, head dim 128, GQA 4): GB/s of K, V and positions read.
+fn bench_decode_attention(c: &mut Criterion) {
+    let Some(ctx) = gpu() else { return };
+    let (hkv, g, d) = (8usize, 4usize, 128usize);
+    let sizes: &[(usize, usize)] = if is_cpu(ctx) {
+        &[(1, 1024), (4, 1024)]
+    } else {
+        &[(1, 4096), (1, 32768), (16, 4096)]
+    };
+    let mut grp = c.benchmark_group("decode_attention");
+    grp.sample_size(10).warm_up_time(Duration::from_millis(500));
+    for &(rows, t) in sizes {
+        let mut rng = Rng::new(3);
+        let layout = PoolLayout {
+            page_size: 16,
+            head_dim: d,
+            kv_f16: true,
+        };
+        // Every row reads the same sequence's pages (identity tables).
+        let (pool, desc1, tables) =
+            pool_from_keys(layout, &rng.normals(hkv * t * d), hkv, t, None);
+        let desc: Vec<u32> = (0..rows).flat_map(|_| desc1.iter().copied()).collect();
+        let pool = GpuBuffer::from_slice(ctx, "pool", &pool).unwrap();
+        let desc = GpuBuffer::from_slice(ctx, "desc", &desc).unwrap();
+        let tables = GpuBuffer::from_slice(ctx, "tables", &tables).unwrap();
+        let kv = LayerKv {
+            layout,
+            pool: &pool,
+            desc: &desc,
+            tables: &tables,
+            desc_base: 0,
+            n_heads: hkv,
+            heads_per_kv: 1,
+        };
+        let stride = (hkv * g + 2 * hkv) * d;
+        let qkv = GpuBuffer::from_slice(ctx, "qkv", &rng.normals(rows * stride)).unwrap();
+        let pos = GpuBuffer::from_slice(ctx, "pos", &vec![t as u32; rows]).unwrap();
+        let q = QkvRows {
+            positions: &pos,
+            qkv: &qkv,
+            qkv_stride: stride,
+            n_q_heads: hkv * g,
+            n_kv_heads: hkv,
+        };
+        let pages = t.div_ceil(16);
+        let split_pages = pages.div_ceil(16);
+        let splits = pages.div_ceil(split_pages);
+        let partials =
+            GpuBuffer::zeros(ctx, "partials", partials_len(rows, hkv * g, splits, d)).unwrap();
+        let out = GpuBuffer::zeros(ctx, "out", rows * hkv * g * d).unwrap();
+        let ds: Vec<Dispatch> =
+            paged_decode(ctx, &kv, &q, rows, 0, splits, split_pages, &partials, &out)
+                .unwrap()
+                .into();
+        let bytes = (rows * hkv * t * layout.page_bytes() / 16) as u64;
+        grp.throughput(Throughput::BytesDecimal(bytes * REPS as u64));
+        grp.bench_function(format!("rows {rows} T {t}"), |b| {
+            b.iter_custom(|iters| time_reps(ctx, &ds, iters))
+        });
+    }
+    grp.finish();
+}
+
+criterion_group!(benches, bench_matvec, bench_matmul, bench_decode_attention);
 criterion_main!(benches);

@@ -5,8 +5,9 @@
 #
 #   cargo build --release && cargo bench --no-run
 #   mkdir -p .bin && cp target/release/kvsift .bin/ \
-#     && cp "$(ls -t target/release/deps/kernels-* | grep -v '\.d$' | head -1)" .bin/kernels
-#   tools/bench_device.sh [kernels] [models] [batch]      # default: all
+#     && cp "$(ls -t target/release/deps/kernels-* | grep -v '\.d$' | head -1)" .bin/kernels \
+#     && cp "$(ls -t target/release/deps/compression-* | grep -v '\.d$' | head -1)" .bin/compression
+#   tools/bench_device.sh [kernels] [models] [batch] [bench]     # default: all
 #
 # `models` needs python3 with torch + transformers to write the random
 # ~100M-parameter Llama (tools/make_bench_model.py).
@@ -16,7 +17,7 @@ OUT="${OUT:-./bench-out}"
 mkdir -p "$OUT"
 export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
-what="${*:-kernels models batch}"
+what="${*:-kernels models batch bench}"
 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
 .bin/kvsift info 2>&1 | tee "$OUT/info.txt"
@@ -54,4 +55,20 @@ print('$m batch $b: %d tokens in %.2f s = %.1f tok/s aggregate; per-request deco
       done
     done
   } 2>&1 | tee "$OUT/batch.txt"
+fi
+
+# llama-bench-style figures, the copy roofline, a decode profile, the
+# compression pass against a decode step, and the fixed-memory throughput
+# experiment. Needs .bin/compression (the compression bench binary).
+if [[ " $what " == *" bench "* ]]; then
+  [ -d /tmp/llama-100m ] || python3 tools/make_bench_model.py /tmp/llama-100m 2>&1 | tail -1
+  {
+    .bin/kvsift bench roofline
+    for b in 1 4 16; do
+      .bin/kvsift bench --model /tmp/llama-100m -p 512 -n 128 -r 3 --batch "$b" --profile
+    done
+    .bin/kvsift bench throughput --model /tmp/llama-100m --pool-mb 64 --prompt-len 128 \
+      --gen-len 1024 --kv rkv --budget 128 --max-sequences 512
+    [ -x .bin/compression ] && .bin/compression
+  } 2>&1 | tee "$OUT/bench.txt"
 fi
