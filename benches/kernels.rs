@@ -122,8 +122,7 @@ fn bench_decode_attention(c: &mut Criterion) {
             kv_f16: true,
         };
         // Every row reads the same sequence's pages (identity tables).
-        let (pool, desc1, tables) =
-            pool_from_keys(layout, &rng.normals(hkv * t * d), hkv, t, None);
+        let (pool, desc1, tables) = pool_from_keys(layout, &rng.normals(hkv * t * d), hkv, t, None);
         let desc: Vec<u32> = (0..rows).flat_map(|_| desc1.iter().copied()).collect();
         let pool = GpuBuffer::from_slice(ctx, "pool", &pool).unwrap();
         let desc = GpuBuffer::from_slice(ctx, "desc", &desc).unwrap();
