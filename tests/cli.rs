@@ -617,3 +617,75 @@ fn bench_prints_pp_tg_roofline_profile_and_throughput() {
         expect_error(&kvsift(&args), &[needle]);
     }
 }
+
+#[test]
+fn eval_runs_a_held_out_set_and_sweeps() {
+    // tiny-llama plus a two-example needle set (its answers are not expected
+    // to be right: this checks the plumbing, not the model).
+    let dir = std::env::temp_dir().join(format!("kvsift-eval-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("eval")).unwrap();
+    for f in std::fs::read_dir(repo().join("models/tiny-llama")).unwrap() {
+        let f = f.unwrap();
+        if f.file_type().unwrap().is_file() {
+            std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+        }
+    }
+    let filler = "the cat sat on the mat ".repeat(6);
+    let set = format!(
+        "{}\n{}\n",
+        serde_json::json!({"prompt": format!("{filler}the key is 12345. {filler}\nq: what is the key?\na: "), "answer": "12345"}),
+        serde_json::json!({"prompt": format!("the key is 99999. {filler}\nq: what is the key?\na: "), "answer": "99999"}),
+    );
+    std::fs::write(dir.join("eval/needle.jsonl"), set).unwrap();
+    let d = dir.to_str().unwrap();
+    let r = kvsift(&[
+        "eval", "--model", d, "--task", "needle", "--n", "2", "--kv", "snapkv", "--budget", "24",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(j["n"], 2);
+    assert_eq!(j["kv"], "snapkv");
+    let acc = j["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert!(j["peak_kv_bytes"].as_u64().unwrap() > 0);
+    // Compressed to 24 slots per head at prefill, then 8 tokens at most.
+    assert!(j["mean_slots_per_head"].as_f64().unwrap() <= 24.0 + 8.0);
+
+    let out = dir.join("sweep");
+    let r = kvsift(&[
+        "eval",
+        "--model",
+        d,
+        "--task",
+        "needle",
+        "--n",
+        "1",
+        "--sweep",
+        "--budgets",
+        "16,32",
+        "--max-tokens",
+        "2",
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("needle accuracy | full cache | B=16 | B=32"),
+        "{}",
+        r.stdout
+    );
+    let csv = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 1 + 2 * 6, "{csv}");
+
+    expect_error(
+        &kvsift(&["eval", "--model", d, "--task", "reasoning", "--n", "1"]),
+        &["reasoning", "chain.jsonl"],
+    );
+    expect_error(
+        &kvsift(&["eval", "--model", d, "--task", "sums"]),
+        &["--task"],
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

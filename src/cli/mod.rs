@@ -3,6 +3,7 @@
 mod bench;
 mod common;
 mod compress;
+mod eval;
 mod generate;
 mod info;
 mod score;
@@ -36,6 +37,8 @@ pub enum Command {
     Select(select::SelectArgs),
     /// llama-bench-style pp/tg figures; `bench roofline`; `bench throughput`.
     Bench(bench::BenchArgs),
+    /// Accuracy on a model's held-out task set under KV compression; --sweep for every method.
+    Eval(eval::EvalArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -45,5 +48,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Score(a) => score::run(a),
         Command::Select(a) => select::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Eval(a) => eval::run(a),
     }
 }

@@ -448,6 +448,7 @@ impl<'c> Engine<'c> {
                 .append(s.tokens.len(), &mut self.kv.alloc)
                 .expect("checked by fits()");
             self.kv.write_pages(self.ctx, s.lane, &new);
+            self.peak_pages = self.peak_pages.max(self.kv.alloc.pages_in_use());
             if let Some(c) = &self.compressor {
                 c.reset_lane(self.ctx, s.lane)?;
             }
