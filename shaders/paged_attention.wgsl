@@ -39,7 +39,7 @@ const MAX_GD: u32 = 2048u;   // group * head_dim
 const MAX_GP: u32 = 512u;    // group * page_size
 const MAX_G: u32 = 32u;
 const ACC: u32 = 32u;        // MAX_GD / WG for WG >= 64
-const BQ: u32 = 8u;          // query rows per prefill workgroup (BQ * head_dim <= MAX_GD)
+override BQ: u32 = 8u;       // query rows per prefill workgroup (BQ * head_dim <= MAX_GD, BQ * page_size <= MAX_GP, BQ <= MAX_G)
 const NEG: f32 = -3.0e38;
 
 struct Params {

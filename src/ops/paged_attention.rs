@@ -30,7 +30,15 @@ pub static PAGED_ATTENTION: Kernel = Kernel {
 pub const MAX_GROUP_DIMS: usize = 2048;
 pub const MAX_GROUP_PAGE: usize = 512;
 pub const MAX_GROUP: usize = 32;
-const PREFILL_ROWS: usize = 8;
+/// Query rows of one prefill workgroup (BQ): as many as the kernel's
+/// workgroup arrays hold for this layout, at most 32. More rows per
+/// workgroup means each page is read and walked (with its barriers) fewer times.
+fn prefill_rows(l: PoolLayout) -> usize {
+    32.min(MAX_GROUP_DIMS / l.head_dim)
+        .min(MAX_GROUP_PAGE / l.page_size)
+        .min(MAX_GROUP)
+        .max(1)
+}
 const ATTENTION_WG: f64 = 64.0;
 
 /// How slots are laid out in a page of the pool.
@@ -204,8 +212,8 @@ fn attention_params(
             && group <= MAX_GROUP
             && group * l.head_dim <= MAX_GROUP_DIMS
             && group * l.page_size <= MAX_GROUP_PAGE
-            && PREFILL_ROWS * l.head_dim <= MAX_GROUP_DIMS
-            && l.page_size * PREFILL_ROWS <= MAX_GROUP_PAGE,
+            && l.head_dim <= MAX_GROUP_DIMS
+            && l.page_size <= MAX_GROUP_PAGE,
         "paged attention: {} query heads over {} stored heads, head_dim {}, page size {} exceed the kernel's limits",
         q.n_q_heads,
         kv.n_heads,
@@ -332,10 +340,12 @@ pub fn paged_prefill(
         partials.len()
     );
     let params = attention_params(kv, q, n_tokens, window, n_splits, split_pages);
+    let bq = prefill_rows(l);
+    let [wg, f16] = l.constants(ATTENTION_WG);
     let pipeline = ctx.pipeline(
         &PAGED_ATTENTION,
         "attend_prefill",
-        &l.constants(ATTENTION_WG),
+        &[wg, f16, ("BQ", bq as f64)],
     )?;
     let attend = Dispatch::with_params_at(
         ctx,
@@ -353,7 +363,7 @@ pub fn paged_prefill(
         ],
         ctx.grid(u32_of(
             "prefill items",
-            n_tokens.div_ceil(PREFILL_ROWS) * q.n_q_heads * n_splits,
+            n_tokens.div_ceil(bq) * q.n_q_heads * n_splits,
         )),
     )?;
     if n_splits == 1 {
