@@ -34,10 +34,9 @@ pub const MAX_GROUP: usize = 32;
 /// workgroup arrays hold for this layout, at most 32. More rows per
 /// workgroup means each page is read and walked (with its barriers) fewer times.
 fn prefill_rows(l: PoolLayout) -> usize {
-    32.min(MAX_GROUP_DIMS / l.head_dim)
+    (MAX_GROUP_DIMS / l.head_dim)
         .min(MAX_GROUP_PAGE / l.page_size)
-        .min(MAX_GROUP)
-        .max(1)
+        .clamp(1, MAX_GROUP.min(32))
 }
 const ATTENTION_WG: f64 = 64.0;
 
