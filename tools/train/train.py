@@ -45,11 +45,15 @@ def build_tokenizer():
 
 
 def example(rng, kind, curriculum):
+    """A training example; `curriculum` in [0, 1] grows the haystack from
+    60 to 1500 characters and the chain from 2 to 30 links."""
     if kind == "needle":
-        hi = int(300 + (1500 - 300) * curriculum)
-        prompt, answer = tasks.needle(rng, 300, max(300, hi))
+        hi = int(60 + (1500 - 60) * curriculum)
+        prompt, answer = tasks.needle(rng, min(300, hi) // 2, max(60, hi))
         return prompt, answer + "\n"
-    return tasks.chain(rng)
+    hops = max(2, int(2 + 28 * curriculum))
+    return tasks.chain(rng, hops_min=max(2, hops // 2), hops_max=hops,
+                       distractors=max(1, int(8 * curriculum)))
 
 
 def encode(vocab, text):
@@ -99,7 +103,7 @@ def main():
     ap.add_argument("--steps", type=int, default=1100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokens-per-step", type=int, default=6144)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-n", type=int, default=200)
     a = ap.parse_args()
 
@@ -133,10 +137,10 @@ def main():
     step = 0
     while step < a.steps:
         frac = step / a.steps
-        lr = a.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = a.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        x, m, att = batch_of(rng, vocab, a.tokens_per_step, min(1.0, 2 * frac))
+        x, m, att = batch_of(rng, vocab, a.tokens_per_step, min(1.0, 1.5 * frac))
         logits = model(input_ids=x, attention_mask=att).logits[:, :-1]
         tgt = x[:, 1:]
         mask = m[:, 1:]
