@@ -18,7 +18,8 @@ chain: a pointer-chasing problem that the model solves step by step,
         solve:
         ab>cd
         cd>ef
-        check ab>cd
+        ef>gh
+        check cd>ef
         ...
         end: xy
         ans=73
@@ -81,7 +82,9 @@ def chain(rng: random.Random, hops_min=12, hops_max=30, distractors=8, check_eve
     for i in range(hops):
         lines.append(f"{path[i]}>{path[i + 1]}")
         if (i + 1) % check_every == 0 and i > 0:
-            j = rng.randint(0, i)
+            # Re-check the step two back, verbatim: redundant, and fully
+            # determined by the problem, so greedy decoding can get it right.
+            j = i - 2 if i >= 2 else 0
             lines.append(f"check {path[j]}>{path[j + 1]}")
     lines.append(f"end: {path[-1]}")
     lines.append(f"ans={values[path[-1]]}")

@@ -86,6 +86,8 @@ def batch_of(rng, vocab, token_budget, curriculum):
 
 @torch.no_grad()
 def teacher_forced_accuracy(model, vocab, items):
+    """Share of items whose every answer token is the argmax given the gold
+    prefix: equal to greedy decoding's exact match of the whole answer."""
     ok = 0
     for prompt, answer in items:
         ids = [0] + encode(vocab, prompt) + encode(vocab, answer)
