@@ -179,6 +179,7 @@ pub struct Engine<'c> {
     preemptions: u64,
     peak_pages: usize,
     ids_host: Vec<u32>,
+    lanes_host: Vec<u32>,
     pos_host: Vec<u32>,
     capture_logits: bool,
     compressor: Option<Compressor>,
@@ -276,6 +277,7 @@ impl<'c> Engine<'c> {
             preemptions: 0,
             peak_pages: 0,
             ids_host: vec![0; rows],
+            lanes_host: vec![0; rows],
             pos_host: vec![0; rows],
             capture_logits: false,
             compressor,
@@ -690,8 +692,10 @@ impl<'c> Engine<'c> {
         }
         self.kv.upload_rows(self.ctx);
         if let Some(c) = &self.compressor {
-            let lanes: Vec<u32> = self.running.iter().map(|s| s.lane as u32).collect();
-            c.set_lanes(self.ctx, &lanes);
+            for (row, s) in self.running.iter().enumerate() {
+                self.lanes_host[row] = s.lane as u32;
+            }
+            c.set_lanes(self.ctx, &self.lanes_host[..b]);
         }
         self.acts
             .write_inputs(self.ctx, &self.ids_host[..b], &self.pos_host[..b]);
@@ -723,15 +727,14 @@ impl<'c> Engine<'c> {
             }
         }
         let mut running = std::mem::take(&mut self.running);
-        if let Some(c) = &self.compressor {
-            let due: Vec<bool> = running
-                .iter()
-                .map(|s| c.after_decode(s.tokens.len() - 1))
-                .collect();
-            for (s, due) in running.iter_mut().zip(due) {
-                if due {
-                    self.compress(s.lane, &mut s.tables)?;
-                }
+        for s in running.iter_mut() {
+            let pos = s.tokens.len() - 1;
+            if self
+                .compressor
+                .as_ref()
+                .is_some_and(|c| c.after_decode(pos))
+            {
+                self.compress(s.lane, &mut s.tables)?;
             }
         }
         for (s, token) in running.into_iter().zip(tokens) {

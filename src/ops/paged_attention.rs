@@ -288,16 +288,38 @@ pub fn paged_decode(
         ],
         ctx.grid(u32_of("decode items", n_rows * kv.n_heads * n_splits)),
     )?;
-    let pipeline = ctx.pipeline(&PAGED_ATTENTION, "merge_splits", &l.constants(ATTENTION_WG))?;
-    let merge = Dispatch::with_params_at(
+    let merge = merge_splits(
         ctx,
-        pipeline,
-        "kvsift.paged_attention.merge".into(),
+        l,
         &params,
-        &[(6, partials.binding()), (7, out.binding())],
-        ctx.grid(u32_of("merge items", n_rows * q.n_q_heads)),
+        partials,
+        out,
+        n_rows * q.n_q_heads,
+        "merge",
     )?;
     Ok([split, merge])
+}
+
+/// The log-sum-exp merge of `items` (row, query head) partials into `out`,
+/// shared by split decode and split prefill.
+fn merge_splits(
+    ctx: &GpuContext,
+    l: PoolLayout,
+    params: &AttentionParams,
+    partials: &GpuBuffer<f32>,
+    out: &GpuBuffer<f32>,
+    items: usize,
+    what: &str,
+) -> Result<Dispatch> {
+    let pipeline = ctx.pipeline(&PAGED_ATTENTION, "merge_splits", &l.constants(ATTENTION_WG))?;
+    Dispatch::with_params_at(
+        ctx,
+        pipeline,
+        format!("kvsift.paged_attention.{what}"),
+        params,
+        &[(6, partials.binding()), (7, out.binding())],
+        ctx.grid(u32_of("merge items", items)),
+    )
 }
 
 /// Slots one prefill split covers at most: keeps each invocation's loops
@@ -368,14 +390,14 @@ pub fn paged_prefill(
     if n_splits == 1 {
         return Ok(vec![attend]);
     }
-    let pipeline = ctx.pipeline(&PAGED_ATTENTION, "merge_splits", &l.constants(ATTENTION_WG))?;
-    let merge = Dispatch::with_params_at(
+    let merge = merge_splits(
         ctx,
-        pipeline,
-        "kvsift.paged_attention.prefill_merge".into(),
+        l,
         &params,
-        &[(6, partials.binding()), (7, out.binding())],
-        ctx.grid(u32_of("merge items", n_tokens * q.n_q_heads)),
+        partials,
+        out,
+        n_tokens * q.n_q_heads,
+        "prefill_merge",
     )?;
     Ok(vec![attend, merge])
 }

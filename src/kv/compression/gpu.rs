@@ -359,12 +359,10 @@ pub fn select_gpu(
     };
     let refs: Vec<&Dispatch> = keep.dispatches.iter().collect();
     ctx.run("kvsift.select", &refs)?;
-    let kept = scratch.read_lists(ctx, keep.list(&scratch.bufs), &keep.new_lens)?;
-    let kept = if keep.host_list.is_some() {
-        kept
-    } else {
-        scratch.read_lists(ctx, &scratch.bufs.kept, &keep.new_lens)?
-    };
+    // Ascending lists: the host's (StreamingLLM) or top-k's (also for R-KV's
+    // reference layout, which sits in bufs.order).
+    let ascending = keep.host_list.as_ref().unwrap_or(&scratch.bufs.kept);
+    let kept = scratch.read_lists(ctx, ascending, &keep.new_lens)?;
     let reference = if cfg.method == Method::Rkv {
         Some(scratch.read_lists(ctx, &scratch.bufs.order, &keep.new_lens)?)
     } else {
