@@ -11,12 +11,13 @@ use kvsift::model::llama::load_weights;
 use super::compress::CompressArgs;
 
 /// The model shipped in models/ that runs when no --model is given.
-pub const DEFAULT_MODEL: &str = "tiny-llama";
+pub const DEFAULT_MODEL: &str = "tiny-reasoner";
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
-    /// Default: models/tiny-llama shipped with kvsift.
+    /// Default: models/tiny-reasoner shipped with kvsift (trained on the needle
+    /// and chain tasks of tools/train).
     #[arg(long, env = "KVSIFT_MODEL")]
     pub model: Option<PathBuf>,
     /// Storage of the weight matrices on the GPU: f16 (packed, half the memory) or f32.

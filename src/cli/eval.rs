@@ -100,7 +100,7 @@ pub fn answer_of(task: &str, text: &str) -> String {
     text.trim()
         .lines()
         .rev()
-        .find_map(|l| l.strip_prefix("ans="))
+        .find_map(|l| l.split_once('=').map(|(_, v)| v))
         .unwrap_or("")
         .trim()
         .to_string()
@@ -297,4 +297,20 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         a.out_dir.join("sweep.csv").display()
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::answer_of;
+
+    #[test]
+    fn answers_are_read_as_the_task_generators_write_them() {
+        assert_eq!(answer_of("needle", " 80636\nq: more"), "80636");
+        assert_eq!(answer_of("needle", ""), "");
+        let solution = "wk>cm\ncm>kb\ncheck wk>cm\ntn=72\n";
+        assert_eq!(answer_of("chain", solution), "72");
+        // The last value line counts; a solution that never ends has no answer.
+        assert_eq!(answer_of("chain", "ab=1\ncd=35"), "35");
+        assert_eq!(answer_of("chain", "wk>cm\ncm>kb\n"), "");
+    }
 }

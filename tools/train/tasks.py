@@ -4,8 +4,9 @@ Both are plain text over a small character alphabet, so a character-level
 tokenizer covers them.
 
 needle: filler words with "the key is NNNNN." at a random depth, then
-    "\\nq: what is the key?\\na: " -> answer "NNNNN" (PyramidKV's
-    needle-in-a-haystack, exact match).
+    "\\nq: what is the key?\\na: the key is " -> answer "NNNNN"
+    (PyramidKV's needle-in-a-haystack, whose prompts also end by starting
+    the answer sentence; exact match).
 
 chain: a pointer-chasing problem that the model solves step by step,
     re-checking earlier steps verbatim (R-KV's target: a long chain of
@@ -21,12 +22,16 @@ chain: a pointer-chasing problem that the model solves step by step,
         ef>gh
         check cd>ef
         ...
-        end: xy
-        ans=73
+        xy=73
 
     The prompt ends after "solve:\\n"; the model writes the rest. Following
     a link means finding "cd>" in the links line (far back), so keeping only
     recent tokens fails; the final value sits in the values line at the top.
+    The solution ends when the current name has no link: it then writes the
+    name's value. Every lookup is written the way the line it copies from
+    writes it ("cd>" -> "ef", "xy=" -> "73"), so the model answers by
+    matching the text it just wrote against the problem, as induction heads
+    do.
 """
 import random
 import string
@@ -50,27 +55,57 @@ def needle(rng: random.Random, min_len=300, max_len=1500):
         n += len(w) + 1
     depth = rng.randint(0, len(words))
     words.insert(depth, f"the key is {key}.")
-    prompt = " ".join(words) + "\nq: what is the key?\na: "
+    prompt = " ".join(words) + "\nq: what is the key?\na: the key is "
     return prompt, key
-
-
-def _names(rng, n):
-    pool = [a + b for a in string.ascii_lowercase for b in string.ascii_lowercase]
-    return rng.sample(pool, n)
 
 
 def chain(rng: random.Random, hops_min=12, hops_max=30, distractors=8, check_every=3):
     """(prompt, solution) where the solution is the whole worked answer
-    ending in 'ans=NN\\n'; the final answer is the last line."""
+    ending in 'xy=NN\\n'; the final answer is NN.
+
+    Names are two letters. Every text a lookup matches is unique in the
+    problem: the names ("ab>", "xy="), and also the three characters before
+    each second character copied (no two links share "b>c", no two values
+    share "y=7"), so a lookup never has two candidates that agree on the
+    last three characters."""
     hops = rng.randint(hops_min, hops_max)
-    names = _names(rng, hops + 1 + distractors)
-    path = names[: hops + 1]
-    values = {n: rng.randint(10, 99) for n in names}
+    pool = [a + b for a in string.ascii_lowercase for b in string.ascii_lowercase]
+    rng.shuffle(pool)
+    used = set()
+    link_keys = set()
+
+    def next_name(src, candidates):
+        for n in candidates:
+            if n not in used and (src[1], n[0]) not in link_keys:
+                return n
+        raise RuntimeError("no name left")
+
+    path = [pool[0]]
+    used.add(pool[0])
+    for _ in range(hops):
+        n = next_name(path[-1], pool)
+        link_keys.add((path[-1][1], n[0]))
+        used.add(n)
+        path.append(n)
     links = [(path[i], path[i + 1]) for i in range(hops)]
-    # Distractor links start from names off the path.
-    for d in names[hops + 1 :]:
-        links.append((d, rng.choice(names)))
+    # Distractor links start from names off the path and lead anywhere.
+    off = [n for n in pool if n not in used][:distractors]
+    used.update(off)
+    names = path + off
+    for d in off:
+        targets = [n for n in rng.sample(names, len(names)) if n != d]
+        t = next((n for n in targets if (d[1], n[0]) not in link_keys), None)
+        if t is None:
+            continue
+        link_keys.add((d[1], t[0]))
+        links.append((d, t))
     rng.shuffle(links)
+    value_keys = set()
+    values = {}
+    for n in names:
+        v = rng.choice([v for v in range(10, 100) if (n[1], v // 10) not in value_keys])
+        value_keys.add((n[1], v // 10))
+        values[n] = v
     vals = list(values.items())
     rng.shuffle(vals)
     prompt = (
@@ -86,8 +121,8 @@ def chain(rng: random.Random, hops_min=12, hops_max=30, distractors=8, check_eve
             # determined by the problem, so greedy decoding can get it right.
             j = i - 2 if i >= 2 else 0
             lines.append(f"check {path[j]}>{path[j + 1]}")
-    lines.append(f"end: {path[-1]}")
-    lines.append(f"ans={values[path[-1]]}")
+    # The last name has no link: its value is the answer.
+    lines.append(f"{path[-1]}={values[path[-1]]}")
     return prompt, "\n".join(lines) + "\n"
 
 
@@ -96,6 +131,6 @@ def answer_of(task: str, text: str) -> str:
     if task == "needle":
         return text.strip().split("\n")[0].strip()
     for line in reversed(text.strip().split("\n")):
-        if line.startswith("ans="):
-            return line[4:].strip()
+        if "=" in line:
+            return line.split("=", 1)[1].strip()
     return ""
