@@ -112,6 +112,37 @@ def hub_style(cfg: dict) -> dict:
     return cfg
 
 
+def write_golden(ref, ids, out, metadata):
+    """Writes out/golden.safetensors for the f32 model `ref` and prompt `ids`
+    [1, T]: its logits, 24 greedy tokens and their top-1 minus top-2 logit
+    gaps (the fields of the module docstring); metadata gets the
+    transformers version. Returns (logits, gaps)."""
+    with torch.no_grad():
+        logits = ref(ids).logits[0].float()
+        # An explicit all-ones mask: generate() would otherwise infer one from
+        # pad_token_id and mask a BOS that shares its id.
+        gen = ref.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, output_scores=True,
+            return_dict_in_generate=True, eos_token_id=None, pad_token_id=ref.config.eos_token_id,
+        )
+    new = gen.sequences[0, ids.shape[1]:]
+    gaps = []
+    for s in gen.scores:
+        top = torch.topk(s[0].float(), 2).values
+        gaps.append(float(top[0] - top[1]))
+    save_file(
+        {
+            "prompt_ids": ids[0].to(torch.int32).contiguous(),
+            "logits": logits.contiguous(),
+            "greedy_ids": new.to(torch.int32).contiguous(),
+            "greedy_gap": torch.tensor(gaps, dtype=torch.float32),
+        },
+        os.path.join(out, "golden.safetensors"),
+        metadata={**metadata, "transformers": transformers.__version__},
+    )
+    return logits, gaps
+
+
 def build(name, cls, cfg_cls, dtype, hub_layout, seed, tok_bos, template, std, extra_json=None, **cfg_kwargs):
     out = os.path.join(ROOT, name)
     shutil.rmtree(out, ignore_errors=True)
@@ -159,32 +190,10 @@ def build(name, cls, cfg_cls, dtype, hub_layout, seed, tok_bos, template, std, e
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     ref = cls.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
     ids = hf_tok(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        logits = ref(ids).logits[0].float()
-        # An explicit all-ones mask: generate() would otherwise infer one from
-        # pad_token_id and mask a BOS that shares its id.
-        gen = ref.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, output_scores=True,
-            return_dict_in_generate=True, eos_token_id=None, pad_token_id=cfg.eos_token_id,
-        )
-    new = gen.sequences[0, ids.shape[1]:]
-    gaps = []
-    for s in gen.scores:
-        top = torch.topk(s[0].float(), 2).values
-        gaps.append(float(top[0] - top[1]))
     chat = hf_tok.apply_chat_template(
         [{"role": "user", "content": "What is 12 + 7?"}], tokenize=False, add_generation_prompt=True
     )
-    save_file(
-        {
-            "prompt_ids": ids[0].to(torch.int32).contiguous(),
-            "logits": logits.contiguous(),
-            "greedy_ids": new.to(torch.int32).contiguous(),
-            "greedy_gap": torch.tensor(gaps, dtype=torch.float32),
-        },
-        os.path.join(out, "golden.safetensors"),
-        metadata={"prompt": PROMPT, "chat_prompt": chat, "transformers": transformers.__version__},
-    )
+    logits, gaps = write_golden(ref, ids, out, {"prompt": PROMPT, "chat_prompt": chat})
     spread = logits.std(dim=-1).mean().item()
     print(f"{name}: {sum(p.numel() for p in model.parameters())} params, prompt {ids.shape[1]} tokens, "
           f"logit std {spread:.2f}, min greedy gap {min(gaps):.3f}", file=sys.stderr)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Writes golden.safetensors for a model trained by train.py: transformers'
 f32 logits for the first held-out chain prompt, and 24 greedy tokens with
-their top-2 logit gaps (the same fields tools/make_test_models.py writes for
-the random test models, read by tests/golden.rs).
+their top-2 logit gaps (tools/make_test_models.py's write_golden, the
+fields tests/golden.rs reads; no chat_prompt: the model has no template).
 
     python3 tools/train/golden.py models/tiny-reasoner
 """
@@ -12,7 +12,9 @@ import sys
 
 import torch
 import transformers
-from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from make_test_models import write_golden  # noqa: E402
 
 
 def main():
@@ -23,27 +25,8 @@ def main():
     ref = transformers.LlamaForCausalLM.from_pretrained(
         out, dtype=torch.float32, attn_implementation="eager").eval()
     ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        logits = ref(ids).logits[0].float()
-        gen = ref.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
-            output_scores=True, return_dict_in_generate=True, eos_token_id=None,
-            pad_token_id=ref.config.eos_token_id,
-        )
-    new = gen.sequences[0, ids.shape[1]:]
-    gaps = [float(torch.topk(s[0].float(), 2).values.diff().abs()) for s in gen.scores]
-    save_file(
-        {
-            "prompt_ids": ids[0].to(torch.int32).contiguous(),
-            "logits": logits.contiguous(),
-            "greedy_ids": new.to(torch.int32).contiguous(),
-            "greedy_gap": torch.tensor(gaps, dtype=torch.float32),
-        },
-        os.path.join(out, "golden.safetensors"),
-        metadata={"prompt": prompt, "transformers": transformers.__version__},
-    )
-    print(f"{out}: prompt {ids.shape[1]} tokens, greedy {tok.decode(new)!r}, "
-          f"min gap {min(gaps):.3f}", file=sys.stderr)
+    _, gaps = write_golden(ref, ids, out, {"prompt": prompt})
+    print(f"{out}: prompt {ids.shape[1]} tokens, min gap {min(gaps):.3f}", file=sys.stderr)
 
 
 if __name__ == "__main__":
