@@ -55,6 +55,22 @@ fn copy_of(name: &str, tag: &str) -> PathBuf {
     dst
 }
 
+/// `generate` on tiny-llama with a one-token prompt plus `extra` flags must
+/// fail with an error naming `needle`.
+fn expect_generate_error(extra: &[&str], needle: &str) {
+    let mut args = vec![
+        "generate",
+        "--model",
+        TINY,
+        "--prompt",
+        "x",
+        "--max-tokens",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    expect_error(&kvsift(&args), &[needle]);
+}
+
 fn expect_error(r: &Run, needles: &[&str]) {
     assert_ne!(r.code, 0, "expected failure; stdout {}", r.stdout);
     assert!(
@@ -476,18 +492,7 @@ fn bad_kv_flags_are_clear_errors() {
         ("--page-size", "0", "--page-size"),
         ("--batch", "0", "--batch"),
     ] {
-        let r = kvsift(&[
-            "generate",
-            "--model",
-            TINY,
-            "--prompt",
-            "x",
-            "--max-tokens",
-            "1",
-            flag,
-            value,
-        ]);
-        expect_error(&r, &[needle]);
+        expect_generate_error(&[flag, value], needle);
     }
 }
 
@@ -647,17 +652,7 @@ fn generate_with_compression_reports_slots_and_pool_bytes() {
             "--schedule",
         ),
     ] {
-        let mut args = vec![
-            "generate",
-            "--model",
-            TINY,
-            "--prompt",
-            "x",
-            "--max-tokens",
-            "1",
-        ];
-        args.extend(extra);
-        expect_error(&kvsift(&args), &[needle]);
+        expect_generate_error(&extra, needle);
     }
 }
 
