@@ -35,6 +35,14 @@ pub static MATVEC_ROWS: Kernel = Kernel {
     needs: SUBGROUPS,
 };
 
+/// One vector, 16-byte loads, a subgroup per 4 rows (shaders/matvec_vec4.wgsl).
+pub static MATVEC_VEC4: Kernel = Kernel {
+    name: "matvec_vec4",
+    sources: &[include_str!("../../shaders/matvec_vec4.wgsl")],
+    entries: &["matvec_vec4_f32", "matvec_vec4_f16"],
+    needs: SUBGROUPS,
+};
+
 pub static MATMUL: Kernel = Kernel {
     name: "matmul",
     sources: &[include_str!("../../shaders/matmul.wgsl")],
@@ -158,10 +166,23 @@ pub fn matvec_max_vecs(ctx: &GpuContext) -> usize {
     }
 }
 
-/// The decode projection: a subgroup per 4 rows where the device has
-/// subgroups that fit a workgroup, else the workgroup-reduction kernel.
+/// Whether `matvec_vec4` serves this projection: one vector, rows that fill
+/// whole vec4s (4 f32 or 8 f16 weights).
+fn fits_vec4(args: &Linear) -> bool {
+    let per_quad = match args.weights.dtype {
+        WeightDtype::F32 => 4,
+        WeightDtype::F16 => 8,
+    };
+    args.n_vecs == 1 && args.weights.cols % per_quad == 0
+}
+
+/// The decode projection: where the device has subgroups that fit a
+/// workgroup, a subgroup per 4 rows (16-byte loads for one vector whose rows
+/// fill vec4s), else the workgroup-reduction kernel.
 pub fn matvec(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
-    if has_matvec_rows(ctx) {
+    if has_matvec_rows(ctx) && fits_vec4(args) {
+        matvec_with(ctx, &MATVEC_VEC4, args)
+    } else if has_matvec_rows(ctx) {
         matvec_with(ctx, &MATVEC_ROWS, args)
     } else {
         matvec_with(ctx, MATVEC.pick(ctx), args)
@@ -176,8 +197,21 @@ pub fn matvec_with(
 ) -> Result<Vec<Dispatch>> {
     args.check("matvec");
     let w = args.weights;
-    let rows_kernel = std::ptr::eq(kernel, &MATVEC_ROWS);
-    let kind = if rows_kernel { "matvec_rows" } else { "matvec" };
+    let vec4_kernel = std::ptr::eq(kernel, &MATVEC_VEC4);
+    assert!(
+        !vec4_kernel || fits_vec4(args),
+        "matvec_vec4 {}: needs one vector and rows of whole vec4s",
+        w.label
+    );
+    // Both subgroup kernels: a subgroup per row block, grid stride.
+    let rows_kernel = vec4_kernel || std::ptr::eq(kernel, &MATVEC_ROWS);
+    let kind = if vec4_kernel {
+        "matvec_vec4"
+    } else if rows_kernel {
+        "matvec_rows"
+    } else {
+        "matvec"
+    };
     let pipeline = ctx.pipeline(kernel, &entry(kind, w.dtype), &super::wg_constants())?;
     let n_vecs = u32_of("matvec vectors", args.n_vecs);
     assert!(
@@ -335,6 +369,15 @@ mod tests {
         v
     }
 
+    /// Adds `matvec_vec4` where it applies to this case.
+    fn variants_for(ctx: &GpuContext, args: &Linear) -> Vec<(String, Which)> {
+        let mut v = variants(ctx, args.n_vecs);
+        if ctx.caps.features.subgroups && fits_vec4(args) {
+            v.push(("matvec_vec4".into(), Which::Matvec(&MATVEC_VEC4)));
+        }
+        v
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn check_case(
         ctx: &GpuContext,
@@ -360,16 +403,18 @@ mod tests {
         let bb = bias
             .as_ref()
             .map(|b| GpuBuffer::from_slice(ctx, "test.bias", b).unwrap());
-        for (name, which) in variants(ctx, n_vecs) {
+        let probe_y = GpuBuffer::<f32>::zeros(ctx, "test.probe", 1).unwrap();
+        let probe = Linear {
+            weights: &wm,
+            bias: bb.as_ref(),
+            x: &xb,
+            y: &probe_y,
+            n_vecs,
+            accumulate,
+        };
+        for (name, which) in variants_for(ctx, &probe) {
             let yb = GpuBuffer::from_slice(ctx, "test.y", &y0).unwrap();
-            let args = Linear {
-                weights: &wm,
-                bias: bb.as_ref(),
-                x: &xb,
-                y: &yb,
-                n_vecs,
-                accumulate,
-            };
+            let args = Linear { y: &yb, ..probe };
             let ds = match which {
                 Which::Matvec(k) => matvec_with(ctx, k, &args),
                 Which::Matmul => matmul(ctx, &args),
@@ -406,6 +451,14 @@ mod tests {
             // matvec_rows' blocks of 8 vectors: a partial second block, two full.
             (50, 96, 9),
             (33, 65, 16),
+            // matvec_vec4 (one vector, cols % 4 f32 / % 8 f16): one row, a
+            // row shorter than a subgroup's stride, rows not a multiple of
+            // the block, many workgroups and grid-stride passes.
+            (1, 8, 1),
+            (7, 12, 1),
+            (77, 128, 1),
+            (3001, 64, 1),
+            (1029, 520, 1),
         ];
         for (i, &(rows, cols, n)) in cases.iter().enumerate() {
             for dtype in [WeightDtype::F32, WeightDtype::F16] {

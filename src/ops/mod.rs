@@ -60,6 +60,7 @@ pub fn all_kernels() -> Vec<&'static Kernel> {
         &linear::MATVEC.workgroup,
         &linear::MATVEC.subgroup,
         &linear::MATVEC_ROWS,
+        &linear::MATVEC_VEC4,
         &linear::MATMUL,
         &rmsnorm::RMSNORM.workgroup,
         &rmsnorm::RMSNORM.subgroup,
