@@ -173,7 +173,7 @@ fn fits_vec4(args: &Linear) -> bool {
         WeightDtype::F32 => 4,
         WeightDtype::F16 => 8,
     };
-    args.n_vecs == 1 && args.weights.cols % per_quad == 0
+    args.n_vecs == 1 && args.weights.cols.is_multiple_of(per_quad)
 }
 
 /// The decode projection: where the device has subgroups that fit a
