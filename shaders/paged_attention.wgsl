@@ -3,11 +3,13 @@
 //
 // attend_decode: one workgroup per (row, stored head, split). It serves all G
 // query heads that read that stored head, so each K and V slot is read once
-// for all of them. For each page of its split it scores the page's slots
+// for all of them. It walks its split in chunks of whole pages (up to
+// CHUNK_SLOTS slots, and G * chunk <= MAX_GP): scores the chunk's slots
 // (q . k * scale; slots past `len`, after the query's position, or outside the
 // sliding window are masked by the positions stored in the page), updates a
-// running max and sum per query head, and accumulates V. It writes, per query
-// head, the partial (acc[0..D], max, sum) of its split.
+// running max and sum per query head, and accumulates V — three barriers per
+// chunk, not per page. It writes, per query head, the partial (acc[0..D],
+// max, sum) of its split.
 // merge_splits: one workgroup per (row, query head) combines the splits:
 //   out = sum_j acc_j exp(m_j - M) / sum_j l_j exp(m_j - M),  M = max_j m_j.
 //
@@ -38,6 +40,8 @@ override KV_F16: bool = true;
 const MAX_GD: u32 = 2048u;   // group * head_dim
 const MAX_GP: u32 = 512u;    // group * page_size
 const MAX_G: u32 = 32u;
+const CHUNK_SLOTS: u32 = 128u; // decode: slots scored per barrier round (serial per query head in the softmax)
+const MAX_CHUNK_PAGES: u32 = 128u;
 const ACC: u32 = 32u;        // MAX_GD / WG for WG >= 64
 override BQ: u32 = 8u;       // query rows per prefill workgroup (BQ * head_dim <= MAX_GD, BQ * page_size <= MAX_GP, BQ <= MAX_G)
 const NEG: f32 = -3.0e38;
@@ -73,6 +77,7 @@ var<workgroup> m_sh: array<f32, MAX_G>;
 var<workgroup> l_sh: array<f32, MAX_G>;
 var<workgroup> corr_sh: array<f32, MAX_G>;
 var<workgroup> bounds: vec3<u32>;   // table offset, len, query position
+var<workgroup> page_sh: array<u32, MAX_CHUNK_PAGES>;  // decode: first word of each page of the chunk
 
 fn k_dot(base: u32, qoff: u32) -> f32 {
     var s = 0.0;
@@ -102,25 +107,25 @@ fn visible(pos: u32, q_pos: u32) -> bool {
     return pos <= q_pos && (p.window == 0u || pos + p.window > q_pos);
 }
 
-// Online softmax over one page for `n_rows` rows of scores in sc_sh (row r
-// at r * page_size; NEG = masked): turns scores into weights exp(s - m_new),
+// Online softmax over `cols` slots for `n_rows` rows of scores in sc_sh (row
+// r at r * cols; NEG = masked): turns scores into weights exp(s - m_new),
 // updates each row's running max and sum, and leaves its rescale factor in corr_sh.
-fn softmax_page(lid: u32, n_rows: u32) {
+fn softmax_rows(lid: u32, n_rows: u32, cols: u32) {
     if lid < n_rows {
         let r = lid;
         var pm = NEG;
-        for (var i = 0u; i < p.page_size; i = i + 1u) {
-            pm = max(pm, sc_sh[r * p.page_size + i]);
+        for (var i = 0u; i < cols; i = i + 1u) {
+            pm = max(pm, sc_sh[r * cols + i]);
         }
         let new_m = max(m_sh[r], pm);
         var sum = 0.0;
-        for (var i = 0u; i < p.page_size; i = i + 1u) {
-            let sv = sc_sh[r * p.page_size + i];
+        for (var i = 0u; i < cols; i = i + 1u) {
+            let sv = sc_sh[r * cols + i];
             var e = 0.0;
             if sv > NEG {
                 e = exp(sv - new_m);
             }
-            sc_sh[r * p.page_size + i] = e;
+            sc_sh[r * cols + i] = e;
             sum = sum + e;
         }
         let corr = select(exp(m_sh[r] - new_m), 0.0, m_sh[r] <= NEG);
@@ -185,23 +190,51 @@ fn attend_decode(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
     for (var k = 0u; k < ACC; k = k + 1u) {
         acc[k] = 0.0;
     }
-    for (var pg = p0; pg < p1; pg = pg + 1u) {
-        let base = tables[bd.x + pg] * p.page_words;
-        let v_base = base + p.page_size * p.dw;
-        let pos_base = base + 2u * p.page_size * p.dw;
-        for (var idx = lid; idx < gp; idx = idx + WG) {
-            let i = idx % p.page_size;
-            let g = idx / p.page_size;
+    // Pages per chunk: G * chunk slots fit sc_sh, at most CHUNK_SLOTS slots.
+    let chunk_pages = max(1u, min(MAX_GP / gp, CHUNK_SLOTS / p.page_size));
+    for (var pg = p0; pg < p1; pg = pg + chunk_pages) {
+        let np = min(chunk_pages, p1 - pg);
+        let n_slots = np * p.page_size;
+        if lid < np {
+            page_sh[lid] = tables[bd.x + pg + lid] * p.page_words;
+        }
+        for (var idx = lid; idx < p.group * n_slots; idx = idx + WG) {
+            let g = idx / n_slots;
+            let i = idx - g * n_slots;
+            let q = i / p.page_size;
+            let slot = i - q * p.page_size;
+            let base = tables[bd.x + pg + q] * p.page_words;
             var score = NEG;
-            if pg * p.page_size + i < bd.y && visible(pool[pos_base + i], bd.z) {
-                score = k_dot(base + i * p.dw, g * dim) * p.scale;
+            if pg * p.page_size + i < bd.y && visible(pool[base + 2u * p.page_size * p.dw + slot], bd.z) {
+                score = k_dot(base + slot * p.dw, g * dim) * p.scale;
             }
-            sc_sh[idx] = score;
+            sc_sh[g * n_slots + i] = score;
         }
         workgroupBarrier();
-        softmax_page(lid, p.group);
+        softmax_rows(lid, p.group, n_slots);
         workgroupBarrier();
-        accumulate_page(lid, &acc, gd, v_base);
+        // acc[(g, d)] = acc * corr[g] + sum over the chunk's slots of w * v.
+        for (var k = 0u; k < ACC; k = k + 1u) {
+            let e = lid + k * WG;
+            if e < gd {
+                let r = e / dim;
+                let d = e % dim;
+                var a = acc[k] * corr_sh[r];
+                var wi = r * n_slots;
+                for (var q = 0u; q < np; q = q + 1u) {
+                    var v = page_sh[q] + p.page_size * p.dw;
+                    for (var slot = 0u; slot < p.page_size; slot = slot + 1u) {
+                        let w = sc_sh[wi];
+                        if w > 0.0 {
+                            a = a + w * v_at(v, d);
+                        }
+                        wi = wi + 1u;
+                        v = v + p.dw;
+                    }
+                }
+                acc[k] = a;
+            }
+        }
         workgroupBarrier();
     }
     let stride = dim + 2u;
@@ -305,7 +338,7 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
             sc_sh[idx] = score;
         }
         workgroupBarrier();
-        softmax_page(lid, nq);
+        softmax_rows(lid, nq, p.page_size);
         workgroupBarrier();
         accumulate_page(lid, &acc, rd, v_base);
         workgroupBarrier();

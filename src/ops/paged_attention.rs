@@ -761,8 +761,10 @@ mod tests {
                 kv_f16: c.kv_f16,
             };
             let n_heads = c.kv_heads * c.heads_per_kv;
-            // Rows of different lengths; the last slot of each is this step's token.
-            let lens = [1usize, 37, 5, 70, 16];
+            // Rows of different lengths; the last slot of each is this step's
+            // token. 300 slots span several of decode's chunks (128 slots) in
+            // a 64-page split, the last one partial.
+            let lens = [1usize, 37, 5, 70, 16, 300];
             let sc = scenario(&mut rng, layout, n_heads, &lens);
             let b = lens.len();
             let stride = (c.q_heads + 2 * c.kv_heads) * c.dim;
