@@ -1,4 +1,5 @@
-//! Kernel throughput: matvec in GB/s (weight bytes streamed, decimal GB),
+//! Kernel throughput: matvec (alone, and after an RMSNorm, fused or not) in
+//! GB/s (weight bytes streamed, decimal GB),
 //! matmul in GFLOP/s (criterion prints it as "Gelem/s": one element = one
 //! flop), paged decode attention in GB/s of KV read. The compression passes
 //! have their own bench (benches/compression.rs).
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kvsift::gpu::{Dispatch, GpuBuffer, GpuContext, GpuMatrix, WeightDtype};
 use kvsift::ops::compress::pool_from_keys;
-use kvsift::ops::linear::{Linear, matmul, matvec};
+use kvsift::ops::linear::{Linear, PreNorm, fuses_prologue, matmul, matvec, norm_linear_with};
 use kvsift::ops::paged_attention::{LayerKv, PoolLayout, QkvRows, paged_decode, partials_len};
 use kvsift::testing::{Rng, gpu};
 
@@ -64,6 +65,57 @@ fn bench_matvec(c: &mut Criterion) {
             g.bench_function(format!("{dtype:?} {rows}x{cols}"), |b| {
                 b.iter_custom(|iters| time_reps(ctx, &ds, iters))
             });
+        }
+    }
+    g.finish();
+}
+
+/// RMSNorm then the projection of one vector: as two dispatches (rmsnorm,
+/// matvec_vec4) and fused into one (matvec_vec4 norming x as it reads it).
+/// GB/s of weight + vector bytes, as matvec.
+fn bench_norm_matvec(c: &mut Criterion) {
+    let Some(ctx) = gpu() else { return };
+    let sizes: &[(usize, usize)] = if is_cpu(ctx) {
+        &[(2048, 2048), (32000, 256)]
+    } else {
+        &[(4096, 4096), (32000, 768)]
+    };
+    let mut g = c.benchmark_group("norm_matvec");
+    g.sample_size(10).warm_up_time(Duration::from_millis(500));
+    for &(rows, cols) in sizes {
+        for dtype in [WeightDtype::F32, WeightDtype::F16] {
+            let mut rng = Rng::new(4);
+            let w =
+                GpuMatrix::upload(ctx, "w", rows, cols, dtype, &rng.normals(rows * cols)).unwrap();
+            let x = GpuBuffer::from_slice(ctx, "x", &rng.normals(cols)).unwrap();
+            let gain = GpuBuffer::from_slice(ctx, "g", &rng.normals(cols)).unwrap();
+            let scratch = GpuBuffer::<f32>::zeros(ctx, "normed", cols).unwrap();
+            let y = GpuBuffer::<f32>::zeros(ctx, "y", rows).unwrap();
+            let args = Linear {
+                weights: &w,
+                bias: None,
+                x: &x,
+                y: &y,
+                n_vecs: 1,
+                accumulate: false,
+            };
+            let norm = PreNorm {
+                weight: &gain,
+                eps: 1e-5,
+                scratch: &scratch,
+            };
+            if !fuses_prologue(ctx, &args) {
+                continue;
+            }
+            let bytes = w.size_bytes() + (cols * 4 + rows * 4) as u64;
+            g.throughput(Throughput::BytesDecimal(bytes * REPS as u64));
+            for fused in [false, true] {
+                let ds = norm_linear_with(ctx, &norm, &args, fused).unwrap();
+                let how = if fused { "fused" } else { "rmsnorm+matvec" };
+                g.bench_function(format!("{how} {dtype:?} {rows}x{cols}"), |b| {
+                    b.iter_custom(|iters| time_reps(ctx, &ds, iters))
+                });
+            }
         }
     }
     g.finish();
@@ -165,5 +217,11 @@ fn bench_decode_attention(c: &mut Criterion) {
     grp.finish();
 }
 
-criterion_group!(benches, bench_matvec, bench_matmul, bench_decode_attention);
+criterion_group!(
+    benches,
+    bench_matvec,
+    bench_norm_matvec,
+    bench_matmul,
+    bench_decode_attention
+);
 criterion_main!(benches);

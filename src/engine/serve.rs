@@ -26,7 +26,8 @@ use crate::kv::paged::{PagedKv, PoolConfig, PoolUsage};
 use crate::kv::{Exhausted, SeqTables};
 use crate::model::config::ModelConfig;
 use crate::model::llama::{
-    Activations, LlamaWeights, body, check_ids, final_norm, push_lm_head, push_nll_head, read_rows,
+    Activations, LlamaWeights, body, check_ids, final_norm, push_lm_head, push_nll_head,
+    push_norm_lm_head, read_rows,
 };
 use crate::model::runner::{
     ScoreOutput, check_score_args, context_capacity, score_targets, set_nll_row, too_long,
@@ -610,8 +611,7 @@ impl<'c> Engine<'c> {
         if !self.decode_plans.contains_key(&b) {
             let (ctx, a) = (self.ctx, &self.acts);
             let mut ops = self.decode_body(b)?;
-            ops.push(final_norm(ctx, &self.weights, a, 0, b)?);
-            push_lm_head(&mut ops, ctx, &self.weights, a, 0, b)?;
+            push_norm_lm_head(&mut ops, ctx, &self.weights, a, b)?;
             ops.push(
                 self.sampler
                     .dispatch(ctx, b, &a.logits, &self.seen, &self.tokens_out)?

@@ -17,7 +17,9 @@
 //!
 //! This file holds the weights ([`LlamaWeights`]: converted at load, q/k/v and
 //! gate/up fused), the per-step working buffers ([`Activations`]) and the
-//! builders that record a step as a list of [`Op`]s. The KV cache is the
+//! builders that record a step as a list of [`Op`]s. For one token (decode)
+//! the norms and the SwiGLU product run inside the projections that read them
+//! (`norm_linear`, `swiglu_linear`): a layer is 8 dispatches, not 11. The KV cache is the
 //! caller's: [`body`] asks it for each layer's store-and-attend ops, so the
 //! contiguous single-sequence runner (`runner.rs`) and the paged batched
 //! engine (`engine/`) share everything else.
@@ -29,10 +31,10 @@ use crate::gpu::buffer::ReadbackSlot;
 use crate::gpu::{BufferCopy, Dispatch, GpuBuffer, GpuContext, GpuMatrix, Op, WeightDtype};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{TensorRef, WeightStore};
-use crate::ops::linear::{Linear, linear};
+use crate::ops::embedding;
+use crate::ops::linear::{Linear, PreNorm, linear, norm_linear, swiglu_linear};
 use crate::ops::rmsnorm::{NormShape, rmsnorm, rmsnorm_inplace};
 use crate::ops::rope::{RopeShape, RopeTable, rope};
-use crate::ops::{embedding, silu_mul};
 
 /// One decoder layer's weights.
 pub struct LayerWeights {
@@ -390,27 +392,29 @@ pub fn body(
 ) -> Result<Vec<Op>> {
     let cfg = &w.cfg;
     assert!(n <= a.rows, "body: {n} tokens, activations for {}", a.rows);
-    let (h, d) = (cfg.hidden_size, cfg.head_dim);
+    let d = cfg.head_dim;
     let mut ops: Vec<Op> = vec![];
     ops.extend(
         embedding::embed(ctx, n, &w.embed, &a.ids, &a.hidden)?
             .into_iter()
             .map(Op::from),
     );
-    let rows = NormShape::rows(n, h, cfg.rms_norm_eps);
     let qkv_dim = cfg.qkv_dim();
     for (l, layer) in w.layers.iter().enumerate() {
-        ops.push(rmsnorm(ctx, &rows, &a.hidden, &layer.input_norm, &a.normed)?.into());
-        push_linear(
-            &mut ops,
-            ctx,
-            &layer.qkv,
-            layer.qkv_bias.as_ref(),
-            &a.normed,
-            &a.qkv,
-            n,
-            false,
-        )?;
+        let input_norm = PreNorm {
+            weight: &layer.input_norm,
+            eps: cfg.rms_norm_eps,
+            scratch: &a.normed,
+        };
+        let qkv = Linear {
+            weights: &layer.qkv,
+            bias: layer.qkv_bias.as_ref(),
+            x: &a.hidden,
+            y: &a.qkv,
+            n_vecs: n,
+            accumulate: false,
+        };
+        push_ops(&mut ops, norm_linear(ctx, &input_norm, &qkv)?);
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             let heads = |heads, offset| NormShape {
                 tokens: n,
@@ -443,28 +447,28 @@ pub fn body(
             n,
             true,
         )?;
-        ops.push(rmsnorm(ctx, &rows, &a.hidden, &layer.post_norm, &a.normed)?.into());
-        push_linear(
-            &mut ops,
-            ctx,
-            &layer.gate_up,
-            layer.gate_up_bias.as_ref(),
-            &a.normed,
-            &a.gate_up,
-            n,
-            false,
-        )?;
-        ops.push(silu_mul::silu_mul(ctx, n, cfg.intermediate_size, &a.gate_up, &a.act)?.into());
-        push_linear(
-            &mut ops,
-            ctx,
-            &layer.down,
-            layer.down_bias.as_ref(),
-            &a.act,
-            &a.hidden,
-            n,
-            true,
-        )?;
+        let post_norm = PreNorm {
+            weight: &layer.post_norm,
+            ..input_norm
+        };
+        let gate_up = Linear {
+            weights: &layer.gate_up,
+            bias: layer.gate_up_bias.as_ref(),
+            x: &a.hidden,
+            y: &a.gate_up,
+            n_vecs: n,
+            accumulate: false,
+        };
+        push_ops(&mut ops, norm_linear(ctx, &post_norm, &gate_up)?);
+        let down = Linear {
+            weights: &layer.down,
+            bias: layer.down_bias.as_ref(),
+            x: &a.gate_up,
+            y: &a.hidden,
+            n_vecs: n,
+            accumulate: true,
+        };
+        push_ops(&mut ops, swiglu_linear(ctx, &a.act, &down)?);
     }
     Ok(ops)
 }
@@ -483,6 +487,41 @@ pub fn final_norm(
         ..NormShape::rows(rows, h, w.cfg.rms_norm_eps)
     };
     Ok(rmsnorm(ctx, &shape, &a.hidden, &w.final_norm, &a.normed)?.into())
+}
+
+/// Decode's head: `a.logits[0..rows] = lm_head(final_norm(a.hidden rows
+/// 0..rows))`, the norm fused into the projection where [`norm_linear`] can.
+pub fn push_norm_lm_head(
+    ops: &mut Vec<Op>,
+    ctx: &GpuContext,
+    w: &LlamaWeights,
+    a: &Activations,
+    rows: usize,
+) -> Result<()> {
+    assert!(
+        rows <= a.head_rows,
+        "lm_head: {rows} rows, room for {}",
+        a.head_rows
+    );
+    let norm = PreNorm {
+        weight: &w.final_norm,
+        eps: w.cfg.rms_norm_eps,
+        scratch: &a.normed,
+    };
+    let head = Linear {
+        weights: w.lm_head(),
+        bias: None,
+        x: &a.hidden,
+        y: &a.logits,
+        n_vecs: rows,
+        accumulate: false,
+    };
+    push_ops(ops, norm_linear(ctx, &norm, &head)?);
+    Ok(())
+}
+
+fn push_ops(ops: &mut Vec<Op>, ds: Vec<Dispatch>) {
+    ops.extend(ds.into_iter().map(Op::from));
 }
 
 /// `a.logits[0..rows] = lm_head(a.normed rows first..first + rows)`, through `a.head_in`.

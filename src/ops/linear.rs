@@ -6,6 +6,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::rmsnorm::{NormShape, rmsnorm};
 use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, GpuMatrix, Kernel, WeightDtype};
@@ -59,6 +60,16 @@ pub const MATVEC_MAX_VECS: usize = 4;
 
 const FLAG_BIAS: u32 = 1;
 const FLAG_ACCUMULATE: u32 = 2;
+/// What matvec_vec4 does to x before the product (its `PROLOGUE` pipeline
+/// constant: 0, 1, 2).
+#[derive(Clone, Copy)]
+enum Prologue<'a> {
+    None,
+    /// RMSNorm with this weight and epsilon.
+    Norm(&'a GpuBuffer<f32>, f32),
+    /// silu(gate) * up of a gate/up row.
+    SwiGlu,
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -72,6 +83,9 @@ struct MatvecParams {
     y_offset: u32,
     flags: u32,
     row_blocks: u32,
+    /// RMSNorm epsilon (matvec_vec4 with the norm prologue; the other
+    /// kernels' Params end before it).
+    eps: f32,
 }
 
 #[repr(C)]
@@ -88,6 +102,7 @@ struct MatmulParams {
 }
 
 /// One projection: `y[v, :] (+)= W x[v, :] (+ bias)` for `n_vecs` rows of `x`.
+#[derive(Clone, Copy)]
 pub struct Linear<'a> {
     pub weights: &'a GpuMatrix,
     pub bias: Option<&'a GpuBuffer<f32>>,
@@ -176,6 +191,68 @@ fn fits_vec4(args: &Linear) -> bool {
     args.n_vecs == 1 && args.weights.cols.is_multiple_of(per_quad)
 }
 
+/// The RMSNorm before a projection (Llama's input, post-attention and final
+/// norms): `x' = g * x / sqrt(mean(x^2) + eps)` row by row.
+pub struct PreNorm<'a> {
+    /// `g`, `[cols]`
+    pub weight: &'a GpuBuffer<f32>,
+    pub eps: f32,
+    /// Where the unfused path writes the normed rows (`[n_vecs, cols]`).
+    pub scratch: &'a GpuBuffer<f32>,
+}
+
+/// Whether [`norm_linear`] and [`swiglu_linear`] can fuse their prologue
+/// into the projection on this device (and do).
+pub fn fuses_prologue(ctx: &GpuContext, args: &Linear) -> bool {
+    has_matvec_rows(ctx) && fits_vec4(args)
+}
+
+/// `y (+)= W rmsnorm(x) (+ bias)` for the rows of `args.x`: one
+/// `matvec_vec4` dispatch per row part that norms on the fly where it serves
+/// (one vector, subgroups, rows of whole vec4s), else `rmsnorm` into
+/// `norm.scratch` and [`linear`] from there.
+pub fn norm_linear(ctx: &GpuContext, norm: &PreNorm, args: &Linear) -> Result<Vec<Dispatch>> {
+    norm_linear_with(ctx, norm, args, fuses_prologue(ctx, args))
+}
+
+/// [`norm_linear`], fused or not as asked (tests and benches compare both;
+/// `fused` needs [`fuses_prologue`]).
+pub fn norm_linear_with(
+    ctx: &GpuContext,
+    norm: &PreNorm,
+    args: &Linear,
+    fused: bool,
+) -> Result<Vec<Dispatch>> {
+    assert!(
+        !fused || fuses_prologue(ctx, args),
+        "norm_linear: cannot fuse here"
+    );
+    assert_eq!(
+        norm.weight.len(),
+        args.weights.cols,
+        "norm_linear {}: norm weight length",
+        args.weights.label
+    );
+    if fused {
+        return matvec_impl(
+            ctx,
+            &MATVEC_VEC4,
+            args,
+            Prologue::Norm(norm.weight, norm.eps),
+        );
+    }
+    let shape = NormShape::rows(args.n_vecs, args.weights.cols, norm.eps);
+    let mut ds = vec![rmsnorm(ctx, &shape, args.x, norm.weight, norm.scratch)?];
+    ds.extend(linear(
+        ctx,
+        &Linear {
+            x: norm.scratch,
+            ..*args
+        },
+    )?);
+    Ok(ds)
+}
+
 /// The decode projection: where the device has subgroups that fit a
 /// workgroup, a subgroup per 4 rows (16-byte loads for one vector whose rows
 /// fill vec4s), else the workgroup-reduction kernel.
@@ -195,12 +272,77 @@ pub fn matvec_with(
     kernel: &'static Kernel,
     args: &Linear,
 ) -> Result<Vec<Dispatch>> {
+    matvec_impl(ctx, kernel, args, Prologue::None)
+}
+
+/// `y (+)= W (silu(gate) * up) (+ bias)`, Llama's down projection, where
+/// `args.x` holds `n_vecs` gate/up rows `[gate (cols), up (cols)]`: one
+/// `matvec_vec4` dispatch that forms the product as it reads x where it
+/// serves, else `silu_mul` into `act` (`[n_vecs, cols]`) and [`linear`].
+pub fn swiglu_linear(
+    ctx: &GpuContext,
+    act: &GpuBuffer<f32>,
+    args: &Linear,
+) -> Result<Vec<Dispatch>> {
+    swiglu_linear_with(ctx, act, args, fuses_prologue(ctx, args))
+}
+
+/// [`swiglu_linear`], fused or not as asked (`fused` needs [`fuses_prologue`]).
+pub fn swiglu_linear_with(
+    ctx: &GpuContext,
+    act: &GpuBuffer<f32>,
+    args: &Linear,
+    fused: bool,
+) -> Result<Vec<Dispatch>> {
+    assert!(
+        !fused || fuses_prologue(ctx, args),
+        "swiglu_linear: cannot fuse here"
+    );
+    let cols = args.weights.cols;
+    assert!(
+        args.x.len() >= args.n_vecs * 2 * cols,
+        "swiglu_linear {}: gate/up has {} values for {} rows of 2 x {cols}",
+        args.weights.label,
+        args.x.len(),
+        args.n_vecs
+    );
+    if fused {
+        return matvec_impl(ctx, &MATVEC_VEC4, args, Prologue::SwiGlu);
+    }
+    let mut ds = vec![super::silu_mul::silu_mul(
+        ctx,
+        args.n_vecs,
+        cols,
+        args.x,
+        act,
+    )?];
+    ds.extend(linear(ctx, &Linear { x: act, ..*args })?);
+    Ok(ds)
+}
+
+/// matvec, with a prologue on x (matvec_vec4 only).
+fn matvec_impl(
+    ctx: &GpuContext,
+    kernel: &'static Kernel,
+    args: &Linear,
+    prologue: Prologue,
+) -> Result<Vec<Dispatch>> {
     args.check("matvec");
     let w = args.weights;
     let vec4_kernel = std::ptr::eq(kernel, &MATVEC_VEC4);
     assert!(
         !vec4_kernel || fits_vec4(args),
         "matvec_vec4 {}: needs one vector and rows of whole vec4s",
+        w.label
+    );
+    let (prologue_id, norm_w, eps) = match prologue {
+        Prologue::None => (0, args.x, 0.0),
+        Prologue::Norm(g, eps) => (1, g, eps),
+        Prologue::SwiGlu => (2, args.x, 0.0),
+    };
+    assert!(
+        prologue_id == 0 || vec4_kernel,
+        "matvec {}: only matvec_vec4 has prologues",
         w.label
     );
     // Both subgroup kernels: a subgroup per row block, grid stride.
@@ -212,7 +354,13 @@ pub fn matvec_with(
     } else {
         "matvec"
     };
-    let pipeline = ctx.pipeline(kernel, &entry(kind, w.dtype), &super::wg_constants())?;
+    let [wg] = super::wg_constants();
+    let pipeline = if vec4_kernel {
+        let constants = [wg, ("PROLOGUE", prologue_id as f64)];
+        ctx.pipeline(kernel, &entry(kind, w.dtype), &constants)?
+    } else {
+        ctx.pipeline(kernel, &entry(kind, w.dtype), &[wg])?
+    };
     let n_vecs = u32_of("matvec vectors", args.n_vecs);
     assert!(
         n_vecs <= ctx.caps.max_workgroups_per_dim,
@@ -232,6 +380,7 @@ pub fn matvec_with(
                 y_offset: u32_of("y offset", part.first_row),
                 flags: args.flags(),
                 row_blocks,
+                eps,
             };
             let label = format!("kvsift.matvec.{}", w.label);
             // matvec_rows: a workgroup holds at least WG / subgroup_max_size
@@ -248,17 +397,22 @@ pub fn matvec_with(
             } else {
                 n_vecs
             };
+            let mut bindings = vec![
+                part.buffer.as_entire_binding(),
+                args.x.binding(),
+                args.bias_binding(),
+                args.y.binding(),
+            ];
+            if vec4_kernel {
+                // Unless it norms, the kernel never reads binding 5; x stands in.
+                bindings.push(norm_w.binding());
+            }
             Dispatch::with_params(
                 ctx,
                 pipeline.clone(),
                 label,
                 &params,
-                &[
-                    part.buffer.as_entire_binding(),
-                    args.x.binding(),
-                    args.bias_binding(),
-                    args.y.binding(),
-                ],
+                &bindings,
                 [gx, gy, z],
             )
         })
@@ -472,6 +626,149 @@ mod tests {
                     i % 2 == 0,
                     i % 3 == 1,
                 );
+            }
+        }
+    }
+
+    /// `y (+)= W rmsnorm(x) (+ bias)` against the twins of rmsnorm and linear,
+    /// fused (one vector, rows of whole vec4s) and not.
+    #[test]
+    fn norm_linear_matches_rmsnorm_then_linear() {
+        let Some(ctx) = gpu() else { return };
+        // (rows, cols, vectors): fused where one vector fills vec4s
+        // (cols % 8 for f16); 12 columns fuse for f32 only; 3 vectors never.
+        let cases = [
+            (1, 8, 1),
+            (77, 64, 1),
+            (3001, 128, 1),
+            (20, 12, 1),
+            (33, 64, 3),
+        ];
+        for (i, &(rows, cols, n)) in cases.iter().enumerate() {
+            for dtype in [WeightDtype::F32, WeightDtype::F16] {
+                let mut rng = Rng::new(300 + i as u64);
+                let w: Vec<f32> = rng.normals(rows * cols);
+                let x: Vec<f32> = rng.normals(n * cols).iter().map(|v| 3.0 * v).collect();
+                let g: Vec<f32> = rng.normals(cols);
+                let bias = rng.normals(rows);
+                let y0 = rng.normals(n * rows);
+                let eps = 1e-5;
+                let accumulate = i % 2 == 1;
+                let shape = NormShape::rows(n, cols, eps);
+                let x64: Vec<f64> = x.iter().map(|v| *v as f64).collect();
+                let mut normed = vec![0.0; n * cols];
+                crate::ops::rmsnorm::rmsnorm_cpu(&shape, &x64, &g, &mut normed);
+                let normed32: Vec<f32> = normed.iter().map(|v| *v as f32).collect();
+                let stored: Vec<f32> = w.iter().map(|v| dtype.round(*v)).collect();
+                let mut want: Vec<f64> = y0.iter().map(|v| *v as f64).collect();
+                linear_cpu(&stored, cols, Some(&bias), &normed32, &mut want, accumulate);
+
+                let wm = GpuMatrix::upload(ctx, "test.w", rows, cols, dtype, &w).unwrap();
+                let xb = GpuBuffer::from_slice(ctx, "test.x", &x).unwrap();
+                let gb = GpuBuffer::from_slice(ctx, "test.g", &g).unwrap();
+                let bb = GpuBuffer::from_slice(ctx, "test.bias", &bias).unwrap();
+                let yb = GpuBuffer::from_slice(ctx, "test.y", &y0).unwrap();
+                let scratch = GpuBuffer::<f32>::zeros(ctx, "test.normed", n * cols).unwrap();
+                let args = Linear {
+                    weights: &wm,
+                    bias: Some(&bb),
+                    x: &xb,
+                    y: &yb,
+                    n_vecs: n,
+                    accumulate,
+                };
+                let norm = PreNorm {
+                    weight: &gb,
+                    eps,
+                    scratch: &scratch,
+                };
+                let can_fuse = fuses_prologue(ctx, &args);
+                let per_quad = if dtype == WeightDtype::F32 { 4 } else { 8 };
+                if ctx.caps.features.subgroups && ctx.caps.subgroup_max_size <= super::super::WG {
+                    assert_eq!(
+                        can_fuse,
+                        n == 1 && cols % per_quad == 0,
+                        "case {i} {dtype:?}"
+                    );
+                }
+                for fused in [false, true] {
+                    if fused && !can_fuse {
+                        continue;
+                    }
+                    yb.write(ctx, 0, &y0);
+                    let ds = norm_linear_with(ctx, &norm, &args, fused).unwrap();
+                    assert_eq!(ds.len(), if fused { 1 } else { 2 });
+                    ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+                    assert_nmse(
+                        &format!(
+                            "norm_linear {dtype:?} rows {rows} cols {cols} vecs {n} fused {fused}"
+                        ),
+                        &yb.read(ctx).unwrap(),
+                        &want,
+                        LINEAR_NMSE,
+                    );
+                }
+            }
+        }
+    }
+
+    /// `y (+)= W (silu(gate) * up) (+ bias)` against the twins of silu_mul and
+    /// linear, fused and not.
+    #[test]
+    fn swiglu_linear_matches_silu_mul_then_linear() {
+        let Some(ctx) = gpu() else { return };
+        let cases = [
+            (1, 8, 1),
+            (64, 128, 1),
+            (1500, 512, 1),
+            (9, 12, 1),
+            (17, 64, 2),
+        ];
+        for (i, &(rows, cols, n)) in cases.iter().enumerate() {
+            for dtype in [WeightDtype::F32, WeightDtype::F16] {
+                let mut rng = Rng::new(500 + i as u64);
+                let w: Vec<f32> = rng.normals(rows * cols);
+                let gate_up: Vec<f32> = rng.normals(n * 2 * cols).iter().map(|v| 4.0 * v).collect();
+                let y0 = rng.normals(n * rows);
+                let accumulate = i % 2 == 0;
+                let act: Vec<f32> = crate::ops::silu_mul::silu_mul_cpu(&gate_up, cols)
+                    .iter()
+                    .map(|v| *v as f32)
+                    .collect();
+                let stored: Vec<f32> = w.iter().map(|v| dtype.round(*v)).collect();
+                let mut want: Vec<f64> = y0.iter().map(|v| *v as f64).collect();
+                linear_cpu(&stored, cols, None, &act, &mut want, accumulate);
+
+                let wm = GpuMatrix::upload(ctx, "test.w", rows, cols, dtype, &w).unwrap();
+                let xb = GpuBuffer::from_slice(ctx, "test.gate_up", &gate_up).unwrap();
+                let yb = GpuBuffer::from_slice(ctx, "test.y", &y0).unwrap();
+                let act_b = GpuBuffer::<f32>::zeros(ctx, "test.act", n * cols).unwrap();
+                let args = Linear {
+                    weights: &wm,
+                    bias: None,
+                    x: &xb,
+                    y: &yb,
+                    n_vecs: n,
+                    accumulate,
+                };
+                for fused in [false, true] {
+                    if fused && !fuses_prologue(ctx, &args) {
+                        continue;
+                    }
+                    yb.write(ctx, 0, &y0);
+                    let ds = swiglu_linear_with(ctx, &act_b, &args, fused).unwrap();
+                    assert_eq!(ds.len(), if fused { 1 } else { 2 });
+                    ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+                    // exp on the GPU is accurate to a few ulp (see silu_mul's test).
+                    assert_nmse(
+                        &format!(
+                            "swiglu_linear {dtype:?} rows {rows} cols {cols} vecs {n} fused {fused}"
+                        ),
+                        &yb.read(ctx).unwrap(),
+                        &want,
+                        1e-8,
+                    );
+                }
             }
         }
     }
