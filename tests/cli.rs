@@ -683,6 +683,11 @@ fn bench_prints_pp_tg_roofline_profile_and_throughput() {
     let frac = results[1]["roofline_fraction"].as_f64().unwrap();
     assert!(frac > 0.0 && frac < 1.5, "roofline fraction {frac}");
     assert!(j["roofline_gb_s"].as_f64().unwrap() > 0.0);
+    // Host and wait time of the timed decode steps: 2 runs of 7 steps (the
+    // first of 8 tokens comes from the prefill).
+    assert_eq!(j["decode_steps"], 14, "{j}");
+    assert!(j["decode_host_ms"].as_f64().unwrap() > 0.0);
+    assert!(j["decode_wait_ms"].as_f64().unwrap() > 0.0);
     let profile = j["profile"].as_array().unwrap();
     assert!(
         profile

@@ -202,6 +202,7 @@ fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
         rows.push((format!("pp{}", a.n_prompt), rates, None));
     }
     let mut profile = None;
+    let mut timing = None;
     if a.n_gen > 0 {
         let mut rates = vec![];
         let mut step_s = vec![];
@@ -209,6 +210,9 @@ fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
             for b in 0..a.batch {
                 let seed = (rep * a.batch + b) as u64;
                 engine.add_request(request(tokens(seed, 1, cfg.vocab_size), a.n_gen))?;
+            }
+            if rep == 1 {
+                engine.take_decode_timing(); // the warm-up run's steps
             }
             let t = Instant::now();
             let (steps, _) = drain(&mut engine)?;
@@ -218,6 +222,7 @@ fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
                 step_s.push(s / steps as f64);
             }
         }
+        timing = Some(engine.take_decode_timing());
         if a.profile {
             // One more run, untimed: profile a decode step in its middle.
             for b in 0..a.batch {
@@ -263,6 +268,11 @@ fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     if a.json {
         let mut j = json!({ "results": out, "roofline_gb_s": copy });
+        if let Some(t) = timing.filter(|t| t.steps > 0) {
+            j["decode_steps"] = json!(t.steps);
+            j["decode_host_ms"] = json!(per_step_ms(t.host, t.steps));
+            j["decode_wait_ms"] = json!(per_step_ms(t.wait, t.steps));
+        }
         if let Some(p) = &profile {
             j["profile"] = json!(
                 p.iter()
@@ -307,10 +317,23 @@ fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
             )?;
         }
     }
+    if let Some(t) = timing.filter(|t| t.steps > 0) {
+        writeln!(
+            stdout,
+            "decode step: {:.3} ms on the host (descriptors, encode, submit) + {:.3} ms from submission to the tokens on the host (GPU work, readback); mean of {} steps",
+            per_step_ms(t.host, t.steps),
+            per_step_ms(t.wait, t.steps),
+            t.steps
+        )?;
+    }
     if let Some(p) = profile {
         print_profile(&mut stdout, &p, ctx.caps.features.timestamps)?;
     }
     Ok(())
+}
+
+fn per_step_ms(d: std::time::Duration, steps: u64) -> f64 {
+    d.as_secs_f64() * 1e3 / steps as f64
 }
 
 /// Kernels of one decode step by total time, merged by label.

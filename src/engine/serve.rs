@@ -15,6 +15,7 @@
 //! Sequences join and leave between steps. Only sampled tokens are read back.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use crate::engine::compressor::{CompressionStats, Compressor};
 use crate::engine::generate::StopReason;
@@ -187,6 +188,20 @@ pub struct Engine<'c> {
     final_slots: HashMap<RequestId, Vec<usize>>,
     profile_next: bool,
     last_profile: Option<Vec<(String, f64)>>,
+    decode_timing: DecodeTiming,
+}
+
+/// Where decode steps spent their wall time, summed since the last
+/// [`Engine::take_decode_timing`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DecodeTiming {
+    pub steps: u64,
+    /// Host work before the GPU can start: descriptors and inputs written,
+    /// the step encoded and submitted.
+    pub host: Duration,
+    /// Submission to the sampled tokens on the host: the GPU's work plus
+    /// the readback.
+    pub wait: Duration,
 }
 
 impl<'c> Engine<'c> {
@@ -285,6 +300,7 @@ impl<'c> Engine<'c> {
             final_slots: HashMap::new(),
             profile_next: false,
             last_profile: None,
+            decode_timing: DecodeTiming::default(),
             cfg,
             weights,
             acts,
@@ -310,6 +326,12 @@ impl<'c> Engine<'c> {
     /// profiled decode step.
     pub fn take_profile(&mut self) -> Option<Vec<(String, f64)>> {
         self.last_profile.take()
+    }
+
+    /// Host and wait time of the decode steps since the last call (profiled
+    /// steps excluded), and starts a new count.
+    pub fn take_decode_timing(&mut self) -> DecodeTiming {
+        std::mem::take(&mut self.decode_timing)
     }
 
     /// KV slots a finished (or cancelled) request held per layer when it
@@ -684,6 +706,7 @@ impl<'c> Engine<'c> {
     }
 
     fn decode(&mut self, events: &mut Vec<Event>) -> Result<()> {
+        let start = Instant::now();
         let b = self.running.len();
         for (row, s) in self.running.iter().enumerate() {
             self.ids_host[row] = *s.tokens.last().expect("a pending token");
@@ -706,7 +729,8 @@ impl<'c> Engine<'c> {
             .collect();
         self.sampler.set_rows(self.ctx, draws);
         self.ensure_decode_plan(b)?;
-        if std::mem::take(&mut self.profile_next) {
+        let profiled = std::mem::take(&mut self.profile_next);
+        if profiled {
             self.last_profile = Some(
                 self.ctx
                     .profile_ops("kvsift.engine.decode", &[&self.decode_plans[&b]])?,
@@ -715,7 +739,14 @@ impl<'c> Engine<'c> {
             self.ctx
                 .run_ops("kvsift.engine.decode", &[&self.decode_plans[&b]])?;
         }
+        let submitted = Instant::now();
         let tokens = self.token_slot.read::<u32>(self.ctx, b)?;
+        if !profiled {
+            let t = &mut self.decode_timing;
+            t.steps += 1;
+            t.host += submitted - start;
+            t.wait += submitted.elapsed();
+        }
         if self.capture_logits {
             let v = self.cfg.vocab_size;
             let all = read_rows(self.ctx, &self.acts.logits, b * v)?;
