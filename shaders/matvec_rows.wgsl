@@ -17,7 +17,10 @@
 
 override WG: u32 = 256u;
 const ROWS: u32 = 4u;
-const NV: u32 = 8u;          // vectors one subgroup serves per pass
+// Vectors one subgroup serves per pass (a pipeline constant, 1..=MAX_NV:
+// the host picks the power of two that covers small batches).
+override NV: u32 = 8u;
+const MAX_NV: u32 = 8u;
 const FLAG_BIAS: u32 = 1u;
 const FLAG_ACCUMULATE: u32 = 2u;
 
@@ -72,6 +75,14 @@ fn store(r0: u32, v: u32, sums: vec4<f32>, lane: u32) {
     }
 }
 
+// First element of vector v0 + j, or of the block's last vector for j past
+// nv: every loop over the block runs NV (a constant) times, so the compiler can unroll it
+// and keep acc in registers (a loop bounded by nv indexes acc dynamically,
+// which spills it to memory on GPUs); the extra sums are never stored.
+fn x_row(v0: u32, j: u32, nv: u32) -> u32 {
+    return (v0 + min(j, nv - 1u)) * p.x_stride;
+}
+
 // Each subgroup serves NV vectors at once (v0 = wg.z * NV ..): every weight
 // word is read once for all of them.
 @compute @workgroup_size(WG)
@@ -81,7 +92,7 @@ fn matvec_rows_f32(sg: Sg, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wo
     let stride = nwg.x * nwg.y * sg.count;
     for (var first = (wg.x + wg.y * nwg.x) * sg.count; first < p.row_blocks; first = first + stride) {
         let block = first + sg.id;
-        var acc: array<vec4<f32>, NV>;
+        var acc: array<vec4<f32>, MAX_NV>;
         for (var j = 0u; j < NV; j = j + 1u) {
             acc[j] = vec4<f32>(0.0);
         }
@@ -94,8 +105,8 @@ fn matvec_rows_f32(sg: Sg, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wo
                     bitcast<f32>(w[rb.z + k]),
                     bitcast<f32>(w[rb.w + k]),
                 );
-                for (var j = 0u; j < nv; j = j + 1u) {
-                    acc[j] = acc[j] + wk * x[(v0 + j) * p.x_stride + k];
+                for (var j = 0u; j < NV; j = j + 1u) {
+                    acc[j] = acc[j] + wk * x[x_row(v0, j, nv) + k];
                 }
             }
         }
@@ -115,7 +126,7 @@ fn matvec_rows_f16(sg: Sg, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wo
     let stride = nwg.x * nwg.y * sg.count;
     for (var first = (wg.x + wg.y * nwg.x) * sg.count; first < p.row_blocks; first = first + stride) {
         let block = first + sg.id;
-        var acc: array<vec4<f32>, NV>;
+        var acc: array<vec4<f32>, MAX_NV>;
         for (var j = 0u; j < NV; j = j + 1u) {
             acc[j] = vec4<f32>(0.0);
         }
@@ -130,8 +141,8 @@ fn matvec_rows_f16(sg: Sg, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wo
                 let lo = vec4<f32>(a.x, b.x, c.x, d.x);
                 let hi = vec4<f32>(a.y, b.y, c.y, d.y);
                 let has_hi = k + 1u < p.cols;
-                for (var j = 0u; j < nv; j = j + 1u) {
-                    let xb = (v0 + j) * p.x_stride + k;
+                for (var j = 0u; j < NV; j = j + 1u) {
+                    let xb = x_row(v0, j, nv) + k;
                     var add = lo * x[xb];
                     if has_hi {
                         add = add + hi * x[xb + 1u];

@@ -162,7 +162,8 @@ pub fn linear(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
     }
 }
 
-/// Vectors of rows `matvec_rows` serves in one pass (`NV` in matvec_rows.wgsl).
+/// Most vectors `matvec_rows` serves in one pass (`MAX_NV` in matvec_rows.wgsl;
+/// its `NV` is the power of two covering the batch, up to this).
 const MATVEC_ROWS_VECS: usize = 8;
 
 fn has_matvec_rows(ctx: &GpuContext) -> bool {
@@ -355,8 +356,13 @@ fn matvec_impl(
         "matvec"
     };
     let [wg] = super::wg_constants();
+    // matvec_rows: vectors per pass, the power of two covering n_vecs (<= 8).
+    let rows_nv = args.n_vecs.next_power_of_two().min(MATVEC_ROWS_VECS);
     let pipeline = if vec4_kernel {
         let constants = [wg, ("PROLOGUE", prologue_id as f64)];
+        ctx.pipeline(kernel, &entry(kind, w.dtype), &constants)?
+    } else if rows_kernel {
+        let constants = [wg, ("NV", rows_nv as f64)];
         ctx.pipeline(kernel, &entry(kind, w.dtype), &constants)?
     } else {
         ctx.pipeline(kernel, &entry(kind, w.dtype), &[wg])?
@@ -393,7 +399,7 @@ fn matvec_impl(
             };
             let [gx, gy, _] = ctx.grid(workgroups);
             let z = if rows_kernel {
-                n_vecs.div_ceil(MATVEC_ROWS_VECS as u32)
+                n_vecs.div_ceil(rows_nv as u32)
             } else {
                 n_vecs
             };
@@ -602,7 +608,10 @@ mod tests {
             (1000, 33, 1),
             (130, 200, 65),
             (77, 64, 129),
-            // matvec_rows' blocks of 8 vectors: a partial second block, two full.
+            // matvec_rows' blocks of NV vectors (the power of two covering
+            // the batch, at most 8): 3 -> 4 (partial), 6 -> 8 (partial), a
+            // partial second block of 8, two full.
+            (40, 72, 6),
             (50, 96, 9),
             (33, 65, 16),
             // matvec_vec4 (one vector, cols % 4 f32 / % 8 f16): one row, a
