@@ -182,14 +182,14 @@ pub fn matvec_max_vecs(ctx: &GpuContext) -> usize {
     }
 }
 
-/// Whether `matvec_vec4` serves this projection: one vector, rows that fill
-/// whole vec4s (4 f32 or 8 f16 weights).
+/// Whether `matvec_vec4` serves this projection: rows that fill whole vec4s
+/// (4 f32 or 8 f16 weights).
 fn fits_vec4(args: &Linear) -> bool {
     let per_quad = match args.weights.dtype {
         WeightDtype::F32 => 4,
         WeightDtype::F16 => 8,
     };
-    args.n_vecs == 1 && args.weights.cols.is_multiple_of(per_quad)
+    args.weights.cols.is_multiple_of(per_quad)
 }
 
 /// The RMSNorm before a projection (Llama's input, post-attention and final
@@ -205,12 +205,12 @@ pub struct PreNorm<'a> {
 /// Whether [`norm_linear`] and [`swiglu_linear`] can fuse their prologue
 /// into the projection on this device (and do).
 pub fn fuses_prologue(ctx: &GpuContext, args: &Linear) -> bool {
-    has_matvec_rows(ctx) && fits_vec4(args)
+    has_matvec_rows(ctx) && fits_vec4(args) && args.n_vecs <= matvec_max_vecs(ctx)
 }
 
 /// `y (+)= W rmsnorm(x) (+ bias)` for the rows of `args.x`: one
 /// `matvec_vec4` dispatch per row part that norms on the fly where it serves
-/// (one vector, subgroups, rows of whole vec4s), else `rmsnorm` into
+/// (decode-sized batches, subgroups, rows of whole vec4s), else `rmsnorm` into
 /// `norm.scratch` and [`linear`] from there.
 pub fn norm_linear(ctx: &GpuContext, norm: &PreNorm, args: &Linear) -> Result<Vec<Dispatch>> {
     norm_linear_with(ctx, norm, args, fuses_prologue(ctx, args))
@@ -255,8 +255,8 @@ pub fn norm_linear_with(
 }
 
 /// The decode projection: where the device has subgroups that fit a
-/// workgroup, a subgroup per 4 rows (16-byte loads for one vector whose rows
-/// fill vec4s), else the workgroup-reduction kernel.
+/// workgroup, a subgroup per 4 rows (16-byte loads where rows fill vec4s),
+/// else the workgroup-reduction kernel.
 pub fn matvec(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
     if has_matvec_rows(ctx) && fits_vec4(args) {
         matvec_with(ctx, &MATVEC_VEC4, args)
@@ -333,7 +333,7 @@ fn matvec_impl(
     let vec4_kernel = std::ptr::eq(kernel, &MATVEC_VEC4);
     assert!(
         !vec4_kernel || fits_vec4(args),
-        "matvec_vec4 {}: needs one vector and rows of whole vec4s",
+        "matvec_vec4 {}: needs rows of whole vec4s",
         w.label
     );
     let (prologue_id, norm_w, eps) = match prologue {
@@ -356,10 +356,11 @@ fn matvec_impl(
         "matvec"
     };
     let [wg] = super::wg_constants();
-    // matvec_rows: vectors per pass, the power of two covering n_vecs (<= 8).
+    // Both subgroup kernels: vectors per pass, the power of two covering
+    // n_vecs (<= 8).
     let rows_nv = args.n_vecs.next_power_of_two().min(MATVEC_ROWS_VECS);
     let pipeline = if vec4_kernel {
-        let constants = [wg, ("PROLOGUE", prologue_id as f64)];
+        let constants = [wg, ("NV", rows_nv as f64), ("PROLOGUE", prologue_id as f64)];
         ctx.pipeline(kernel, &entry(kind, w.dtype), &constants)?
     } else if rows_kernel {
         let constants = [wg, ("NV", rows_nv as f64)];
@@ -381,7 +382,11 @@ fn matvec_impl(
                 cols: u32_of("cols", w.cols),
                 row_words: u32_of("row words", w.row_words),
                 n_vecs,
-                x_stride: u32_of("x stride", w.cols),
+                // SwiGLU reads gate/up rows of 2 x cols.
+                x_stride: u32_of(
+                    "x stride",
+                    if prologue_id == 2 { 2 * w.cols } else { w.cols },
+                ),
                 y_stride: u32_of("y stride", w.rows),
                 y_offset: u32_of("y offset", part.first_row),
                 flags: args.flags(),
@@ -532,7 +537,7 @@ mod tests {
     /// Adds `matvec_vec4` where it applies to this case.
     fn variants_for(ctx: &GpuContext, args: &Linear) -> Vec<(String, Which)> {
         let mut v = variants(ctx, args.n_vecs);
-        if ctx.caps.features.subgroups && fits_vec4(args) {
+        if ctx.caps.features.subgroups && fits_vec4(args) && args.n_vecs <= 64 {
             v.push(("matvec_vec4".into(), Which::Matvec(&MATVEC_VEC4)));
         }
         v
@@ -614,14 +619,18 @@ mod tests {
             (40, 72, 6),
             (50, 96, 9),
             (33, 65, 16),
-            // matvec_vec4 (one vector, cols % 4 f32 / % 8 f16): one row, a
-            // row shorter than a subgroup's stride, rows not a multiple of
-            // the block, many workgroups and grid-stride passes.
+            // matvec_vec4 (cols % 4 f32 / % 8 f16): one row, a row shorter
+            // than a subgroup's stride, rows not a multiple of the block, many
+            // workgroups and grid-stride passes; batches of 2, 5 (NV 8,
+            // partial) and 12 (a full and a partial block).
             (1, 8, 1),
             (7, 12, 1),
             (77, 128, 1),
             (3001, 64, 1),
             (1029, 520, 1),
+            (31, 24, 2),
+            (300, 64, 5),
+            (65, 128, 12),
         ];
         for (i, &(rows, cols, n)) in cases.iter().enumerate() {
             for dtype in [WeightDtype::F32, WeightDtype::F16] {
@@ -644,14 +653,16 @@ mod tests {
     #[test]
     fn norm_linear_matches_rmsnorm_then_linear() {
         let Some(ctx) = gpu() else { return };
-        // (rows, cols, vectors): fused where one vector fills vec4s
-        // (cols % 8 for f16); 12 columns fuse for f32 only; 3 vectors never.
+        // (rows, cols, vectors): fused where rows fill vec4s (cols % 8 for
+        // f16; 12 columns fuse for f32 only), one vector or a batch.
         let cases = [
             (1, 8, 1),
             (77, 64, 1),
             (3001, 128, 1),
             (20, 12, 1),
             (33, 64, 3),
+            (9, 16, 16),
+            (40, 20, 5),
         ];
         for (i, &(rows, cols, n)) in cases.iter().enumerate() {
             for dtype in [WeightDtype::F32, WeightDtype::F16] {
@@ -694,11 +705,7 @@ mod tests {
                 let can_fuse = fuses_prologue(ctx, &args);
                 let per_quad = if dtype == WeightDtype::F32 { 4 } else { 8 };
                 if ctx.caps.features.subgroups && ctx.caps.subgroup_max_size <= super::super::WG {
-                    assert_eq!(
-                        can_fuse,
-                        n == 1 && cols % per_quad == 0,
-                        "case {i} {dtype:?}"
-                    );
+                    assert_eq!(can_fuse, cols % per_quad == 0, "case {i} {dtype:?}");
                 }
                 for fused in [false, true] {
                     if fused && !can_fuse {
@@ -732,6 +739,8 @@ mod tests {
             (1500, 512, 1),
             (9, 12, 1),
             (17, 64, 2),
+            (30, 40, 7),
+            (5, 8, 16),
         ];
         for (i, &(rows, cols, n)) in cases.iter().enumerate() {
             for dtype in [WeightDtype::F32, WeightDtype::F16] {
