@@ -14,9 +14,9 @@
 //   out = sum_j acc_j exp(m_j - M) / sum_j l_j exp(m_j - M),  M = max_j m_j.
 //
 // attend_prefill: one workgroup per (tile of BQ query tokens of one sequence,
-// query head, split of pages); walks its pages for that head with the same
-// masked online softmax per query row (causal by the stored positions), and
-// writes the output rows directly (one split) or partials for merge_splits.
+// query head, split of pages); walks its pages for that head, up to its last
+// query's slot, with the same masked online softmax per query row (causal by
+// the stored positions), and writes the output rows directly (one split) or partials for merge_splits.
 // Splits bound the work of one invocation: llvmpipe stops any invocation's
 // loops after 65535 iterations in all, which a long prompt would pass.
 //
@@ -315,7 +315,11 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
         bounds = vec3<u32>(desc[d], desc[d + 1u], 0u);
     }
     let bd = workgroupUniformLoad(&bounds);
-    let n_pages = (bd.y + p.page_size - 1u) / p.page_size;
+    // The n_rows query tokens fill the last n_rows slots in order, so slots
+    // past this tile's last query are in its future: stop there (causal
+    // skip; the masks below still decide visibility slot by slot).
+    let len = bd.y - p.n_rows + t0 + nq;
+    let n_pages = (len + p.page_size - 1u) / p.page_size;
     let p0 = j * p.split_pages;
     let p1 = min(p0 + p.split_pages, n_pages);
     let rp = nq * p.page_size;
@@ -332,7 +336,7 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
             let i = idx % p.page_size;
             let r = idx / p.page_size;
             var score = NEG;
-            if pg * p.page_size + i < bd.y && visible(pool[pos_base + i], positions[t0 + r]) {
+            if pg * p.page_size + i < len && visible(pool[pos_base + i], positions[t0 + r]) {
                 score = k_dot(base + i * p.dw, r * dim) * p.scale;
             }
             sc_sh[idx] = score;

@@ -688,6 +688,14 @@ fn bench_prints_pp_tg_roofline_profile_and_throughput() {
     assert_eq!(j["decode_steps"], 14, "{j}");
     assert!(j["decode_host_ms"].as_f64().unwrap() > 0.0);
     assert!(j["decode_wait_ms"].as_f64().unwrap() > 0.0);
+    // --profile also times the prefill's kernels.
+    let prefill = j["prefill_profile"].as_array().unwrap();
+    assert!(
+        prefill
+            .iter()
+            .any(|k| k["kernel"].as_str().unwrap().contains("paged_attention.prefill")),
+        "{prefill:?}"
+    );
     let profile = j["profile"].as_array().unwrap();
     assert!(
         profile

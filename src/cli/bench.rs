@@ -188,6 +188,7 @@ fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
     let params = param_count(&cfg);
     let backend = format!("wgpu {:?}", ctx.adapter_summary.backend).to_lowercase();
     let mut rows = vec![];
+    let mut prefill_profile = None;
 
     if a.n_prompt > 0 {
         let mut rates = vec![];
@@ -200,6 +201,13 @@ fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
             }
         }
         rows.push((format!("pp{}", a.n_prompt), rates, None));
+        if a.profile {
+            // One more run, untimed: profile the prefill's kernels.
+            engine.profile_next_prefill();
+            engine.add_request(request(tokens(0, a.n_prompt, cfg.vocab_size), 1))?;
+            drain(&mut engine)?;
+            prefill_profile = engine.take_profile();
+        }
     }
     let mut profile = None;
     let mut timing = None;
@@ -273,12 +281,18 @@ fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
             j["decode_host_ms"] = json!(per_step_ms(t.host, t.steps));
             j["decode_wait_ms"] = json!(per_step_ms(t.wait, t.steps));
         }
-        if let Some(p) = &profile {
-            j["profile"] = json!(
+        let kernels = |p: &[(String, f64)]| {
+            json!(
                 p.iter()
                     .map(|(l, ns)| json!({"kernel": l, "ns": ns}))
                     .collect::<Vec<_>>()
-            );
+            )
+        };
+        if let Some(p) = &profile {
+            j["profile"] = kernels(p);
+        }
+        if let Some(p) = &prefill_profile {
+            j["prefill_profile"] = kernels(p);
         }
         writeln!(stdout, "{}", serde_json::to_string_pretty(&j)?)?;
         return Ok(());
@@ -326,8 +340,17 @@ fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
             t.steps
         )?;
     }
+    if let Some(p) = prefill_profile {
+        let what = format!("pp{} profile", a.n_prompt);
+        print_profile(&mut stdout, &what, &p, ctx.caps.features.timestamps)?;
+    }
     if let Some(p) = profile {
-        print_profile(&mut stdout, &p, ctx.caps.features.timestamps)?;
+        print_profile(
+            &mut stdout,
+            "decode step profile",
+            &p,
+            ctx.caps.features.timestamps,
+        )?;
     }
     Ok(())
 }
@@ -339,6 +362,7 @@ fn per_step_ms(d: std::time::Duration, steps: u64) -> f64 {
 /// Kernels of one decode step by total time, merged by label.
 fn print_profile(
     out: &mut impl Write,
+    what: &str,
     p: &[(String, f64)],
     timestamps: bool,
 ) -> anyhow::Result<()> {
@@ -356,7 +380,7 @@ fn print_profile(
     by.sort_by(|a, b| b.1.total_cmp(&a.1));
     writeln!(
         out,
-        "\ndecode step profile ({}): {:.3} ms in {} dispatches",
+        "\n{what} ({}): {:.3} ms in {} dispatches",
         if timestamps {
             "GPU timestamps"
         } else {

@@ -187,6 +187,7 @@ pub struct Engine<'c> {
     compressor: Option<Compressor>,
     final_slots: HashMap<RequestId, Vec<usize>>,
     profile_next: bool,
+    profile_prefill: bool,
     last_profile: Option<Vec<(String, f64)>>,
     decode_timing: DecodeTiming,
 }
@@ -299,6 +300,7 @@ impl<'c> Engine<'c> {
             compressor,
             final_slots: HashMap::new(),
             profile_next: false,
+            profile_prefill: false,
             last_profile: None,
             decode_timing: DecodeTiming::default(),
             cfg,
@@ -320,6 +322,12 @@ impl<'c> Engine<'c> {
     /// [`Engine::take_profile`].
     pub fn profile_next_decode(&mut self) {
         self.profile_next = true;
+    }
+
+    /// Times each kernel of the next prefill (all its chunks, in order);
+    /// read it with [`Engine::take_profile`].
+    pub fn profile_next_prefill(&mut self) {
+        self.profile_prefill = true;
     }
 
     /// The per-kernel times (label, nanoseconds, in step order) of the last
@@ -494,6 +502,8 @@ impl<'c> Engine<'c> {
 
     /// Runs a sequence's prefill (all its tokens, in chunks) and samples the next token.
     fn prefill(&mut self, s: &mut Sequence) -> Result<u32> {
+        let profiled = std::mem::take(&mut self.profile_prefill);
+        let mut profile = vec![];
         let chunk = self.config.prefill_chunk;
         let total = s.tokens.len();
         let mut token = 0;
@@ -525,10 +535,20 @@ impl<'c> Engine<'c> {
                 self.sampler
                     .set_rows(self.ctx, [(s.req.sampling, s.lane, u)]);
             }
-            self.ctx.run_ops("kvsift.engine.prefill", &[&body, &head])?;
+            if profiled {
+                profile.extend(
+                    self.ctx
+                        .profile_ops("kvsift.engine.prefill", &[&body, &head])?,
+                );
+            } else {
+                self.ctx.run_ops("kvsift.engine.prefill", &[&body, &head])?;
+            }
             if last {
                 token = self.token_slot.read::<u32>(self.ctx, 1)?[0];
             }
+        }
+        if profiled {
+            self.last_profile = Some(profile);
         }
         if self
             .compressor
