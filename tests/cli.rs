@@ -691,9 +691,10 @@ fn bench_prints_pp_tg_roofline_profile_and_throughput() {
     // --profile also times the prefill's kernels.
     let prefill = j["prefill_profile"].as_array().unwrap();
     assert!(
-        prefill
-            .iter()
-            .any(|k| k["kernel"].as_str().unwrap().contains("paged_attention.prefill")),
+        prefill.iter().any(|k| k["kernel"]
+            .as_str()
+            .unwrap()
+            .contains("paged_attention.prefill")),
         "{prefill:?}"
     );
     let profile = j["profile"].as_array().unwrap();
