@@ -4,9 +4,9 @@
 //
 // Dispatch: (ceil(n / 64), ceil(m / 64), 1) workgroups of 16 x 16. Each
 // workgroup computes a 64 x 64 tile of C: it stages 64 x 16 slices of A and W
-// in workgroup memory (k-major, so the inner loop reads broadcast-friendly
-// rows), and each invocation keeps a 4 x 4 register block of C (rows
-// ty + 16 i, columns tx + 16 j).
+// in workgroup memory as vec4s of 4 adjacent rows (k-major), and each
+// invocation keeps a 4 x 4 register block of C (rows 4 ty .. + 3, columns
+// 4 tx .. + 3): per k step one vec4 of A and one of W feed 16 FMAs.
 //
 // Bindings (all entry points):
 //   0 params  uniform Params
@@ -39,30 +39,29 @@ struct Params {
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
 
-var<workgroup> tile_a: array<f32, 1024>; // [BK][BM]
-var<workgroup> tile_w: array<f32, 1024>; // [BK][BN]
+var<workgroup> tile_a: array<vec4<f32>, 256>; // [BK][BM / 4]: rows 4q..4q+3 at k
+var<workgroup> tile_w: array<vec4<f32>, 256>; // [BK][BN / 4]: W rows (C columns) 4q..4q+3 at k
 
+// One quad of A rows per invocation: rows m0 + 4q .. + 3 at column k0 + kk.
 fn load_tile_a(m0: u32, k0: u32, lid: u32) {
-    for (var i = 0u; i < BM * BK / THREADS; i = i + 1u) {
-        let idx = lid + i * THREADS;
-        let r = idx / BK;
-        let kk = idx % BK;
-        let gm = m0 + r;
-        let gk = k0 + kk;
-        var v = 0.0;
+    let q = lid / BK;
+    let kk = lid % BK;
+    let gk = k0 + kk;
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i = i + 1u) {
+        let gm = m0 + 4u * q + i;
         if gm < p.m && gk < p.k {
-            v = a[gm * p.a_stride + gk];
+            v[i] = a[gm * p.a_stride + gk];
         }
-        tile_a[kk * BM + r] = v;
     }
+    tile_a[kk * (BM / 4u) + q] = v;
 }
 
+// C rows ty*4 .. +3, columns tx*4 .. +3 of the tile: acc[i][j].
 fn multiply_tiles(tx: u32, ty: u32, acc: ptr<function, array<vec4<f32>, 4>>) {
     for (var kk = 0u; kk < BK; kk = kk + 1u) {
-        let ao = kk * BM + ty;
-        let wo = kk * BN + tx;
-        let av = vec4<f32>(tile_a[ao], tile_a[ao + 16u], tile_a[ao + 32u], tile_a[ao + 48u]);
-        let wv = vec4<f32>(tile_w[wo], tile_w[wo + 16u], tile_w[wo + 32u], tile_w[wo + 48u]);
+        let av = tile_a[kk * (BM / 4u) + ty];
+        let wv = tile_w[kk * (BN / 4u) + tx];
         (*acc)[0] = (*acc)[0] + av.x * wv;
         (*acc)[1] = (*acc)[1] + av.y * wv;
         (*acc)[2] = (*acc)[2] + av.z * wv;
@@ -72,9 +71,9 @@ fn multiply_tiles(tx: u32, ty: u32, acc: ptr<function, array<vec4<f32>, 4>>) {
 
 fn store_tile(m0: u32, n0: u32, tx: u32, ty: u32, acc: array<vec4<f32>, 4>) {
     for (var i = 0u; i < 4u; i = i + 1u) {
-        let gm = m0 + ty + 16u * i;
+        let gm = m0 + 4u * ty + i;
         for (var j = 0u; j < 4u; j = j + 1u) {
-            let gn = n0 + tx + 16u * j;
+            let gn = n0 + 4u * tx + j;
             if gm < p.m && gn < p.n {
                 let col = p.c_offset + gn;
                 var value = acc[i][j];
@@ -102,18 +101,18 @@ fn matmul_f32(
     var acc: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < p.k; k0 = k0 + BK) {
         load_tile_a(m0, k0, lid);
-        for (var i = 0u; i < BN * BK / THREADS; i = i + 1u) {
-            let idx = lid + i * THREADS;
-            let r = idx / BK;
-            let kk = idx % BK;
-            let gn = n0 + r;
-            let gk = k0 + kk;
-            var v = 0.0;
+        // One quad of W rows per invocation at column k0 + kk.
+        let q = lid / BK;
+        let kk = lid % BK;
+        let gk = k0 + kk;
+        var v = vec4<f32>(0.0);
+        for (var i = 0u; i < 4u; i = i + 1u) {
+            let gn = n0 + 4u * q + i;
             if gn < p.n && gk < p.k {
-                v = bitcast<f32>(w[gn * p.row_words + gk]);
+                v[i] = bitcast<f32>(w[gn * p.row_words + gk]);
             }
-            tile_w[kk * BN + r] = v;
         }
+        tile_w[kk * (BN / 4u) + q] = v;
         workgroupBarrier();
         multiply_tiles(lid3.x, lid3.y, &acc);
         workgroupBarrier();
@@ -132,19 +131,24 @@ fn matmul_f16(
     var acc: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < p.k; k0 = k0 + BK) {
         load_tile_a(m0, k0, lid);
-        // 64 rows x 8 words (16 halves) of W.
-        for (var i = 0u; i < BN * (BK / 2u) / THREADS; i = i + 1u) {
-            let idx = lid + i * THREADS;
-            let r = idx / (BK / 2u);
-            let kw = idx % (BK / 2u);
-            let gn = n0 + r;
+        // 16 quads of W rows x 8 words (16 halves): half the invocations
+        // each read one word of 4 rows and write two k columns.
+        if lid < (BN / 4u) * (BK / 2u) {
+            let q = lid / (BK / 2u);
+            let kw = lid % (BK / 2u);
             let word = k0 / 2u + kw;
-            var v = vec2<f32>(0.0);
-            if gn < p.n && word < p.row_words {
-                v = unpack2x16float(w[gn * p.row_words + word]);
+            var lo = vec4<f32>(0.0);
+            var hi = vec4<f32>(0.0);
+            for (var i = 0u; i < 4u; i = i + 1u) {
+                let gn = n0 + 4u * q + i;
+                if gn < p.n && word < p.row_words {
+                    let h = unpack2x16float(w[gn * p.row_words + word]);
+                    lo[i] = h.x;
+                    hi[i] = h.y;
+                }
             }
-            tile_w[(2u * kw) * BN + r] = v.x;
-            tile_w[(2u * kw + 1u) * BN + r] = v.y;
+            tile_w[(2u * kw) * (BN / 4u) + q] = lo;
+            tile_w[(2u * kw + 1u) * (BN / 4u) + q] = hi;
         }
         workgroupBarrier();
         multiply_tiles(lid3.x, lid3.y, &acc);
