@@ -475,7 +475,10 @@ pub fn window_scores(
 
 /// R-KV: redundancy of every slot and the final score
 /// `lambda * importance - (1 - lambda) * redundancy` in `bufs.scores`
-/// (which holds the pooled importance).
+/// (which holds the pooled importance). `rows`: the longest head's length
+/// (at most `bufs.t_max`): the row pass launches a workgroup per slot up to
+/// it, not per slot of the scratch's capacity.
+#[allow(clippy::too_many_arguments)]
 pub fn rkv_redundancy(
     ctx: &GpuContext,
     kv: &LayerKv,
@@ -484,7 +487,13 @@ pub fn rkv_redundancy(
     threshold: f32,
     eps: f32,
     bufs: &CompressBuffers,
+    rows: usize,
 ) -> Result<Vec<Dispatch>> {
+    assert!(
+        rows <= bufs.t_max,
+        "rkv_redundancy: {rows} rows, scratch for {}",
+        bufs.t_max
+    );
     let p = CompressParams {
         t_stride: u32_of("t stride", bufs.t_max),
         window: u32_of("window", window),
@@ -529,7 +538,7 @@ pub fn rkv_redundancy(
                 ],
             ),
             {
-                let [x, y, _] = ctx.grid(u32_of("rows", bufs.t_max));
+                let [x, y, _] = ctx.grid(u32_of("rows", rows.max(1)));
                 [x, y, u32_of("heads", kv.n_heads)]
             },
         )?,
@@ -843,7 +852,7 @@ mod tests {
                 let mut ds = window_scores(ctx, &job.kv, q, &spec, &sp.bufs).unwrap();
                 if spec.rkv {
                     ds.extend(
-                        rkv_redundancy(ctx, &job.kv, w, LAMBDA, 0.5, 1e-8, &sp.bufs).unwrap(),
+                        rkv_redundancy(ctx, &job.kv, w, LAMBDA, 0.5, 1e-8, &sp.bufs, t).unwrap(),
                     );
                 }
                 ctx.run("test.scores", &ds.iter().collect::<Vec<_>>())

@@ -174,6 +174,7 @@ pub fn select_layer(
             cfg.sim_threshold,
             cfg.eps,
             bufs,
+            t_max,
         )?);
     }
     let kvec = match cfg.method {
