@@ -35,6 +35,39 @@ fn is_cpu(ctx: &GpuContext) -> bool {
     ctx.adapter_summary.device_type == wgpu::DeviceType::Cpu
 }
 
+/// One vector against a `rows x cols` matrix of random weights.
+struct MatvecCase {
+    w: GpuMatrix,
+    x: GpuBuffer<f32>,
+    y: GpuBuffer<f32>,
+}
+
+impl MatvecCase {
+    fn new(ctx: &GpuContext, rng: &mut Rng, rows: usize, cols: usize, dtype: WeightDtype) -> Self {
+        Self {
+            w: GpuMatrix::upload(ctx, "w", rows, cols, dtype, &rng.normals(rows * cols)).unwrap(),
+            x: GpuBuffer::from_slice(ctx, "x", &rng.normals(cols)).unwrap(),
+            y: GpuBuffer::<f32>::zeros(ctx, "y", rows).unwrap(),
+        }
+    }
+
+    fn args(&self) -> Linear<'_> {
+        Linear {
+            weights: &self.w,
+            bias: None,
+            x: &self.x,
+            y: &self.y,
+            n_vecs: 1,
+            accumulate: false,
+        }
+    }
+
+    /// Bytes one product streams: the weights, x and y.
+    fn bytes(&self) -> u64 {
+        self.w.size_bytes() + ((self.w.cols + self.w.rows) * 4) as u64
+    }
+}
+
 fn bench_matvec(c: &mut Criterion) {
     let Some(ctx) = gpu() else { return };
     let sizes: &[(usize, usize)] = if is_cpu(ctx) {
@@ -46,22 +79,9 @@ fn bench_matvec(c: &mut Criterion) {
     g.sample_size(10).warm_up_time(Duration::from_millis(500));
     for &(rows, cols) in sizes {
         for dtype in [WeightDtype::F32, WeightDtype::F16] {
-            let mut rng = Rng::new(1);
-            let w =
-                GpuMatrix::upload(ctx, "w", rows, cols, dtype, &rng.normals(rows * cols)).unwrap();
-            let x = GpuBuffer::from_slice(ctx, "x", &rng.normals(cols)).unwrap();
-            let y = GpuBuffer::<f32>::zeros(ctx, "y", rows).unwrap();
-            let args = Linear {
-                weights: &w,
-                bias: None,
-                x: &x,
-                y: &y,
-                n_vecs: 1,
-                accumulate: false,
-            };
-            let ds = matvec(ctx, &args).unwrap();
-            let bytes = w.size_bytes() + (cols * 4 + rows * 4) as u64;
-            g.throughput(Throughput::BytesDecimal(bytes * REPS as u64));
+            let case = MatvecCase::new(ctx, &mut Rng::new(1), rows, cols, dtype);
+            let ds = matvec(ctx, &case.args()).unwrap();
+            g.throughput(Throughput::BytesDecimal(case.bytes() * REPS as u64));
             g.bench_function(format!("{dtype:?} {rows}x{cols}"), |b| {
                 b.iter_custom(|iters| time_reps(ctx, &ds, iters))
             });
@@ -85,20 +105,10 @@ fn bench_norm_matvec(c: &mut Criterion) {
     for &(rows, cols) in sizes {
         for dtype in [WeightDtype::F32, WeightDtype::F16] {
             let mut rng = Rng::new(4);
-            let w =
-                GpuMatrix::upload(ctx, "w", rows, cols, dtype, &rng.normals(rows * cols)).unwrap();
-            let x = GpuBuffer::from_slice(ctx, "x", &rng.normals(cols)).unwrap();
+            let case = MatvecCase::new(ctx, &mut rng, rows, cols, dtype);
+            let args = case.args();
             let gain = GpuBuffer::from_slice(ctx, "g", &rng.normals(cols)).unwrap();
             let scratch = GpuBuffer::<f32>::zeros(ctx, "normed", cols).unwrap();
-            let y = GpuBuffer::<f32>::zeros(ctx, "y", rows).unwrap();
-            let args = Linear {
-                weights: &w,
-                bias: None,
-                x: &x,
-                y: &y,
-                n_vecs: 1,
-                accumulate: false,
-            };
             let norm = PreNorm {
                 weight: &gain,
                 eps: 1e-5,
@@ -107,8 +117,7 @@ fn bench_norm_matvec(c: &mut Criterion) {
             if !fuses_prologue(ctx, &args) {
                 continue;
             }
-            let bytes = w.size_bytes() + (cols * 4 + rows * 4) as u64;
-            g.throughput(Throughput::BytesDecimal(bytes * REPS as u64));
+            g.throughput(Throughput::BytesDecimal(case.bytes() * REPS as u64));
             for fused in [false, true] {
                 let ds = norm_linear_with(ctx, &norm, &args, fused).unwrap();
                 let how = if fused { "fused" } else { "rmsnorm+matvec" };

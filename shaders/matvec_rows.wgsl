@@ -8,79 +8,21 @@
 //
 // Dispatch: grid over workgroups (folded into x/y), z = block of NV vectors.
 //
-// Bindings: as matvec.wgsl:
+// Bindings: as matvec.wgsl (0, 3, 4 declared in matvec_blocks.wgsl):
 //   0 params  uniform Params
 //   1 w       storage read  [rows, row_words] u32: f32 bits, or two f16 per word
 //   2 x       storage read  [n_vecs, x_stride] f32
 //   3 bias    storage read  [y_offset + rows] f32 (unused unless flags & 1)
 //   4 y       storage rw    [n_vecs, y_stride] f32
 
-override WG: u32 = 256u;
-const ROWS: u32 = 4u;
-// Vectors one subgroup serves per pass (a pipeline constant, 1..=MAX_NV:
-// the host picks the power of two that covers small batches).
-override NV: u32 = 8u;
-const MAX_NV: u32 = 8u;
-const FLAG_BIAS: u32 = 1u;
-const FLAG_ACCUMULATE: u32 = 2u;
+// Params, bias, y, Sg, row_starts, vec_of and store: matvec_blocks.wgsl.
 
-struct Params {
-    rows: u32,
-    cols: u32,
-    row_words: u32,
-    n_vecs: u32,
-    x_stride: u32,
-    y_stride: u32,
-    y_offset: u32,
-    flags: u32,
-    row_blocks: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
-struct Sg {
-    @builtin(subgroup_invocation_id) lane: u32,
-    @builtin(subgroup_size) size: u32,
-    @builtin(subgroup_id) id: u32,
-    @builtin(num_subgroups) count: u32,
-}
-
-fn row_bases(r0: u32) -> vec4<u32> {
-    let last = p.rows - 1u;
-    return vec4<u32>(
-        min(r0, last) * p.row_words,
-        min(r0 + 1u, last) * p.row_words,
-        min(r0 + 2u, last) * p.row_words,
-        min(r0 + 3u, last) * p.row_words,
-    );
-}
-
-fn store(r0: u32, v: u32, sums: vec4<f32>, lane: u32) {
-    let r = r0 + lane;
-    if lane < ROWS && r < p.rows {
-        let out_row = p.y_offset + r;
-        var value = sums[lane];
-        if (p.flags & FLAG_BIAS) != 0u {
-            value = value + bias[out_row];
-        }
-        let i = v * p.y_stride + out_row;
-        if (p.flags & FLAG_ACCUMULATE) != 0u {
-            value = y[i] + value;
-        }
-        y[i] = value;
-    }
-}
-
-// First element of vector v0 + j, or of the block's last vector for j past
-// nv: every loop over the block runs NV (a constant) times, so the compiler can unroll it
-// and keep acc in registers (a loop bounded by nv indexes acc dynamically,
-// which spills it to memory on GPUs); the extra sums are never stored.
+// First element of vector j of the block (see vec_of).
 fn x_row(v0: u32, j: u32, nv: u32) -> u32 {
-    return (v0 + min(j, nv - 1u)) * p.x_stride;
+    return vec_of(v0, j, nv) * p.x_stride;
 }
 
 // Each subgroup serves NV vectors at once (v0 = wg.z * NV ..): every weight
@@ -97,7 +39,7 @@ fn matvec_rows_f32(sg: Sg, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wo
             acc[j] = vec4<f32>(0.0);
         }
         if block < p.row_blocks {
-            let rb = row_bases(block * ROWS);
+            let rb = row_starts(block * ROWS, p.row_words);
             for (var k = sg.lane; k < p.cols; k = k + sg.size) {
                 let wk = vec4<f32>(
                     bitcast<f32>(w[rb.x + k]),
@@ -131,7 +73,7 @@ fn matvec_rows_f16(sg: Sg, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wo
             acc[j] = vec4<f32>(0.0);
         }
         if block < p.row_blocks {
-            let rb = row_bases(block * ROWS);
+            let rb = row_starts(block * ROWS, p.row_words);
             for (var i = sg.lane; i < p.row_words; i = i + sg.size) {
                 let k = 2u * i;
                 let a = unpack2x16float(w[rb.x + i]);

@@ -23,7 +23,7 @@
 //
 // Dispatch: grid over workgroups (folded into x/y), z = block of NV vectors.
 //
-// Bindings: as matvec.wgsl, with vec4 views:
+// Bindings: as matvec.wgsl (0, 3, 4 declared in matvec_blocks.wgsl), with vec4 views:
 //   0 params  uniform Params
 //   1 w       storage read  [rows, row_words / 4] vec4<u32>: f32 bits, or two f16 per word
 //   2 x       storage read  [n_vecs, x_stride / 4] vec4<f32>
@@ -31,59 +31,20 @@
 //   4 y       storage rw    [n_vecs, y_stride] f32
 //   5 norm_w  storage read  [cols / 4] vec4<f32>: the RMSNorm weight g (read only when PROLOGUE = 1)
 
-override WG: u32 = 256u;
-override NV: u32 = 1u;
-const MAX_NV: u32 = 8u;
-const ROWS: u32 = 4u;
-const FLAG_BIAS: u32 = 1u;
-const FLAG_ACCUMULATE: u32 = 2u;
+// Params, bias, y, Sg, row_starts, vec_of and store: matvec_blocks.wgsl.
+
 // What the kernel does to x first: 0 nothing, 1 RMSNorm, 2 SwiGLU.
 override PROLOGUE: u32 = 0u;
 const NORM: u32 = 1u;
 const SWIGLU: u32 = 2u;
 
-struct Params {
-    rows: u32,
-    cols: u32,
-    row_words: u32,
-    n_vecs: u32,
-    x_stride: u32,
-    y_stride: u32,
-    y_offset: u32,
-    flags: u32,
-    row_blocks: u32,
-    eps: f32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
 @group(0) @binding(5) var<storage, read> norm_w: array<vec4<f32>>;
 
-struct Sg {
-    @builtin(subgroup_invocation_id) lane: u32,
-    @builtin(subgroup_size) size: u32,
-    @builtin(subgroup_id) id: u32,
-    @builtin(num_subgroups) count: u32,
-}
-
-// First vec4 of rows r0..r0+3 (rows past the end repeat the last row; their
-// sums are never stored).
-fn row_quads(r0: u32, quads: u32) -> vec4<u32> {
-    let last = p.rows - 1u;
-    return vec4<u32>(
-        min(r0, last) * quads,
-        min(r0 + 1u, last) * quads,
-        min(r0 + 2u, last) * quads,
-        min(r0 + 3u, last) * quads,
-    );
-}
-
-// First vec4 of vector v0 + j of x (past the batch: its last vector).
+// First vec4 of vector j of the block of x (see vec_of).
 fn x_base(v0: u32, j: u32, nv: u32) -> u32 {
-    return (v0 + min(j, nv - 1u)) * (p.x_stride / 4u);
+    return vec_of(v0, j, nv) * (p.x_stride / 4u);
 }
 
 // The row sums, scaled by the RMSNorm's rsqrt under PROLOGUE = NORM
@@ -122,22 +83,6 @@ fn gained(v: vec4<f32>, i: u32) -> vec4<f32> {
     return v;
 }
 
-fn store(r0: u32, v: u32, sums: vec4<f32>, lane: u32) {
-    let r = r0 + lane;
-    if lane < ROWS && r < p.rows {
-        let out_row = p.y_offset + r;
-        var value = sums[lane];
-        if (p.flags & FLAG_BIAS) != 0u {
-            value = value + bias[out_row];
-        }
-        let i = v * p.y_stride + out_row;
-        if (p.flags & FLAG_ACCUMULATE) != 0u {
-            value = y[i] + value;
-        }
-        y[i] = value;
-    }
-}
-
 // Dot products of one quad of 4 rows with x quad xv.
 fn dot4(w0: vec4<f32>, w1: vec4<f32>, w2: vec4<f32>, w3: vec4<f32>, xv: vec4<f32>) -> vec4<f32> {
     return vec4<f32>(dot(w0, xv), dot(w1, xv), dot(w2, xv), dot(w3, xv));
@@ -165,7 +110,7 @@ fn matvec_vec4_f32(sg: Sg, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wo
             ss[j] = 0.0;
         }
         if block < p.row_blocks {
-            let rb = row_quads(block * ROWS, quads);
+            let rb = row_starts(block * ROWS, quads);
             for (var i = sg.lane; i < quads; i = i + sg.size) {
                 let w0 = bitcast<vec4<f32>>(w[rb.x + i]);
                 let w1 = bitcast<vec4<f32>>(w[rb.y + i]);
@@ -202,7 +147,7 @@ fn matvec_vec4_f16(sg: Sg, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wo
             ss[j] = 0.0;
         }
         if block < p.row_blocks {
-            let rb = row_quads(block * ROWS, quads);
+            let rb = row_starts(block * ROWS, quads);
             for (var i = sg.lane; i < quads; i = i + sg.size) {
                 // 8 weights of each row: cols 8i .. 8i + 8 = x quads 2i, 2i + 1.
                 let a = unpack8(w[rb.x + i]);

@@ -323,6 +323,15 @@ pub struct Activations {
 }
 
 impl Activations {
+    /// Panics unless the lm_head's buffers hold `rows` rows.
+    fn check_head_rows(&self, rows: usize) {
+        assert!(
+            rows <= self.head_rows,
+            "lm_head: {rows} rows, room for {}",
+            self.head_rows
+        );
+    }
+
     /// Buffers for steps of up to `rows` tokens; the lm_head produces up to
     /// `want_head_rows` rows per pass (fewer if a binding cannot hold them).
     pub fn new(
@@ -498,11 +507,7 @@ pub fn push_norm_lm_head(
     a: &Activations,
     rows: usize,
 ) -> Result<()> {
-    assert!(
-        rows <= a.head_rows,
-        "lm_head: {rows} rows, room for {}",
-        a.head_rows
-    );
+    a.check_head_rows(rows);
     let norm = PreNorm {
         weight: &w.final_norm,
         eps: w.cfg.rms_norm_eps,
@@ -533,11 +538,7 @@ pub fn push_lm_head(
     first: usize,
     rows: usize,
 ) -> Result<()> {
-    assert!(
-        rows <= a.head_rows,
-        "lm_head: {rows} rows, room for {}",
-        a.head_rows
-    );
+    a.check_head_rows(rows);
     let h = w.cfg.hidden_size;
     ops.push(copy(&a.normed, first * h, &a.head_in, 0, rows * h));
     push_linear(
@@ -626,17 +627,14 @@ pub fn push_linear(
     n: usize,
     accumulate: bool,
 ) -> Result<()> {
-    let d: Vec<Dispatch> = linear(
-        ctx,
-        &Linear {
-            weights,
-            bias,
-            x,
-            y,
-            n_vecs: n,
-            accumulate,
-        },
-    )?;
-    ops.extend(d.into_iter().map(Op::from));
+    let linear_args = Linear {
+        weights,
+        bias,
+        x,
+        y,
+        n_vecs: n,
+        accumulate,
+    };
+    push_ops(ops, linear(ctx, &linear_args)?);
     Ok(())
 }

@@ -28,10 +28,16 @@ pub static MATVEC: ReducingKernel = ReducingKernel {
     },
 };
 
+/// What the two subgroup matvec kernels share (Params, store, row blocks).
+const MATVEC_BLOCKS: &str = include_str!("../../shaders/matvec_blocks.wgsl");
+
 /// One subgroup per 4 rows, no workgroup reduction (shaders/matvec_rows.wgsl).
 pub static MATVEC_ROWS: Kernel = Kernel {
     name: "matvec_rows",
-    sources: &[include_str!("../../shaders/matvec_rows.wgsl")],
+    sources: &[
+        MATVEC_BLOCKS,
+        include_str!("../../shaders/matvec_rows.wgsl"),
+    ],
     entries: &["matvec_rows_f32", "matvec_rows_f16"],
     needs: SUBGROUPS,
 };
@@ -39,7 +45,10 @@ pub static MATVEC_ROWS: Kernel = Kernel {
 /// One vector, 16-byte loads, a subgroup per 4 rows (shaders/matvec_vec4.wgsl).
 pub static MATVEC_VEC4: Kernel = Kernel {
     name: "matvec_vec4",
-    sources: &[include_str!("../../shaders/matvec_vec4.wgsl")],
+    sources: &[
+        MATVEC_BLOCKS,
+        include_str!("../../shaders/matvec_vec4.wgsl"),
+    ],
     entries: &["matvec_vec4_f32", "matvec_vec4_f16"],
     needs: SUBGROUPS,
 };
@@ -205,7 +214,12 @@ pub struct PreNorm<'a> {
 /// Whether [`norm_linear`] and [`swiglu_linear`] can fuse their prologue
 /// into the projection on this device (and do).
 pub fn fuses_prologue(ctx: &GpuContext, args: &Linear) -> bool {
-    has_matvec_rows(ctx) && fits_vec4(args) && args.n_vecs <= matvec_max_vecs(ctx)
+    uses_vec4(ctx, args) && args.n_vecs <= matvec_max_vecs(ctx)
+}
+
+/// Whether [`matvec`] runs `matvec_vec4` here.
+fn uses_vec4(ctx: &GpuContext, args: &Linear) -> bool {
+    has_matvec_rows(ctx) && fits_vec4(args)
 }
 
 /// `y (+)= W rmsnorm(x) (+ bias)` for the rows of `args.x`: one
@@ -258,7 +272,7 @@ pub fn norm_linear_with(
 /// workgroup, a subgroup per 4 rows (16-byte loads where rows fill vec4s),
 /// else the workgroup-reduction kernel.
 pub fn matvec(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
-    if has_matvec_rows(ctx) && fits_vec4(args) {
+    if uses_vec4(ctx, args) {
         matvec_with(ctx, &MATVEC_VEC4, args)
     } else if has_matvec_rows(ctx) {
         matvec_with(ctx, &MATVEC_ROWS, args)
@@ -707,23 +721,17 @@ mod tests {
                 if ctx.caps.features.subgroups && ctx.caps.subgroup_max_size <= super::super::WG {
                     assert_eq!(can_fuse, cols % per_quad == 0, "case {i} {dtype:?}");
                 }
-                for fused in [false, true] {
-                    if fused && !can_fuse {
-                        continue;
-                    }
-                    yb.write(ctx, 0, &y0);
-                    let ds = norm_linear_with(ctx, &norm, &args, fused).unwrap();
-                    assert_eq!(ds.len(), if fused { 1 } else { 2 });
-                    ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
-                    assert_nmse(
-                        &format!(
-                            "norm_linear {dtype:?} rows {rows} cols {cols} vecs {n} fused {fused}"
-                        ),
-                        &yb.read(ctx).unwrap(),
-                        &want,
-                        LINEAR_NMSE,
-                    );
-                }
+                let what = format!("norm_linear {dtype:?} rows {rows} cols {cols} vecs {n}");
+                check_both_paths(
+                    ctx,
+                    &what,
+                    can_fuse,
+                    &yb,
+                    &y0,
+                    &want,
+                    LINEAR_NMSE,
+                    |fused| norm_linear_with(ctx, &norm, &args, fused).unwrap(),
+                );
             }
         }
     }
@@ -769,25 +777,44 @@ mod tests {
                     n_vecs: n,
                     accumulate,
                 };
-                for fused in [false, true] {
-                    if fused && !fuses_prologue(ctx, &args) {
-                        continue;
-                    }
-                    yb.write(ctx, 0, &y0);
-                    let ds = swiglu_linear_with(ctx, &act_b, &args, fused).unwrap();
-                    assert_eq!(ds.len(), if fused { 1 } else { 2 });
-                    ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
-                    // exp on the GPU is accurate to a few ulp (see silu_mul's test).
-                    assert_nmse(
-                        &format!(
-                            "swiglu_linear {dtype:?} rows {rows} cols {cols} vecs {n} fused {fused}"
-                        ),
-                        &yb.read(ctx).unwrap(),
-                        &want,
-                        1e-8,
-                    );
-                }
+                let what = format!("swiglu_linear {dtype:?} rows {rows} cols {cols} vecs {n}");
+                let can_fuse = fuses_prologue(ctx, &args);
+                // exp on the GPU is accurate to a few ulp (see silu_mul's test).
+                check_both_paths(ctx, &what, can_fuse, &yb, &y0, &want, 1e-8, |fused| {
+                    swiglu_linear_with(ctx, &act_b, &args, fused).unwrap()
+                });
             }
+        }
+    }
+
+    /// Runs `build(fused)` unfused (a prologue dispatch, then the projection)
+    /// and, where the device can, fused (one dispatch), each from `y = y0`,
+    /// and compares `y` with `want`.
+    #[allow(clippy::too_many_arguments)]
+    fn check_both_paths(
+        ctx: &GpuContext,
+        what: &str,
+        can_fuse: bool,
+        y: &GpuBuffer<f32>,
+        y0: &[f32],
+        want: &[f64],
+        nmse: f64,
+        build: impl Fn(bool) -> Vec<Dispatch>,
+    ) {
+        for fused in [false, true] {
+            if fused && !can_fuse {
+                continue;
+            }
+            y.write(ctx, 0, y0);
+            let ds = build(fused);
+            assert_eq!(ds.len(), if fused { 1 } else { 2 });
+            ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+            assert_nmse(
+                &format!("{what} fused {fused}"),
+                &y.read(ctx).unwrap(),
+                want,
+                nmse,
+            );
         }
     }
 
