@@ -78,7 +78,7 @@ fn main() {
         let mut decode_ms = 0.0;
         for method in [Method::SnapKv, Method::Rkv] {
             let cfg = CompressConfig::new(method, budget);
-            let sp = ScratchPool::upload(ctx, &x, heads_per_kv(&cfg, g), true, None).unwrap();
+            let sp = ScratchPool::upload(ctx, &x, heads_per_kv(&cfg, g), true, None, t).unwrap();
             let job = sp.job(&x, 0, 1);
             let keep = select_layer(ctx, &cfg, &job, &sp.bufs).unwrap().unwrap();
             let mut ds: Vec<Dispatch> = keep.dispatches.clone();
@@ -94,6 +94,7 @@ fn main() {
                     0,
                     sp.bufs.t_max,
                     0,
+                    t,
                 )
                 .unwrap(),
             );

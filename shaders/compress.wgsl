@@ -73,8 +73,8 @@ struct Params {
     threshold: f32,
     eps: f32,
     stat_splits: u32,      // score_stats: slot ranges of STAT_SPLIT per (row, unit)
-    _pad0: u32,
-    _pad1: u32,
+    slots: u32,            // the longest head's length this pass covers (compaction's scratch layout)
+    row_lanes: u32,        // score_stats, redundancy_rows: threads per row (power of two <= WG)
     _pad2: u32,
 }
 
@@ -211,9 +211,14 @@ fn store_window_queries(@builtin(local_invocation_index) lid: u32, @builtin(work
 var<workgroup> red_m: array<f32, SG>;
 var<workgroup> red_z: array<f32, SG>;
 
+// `row_lanes` threads per (row, unit, split) (a power of two <= SG, from
+// the head length), SG / row_lanes of them per workgroup.
 @compute @workgroup_size(SG)
 fn score_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let id = wg.x + wg.y * nwg.x;      // (row * units + unit) * stat_splits + split (uniform)
+    let lanes = p.row_lanes;
+    let lane = lid % lanes;
+    // (row * units + unit) * stat_splits + split
+    let id = (wg.x + wg.y * nwg.x) * (SG / lanes) + lid / lanes;
     let valid = id < p.n_rows * p.units * p.stat_splits;
     let split = id % p.stat_splits;
     let r = id / (p.units * p.stat_splits);
@@ -225,7 +230,7 @@ fn score_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
         let d = desc_of_row(r, s);
         let n = min(columns(desc[d * 2u + 1u]), (split + 1u) * STAT_SPLIT);
         let qp = qpos[p.qpos_base + r];
-        for (var t = split * STAT_SPLIT + lid; t < n; t = t + SG) {
+        for (var t = split * STAT_SPLIT + lane; t < n; t = t + lanes) {
             if p.rkv == 1u || slot_pos(d, t) <= qp {
                 let l = unit_logit(r, u, slot_base(d, t));
                 let m2 = max(m, l);
@@ -237,8 +242,8 @@ fn score_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
     red_m[lid] = m;
     red_z[lid] = z;
     workgroupBarrier();
-    for (var h = SG / 2u; h > 0u; h = h >> 1u) {
-        if lid < h {
+    for (var h = lanes / 2u; h > 0u; h = h >> 1u) {
+        if lane < h {
             let ma = red_m[lid];
             let mb = red_m[lid + h];
             let mm = max(ma, mb);
@@ -247,9 +252,9 @@ fn score_stats(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
         }
         workgroupBarrier();
     }
-    if valid && lid == 0u {
-        stats[id * 2u] = red_m[0];
-        stats[id * 2u + 1u] = red_z[0];
+    if valid && lane == 0u {
+        stats[id * 2u] = red_m[lid];
+        stats[id * 2u + 1u] = red_z[lid];
     }
 }
 
@@ -369,14 +374,20 @@ fn key_norms(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
 var<workgroup> rr_sum: array<f32, WG>;
 var<workgroup> rr_hit: array<u32, WG>;     // largest j with S > threshold, plus one (0: none)
 var<workgroup> rr_val: array<f32, WG>;
-var<workgroup> rr_first: f32;
+var<workgroup> rr_first: array<f32, WG>;   // per row of the workgroup: S[i, 0]
 
-// One workgroup per (row i, stored head): the threads split the columns j,
-// so no invocation loops over more than T / WG slots (llvmpipe stops loops
-// after 65535 iterations per invocation).
+// Rows i of one stored head per workgroup (z: the head), `row_lanes`
+// threads per row (a power of two <= WG, chosen by the host from the head
+// length) splitting the columns j: short heads pack many rows into one
+// workgroup, long ones use the whole workgroup per row, so no invocation
+// loops over more than T / row_lanes slots (llvmpipe stops loops after
+// 65535 iterations per invocation).
 @compute @workgroup_size(WG)
 fn redundancy_rows(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = wg.x + wg.y * nwg.x;
+    let lanes = p.row_lanes;
+    let lane = lid % lanes;
+    let r = lid / lanes;
+    let i = (wg.x + wg.y * nwg.x) * (WG / lanes) + r;
     let s = wg.z;
     let d = p.desc_base + s;
     let n = desc[d * 2u + 1u];
@@ -386,14 +397,14 @@ fn redundancy_rows(@builtin(local_invocation_index) lid: u32, @builtin(workgroup
     if i < n {
         let ki = slot_base(d, i);
         let ni = norms[s * p.t_stride + i];
-        for (var j = lid; j < n; j = j + WG) {
+        for (var j = lane; j < n; j = j + lanes) {
             var sim = 0.0;
             if j != i {
                 sim = k_dot(ki, slot_base(d, j)) * (ni * norms[s * p.t_stride + j]);
             }
             sum = sum + sim;
             if j == 0u {
-                rr_first = sim;   // S[i, 0] (0 when i == 0: the diagonal)
+                rr_first[r] = sim;   // S[i, 0] (0 when i == 0: the diagonal)
             }
             if j != i && sim > p.threshold {
                 hit = j + 1u;
@@ -405,8 +416,8 @@ fn redundancy_rows(@builtin(local_invocation_index) lid: u32, @builtin(workgroup
     rr_hit[lid] = hit;
     rr_val[lid] = hit_val;
     workgroupBarrier();
-    for (var h = WG / 2u; h > 0u; h = h >> 1u) {
-        if lid < h {
+    for (var h = lanes / 2u; h > 0u; h = h >> 1u) {
+        if lane < h {
             rr_sum[lid] = rr_sum[lid] + rr_sum[lid + h];
             if rr_hit[lid + h] > rr_hit[lid] {
                 rr_hit[lid] = rr_hit[lid + h];
@@ -415,15 +426,15 @@ fn redundancy_rows(@builtin(local_invocation_index) lid: u32, @builtin(workgroup
         }
         workgroupBarrier();
     }
-    if lid == 0u && i < n {
+    if lane == 0u && i < n {
         let at = s * p.t_stride + i;
-        rowstat[at * 2u] = rr_sum[0];
-        if rr_hit[0] == 0u {
+        rowstat[at * 2u] = rr_sum[lid];
+        if rr_hit[lid] == 0u {
             last[at] = 0u;
-            rowstat[at * 2u + 1u] = rr_first;
+            rowstat[at * 2u + 1u] = rr_first[r];
         } else {
-            last[at] = rr_hit[0] - 1u;
-            rowstat[at * 2u + 1u] = rr_val[0];
+            last[at] = rr_hit[lid] - 1u;
+            rowstat[at * 2u + 1u] = rr_val[lid];
         }
     }
 }
@@ -446,7 +457,7 @@ fn redundancy_cols(@builtin(local_invocation_index) lid: u32, @builtin(workgroup
             tile_last[lid] = 0xffffffffu;
         }
         workgroupBarrier();
-        for (var k = 0u; k < WG; k = k + 1u) {
+        for (var k = 0u; k < min(WG, n - i0); k = k + 1u) {
             if tile_last[k] == j {
                 fix = fix + tile_val[k];
             }
@@ -655,7 +666,7 @@ fn slot_words() -> u32 {
 fn compact_gather(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let sw = slot_words();
     let idx = flat_id(wg, nwg, lid, WG);
-    let per_head = p.k_stride * sw;
+    let per_head = p.slots * sw;
     let s = idx / per_head;
     if s >= p.n_heads {
         return;
@@ -685,7 +696,7 @@ fn compact_gather(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
 fn compact_scatter(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let sw = slot_words();
     let idx = flat_id(wg, nwg, lid, WG);
-    let per_head = p.k_stride * sw;
+    let per_head = p.slots * sw;
     let s = idx / per_head;
     if s >= p.n_heads {
         return;

@@ -386,7 +386,7 @@ fn replay_on_the_engine(
         comp.set_lanes(ctx, &[0]);
         let mut ops = vec![paged_kv_store(ctx, &layer, &q, m, m).unwrap().into()];
         ops.extend(
-            comp.forward_ops(ctx, &layer, &positions, &qkv, qkv_dim, 0, m, m)
+            comp.forward_ops(ctx, &layer, &positions, &qkv, qkv_dim, 0, m, m, to)
                 .unwrap(),
         );
         ctx.run_ops("replay", &[&ops]).unwrap();

@@ -128,7 +128,8 @@ impl Compressor {
 
     /// What layer `layer`'s forward records after the attention of `n_rows`
     /// query rows (`rows_per_group` per sequence): the window queries, or
-    /// H2O's column sums.
+    /// H2O's column sums over heads of at most `slots` slots (a prefill
+    /// chunk's length; the capacity for the cached decode plans).
     #[allow(clippy::too_many_arguments)]
     pub fn forward_ops(
         &self,
@@ -140,6 +141,7 @@ impl Compressor {
         layer: usize,
         n_rows: usize,
         rows_per_group: usize,
+        slots: usize,
     ) -> Result<Vec<Op>> {
         let mut ops = vec![];
         if self.needs_queries() {
@@ -187,6 +189,7 @@ impl Compressor {
                     layer * self.n_q_heads * self.capacity,
                     per_lane,
                     self.capacity,
+                    slots,
                     true,
                 )?
                 .into_iter()
@@ -295,6 +298,7 @@ impl Compressor {
                 acc_base,
                 self.capacity,
                 acc_units,
+                lens.iter().copied().max().unwrap_or(0),
             )?);
             for (&old, &new) in lens.iter().zip(&keep.new_lens) {
                 dropped += (old - new) as u64;

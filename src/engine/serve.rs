@@ -602,6 +602,7 @@ impl<'c> Engine<'c> {
                     l,
                     n,
                     n,
+                    len,
                 )?);
             }
             Ok(())
@@ -640,6 +641,7 @@ impl<'c> Engine<'c> {
                     l,
                     b,
                     1,
+                    self.capacity,
                 )?);
             }
             Ok(())

@@ -83,7 +83,12 @@ pub struct CompressParams {
     pub threshold: f32,
     pub eps: f32,
     pub stat_splits: u32,
-    pub _pad: [u32; 3],
+    /// The longest head's length the pass covers: grids are sized by it
+    /// (not by the scratch's `t_stride`), and compaction's scratch layout.
+    pub slots: u32,
+    /// redundancy_rows: threads per row (a power of two <= WG).
+    pub row_lanes: u32,
+    pub _pad: u32,
 }
 
 impl CompressParams {
@@ -275,7 +280,8 @@ const ROWS_PER_PASS: usize = 64;
 
 /// Per-unit probability sums of the query rows over every slot: into
 /// `acc[acc_base + lanes[group] * acc_lane_stride + unit * t_stride + slot]`,
-/// replacing or (`accumulate`) adding.
+/// replacing or (`accumulate`) adding. `slots`: the longest head's length
+/// (at most `t_stride`), which sizes the grids.
 #[allow(clippy::too_many_arguments)]
 pub fn score_accumulate(
     ctx: &GpuContext,
@@ -288,6 +294,7 @@ pub fn score_accumulate(
     acc_base: usize,
     acc_lane_stride: usize,
     t_stride: usize,
+    slots: usize,
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
     if q.rows_per_group == q.n_rows && q.n_rows > ROWS_PER_PASS {
@@ -312,6 +319,7 @@ pub fn score_accumulate(
                 acc_base,
                 acc_lane_stride,
                 t_stride,
+                slots,
                 accumulate || r0 > 0,
             )?);
         }
@@ -319,7 +327,7 @@ pub fn score_accumulate(
     }
     let units = spec.units(q);
     let groups = q.n_rows.div_ceil(q.rows_per_group);
-    let p = params_for(kv, q, spec, t_stride).with(|p| {
+    let p = params_for(kv, q, spec, t_stride, slots).with(|p| {
         p.acc_base = u32_of("acc base", acc_base);
         p.acc_lane_stride = u32_of("acc lane stride", acc_lane_stride);
         p.accumulate = accumulate as u32;
@@ -339,7 +347,7 @@ pub fn score_accumulate(
         ],
         ctx.grid(u32_of(
             "stats workgroups",
-            q.n_rows * units * p.stat_splits as usize,
+            (q.n_rows * units * p.stat_splits as usize).div_ceil(WG / p.row_lanes as usize),
         )),
     )?;
     let acc_d = dispatch(
@@ -358,7 +366,7 @@ pub fn score_accumulate(
             (8, lanes.binding()),
         ],
         [
-            blocks(t_stride),
+            blocks(slots),
             u32_of("units", units),
             u32_of("groups", groups),
         ],
@@ -374,7 +382,14 @@ trait With: Sized {
 }
 impl With for CompressParams {}
 
-fn params_for(kv: &LayerKv, q: &ScoreQueries, spec: &ScoreSpec, t_stride: usize) -> CompressParams {
+fn params_for(
+    kv: &LayerKv,
+    q: &ScoreQueries,
+    spec: &ScoreSpec,
+    t_stride: usize,
+    slots: usize,
+) -> CompressParams {
+    assert!(slots <= t_stride, "{slots} slots, stride {t_stride}");
     let units = spec.units(q);
     CompressParams {
         units: u32_of("units", units),
@@ -400,13 +415,17 @@ fn params_for(kv: &LayerKv, q: &ScoreQueries, spec: &ScoreSpec, t_stride: usize)
             Pooling::Avg => 1,
         },
         scale: 1.0 / (kv.layout.head_dim as f32).sqrt(),
-        stat_splits: u32_of("stat splits", t_stride.div_ceil(STAT_SPLIT).max(1)),
+        stat_splits: u32_of("stat splits", slots.div_ceil(STAT_SPLIT).max(1)),
+        slots: u32_of("slots", slots),
+        row_lanes: u32_of("row lanes", row_lanes(slots.min(STAT_SPLIT))),
         ..CompressParams::for_kv(kv)
     }
 }
 
 /// Row reduction, GQA reduction and pooling of the unit sums in `acc`
-/// (at `acc_base`) into `bufs.scores` (per stored head, candidates `[0, len - window)`).
+/// (at `acc_base`) into `bufs.scores` (per stored head, candidates `[0, len - window)`),
+/// over heads of at most `slots` slots.
+#[allow(clippy::too_many_arguments)]
 pub fn reduce_and_pool(
     ctx: &GpuContext,
     kv: &LayerKv,
@@ -415,9 +434,11 @@ pub fn reduce_and_pool(
     acc: &GpuBuffer<f32>,
     acc_base: usize,
     bufs: &CompressBuffers,
+    slots: usize,
 ) -> Result<[Dispatch; 2]> {
-    let p = params_for(kv, q, spec, bufs.t_max).with(|p| p.acc_base = u32_of("acc base", acc_base));
-    let grid = [blocks(bufs.t_max), u32_of("heads", kv.n_heads), 1];
+    let p = params_for(kv, q, spec, bufs.t_max, slots)
+        .with(|p| p.acc_base = u32_of("acc base", acc_base));
+    let grid = [blocks(slots), u32_of("heads", kv.n_heads), 1];
     Ok([
         dispatch(
             ctx,
@@ -447,13 +468,14 @@ pub fn reduce_and_pool(
 }
 
 /// Window scores of one sequence: stats, unit sums (scratch `bufs.acc`),
-/// reduction and pooling into `bufs.scores`.
+/// reduction and pooling into `bufs.scores`, over heads of at most `slots` slots.
 pub fn window_scores(
     ctx: &GpuContext,
     kv: &LayerKv,
     q: &ScoreQueries,
     spec: &ScoreSpec,
     bufs: &CompressBuffers,
+    slots: usize,
 ) -> Result<Vec<Dispatch>> {
     let mut out = Vec::with_capacity(4);
     out.extend(score_accumulate(
@@ -467,17 +489,28 @@ pub fn window_scores(
         0,
         0,
         bufs.t_max,
+        slots,
         false,
     )?);
-    out.extend(reduce_and_pool(ctx, kv, q, spec, &bufs.acc, 0, bufs)?);
+    out.extend(reduce_and_pool(
+        ctx, kv, q, spec, &bufs.acc, 0, bufs, slots,
+    )?);
     Ok(out)
+}
+
+/// Threads per row of the row reductions (score_stats, R-KV's redundancy
+/// rows) over rows of `slots` columns: about 16 columns each, at least 4 and
+/// at most a workgroup (a workgroup holds `WG / lanes` rows, so short heads
+/// do not idle 256-thread workgroups on barriers).
+pub fn row_lanes(slots: usize) -> usize {
+    slots.div_ceil(16).next_power_of_two().clamp(4, WG)
 }
 
 /// R-KV: redundancy of every slot and the final score
 /// `lambda * importance - (1 - lambda) * redundancy` in `bufs.scores`
-/// (which holds the pooled importance). `rows`: the longest head's length
-/// (at most `bufs.t_max`): the row pass launches a workgroup per slot up to
-/// it, not per slot of the scratch's capacity.
+/// (which holds the pooled importance). `slots`: the longest head's length
+/// (at most `bufs.t_max`), which sizes the grids (the row pass launches a
+/// workgroup per slot), not the scratch's capacity.
 #[allow(clippy::too_many_arguments)]
 pub fn rkv_redundancy(
     ctx: &GpuContext,
@@ -487,11 +520,11 @@ pub fn rkv_redundancy(
     threshold: f32,
     eps: f32,
     bufs: &CompressBuffers,
-    rows: usize,
+    slots: usize,
 ) -> Result<Vec<Dispatch>> {
     assert!(
-        rows <= bufs.t_max,
-        "rkv_redundancy: {rows} rows, scratch for {}",
+        slots <= bufs.t_max,
+        "rkv_redundancy: {slots} slots, scratch for {}",
         bufs.t_max
     );
     let p = CompressParams {
@@ -500,9 +533,12 @@ pub fn rkv_redundancy(
         lambda,
         threshold,
         eps,
+        slots: u32_of("slots", slots),
+        row_lanes: u32_of("row lanes", row_lanes(slots)),
         ..CompressParams::for_kv(kv)
     };
-    let grid = [blocks(bufs.t_max), u32_of("heads", kv.n_heads), 1];
+    let grid = [blocks(slots), u32_of("heads", kv.n_heads), 1];
+    let rows_per_workgroup = WG / p.row_lanes as usize;
     fn with_pool<'a>(
         kv: &'a LayerKv,
         extra: &[(u32, wgpu::BindingResource<'a>)],
@@ -538,7 +574,8 @@ pub fn rkv_redundancy(
                 ],
             ),
             {
-                let [x, y, _] = ctx.grid(u32_of("rows", rows.max(1)));
+                let row_blocks = slots.div_ceil(rows_per_workgroup);
+                let [x, y, _] = ctx.grid(u32_of("row blocks", row_blocks.max(1)));
                 [x, y, u32_of("heads", kv.n_heads)]
             },
         )?,
@@ -573,7 +610,7 @@ pub fn rkv_redundancy(
 /// Exact top-`kvec[s]` of each stored head's candidate scores, ties to the
 /// lower slot: `bufs.kept[s]` = the kept slots ascending, then the window.
 /// With `reference_order`, `bufs.order[s]` = the same slots in R-KV's layout
-/// (selected by descending score, then the window).
+/// (selected by descending score, then the window). Heads hold at most `slots`.
 pub fn topk(
     ctx: &GpuContext,
     kv: &LayerKv,
@@ -581,11 +618,18 @@ pub fn topk(
     bufs: &CompressBuffers,
     kvec: &GpuBuffer<u32>,
     reference_order: bool,
+    slots: usize,
 ) -> Result<Vec<Dispatch>> {
+    assert!(
+        slots <= bufs.t_max,
+        "topk: {slots} slots, scratch for {}",
+        bufs.t_max
+    );
     let p = CompressParams {
         t_stride: u32_of("t stride", bufs.t_max),
         k_stride: u32_of("k stride", bufs.t_max),
         window: u32_of("window", window),
+        slots: u32_of("slots", slots),
         ..CompressParams::for_kv(kv)
     };
     let mut out = vec![dispatch(
@@ -614,7 +658,7 @@ pub fn topk(
                 (15, bufs.kept.binding()),
                 (16, bufs.order.binding()),
             ],
-            [blocks(bufs.t_max), u32_of("heads", kv.n_heads), 1],
+            [blocks(slots), u32_of("heads", kv.n_heads), 1],
         )?);
     }
     Ok(out)
@@ -623,6 +667,7 @@ pub fn topk(
 /// Moves slot `list[s][n]` of every stored head to slot `n`, for
 /// `n < kvec[s] + window` (the list from `bufs.kept` or `bufs.order`), with
 /// `acc_units` accumulator rows per head (H2O) at `acc_base` moving along.
+/// `slots`: the longest head's length before compaction (sizes the grid).
 #[allow(clippy::too_many_arguments)]
 pub fn compact(
     ctx: &GpuContext,
@@ -635,16 +680,23 @@ pub fn compact(
     acc_base: usize,
     acc_t_stride: usize,
     acc_units: usize,
+    slots: usize,
 ) -> Result<[Dispatch; 2]> {
+    assert!(
+        slots <= bufs.t_max,
+        "compact: {slots} slots, scratch for {}",
+        bufs.t_max
+    );
     let p = CompressParams {
         t_stride: u32_of("acc t stride", acc_t_stride),
         k_stride: u32_of("k stride", bufs.t_max),
         window: u32_of("window", window),
         acc_base: u32_of("acc base", acc_base),
         acc_units: u32_of("acc units", acc_units),
+        slots: u32_of("slots", slots),
         ..CompressParams::for_kv(kv)
     };
-    let words = kv.n_heads * bufs.t_max * (2 * kv.layout.dw() + 1 + acc_units);
+    let words = kv.n_heads * slots * (2 * kv.layout.dw() + 1 + acc_units);
     assert!(words <= bufs.scratch.len(), "compaction scratch too small");
     let grid = ctx.grid(blocks(words));
     let gather = [
@@ -746,6 +798,8 @@ mod tests {
             (1, 1, 520, 128, 8, false),
             (2, 4, 700, 128, 16, false),
             (1, 2, 261, 128, 4, true),
+            // Past 2048 slots: R-KV's row pass uses the whole workgroup per row.
+            (1, 1, 2200, 64, 8, false),
             // Past one score_stats range of 8192 slots (R-KV's T^2 twin skipped).
             (1, 2, 9000, 64, 8, true),
         ];
@@ -806,7 +860,7 @@ mod tests {
                 (Method::Rkv, Granularity::KvHead, GqaAgg::Mean, Pooling::Max),
             ];
             for &(method, granularity, agg, pooling) in methods {
-                if method == Method::Rkv && t > 2000 {
+                if method == Method::Rkv && t > 2400 {
                     continue;
                 }
                 let mut cfg = CompressConfig::new(method, w + 1);
@@ -831,7 +885,8 @@ mod tests {
                     }
                     o
                 };
-                let sp = ScratchPool::upload(ctx, &x, hpk, kv_f16, Some(&order)).unwrap();
+                // Scratch longer than the heads: grids follow the heads, strides the scratch.
+                let sp = ScratchPool::upload(ctx, &x, hpk, kv_f16, Some(&order), t + 37).unwrap();
                 let job = sp.job(&x, 0, 1);
                 let spec = ScoreSpec {
                     rkv: method == Method::Rkv,
@@ -849,7 +904,7 @@ mod tests {
                 let crate::kv::compression::gpu::ScoreSource::Queries(q) = &job.source else {
                     unreachable!()
                 };
-                let mut ds = window_scores(ctx, &job.kv, q, &spec, &sp.bufs).unwrap();
+                let mut ds = window_scores(ctx, &job.kv, q, &spec, &sp.bufs, t).unwrap();
                 if spec.rkv {
                     ds.extend(
                         rkv_redundancy(ctx, &job.kv, w, LAMBDA, 0.5, 1e-8, &sp.bufs, t).unwrap(),
@@ -925,8 +980,10 @@ mod tests {
             let heads = 2;
             let t = c + w;
             let bare = Bare::new(ctx, &vec![t; heads]);
-            let bufs = CompressBuffers::new(ctx, bare.layout, heads, 1, 1, t, 0).unwrap();
-            let mut scores = vec![0f32; heads * t];
+            // Scratch longer than the heads: grids follow the heads, strides the scratch.
+            let cap = t + 37;
+            let bufs = CompressBuffers::new(ctx, bare.layout, heads, 1, 1, cap, 0).unwrap();
+            let mut scores = vec![0f32; heads * cap];
             for v in scores.iter_mut() {
                 *v = (rng.below(distinct) as f32 - distinct as f32 / 3.0) * 0.125;
             }
@@ -939,22 +996,24 @@ mod tests {
             for &k in &ks {
                 let kvec = GpuBuffer::from_slice(ctx, "kvec", &[k as u32, (c - k) as u32]).unwrap();
                 let ranked = c <= 1000;
-                let ds = topk(ctx, &bare.kv(), w, &bufs, &kvec, ranked).unwrap();
+                let ds = topk(ctx, &bare.kv(), w, &bufs, &kvec, ranked, t).unwrap();
                 ctx.run("test.topk", &ds.iter().collect::<Vec<_>>())
                     .unwrap();
                 let kept = bufs.kept.read(ctx).unwrap();
                 let order = bufs.order.read(ctx).unwrap();
                 for (s, k) in [k, c - k].into_iter().enumerate() {
-                    let sc = &scores[s * t..][..c];
+                    let sc = &scores[s * cap..][..c];
                     let ranked_cpu = common::topk_ranked(sc, k);
                     let want = common::kept_with_window(ranked_cpu.clone(), t, w);
-                    let got: Vec<usize> =
-                        kept[s * t..][..k + w].iter().map(|&v| v as usize).collect();
+                    let got: Vec<usize> = kept[s * cap..][..k + w]
+                        .iter()
+                        .map(|&v| v as usize)
+                        .collect();
                     assert_eq!(got, want, "C={c} k={k} head {s}");
                     if ranked {
                         let mut want = ranked_cpu;
                         want.extend(c..t);
-                        let got: Vec<usize> = order[s * t..][..k + w]
+                        let got: Vec<usize> = order[s * cap..][..k + w]
                             .iter()
                             .map(|&v| v as usize)
                             .collect();
@@ -1003,11 +1062,13 @@ mod tests {
                 n_heads: heads,
                 heads_per_kv: 1,
             };
-            let bufs = CompressBuffers::new(ctx, layout, heads, 1, 1, t, acc_units).unwrap();
+            // Scratch longer than the heads: the grid follows the heads, list strides the scratch.
+            let cap = t + 37;
+            let bufs = CompressBuffers::new(ctx, layout, heads, 1, 1, cap, acc_units).unwrap();
             // Per head: a random subset of the candidates (shuffled for one head) plus the window.
             let c = t - w;
             let ks = [0usize, 17, c];
-            let mut lists = vec![0u32; heads * t];
+            let mut lists = vec![0u32; heads * cap];
             let mut want_lists = vec![];
             for (s, &k) in ks.iter().enumerate() {
                 let mut pick: Vec<usize> = (0..c).collect();
@@ -1020,7 +1081,7 @@ mod tests {
                 }
                 pick.extend(c..t);
                 for (n, &v) in pick.iter().enumerate() {
-                    lists[s * t + n] = v as u32;
+                    lists[s * cap + n] = v as u32;
                 }
                 want_lists.push(pick);
             }
@@ -1031,7 +1092,7 @@ mod tests {
                 &ks.iter().map(|&k| k as u32).collect::<Vec<_>>(),
             )
             .unwrap();
-            let ds = compact(ctx, &kv, w, &bufs, &kvec, &list, &g_acc, 0, t, acc_units).unwrap();
+            let ds = compact(ctx, &kv, w, &bufs, &kvec, &list, &g_acc, 0, t, acc_units, t).unwrap();
             ctx.run("test.compact", &ds.iter().collect::<Vec<_>>())
                 .unwrap();
             let after = g_pool.read(ctx).unwrap();

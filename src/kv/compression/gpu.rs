@@ -141,7 +141,7 @@ pub fn select_layer(
         group: job.group,
     };
     let mut ds = match &job.source {
-        ScoreSource::Queries(q) => compress::window_scores(ctx, &job.kv, q, &spec, bufs)?,
+        ScoreSource::Queries(q) => compress::window_scores(ctx, &job.kv, q, &spec, bufs, t_max)?,
         ScoreSource::Accumulated {
             acc,
             base,
@@ -162,7 +162,7 @@ pub fn select_layer(
                 rows_per_group: 1,
                 n_q_heads: job.n_q_heads,
             };
-            compress::reduce_and_pool(ctx, &job.kv, &q, &spec, acc, *base, bufs)?.into()
+            compress::reduce_and_pool(ctx, &job.kv, &q, &spec, acc, *base, bufs, t_max)?.into()
         }
     };
     if spec.rkv {
@@ -210,7 +210,9 @@ pub fn select_layer(
         "compress.kvec",
         &kvec.iter().map(|&k| k as u32).collect::<Vec<_>>(),
     )?;
-    ds.extend(compress::topk(ctx, &job.kv, w, bufs, &kvec_buf, ranked)?);
+    ds.extend(compress::topk(
+        ctx, &job.kv, w, bufs, &kvec_buf, ranked, t_max,
+    )?);
     Ok(Some(LayerKeep {
         new_lens: kvec.iter().map(|k| k + w).collect(),
         kvec: kvec_buf,
@@ -236,13 +238,17 @@ pub struct ScratchPool {
 }
 
 impl ScratchPool {
+    /// `capacity`: slots per head of the scratch buffers (at least `x.t`;
+    /// tests give more so strides and grid extents differ).
     pub fn upload(
         ctx: &GpuContext,
         x: &Captured,
         hpk: usize,
         kv_f16: bool,
         page_order: Option<&[usize]>,
+        capacity: usize,
     ) -> Result<Self> {
+        assert!(capacity >= x.t, "scratch of {capacity} slots for {}", x.t);
         let heads = x.hkv * hpk;
         let layout = PoolLayout {
             page_size: 16,
@@ -272,7 +278,7 @@ impl ScratchPool {
             tables: GpuBuffer::from_slice(ctx, "select.tables", &tables)?,
             queries: GpuBuffer::from_slice(ctx, "select.queries", &rows)?,
             positions: GpuBuffer::from_slice(ctx, "select.positions", &qpos)?,
-            bufs: CompressBuffers::new(ctx, layout, heads, x.hq, x.q_rows, x.t, 0)?,
+            bufs: CompressBuffers::new(ctx, layout, heads, x.hq, x.q_rows, capacity, 0)?,
             heads,
             hpk,
         })
@@ -353,7 +359,7 @@ pub fn select_gpu(
     if cfg.method == Method::None || x.t < cfg.budget {
         return Ok(all());
     }
-    let scratch = ScratchPool::upload(ctx, x, hpk, false, None)?;
+    let scratch = ScratchPool::upload(ctx, x, hpk, false, None, x.t)?;
     let Some(keep) = select_layer(ctx, cfg, &scratch.job(x, layer, n_layers), &scratch.bufs)?
     else {
         return Ok(all());
