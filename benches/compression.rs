@@ -2,13 +2,15 @@
 //! head (Llama-3-8B's attention shape: 8 KV heads, 32 query heads, head dim
 //! 128, f16 slots):
 //!
-//!     WGPU_BACKEND=vulkan cargo bench --bench compression [-- T ...]
+//!     WGPU_BACKEND=vulkan cargo bench --bench compression [-- T ... [--profile]]
 //!
 //! - decode: one token's KV store + paged decode attention over T slots;
 //! - snapkv / rkv: the layer's whole pass (window scores, R-KV redundancy,
 //!   radix top-k to the budget, compaction of the kept slots).
 //!
-//! Wall time of submit-to-idle, median of the runs (the GPU idles between
+//! `--profile` also prints each pass's time per kernel (GPU timestamps where
+//! the adapter has them, else each kernel submitted alone and timed on the
+//! host). Wall time of submit-to-idle, median of the runs (the GPU idles between
 //! them, so short kernels include a launch latency). `amortised` divides the
 //! pass by `buffer` (128) decode steps, the R-KV schedule's period: the
 //! fraction of decode attention time compression adds. Sizes default to
@@ -17,7 +19,7 @@
 
 use std::time::Instant;
 
-use kvsift::gpu::{Dispatch, GpuBuffer, GpuContext};
+use kvsift::gpu::{Dispatch, GpuBuffer, GpuContext, Op};
 use kvsift::kv::compression::gpu::{ScratchPool, heads_per_kv, select_layer};
 use kvsift::kv::compression::{Captured, CompressConfig, Method};
 use kvsift::ops::compress;
@@ -43,6 +45,12 @@ fn main() {
     let Some(ctx) = gpu() else { return };
     let cpu = ctx.adapter_summary.device_type == wgpu::DeviceType::Cpu;
     let args: Vec<usize> = std::env::args().filter_map(|a| a.parse().ok()).collect();
+    let profile = std::env::args().any(|a| a == "--profile");
+    let timing = if ctx.caps.features.timestamps {
+        "GPU timestamps"
+    } else {
+        "host time, each kernel submitted alone"
+    };
     let sizes = if !args.is_empty() {
         args
     } else if cpu {
@@ -100,6 +108,27 @@ fn main() {
             );
             let refs: Vec<&Dispatch> = ds.iter().collect();
             pass_ms.push(median_ms(ctx, &refs, if cpu { 3 } else { 11 }));
+            if profile {
+                let ops: Vec<Op> = ds.iter().cloned().map(Op::from).collect();
+                let mut by_kernel: Vec<(String, f64)> = vec![];
+                for (label, ns) in ctx.profile_ops("bench.profile", &[&ops]).unwrap() {
+                    match by_kernel.iter_mut().find(|(l, _)| *l == label) {
+                        Some((_, t)) => *t += ns,
+                        None => by_kernel.push((label, ns)),
+                    }
+                }
+                by_kernel.sort_by(|a, b| b.1.total_cmp(&a.1));
+                let total: f64 = by_kernel.iter().map(|(_, t)| t).sum();
+                println!("  {method:?} pass at T = {t}, per kernel ({timing}):");
+                for (label, ns) in by_kernel {
+                    let label = label.trim_start_matches("kvsift.compress.");
+                    println!(
+                        "    {label:<18} {:>10.3} ms {:>5.1}%",
+                        ns / 1e6,
+                        100.0 * ns / total
+                    );
+                }
+            }
             if method == Method::SnapKv {
                 // One decode token against the same T slots (its own slot is the last one).
                 let qkv =

@@ -22,6 +22,7 @@
 //   key_norms             per (stored head, slot): 1 / (||k|| + eps)
 //   redundancy_rows       per (stored head, row i): sum of cosine similarities
 //                         to the other slots, last(i) and S[i, last(i)]
+//                         (tiles of S = K K^T through workgroup memory)
 //   redundancy_cols       per (stored head, column j): column mean of S with the
 //                         last(i) entries removed (row-sum identity, S symmetric)
 //   rkv_combine           per stored head: lambda * I - (1 - lambda) * softmax(colmean)
@@ -74,7 +75,7 @@ struct Params {
     eps: f32,
     stat_splits: u32,      // score_stats: slot ranges of STAT_SPLIT per (row, unit)
     slots: u32,            // the longest head's length this pass covers (compaction's scratch layout)
-    row_lanes: u32,        // score_stats, redundancy_rows: threads per row (power of two <= WG)
+    row_lanes: u32,        // score_stats: threads per (row, unit, split) (power of two <= SG)
     _pad2: u32,
 }
 
@@ -371,70 +372,172 @@ fn key_norms(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     norms[s * p.t_stride + t] = 1.0 / (sqrt(k_dot(kb, kb)) + p.eps);
 }
 
-var<workgroup> rr_sum: array<f32, WG>;
-var<workgroup> rr_hit: array<u32, WG>;     // largest j with S > threshold, plus one (0: none)
-var<workgroup> rr_val: array<f32, WG>;
-var<workgroup> rr_first: array<f32, WG>;   // per row of the workgroup: S[i, 0]
+const RT: u32 = 32u;        // redundancy_rows: rows and columns of S per tile
+const KC: u32 = 32u;        // redundancy_rows: key dims staged per step
+const RW: u32 = 64u;        // redundancy_rows: workgroup (8 x 8 threads, 4 x 4 of S each)
 
-// Rows i of one stored head per workgroup (z: the head), `row_lanes`
-// threads per row (a power of two <= WG, chosen by the host from the head
-// length) splitting the columns j: short heads pack many rows into one
-// workgroup, long ones use the whole workgroup per row, so no invocation
-// loops over more than T / row_lanes slots (llvmpipe stops loops after
-// 65535 iterations per invocation).
-@compute @workgroup_size(WG)
+// Tiles as vec4s of 4 adjacent slots: [KC dims][RT / 4], so a thread reads
+// one vec4 of rows and one of columns per 16 multiply-adds.
+var<workgroup> rt_rows: array<vec4<f32>, 256>;  // the row tile's keys, dims k0..k0+KC
+var<workgroup> rt_cols: array<vec4<f32>, 256>;  // the column tile's keys
+var<workgroup> rt_rbase: array<u32, RT>;         // pool word of each row slot's key
+var<workgroup> rt_cbase: array<u32, RT>;         // ... and each column slot's
+var<workgroup> rr_sum: array<f32, 256>;    // [RT rows][8 column threads]
+var<workgroup> rr_hit: array<u32, 256>;    // largest j with S > threshold, plus one (0: none)
+var<workgroup> rr_val: array<f32, 256>;
+var<workgroup> rr_first: array<f32, RT>;   // S[i, 0]
+
+// Dims k0..k0+KC of the keys of slots t0..t0+RT (zero past the head's `n`
+// slots or head_dim) into the row or column tile, as f32.
+fn stage_keys(t0: u32, n: u32, k0: u32, lid: u32, rows: bool) {
+    var wpc = KC;                       // words per slot of the chunk
+    if KV_F16 {
+        wpc = KC / 2u;
+    }
+    let w0 = k0 * wpc / KC;
+    for (var q = lid; q < RT * wpc; q = q + RW) {
+        let r = q / wpc;
+        let w = w0 + q % wpc;
+        var word = 0u;
+        if t0 + r < n && w < p.dw {
+            if rows {
+                word = pool[rt_rbase[r] + w];
+            } else {
+                word = pool[rt_cbase[r] + w];
+            }
+        }
+        var x = vec2<f32>(bitcast<f32>(word), 0.0);
+        if KV_F16 {
+            x = unpack2x16float(word);
+        }
+        let k = (q % wpc) * (KC / wpc);          // dim within the chunk
+        let at = k * (RT / 4u) + r / 4u;
+        if rows {
+            rt_rows[at][r % 4u] = x.x;
+            if KV_F16 {
+                rt_rows[at + RT / 4u][r % 4u] = x.y;
+            }
+        } else {
+            rt_cols[at][r % 4u] = x.x;
+            if KV_F16 {
+                rt_cols[at + RT / 4u][r % 4u] = x.y;
+            }
+        }
+    }
+}
+
+// One workgroup per tile of RT rows i of one stored head (z: the head),
+// sweeping the columns j in tiles of RT: S = K K^T staged through
+// workgroup memory KC dims at a time (a GEMM tile; each thread holds a
+// 4 x 4 block of S in registers), then per row: the sum of its cosine
+// similarities to the other slots, last(i) (the largest j != i with
+// S > threshold, else 0) and S[i, last(i)].
+@compute @workgroup_size(RW)
 fn redundancy_rows(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let lanes = p.row_lanes;
-    let lane = lid % lanes;
-    let r = lid / lanes;
-    let i = (wg.x + wg.y * nwg.x) * (WG / lanes) + r;
+    let i0 = (wg.x + wg.y * nwg.x) * RT;
     let s = wg.z;
     let d = p.desc_base + s;
     let n = desc[d * 2u + 1u];
-    var sum = 0.0;
-    var hit = 0u;
-    var hit_val = 0.0;
-    if i < n {
-        let ki = slot_base(d, i);
-        let ni = norms[s * p.t_stride + i];
-        for (var j = lane; j < n; j = j + lanes) {
-            var sim = 0.0;
-            if j != i {
-                sim = k_dot(ki, slot_base(d, j)) * (ni * norms[s * p.t_stride + j]);
-            }
-            sum = sum + sim;
-            if j == 0u {
-                rr_first[r] = sim;   // S[i, 0] (0 when i == 0: the diagonal)
-            }
-            if j != i && sim > p.threshold {
-                hit = j + 1u;
-                hit_val = sim;
-            }
+    let tr = lid / 8u;      // rows 4 tr .. 4 tr + 3 of the tile
+    let tc = lid % 8u;      // columns 4 tc .. 4 tc + 3
+    var ni = vec4<f32>(0.0);
+    for (var a = 0u; a < 4u; a = a + 1u) {
+        let i = i0 + 4u * tr + a;
+        if i < n {
+            ni[a] = norms[s * p.t_stride + i];
         }
     }
-    rr_sum[lid] = sum;
-    rr_hit[lid] = hit;
-    rr_val[lid] = hit_val;
-    workgroupBarrier();
-    for (var h = lanes / 2u; h > 0u; h = h >> 1u) {
-        if lane < h {
-            rr_sum[lid] = rr_sum[lid] + rr_sum[lid + h];
-            if rr_hit[lid + h] > rr_hit[lid] {
-                rr_hit[lid] = rr_hit[lid + h];
-                rr_val[lid] = rr_val[lid + h];
-            }
-        }
+    if lid < RT && i0 + lid < n {
+        rt_rbase[lid] = slot_base(d, i0 + lid);
+    }
+    var sum = vec4<f32>(0.0);
+    var hit = vec4<u32>(0u);
+    var val = vec4<f32>(0.0);
+    var first = vec4<f32>(0.0);
+    // Uniform per workgroup: every thread runs the same tiles and barriers.
+    let live = i0 < n;
+    for (var j0 = 0u; live && j0 < n; j0 = j0 + RT) {
         workgroupBarrier();
+        if lid < RT && j0 + lid < n {
+            rt_cbase[lid] = slot_base(d, j0 + lid);
+        }
+        var acc0 = vec4<f32>(0.0);
+        var acc1 = vec4<f32>(0.0);
+        var acc2 = vec4<f32>(0.0);
+        var acc3 = vec4<f32>(0.0);
+        for (var k0 = 0u; k0 < p.head_dim; k0 = k0 + KC) {
+            workgroupBarrier();
+            stage_keys(i0, n, k0, lid, true);
+            stage_keys(j0, n, k0, lid, false);
+            workgroupBarrier();
+            for (var k = 0u; k < KC; k = k + 1u) {
+                let rv = rt_rows[k * (RT / 4u) + tr];
+                let cv = rt_cols[k * (RT / 4u) + tc];
+                acc0 = acc0 + rv.x * cv;
+                acc1 = acc1 + rv.y * cv;
+                acc2 = acc2 + rv.z * cv;
+                acc3 = acc3 + rv.w * cv;
+            }
+        }
+        var nj = vec4<f32>(0.0);
+        for (var b = 0u; b < 4u; b = b + 1u) {
+            let j = j0 + 4u * tc + b;
+            if j < n {
+                nj[b] = norms[s * p.t_stride + j];
+            }
+        }
+        let dots = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+        for (var a = 0u; a < 4u; a = a + 1u) {
+            let i = i0 + 4u * tr + a;
+            for (var b = 0u; b < 4u; b = b + 1u) {
+                let j = j0 + 4u * tc + b;
+                if i < n && j < n {
+                    var sim = 0.0;
+                    if j != i {
+                        sim = dots[a][b] * (ni[a] * nj[b]);
+                    }
+                    sum[a] = sum[a] + sim;
+                    if j == 0u {
+                        first[a] = sim;   // S[i, 0] (0 when i == 0: the diagonal)
+                    }
+                    if j != i && sim > p.threshold {
+                        hit[a] = j + 1u;   // columns ascend: the last hit is the largest j
+                        val[a] = sim;
+                    }
+                }
+            }
+        }
     }
-    if lane == 0u && i < n {
+    for (var a = 0u; a < 4u; a = a + 1u) {
+        let r = 4u * tr + a;
+        rr_sum[r * 8u + tc] = sum[a];
+        rr_hit[r * 8u + tc] = hit[a];
+        rr_val[r * 8u + tc] = val[a];
+        if tc == 0u {
+            rr_first[r] = first[a];
+        }
+    }
+    workgroupBarrier();
+    let i = i0 + lid;
+    if lid < RT && i < n {
+        var total = 0.0;
+        var h = 0u;
+        var v = 0.0;
+        for (var c = 0u; c < 8u; c = c + 1u) {
+            total = total + rr_sum[lid * 8u + c];
+            if rr_hit[lid * 8u + c] > h {
+                h = rr_hit[lid * 8u + c];
+                v = rr_val[lid * 8u + c];
+            }
+        }
         let at = s * p.t_stride + i;
-        rowstat[at * 2u] = rr_sum[lid];
-        if rr_hit[lid] == 0u {
+        rowstat[at * 2u] = total;
+        if h == 0u {
             last[at] = 0u;
-            rowstat[at * 2u + 1u] = rr_first[r];
+            rowstat[at * 2u + 1u] = rr_first[lid];
         } else {
-            last[at] = rr_hit[lid] - 1u;
-            rowstat[at * 2u + 1u] = rr_val[lid];
+            last[at] = h - 1u;
+            rowstat[at * 2u + 1u] = v;
         }
     }
 }

@@ -38,6 +38,8 @@ pub static COMPRESS: Kernel = Kernel {
 };
 
 const WG: usize = 256;
+/// Rows of S per redundancy_rows workgroup (RT in compress.wgsl).
+const REDUNDANCY_TILE: usize = 32;
 /// Slots one score_stats workgroup covers (STAT_SPLIT in compress.wgsl).
 const STAT_SPLIT: usize = 8192;
 
@@ -86,7 +88,7 @@ pub struct CompressParams {
     /// The longest head's length the pass covers: grids are sized by it
     /// (not by the scratch's `t_stride`), and compaction's scratch layout.
     pub slots: u32,
-    /// redundancy_rows: threads per row (a power of two <= WG).
+    /// score_stats: threads per (row, unit, split) (a power of two <= WG).
     pub row_lanes: u32,
     pub _pad: u32,
 }
@@ -382,6 +384,14 @@ trait With: Sized {
 }
 impl With for CompressParams {}
 
+/// Threads per row of score_stats over rows of `slots` columns: about 16
+/// columns each, at least 4 and at most a workgroup (a workgroup holds
+/// `WG / lanes` rows, so short heads do not idle 256-thread workgroups on
+/// barriers).
+fn stat_lanes(slots: usize) -> usize {
+    slots.div_ceil(16).next_power_of_two().clamp(4, WG)
+}
+
 fn params_for(
     kv: &LayerKv,
     q: &ScoreQueries,
@@ -417,7 +427,7 @@ fn params_for(
         scale: 1.0 / (kv.layout.head_dim as f32).sqrt(),
         stat_splits: u32_of("stat splits", slots.div_ceil(STAT_SPLIT).max(1)),
         slots: u32_of("slots", slots),
-        row_lanes: u32_of("row lanes", row_lanes(slots.min(STAT_SPLIT))),
+        row_lanes: u32_of("row lanes", stat_lanes(slots.min(STAT_SPLIT))),
         ..CompressParams::for_kv(kv)
     }
 }
@@ -498,19 +508,11 @@ pub fn window_scores(
     Ok(out)
 }
 
-/// Threads per row of the row reductions (score_stats, R-KV's redundancy
-/// rows) over rows of `slots` columns: about 16 columns each, at least 4 and
-/// at most a workgroup (a workgroup holds `WG / lanes` rows, so short heads
-/// do not idle 256-thread workgroups on barriers).
-pub fn row_lanes(slots: usize) -> usize {
-    slots.div_ceil(16).next_power_of_two().clamp(4, WG)
-}
-
 /// R-KV: redundancy of every slot and the final score
 /// `lambda * importance - (1 - lambda) * redundancy` in `bufs.scores`
 /// (which holds the pooled importance). `slots`: the longest head's length
 /// (at most `bufs.t_max`), which sizes the grids (the row pass launches a
-/// workgroup per slot), not the scratch's capacity.
+/// workgroup per tile of `REDUNDANCY_TILE` rows), not the scratch's capacity.
 #[allow(clippy::too_many_arguments)]
 pub fn rkv_redundancy(
     ctx: &GpuContext,
@@ -534,11 +536,9 @@ pub fn rkv_redundancy(
         threshold,
         eps,
         slots: u32_of("slots", slots),
-        row_lanes: u32_of("row lanes", row_lanes(slots)),
         ..CompressParams::for_kv(kv)
     };
     let grid = [blocks(slots), u32_of("heads", kv.n_heads), 1];
-    let rows_per_workgroup = WG / p.row_lanes as usize;
     fn with_pool<'a>(
         kv: &'a LayerKv,
         extra: &[(u32, wgpu::BindingResource<'a>)],
@@ -574,8 +574,8 @@ pub fn rkv_redundancy(
                 ],
             ),
             {
-                let row_blocks = slots.div_ceil(rows_per_workgroup);
-                let [x, y, _] = ctx.grid(u32_of("row blocks", row_blocks.max(1)));
+                let row_tiles = slots.div_ceil(REDUNDANCY_TILE);
+                let [x, y, _] = ctx.grid(u32_of("row tiles", row_tiles.max(1)));
                 [x, y, u32_of("heads", kv.n_heads)]
             },
         )?,
