@@ -491,6 +491,8 @@ fn bad_kv_flags_are_clear_errors() {
         ("--kv-pool-mb", "0.0001", "--kv-pool-mb"),
         ("--page-size", "0", "--page-size"),
         ("--batch", "0", "--batch"),
+        ("--steps-per-submit", "0", "--steps-per-submit"),
+        ("--steps-per-submit", "65", "--steps-per-submit"),
     ] {
         expect_generate_error(&[flag, value], needle);
     }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use kvsift::engine::{Engine, EngineConfig, Event, Exhaustion, Request, StopReason};
 use kvsift::gpu::{GpuContext, WeightDtype};
+use kvsift::kv::compression::{CompressConfig, Method};
 use kvsift::kv::paged::PoolConfig;
 use kvsift::model::llama::load_weights;
 use kvsift::model::{LoadOptions, Model};
@@ -498,4 +499,67 @@ fn bad_requests_and_settings_are_clear_errors() {
         },
     );
     assert!(bad.err().unwrap().to_string().contains("--kv-pool-mb"));
+}
+
+/// Chained decode (several steps per submission, tokens fed back on the
+/// GPU) produces exactly the events of one step per submission: greedy and
+/// seeded sampling, a stop token and max-token limits inside a chain, the
+/// context limit, requests waiting for admission, and R-KV's decode
+/// schedule (chains end at each compression trigger).
+#[test]
+fn chained_decode_gives_the_events_of_single_steps() {
+    let Some(ctx) = gpu() else { return };
+    let mut rkv = CompressConfig::new(Method::Rkv, 24);
+    rkv.buffer = 8;
+    for compression in [CompressConfig::new(Method::None, 0), rkv] {
+        let run_with = |chain: usize, reqs: &[Request]| {
+            let mut e = engine(
+                ctx,
+                "tiny-llama",
+                EngineConfig {
+                    max_batch: 4,
+                    max_context: Some(72),
+                    pool: small_pool(8),
+                    compression: compression.clone(),
+                    decode_chain: chain,
+                    ..Default::default()
+                },
+            );
+            let (tokens, events) = run(&mut e, reqs);
+            (tokens, events, e.take_decode_timing())
+        };
+        let mut reqs: Vec<Request> = (0..5)
+            .map(|i| greedy(prompt(i, 5 + 7 * i as usize), 13 + 5 * i as usize))
+            .collect();
+        // Runs into the context (72) before its token limit.
+        reqs[4].max_tokens = 100;
+        reqs[2].sampling = SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            seed: 7,
+            ..SamplingParams::greedy()
+        };
+        // A stop token the first request meets mid-chain.
+        let (plain, _, _) = run_with(1, &reqs);
+        reqs[0].stop_ids = vec![plain[0][6]];
+        let (want_tokens, want, single) = run_with(1, &reqs);
+        assert!(want_tokens[0].len() <= 7 && want_tokens[4].len() < 100);
+        assert_eq!(single.submissions, single.steps);
+        for chain in [2, 7] {
+            let (_, got, chained) = run_with(chain, &reqs);
+            assert_eq!(
+                format!("{got:?}"),
+                format!("{want:?}"),
+                "chain {chain}, {:?}: events differ from single steps",
+                compression.method
+            );
+            assert_eq!(chained.steps, single.steps, "chain {chain}");
+            assert!(
+                chained.submissions < chained.steps,
+                "chain {chain}: {} submissions for {} steps",
+                chained.submissions,
+                chained.steps
+            );
+        }
+    }
 }

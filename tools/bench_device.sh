@@ -67,8 +67,14 @@ if [[ " $what " == *" bench "* ]]; then
     for b in 1 4 16; do
       .bin/kvsift bench --model /tmp/llama-100m -p 512 -n 128 -r 3 --batch "$b" --profile
     done
+    # Chained decode: 8 and 32 steps per submission (tokens fed back on the GPU).
+    for c in 8 32; do
+      for b in 1 16; do
+        .bin/kvsift bench --model /tmp/llama-100m -p 0 -n 128 -r 3 --batch "$b" --steps-per-submit "$c"
+      done
+    done
     .bin/kvsift bench throughput --model /tmp/llama-100m --pool-mb 64 --prompt-len 128 \
       --gen-len 1024 --kv rkv --budget 128 --max-sequences 512
-    [ -x .bin/compression ] && .bin/compression
+    [ -x .bin/compression ] && .bin/compression --profile
   } 2>&1 | tee "$OUT/bench.txt"
 fi

@@ -223,11 +223,13 @@ fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
                 engine.take_decode_timing(); // the warm-up run's steps
             }
             let t = Instant::now();
-            let (steps, _) = drain(&mut engine)?;
+            drain(&mut engine)?;
             let s = t.elapsed().as_secs_f64();
             if rep > 0 {
                 rates.push((a.n_gen * a.batch) as f64 / s);
-                step_s.push(s / steps as f64);
+                // Per token step (the prefill's first token, then decode
+                // steps, several per engine step when chained).
+                step_s.push(s / a.n_gen as f64);
             }
         }
         timing = Some(engine.take_decode_timing());
@@ -278,6 +280,7 @@ fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
         let mut j = json!({ "results": out, "roofline_gb_s": copy });
         if let Some(t) = timing.filter(|t| t.steps > 0) {
             j["decode_steps"] = json!(t.steps);
+            j["decode_submissions"] = json!(t.submissions);
             j["decode_host_ms"] = json!(per_step_ms(t.host, t.steps));
             j["decode_wait_ms"] = json!(per_step_ms(t.wait, t.steps));
         }
@@ -334,10 +337,11 @@ fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
     if let Some(t) = timing.filter(|t| t.steps > 0) {
         writeln!(
             stdout,
-            "decode step: {:.3} ms on the host (descriptors, encode, submit) + {:.3} ms from submission to the tokens on the host (GPU work, readback); mean of {} steps",
+            "decode step: {:.3} ms on the host (descriptors, encode, submit) + {:.3} ms from submission to the tokens on the host (GPU work, readback); mean of {} steps in {} submissions",
             per_step_ms(t.host, t.steps),
             per_step_ms(t.wait, t.steps),
-            t.steps
+            t.steps,
+            t.submissions
         )?;
     }
     if let Some(p) = prefill_profile {

@@ -29,6 +29,11 @@ pub struct ModelArgs {
     /// Tokens per prefill step (longer prompts run in chunks).
     #[arg(long, default_value_t = 256)]
     pub batch_tokens: usize,
+    /// Decode steps per GPU submission: each step's sampled tokens feed the
+    /// next on the GPU and reach the host once per chain (tokens stream in
+    /// bursts). Same tokens as 1; saves the per-token submit and readback.
+    #[arg(long, default_value_t = 1)]
+    pub steps_per_submit: usize,
     /// Memory for the paged KV pool, MiB (default 512, at most one storage binding per layer).
     #[arg(long)]
     pub kv_pool_mb: Option<f64>,
@@ -102,6 +107,7 @@ impl ModelArgs {
             },
             on_exhaustion,
             compression: self.compress.config()?,
+            decode_chain: self.steps_per_submit,
         };
         let weights = load_weights(ctx, &self.dir()?, dtype, true)?;
         Ok(Engine::new(ctx, weights, config)?)

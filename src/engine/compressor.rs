@@ -219,6 +219,16 @@ impl Compressor {
             && pos.is_multiple_of(self.cfg.buffer)
     }
 
+    /// Decode steps from the step whose token has position `pos` to the
+    /// next step that compresses (0: this one); None without a decode schedule.
+    pub fn steps_to_trigger(&self, pos: usize) -> Option<usize> {
+        if self.cfg.method == Method::None || self.cfg.schedule != Schedule::Decode {
+            return None;
+        }
+        let b = self.cfg.buffer;
+        Some((b - pos % b) % b)
+    }
+
     /// Whether a prompt of `len` tokens is compressed after its prefill.
     pub fn after_prefill(&self, len: usize) -> bool {
         self.cfg.method != Method::None && len >= self.cfg.budget

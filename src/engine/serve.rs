@@ -39,6 +39,8 @@ use crate::ops::paged_attention::{
 
 /// Page splits a prefill chunk's attention uses at most.
 const MAX_PREFILL_SPLITS: usize = 16;
+/// Most decode steps one submission may chain ([`EngineConfig::decode_chain`]).
+pub const MAX_DECODE_CHAIN: usize = 64;
 use crate::ops::sample::{Sampler, SamplingParams, mark_seen, seen_words};
 use crate::rng::Rng;
 
@@ -77,6 +79,13 @@ pub struct EngineConfig {
     pub on_exhaustion: Exhaustion,
     /// KV compression (method none: full cache).
     pub compression: CompressConfig,
+    /// Most decode steps encoded in one submission: each step's sampled
+    /// tokens feed the next step's embedding on the GPU, and the host reads
+    /// the tokens once per chain (in bursts). 1: a submission and a readback
+    /// per token. Chains stop short of a compression trigger, a sequence's
+    /// token or context limit, and run only when nobody waits for admission
+    /// and the pool holds the whole chain's slots.
+    pub decode_chain: usize,
 }
 
 impl Default for EngineConfig {
@@ -88,6 +97,7 @@ impl Default for EngineConfig {
             pool: PoolConfig::default(),
             on_exhaustion: Exhaustion::Preempt,
             compression: CompressConfig::new(Method::None, 0),
+            decode_chain: 1,
         }
     }
 }
@@ -173,7 +183,10 @@ pub struct Engine<'c> {
     tokens_out: GpuBuffer<u32>,
     partials: GpuBuffer<f32>,
     token_slot: ReadbackSlot,
+    /// The decode step for `b` rows (without the token readback).
     decode_plans: HashMap<usize, Vec<Op>>,
+    /// `(b, k)`: k chained decode steps of `b` rows, readbacks included.
+    chain_plans: HashMap<(usize, usize), Vec<Op>>,
     split_pages: usize,
     n_splits: usize,
     next_id: RequestId,
@@ -197,6 +210,8 @@ pub struct Engine<'c> {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DecodeTiming {
     pub steps: u64,
+    /// Submissions those steps took (fewer than steps when chained).
+    pub submissions: u64,
     /// Host work before the GPU can start: descriptors and inputs written,
     /// the step encoded and submitted.
     pub host: Duration,
@@ -215,8 +230,14 @@ impl<'c> Engine<'c> {
                 "must be positive",
             ));
         }
+        if config.decode_chain == 0 || config.decode_chain > MAX_DECODE_CHAIN {
+            return Err(Error::invalid(
+                "--steps-per-submit",
+                format!("{}: expected 1 to {MAX_DECODE_CHAIN}", config.decode_chain),
+            ));
+        }
         let rows = config.max_batch.max(config.prefill_chunk);
-        let acts = Activations::new(ctx, &cfg, rows, config.max_batch)?;
+        let mut acts = Activations::new(ctx, &cfg, rows, config.max_batch)?;
         if acts.head_rows < config.max_batch {
             return Err(Error::LimitExceeded {
                 what: format!(
@@ -230,7 +251,7 @@ impl<'c> Engine<'c> {
         }
         config.compression.validate()?;
         let hpk = Compressor::heads_per_kv(&config.compression, &cfg);
-        let kv = PagedKv::new(
+        let mut kv = PagedKv::new(
             ctx,
             &cfg,
             &config.pool,
@@ -265,9 +286,16 @@ impl<'c> Engine<'c> {
         let split_pages = max_pages.div_ceil(max_splits).max(1);
         let n_splits = max_pages.div_ceil(split_pages);
         let v = cfg.vocab_size;
+        let chain = config.decode_chain;
+        let mut sampler = Sampler::new(ctx, v, config.max_batch)?;
+        if chain > 1 {
+            acts.enable_chain(ctx, chain)?;
+            kv.enable_chain(ctx, chain)?;
+            sampler.enable_chain(ctx, chain)?;
+        }
         let mut engine = Engine {
             ctx,
-            sampler: Sampler::new(ctx, v, config.max_batch)?,
+            sampler,
             seen: GpuBuffer::zeros(ctx, "engine.seen", config.max_batch * seen_words(v))?,
             tokens_out: GpuBuffer::zeros(ctx, "engine.tokens", config.max_batch)?,
             partials: GpuBuffer::zeros(
@@ -282,8 +310,13 @@ impl<'c> Engine<'c> {
                     ),
                 ),
             )?,
-            token_slot: ReadbackSlot::new(ctx, "readback.tokens", (config.max_batch * 4) as u64)?,
+            token_slot: ReadbackSlot::new(
+                ctx,
+                "readback.tokens",
+                (chain * config.max_batch * 4) as u64,
+            )?,
             decode_plans: HashMap::new(),
+            chain_plans: HashMap::new(),
             split_pages,
             n_splits,
             free_lanes: (0..config.max_batch).rev().collect(),
@@ -445,9 +478,14 @@ impl<'c> Engine<'c> {
         self.admit(&mut events)?;
         // Sequences admitted this step already produced their first token.
         if decoders > 0 {
-            self.grow(&mut events);
-            if !self.running.is_empty() {
-                self.decode(&mut events)?;
+            let k = self.chain_len();
+            if k > 1 && self.grow_chain(k) {
+                self.decode_chain(k, &mut events)?;
+            } else {
+                self.grow(&mut events);
+                if !self.running.is_empty() {
+                    self.decode(&mut events)?;
+                }
             }
         }
         self.peak_pages = self.peak_pages.max(self.kv.alloc.pages_in_use());
@@ -650,7 +688,7 @@ impl<'c> Engine<'c> {
     }
 
     /// Builds (once) the decode step for `b` rows: body, final norm, lm_head
-    /// over the batch, sampling, and the copy of the tokens for readback.
+    /// over the batch and sampling into `tokens_out`.
     fn ensure_decode_plan(&mut self, b: usize) -> Result<()> {
         if !self.decode_plans.contains_key(&b) {
             let (ctx, a) = (self.ctx, &self.acts);
@@ -661,11 +699,36 @@ impl<'c> Engine<'c> {
                     .dispatch(ctx, b, &a.logits, &self.seen, &self.tokens_out)?
                     .into(),
             );
-            ops.push(
-                self.token_slot
-                    .copy_from(self.tokens_out.raw(), 0, (b * 4) as u64),
-            );
             self.decode_plans.insert(b, ops);
+        }
+        Ok(())
+    }
+
+    /// Builds (once) `k` chained decode steps of `b` rows: before step j its
+    /// staged positions, RoPE rows, descriptors and sampling rows are copied
+    /// in (and, after the first, the previous step's tokens become the ids);
+    /// after it, its tokens go to slot j of the readback.
+    fn ensure_chain_plan(&mut self, b: usize, k: usize) -> Result<()> {
+        self.ensure_decode_plan(b)?;
+        if !self.chain_plans.contains_key(&(b, k)) {
+            let step = &self.decode_plans[&b];
+            let mut ops = Vec::with_capacity(k * (step.len() + 6));
+            for j in 0..k {
+                if j > 0 {
+                    ops.push(self.tokens_out.copy_op(0, &self.acts.ids, 0, b));
+                }
+                self.acts.push_staged(&mut ops, j, b);
+                ops.push(self.kv.staged_rows_op(j));
+                ops.push(self.sampler.staged_rows_op(j, b));
+                ops.extend(step.iter().cloned());
+                ops.push(self.token_slot.copy_from_to(
+                    self.tokens_out.raw(),
+                    0,
+                    (b * 4) as u64,
+                    (j * b * 4) as u64,
+                ));
+            }
+            self.chain_plans.insert((b, k), ops);
         }
         Ok(())
     }
@@ -752,20 +815,25 @@ impl<'c> Engine<'c> {
         self.sampler.set_rows(self.ctx, draws);
         self.ensure_decode_plan(b)?;
         let profiled = std::mem::take(&mut self.profile_next);
+        let readback = [self
+            .token_slot
+            .copy_from(self.tokens_out.raw(), 0, (b * 4) as u64)];
+        let step = &self.decode_plans[&b];
         if profiled {
             self.last_profile = Some(
                 self.ctx
-                    .profile_ops("kvsift.engine.decode", &[&self.decode_plans[&b]])?,
+                    .profile_ops("kvsift.engine.decode", &[step, &readback])?,
             );
         } else {
             self.ctx
-                .run_ops("kvsift.engine.decode", &[&self.decode_plans[&b]])?;
+                .run_ops("kvsift.engine.decode", &[step, &readback])?;
         }
         let submitted = Instant::now();
         let tokens = self.token_slot.read::<u32>(self.ctx, b)?;
         if !profiled {
             let t = &mut self.decode_timing;
             t.steps += 1;
+            t.submissions += 1;
             t.host += submitted - start;
             t.wait += submitted.elapsed();
         }
@@ -798,6 +866,15 @@ impl<'c> Engine<'c> {
 
     /// Records a sampled token; keeps the sequence running or retires it.
     fn accept(&mut self, mut s: Sequence, token: u32, events: &mut Vec<Event>) {
+        match self.record(&mut s, token, events) {
+            Some(_) => self.retire(s),
+            None => self.running.push(s),
+        }
+    }
+
+    /// Appends a sampled token to `s` (a Token event, and Finished when it
+    /// ends the sequence); why it ends, if it does.
+    fn record(&self, s: &mut Sequence, token: u32, events: &mut Vec<Event>) -> Option<StopReason> {
         s.tokens.push(token);
         s.generated += 1;
         events.push(Event::Token { id: s.id, token });
@@ -810,13 +887,130 @@ impl<'c> Engine<'c> {
         } else {
             None
         };
-        match reason {
-            Some(reason) => {
-                events.push(Event::Finished { id: s.id, reason });
-                self.retire(s);
-            }
-            None => self.running.push(s),
+        if let Some(reason) = reason {
+            events.push(Event::Finished { id: s.id, reason });
         }
+        reason
+    }
+
+    /// Decode steps the next submission may chain: at most the configured
+    /// chain, no further than any running sequence's token or context limit
+    /// or next compression trigger (which must be the chain's last step);
+    /// 1 while requests wait for admission, logits are captured or a step
+    /// is profiled.
+    fn chain_len(&self) -> usize {
+        let mut k = self.config.decode_chain;
+        if k == 1 || !self.waiting.is_empty() || self.capture_logits || self.profile_next {
+            return 1;
+        }
+        for s in &self.running {
+            k = k
+                .min(s.req.max_tokens.saturating_sub(s.generated))
+                .min(self.capacity.saturating_sub(s.tokens.len()));
+            if let Some(c) = &self.compressor {
+                // The chain's first step feeds the pending token's position.
+                if let Some(d) = c.steps_to_trigger(s.tokens.len() - 1) {
+                    k = k.min(d + 1);
+                }
+            }
+        }
+        k.max(1)
+    }
+
+    /// `k` more slots for every running sequence if the pool holds them all
+    /// (else nothing changes: the caller falls back to one step).
+    fn grow_chain(&mut self, k: usize) -> bool {
+        let running = &self.running;
+        let fits = self.kv.alloc.fits(|l| {
+            running
+                .iter()
+                .map(|s| s.tables.pages_needed(l, k))
+                .sum::<usize>()
+        });
+        if !fits {
+            return false;
+        }
+        for s in self.running.iter_mut() {
+            let new = s
+                .tables
+                .append(k, &mut self.kv.alloc)
+                .expect("checked by fits()");
+            self.kv.write_pages(self.ctx, s.lane, &new);
+        }
+        true
+    }
+
+    /// `k` decode steps of every running sequence in one submission (slots
+    /// already appended by [`Engine::grow_chain`]): the same tokens as `k`
+    /// single steps, read back once.
+    fn decode_chain(&mut self, k: usize, events: &mut Vec<Event>) -> Result<()> {
+        let start = Instant::now();
+        let b = self.running.len();
+        for (row, s) in self.running.iter().enumerate() {
+            self.ids_host[row] = *s.tokens.last().expect("a pending token");
+        }
+        self.acts.write_ids(self.ctx, &self.ids_host[..b]);
+        for j in 0..k {
+            for (row, s) in self.running.iter().enumerate() {
+                self.pos_host[row] = (s.tokens.len() - 1 + j) as u32;
+                self.kv.set_row_before(row, s.lane, &s.tables, k - 1 - j);
+            }
+            self.kv.stage_rows(self.ctx, j);
+            self.acts.stage_positions(self.ctx, j, &self.pos_host[..b]);
+            self.sampler.stage_rows(
+                self.ctx,
+                j,
+                self.running
+                    .iter_mut()
+                    .map(|s| (s.req.sampling, s.lane, s.rng.uniform())),
+            );
+        }
+        if let Some(c) = &self.compressor {
+            for (row, s) in self.running.iter().enumerate() {
+                self.lanes_host[row] = s.lane as u32;
+            }
+            c.set_lanes(self.ctx, &self.lanes_host[..b]);
+        }
+        self.ensure_chain_plan(b, k)?;
+        self.ctx
+            .run_ops("kvsift.engine.decode_chain", &[&self.chain_plans[&(b, k)]])?;
+        let submitted = Instant::now();
+        let tokens = self.token_slot.read::<u32>(self.ctx, k * b)?;
+        let t = &mut self.decode_timing;
+        t.steps += k as u64;
+        t.submissions += 1;
+        t.host += submitted - start;
+        t.wait += submitted.elapsed();
+        // The last step's position: a compression trigger can only fall there.
+        let last_pos: Vec<usize> = self
+            .running
+            .iter()
+            .map(|s| s.tokens.len() - 2 + k)
+            .collect();
+        let mut running = std::mem::take(&mut self.running);
+        let mut ended = vec![false; b];
+        for j in 0..k {
+            for (row, s) in running.iter_mut().enumerate() {
+                if !ended[row] {
+                    ended[row] = self.record(s, tokens[j * b + row], events).is_some();
+                }
+            }
+        }
+        for ((mut s, done), pos) in running.into_iter().zip(ended).zip(last_pos) {
+            if done {
+                self.retire(s);
+                continue;
+            }
+            if self
+                .compressor
+                .as_ref()
+                .is_some_and(|c| c.after_decode(pos))
+            {
+                self.compress(s.lane, &mut s.tables)?;
+            }
+            self.running.push(s);
+        }
+        Ok(())
     }
 
     /// Teacher-forced scoring through the paged cache, as [`crate::model::Model::score`]:

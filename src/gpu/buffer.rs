@@ -104,6 +104,26 @@ impl<T: Pod> GpuBuffer<T> {
         ctx.queue.write_buffer(&self.buffer, off, bytes);
     }
 
+    /// A recorded copy of `n` elements from `at` into `dst` at `dst_at`.
+    pub fn copy_op(&self, at: usize, dst: &GpuBuffer<T>, dst_at: usize, n: usize) -> super::Op {
+        assert!(
+            at + n <= self.len && dst_at + n <= dst.len,
+            "copy {} -> {}: {n} elements from {at} to {dst_at} overflow {} / {}",
+            self.label,
+            dst.label,
+            self.len,
+            dst.len
+        );
+        let size = std::mem::size_of::<T>() as u64;
+        super::Op::Copy(super::BufferCopy {
+            src: self.buffer.clone(),
+            src_offset: at as u64 * size,
+            dst: dst.buffer.clone(),
+            dst_offset: dst_at as u64 * size,
+            size: n as u64 * size,
+        })
+    }
+
     /// Copies the whole buffer back to the host (waits for the GPU).
     pub fn read(&self, ctx: &GpuContext) -> Result<Vec<T>> {
         let n = self.len * std::mem::size_of::<T>();
@@ -255,9 +275,20 @@ impl ReadbackSlot {
 
     /// The op that copies `bytes` at `offset` of `src` into this slot.
     pub fn copy_from(&self, src: &wgpu::Buffer, offset: u64, bytes: u64) -> super::Op {
+        self.copy_from_to(src, offset, bytes, 0)
+    }
+
+    /// The same, into the slot at byte `dst_offset`.
+    pub fn copy_from_to(
+        &self,
+        src: &wgpu::Buffer,
+        offset: u64,
+        bytes: u64,
+        dst_offset: u64,
+    ) -> super::Op {
         assert!(
-            bytes <= self.staging.size(),
-            "readback {}: {bytes} bytes into a {}-byte slot",
+            dst_offset + bytes <= self.staging.size(),
+            "readback {}: {bytes} bytes at {dst_offset} into a {}-byte slot",
             self.label,
             self.staging.size()
         );
@@ -265,7 +296,7 @@ impl ReadbackSlot {
             src: src.clone(),
             src_offset: offset,
             dst: self.staging.clone(),
-            dst_offset: 0,
+            dst_offset,
             size: bytes,
         })
     }
@@ -296,5 +327,40 @@ impl ReadbackSlot {
         };
         self.staging.unmap();
         Ok(out)
+    }
+}
+
+/// The per-step inputs of a chained decode (several decode steps in one
+/// submission): `steps` copies of an input buffer's first `len` elements,
+/// written on the host before the submission and copied into the live
+/// buffer ahead of each step, so the recorded step itself never changes.
+pub struct StagedInput<T: Pod> {
+    stage: GpuBuffer<T>,
+    len: usize,
+}
+
+impl<T: Pod> StagedInput<T> {
+    pub fn new(ctx: &GpuContext, label: &str, steps: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            stage: GpuBuffer::zeros(ctx, label, steps.max(1) * len)?,
+            len,
+        })
+    }
+
+    /// Step `step`'s values (at most `len`).
+    pub fn write(&self, ctx: &GpuContext, step: usize, data: &[T]) {
+        assert!(
+            data.len() <= self.len,
+            "staged input: {} > {}",
+            data.len(),
+            self.len
+        );
+        self.stage.write(ctx, step * self.len, data);
+    }
+
+    /// Copies step `step`'s first `n` values into `live`.
+    pub fn copy_op(&self, step: usize, live: &GpuBuffer<T>, n: usize) -> super::Op {
+        assert!(n <= self.len, "staged input: copy of {n} > {}", self.len);
+        self.stage.copy_op(step * self.len, live, 0, n)
     }
 }

@@ -6,7 +6,7 @@ pub mod context;
 pub mod matrix;
 pub mod pipeline;
 
-pub use buffer::GpuBuffer;
+pub use buffer::{GpuBuffer, StagedInput};
 pub use context::{DeviceCaps, GpuContext, GpuOptions, OptionalFeatures};
 pub use matrix::{GpuMatrix, WeightDtype};
 pub use pipeline::{BufferCopy, Dispatch, Kernel, Op};

@@ -304,6 +304,7 @@ pub fn encode_ops<'a>(
 }
 
 /// A buffer-to-buffer copy inside a step (byte offsets and size multiples of 4).
+#[derive(Clone)]
 pub struct BufferCopy {
     pub src: wgpu::Buffer,
     pub src_offset: u64,
@@ -312,7 +313,8 @@ pub struct BufferCopy {
     pub size: u64,
 }
 
-/// One recorded command of a step.
+/// One recorded command of a step (clones share the GPU objects).
+#[derive(Clone)]
 pub enum Op {
     Dispatch(Dispatch),
     Copy(BufferCopy),

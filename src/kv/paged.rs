@@ -11,7 +11,7 @@
 //! Which page belongs to whom is decided on the host (`pool.rs`, `table.rs`).
 
 use crate::error::{Error, Result};
-use crate::gpu::{GpuBuffer, GpuContext};
+use crate::gpu::{GpuBuffer, GpuContext, Op, StagedInput};
 use crate::model::config::ModelConfig;
 use crate::ops::paged_attention::{LayerKv, PoolLayout};
 
@@ -65,6 +65,8 @@ pub struct PagedKv {
     desc: GpuBuffer<u32>,
     tables: GpuBuffer<u32>,
     desc_host: Vec<u32>,
+    /// Chained decode: each step's descriptors.
+    desc_staged: Option<StagedInput<u32>>,
     max_rows: usize,
     lanes: usize,
     max_pages: usize,
@@ -164,6 +166,7 @@ impl PagedKv {
             desc: GpuBuffer::zeros(ctx, "kv.desc", desc_len)?,
             tables: GpuBuffer::zeros(ctx, "kv.tables", lanes * n_layers * n_heads * max_pages)?,
             desc_host: vec![0; desc_len],
+            desc_staged: None,
             max_rows,
             lanes,
             max_pages,
@@ -238,9 +241,45 @@ impl PagedKv {
         }
     }
 
+    /// Like [`PagedKv::set_row`] for step `back` steps before the newest of
+    /// a chained decode: each head's length minus `back` (its slots were
+    /// appended for the whole chain).
+    pub fn set_row_before(&mut self, row: usize, lane: usize, seq: &SeqTables, back: usize) {
+        self.set_row(row, lane, seq, None);
+        for layer in 0..self.n_layers {
+            for head in 0..self.n_heads {
+                let d = ((layer * self.max_rows + row) * self.n_heads + head) * 2;
+                self.desc_host[d + 1] -= back as u32;
+            }
+        }
+    }
+
     /// Uploads the row descriptors set since the last step (one write).
     pub fn upload_rows(&self, ctx: &GpuContext) {
         self.desc.write(ctx, 0, &self.desc_host);
+    }
+
+    /// Room for the row descriptors of `steps` chained decode steps.
+    pub fn enable_chain(&mut self, ctx: &GpuContext, steps: usize) -> Result<()> {
+        self.desc_staged = Some(StagedInput::new(
+            ctx,
+            "kv.staged.desc",
+            steps,
+            self.desc_host.len(),
+        )?);
+        Ok(())
+    }
+
+    /// Stages the row descriptors set since the last step as chained step `step`'s.
+    pub fn stage_rows(&self, ctx: &GpuContext, step: usize) {
+        let st = self.desc_staged.as_ref().expect("enable_chain first");
+        st.write(ctx, step, &self.desc_host);
+    }
+
+    /// The copy of staged step `step`'s descriptors into the live ones.
+    pub fn staged_rows_op(&self, step: usize) -> Op {
+        let st = self.desc_staged.as_ref().expect("enable_chain first");
+        st.copy_op(step, &self.desc, self.desc_host.len())
     }
 
     pub fn usage(&self) -> PoolUsage {

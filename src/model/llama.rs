@@ -28,7 +28,9 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::gpu::buffer::ReadbackSlot;
-use crate::gpu::{BufferCopy, Dispatch, GpuBuffer, GpuContext, GpuMatrix, Op, WeightDtype};
+use crate::gpu::{
+    BufferCopy, Dispatch, GpuBuffer, GpuContext, GpuMatrix, Op, StagedInput, WeightDtype,
+};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{TensorRef, WeightStore};
 use crate::ops::embedding;
@@ -320,6 +322,16 @@ pub struct Activations {
     rope_table: RopeTable,
     cos_host: Vec<f32>,
     sin_host: Vec<f32>,
+    /// Chained decode: each step's positions and RoPE rows.
+    staged: Option<StagedRows>,
+}
+
+/// Inputs of the steps of a chained decode (the ids come from the previous
+/// step's sampled tokens on the GPU).
+struct StagedRows {
+    positions: StagedInput<u32>,
+    cos: StagedInput<f32>,
+    sin: StagedInput<f32>,
 }
 
 impl Activations {
@@ -362,7 +374,53 @@ impl Activations {
             rope_table: RopeTable::new(&cfg.rope)?,
             cos_host: vec![0.0; rows * half],
             sin_host: vec![0.0; rows * half],
+            staged: None,
         })
+    }
+
+    /// Room for the inputs of `steps` chained decode steps of up to `rows` tokens.
+    pub fn enable_chain(&mut self, ctx: &GpuContext, steps: usize) -> Result<()> {
+        let half = self.rope_table.half();
+        self.staged = Some(StagedRows {
+            positions: StagedInput::new(ctx, "act.staged.positions", steps, self.rows)?,
+            cos: StagedInput::new(ctx, "act.staged.cos", steps, self.rows * half)?,
+            sin: StagedInput::new(ctx, "act.staged.sin", steps, self.rows * half)?,
+        });
+        Ok(())
+    }
+
+    /// Stages chained step `step`'s positions and their RoPE rows.
+    pub fn stage_positions(&mut self, ctx: &GpuContext, step: usize, positions: &[u32]) {
+        let n = positions.len();
+        let half = self.rope_table.half();
+        let st = self.staged.as_ref().expect("enable_chain first");
+        self.rope_table.fill(
+            positions,
+            &mut self.cos_host[..n * half],
+            &mut self.sin_host[..n * half],
+        );
+        st.positions.write(ctx, step, positions);
+        st.cos.write(ctx, step, &self.cos_host[..n * half]);
+        st.sin.write(ctx, step, &self.sin_host[..n * half]);
+    }
+
+    /// The copies of staged step `step`'s `n` rows into the live inputs.
+    pub fn push_staged(&self, ops: &mut Vec<Op>, step: usize, n: usize) {
+        let half = self.rope_table.half();
+        let st = self.staged.as_ref().expect("enable_chain first");
+        ops.push(st.positions.copy_op(step, &self.positions, n));
+        ops.push(st.cos.copy_op(step, &self.cos, n * half));
+        ops.push(st.sin.copy_op(step, &self.sin, n * half));
+    }
+
+    /// Writes the first step's token ids of a chained decode.
+    pub fn write_ids(&self, ctx: &GpuContext, tokens: &[u32]) {
+        assert!(
+            tokens.len() <= self.rows,
+            "write_ids: {} tokens",
+            tokens.len()
+        );
+        self.ids.write(ctx, 0, tokens);
     }
 
     /// Writes a step's token ids, their absolute positions and RoPE rows.

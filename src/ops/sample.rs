@@ -7,7 +7,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
 use crate::error::{Error, Result};
-use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
+use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel, Op, StagedInput};
 
 const SRC: &str = include_str!("../../shaders/sample.wgsl");
 
@@ -148,6 +148,8 @@ pub struct Sampler {
     seen_words: usize,
     rows: GpuBuffer<RowParams>,
     host_rows: Vec<RowParams>,
+    /// Chained decode: each step's rows.
+    staged: Option<StagedInput<RowParams>>,
 }
 
 impl Sampler {
@@ -172,6 +174,7 @@ impl Sampler {
             seen_words: seen_words(n),
             rows: GpuBuffer::zeros(ctx, "kvsift.sample.rows", max_rows.max(1))?,
             host_rows: Vec::with_capacity(max_rows.max(1)),
+            staged: None,
         })
     }
 
@@ -231,6 +234,33 @@ impl Sampler {
             "sample: more rows than the sampler holds"
         );
         self.rows.write(ctx, 0, &self.host_rows);
+    }
+
+    /// Room for the rows of `steps` chained decode steps.
+    pub fn enable_chain(&mut self, ctx: &GpuContext, steps: usize) -> Result<()> {
+        let rows = self.rows.len();
+        self.staged = Some(StagedInput::new(ctx, "kvsift.sample.staged", steps, rows)?);
+        Ok(())
+    }
+
+    /// Like [`Sampler::set_rows`], for chained step `step`.
+    pub fn stage_rows(
+        &mut self,
+        ctx: &GpuContext,
+        step: usize,
+        rows: impl IntoIterator<Item = (SamplingParams, usize, f32)>,
+    ) {
+        self.host_rows.clear();
+        self.host_rows
+            .extend(rows.into_iter().map(|(p, lane, u)| p.row(lane, u)));
+        let st = self.staged.as_ref().expect("enable_chain first");
+        st.write(ctx, step, &self.host_rows);
+    }
+
+    /// The copy of staged step `step`'s `n` rows into the rows the kernel reads.
+    pub fn staged_rows_op(&self, step: usize, n: usize) -> Op {
+        let st = self.staged.as_ref().expect("enable_chain first");
+        st.copy_op(step, &self.rows, n)
     }
 }
 
