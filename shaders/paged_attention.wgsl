@@ -14,9 +14,12 @@
 //   out = sum_j acc_j exp(m_j - M) / sum_j l_j exp(m_j - M),  M = max_j m_j.
 //
 // attend_prefill: one workgroup per (tile of BQ query tokens of one sequence,
-// query head, split of pages); walks its pages for that head, up to its last
-// query's slot, with the same masked online softmax per query row (causal by
-// the stored positions), and writes the output rows directly (one split) or partials for merge_splits.
+// query head, split of pages); walks its split's slots for that head in
+// tiles of PK = 32, up to its last query's slot: S = Q K^T of the tile
+// through workgroup memory (a GEMM tile, 4 x 4 per invocation), the same
+// masked online softmax per query row (causal by the stored positions),
+// then V of the tile staged as f32; writes the output rows directly (one
+// split) or partials for merge_splits. Needs WG = 64.
 // Splits bound the work of one invocation: llvmpipe stops any invocation's
 // loops after 65535 iterations in all, which a long prompt would pass.
 //
@@ -43,8 +46,11 @@ const MAX_G: u32 = 32u;
 const CHUNK_SLOTS: u32 = 128u; // decode: slots scored per barrier round (serial per query head in the softmax)
 const MAX_CHUNK_PAGES: u32 = 128u;
 const ACC: u32 = 32u;        // MAX_GD / WG for WG >= 64
-override BQ: u32 = 8u;       // query rows per prefill workgroup (BQ * head_dim <= MAX_GD, BQ * page_size <= MAX_GP, BQ <= MAX_G)
+override BQ: u32 = 8u;       // query rows per prefill workgroup (BQ * head_dim <= MAX_GD, BQ <= 32)
 const NEG: f32 = -3.0e38;
+const PK: u32 = 32u;         // prefill: slots per tile (columns of S)
+const PKC: u32 = 32u;        // prefill: head dims staged per step
+const SC_LEN: u32 = 1024u;   // scores in workgroup memory: decode G * chunk <= MAX_GP, prefill BQ * PK
 
 struct Params {
     n_rows: u32,
@@ -72,7 +78,7 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> out: array<f32>;
 
 var<workgroup> q_sh: array<f32, MAX_GD>;
-var<workgroup> sc_sh: array<f32, MAX_GP>;
+var<workgroup> sc_sh: array<f32, SC_LEN>;
 var<workgroup> m_sh: array<f32, MAX_G>;
 var<workgroup> l_sh: array<f32, MAX_G>;
 var<workgroup> corr_sh: array<f32, MAX_G>;
@@ -132,26 +138,6 @@ fn softmax_rows(lid: u32, n_rows: u32, cols: u32) {
         corr_sh[r] = corr;
         l_sh[r] = l_sh[r] * corr + sum;
         m_sh[r] = new_m;
-    }
-}
-
-// acc for the (row, d) elements this invocation owns (element lid + k * WG
-// of n_rows * head_dim): acc = acc * corr[row] + sum_i w[row, i] * v[i, d].
-fn accumulate_page(lid: u32, acc: ptr<function, array<f32, ACC>>, n_elems: u32, v_base: u32) {
-    for (var k = 0u; k < ACC; k = k + 1u) {
-        let e = lid + k * WG;
-        if e < n_elems {
-            let r = e / p.head_dim;
-            let d = e % p.head_dim;
-            var a = (*acc)[k] * corr_sh[r];
-            for (var i = 0u; i < p.page_size; i = i + 1u) {
-                let w = sc_sh[r * p.page_size + i];
-                if w > 0.0 {
-                    a = a + w * v_at(v_base + i * p.dw, d);
-                }
-            }
-            (*acc)[k] = a;
-        }
     }
 }
 
@@ -287,11 +273,20 @@ fn merge_splits(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     }
 }
 
+// Prefill tiles: S = Q K^T for up to 32 query rows x PK slots, staged
+// through workgroup memory PKC dims at a time as vec4s of 4 rows (Q) / 4
+// slots (K), each invocation a 4 x 4 block of S in registers; then V of
+// the tile's slots, as f32, in groups that fit `tile_sh`.
+var<workgroup> tile_sh: array<vec4<f32>, 512>;   // Q chunk [PKC][8] | K chunk [PKC][8]; V [slots][head_dim]
+var<workgroup> kb_sh: array<u32, PK>;            // word of each tile slot's key
+var<workgroup> kpos_sh: array<u32, PK>;          // its position
+
 @compute @workgroup_size(WG)
 fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let hq_count = p.n_heads * p.group;
     let tiles = (p.n_rows + BQ - 1u) / BQ;
     let item = wg.x + wg.y * nwg.x;
+    // Uniform per workgroup (every invocation returns or none does).
     if item >= tiles * hq_count * p.n_splits {
         return;
     }
@@ -302,10 +297,6 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
     let s = h / p.group;
     let dim = p.head_dim;
     let rd = nq * dim;
-
-    for (var i = lid; i < rd; i = i + WG) {
-        q_sh[i] = qkv[(t0 + i / dim) * p.q_stride + h * dim + i % dim];
-    }
     if lid < BQ {
         m_sh[lid] = NEG;
         l_sh[lid] = 0.0;
@@ -319,33 +310,133 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
     // past this tile's last query are in its future: stop there (causal
     // skip; the masks below still decide visibility slot by slot).
     let len = bd.y - p.n_rows + t0 + nq;
-    let n_pages = (len + p.page_size - 1u) / p.page_size;
-    let p0 = j * p.split_pages;
-    let p1 = min(p0 + p.split_pages, n_pages);
-    let rp = nq * p.page_size;
+    let s0 = j * p.split_pages * p.page_size;
+    let s1 = min(s0 + p.split_pages * p.page_size, len);
+    let tr = lid / 8u;      // S rows 4 tr .. 4 tr + 3
+    let tc = lid % 8u;      // S columns 4 tc .. 4 tc + 3
+    // V slots staged at once, and words per slot of a staged K chunk.
+    let v_slots = min(PK, 2048u / dim);
+    var kwords = PKC;
+    if KV_F16 {
+        kwords = PKC / 2u;
+    }
 
     var acc: array<f32, ACC>;
     for (var k = 0u; k < ACC; k = k + 1u) {
         acc[k] = 0.0;
     }
-    for (var pg = p0; pg < p1; pg = pg + 1u) {
-        let base = tables[bd.x + pg] * p.page_words;
-        let v_base = base + p.page_size * p.dw;
-        let pos_base = base + 2u * p.page_size * p.dw;
-        for (var idx = lid; idx < rp; idx = idx + WG) {
-            let i = idx % p.page_size;
-            let r = idx / p.page_size;
-            var score = NEG;
-            if pg * p.page_size + i < len && visible(pool[pos_base + i], positions[t0 + r]) {
-                score = k_dot(base + i * p.dw, r * dim) * p.scale;
+    for (var ts = s0; ts < s1; ts = ts + PK) {
+        let n_cols = min(PK, s1 - ts);
+        workgroupBarrier();
+        if lid < PK && lid < n_cols {
+            let t = ts + lid;
+            let page = tables[bd.x + t / p.page_size] * p.page_words;
+            kb_sh[lid] = page + (t % p.page_size) * p.dw;
+            kpos_sh[lid] = pool[page + 2u * p.page_size * p.dw + t % p.page_size];
+        }
+        var s_0 = vec4<f32>(0.0);
+        var s_1 = vec4<f32>(0.0);
+        var s_2 = vec4<f32>(0.0);
+        var s_3 = vec4<f32>(0.0);
+        for (var k0 = 0u; k0 < dim; k0 = k0 + PKC) {
+            workgroupBarrier();
+            // Q rows t0.., dims k0..k0+PKC (zero past nq or head_dim).
+            for (var e = lid; e < 32u * PKC; e = e + WG) {
+                let r = e / PKC;
+                let k = e % PKC;
+                var x = 0.0;
+                if r < nq && k0 + k < dim {
+                    x = qkv[(t0 + r) * p.q_stride + h * dim + k0 + k];
+                }
+                tile_sh[k * 8u + r / 4u][r % 4u] = x;
             }
-            sc_sh[idx] = score;
+            // K of the tile's slots, the same dims.
+            for (var e = lid; e < PK * kwords; e = e + WG) {
+                let c = e / kwords;
+                let w = e % kwords;
+                let wi = k0 * kwords / PKC + w;
+                var word = 0u;
+                if c < n_cols && wi < p.dw {
+                    word = pool[kb_sh[c] + wi];
+                }
+                if KV_F16 {
+                    let x = unpack2x16float(word);
+                    tile_sh[256u + (2u * w) * 8u + c / 4u][c % 4u] = x.x;
+                    tile_sh[256u + (2u * w + 1u) * 8u + c / 4u][c % 4u] = x.y;
+                } else {
+                    tile_sh[256u + w * 8u + c / 4u][c % 4u] = bitcast<f32>(word);
+                }
+            }
+            workgroupBarrier();
+            for (var k = 0u; k < PKC; k = k + 1u) {
+                let rv = tile_sh[k * 8u + tr];
+                let cv = tile_sh[256u + k * 8u + tc];
+                s_0 = s_0 + rv.x * cv;
+                s_1 = s_1 + rv.y * cv;
+                s_2 = s_2 + rv.z * cv;
+                s_3 = s_3 + rv.w * cv;
+            }
+        }
+        // Scores of this tile, masked by the stored positions.
+        let blk = array<vec4<f32>, 4>(s_0, s_1, s_2, s_3);
+        for (var a = 0u; a < 4u; a = a + 1u) {
+            let r = 4u * tr + a;
+            if r < BQ {
+                for (var b = 0u; b < 4u; b = b + 1u) {
+                    let c = 4u * tc + b;
+                    var score = NEG;
+                    if r < nq && c < n_cols && visible(kpos_sh[c], positions[t0 + r]) {
+                        score = blk[a][b] * p.scale;
+                    }
+                    sc_sh[r * PK + c] = score;
+                }
+            }
         }
         workgroupBarrier();
-        softmax_rows(lid, nq, p.page_size);
+        softmax_rows(lid, nq, PK);
         workgroupBarrier();
-        accumulate_page(lid, &acc, rd, v_base);
-        workgroupBarrier();
+        for (var k = 0u; k < ACC; k = k + 1u) {
+            let e = lid + k * WG;
+            if e < rd {
+                acc[k] = acc[k] * corr_sh[e / dim];
+            }
+        }
+        // acc += weights x V, V staged v_slots slots at a time.
+        for (var v0 = 0u; v0 < n_cols; v0 = v0 + v_slots) {
+            workgroupBarrier();
+            for (var e = lid; e < v_slots * p.dw; e = e + WG) {
+                let i = e / p.dw;
+                let w = e % p.dw;
+                var word = 0u;
+                if v0 + i < n_cols {
+                    word = pool[kb_sh[v0 + i] + p.page_size * p.dw + w];
+                }
+                if KV_F16 {
+                    let x = unpack2x16float(word);
+                    let f = i * dim + 2u * w;
+                    tile_sh[f / 4u][f % 4u] = x.x;
+                    tile_sh[(f + 1u) / 4u][(f + 1u) % 4u] = x.y;
+                } else {
+                    let f = i * dim + w;
+                    tile_sh[f / 4u][f % 4u] = bitcast<f32>(word);
+                }
+            }
+            workgroupBarrier();
+            let n_v = min(v_slots, n_cols - v0);
+            for (var k = 0u; k < ACC; k = k + 1u) {
+                let e = lid + k * WG;
+                if e < rd {
+                    let r = e / dim;
+                    let d = e % dim;
+                    var a = acc[k];
+                    for (var i = 0u; i < n_v; i = i + 1u) {
+                        let f = i * dim + d;
+                        a = a + sc_sh[r * PK + v0 + i] * tile_sh[f / 4u][f % 4u];
+                    }
+                    acc[k] = a;
+                }
+            }
+        }
     }
     if p.n_splits == 1u {
         let out_stride = hq_count * dim;

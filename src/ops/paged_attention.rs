@@ -30,14 +30,15 @@ pub static PAGED_ATTENTION: Kernel = Kernel {
 pub const MAX_GROUP_DIMS: usize = 2048;
 pub const MAX_GROUP_PAGE: usize = 512;
 pub const MAX_GROUP: usize = 32;
-/// Query rows of one prefill workgroup (BQ): as many as the kernel's
-/// workgroup arrays hold for this layout, at most 32. More rows per
-/// workgroup means each page is read and walked (with its barriers) fewer times.
+/// Query rows of one prefill workgroup (BQ): as many as its accumulators
+/// hold (BQ * head_dim <= MAX_GD, ACC per invocation), at most 32 (the rows
+/// of its S tile). More rows per workgroup means each key and value is read
+/// (with its barriers) fewer times.
 fn prefill_rows(l: PoolLayout) -> usize {
-    (MAX_GROUP_DIMS / l.head_dim)
-        .min(MAX_GROUP_PAGE / l.page_size)
-        .clamp(1, MAX_GROUP.min(32))
+    (MAX_GROUP_DIMS / l.head_dim).clamp(1, MAX_GROUP.min(32))
 }
+/// Workgroup size of the attention kernels (attend_prefill's 8 x 8 layout of
+/// its S tile needs 64).
 const ATTENTION_WG: f64 = 64.0;
 
 /// How slots are laid out in a page of the pool.
