@@ -296,7 +296,6 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
     let nq = min(BQ, p.n_rows - t0);
     let s = h / p.group;
     let dim = p.head_dim;
-    let rd = nq * dim;
     if lid < BQ {
         m_sh[lid] = NEG;
         l_sh[lid] = 0.0;
@@ -314,17 +313,20 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
     let s1 = min(s0 + p.split_pages * p.page_size, len);
     let tr = lid / 8u;      // S rows 4 tr .. 4 tr + 3
     let tc = lid % 8u;      // S columns 4 tc .. 4 tc + 3
-    // V slots staged at once, and words per slot of a staged K chunk.
-    let v_slots = min(PK, 2048u / dim);
+    // Words per slot of a staged K chunk.
     var kwords = PKC;
     if KV_F16 {
         kwords = PKC / 2u;
     }
-
-    var acc: array<f32, ACC>;
-    for (var k = 0u; k < ACC; k = k + 1u) {
-        acc[k] = 0.0;
-    }
+    // The output tile BQ x head_dim as vec4 columns: invocation (rg, cg)
+    // owns rows 4 rg .. 4 rg + 3 and vec4 columns cg and cg + CG (BQ is a
+    // power of two <= 32 with BQ * head_dim <= 2048, so two suffice).
+    let dv = (dim + 3u) / 4u;
+    let cgs = 256u / BQ;                 // CG: invocations per 4 rows
+    let rg = lid / cgs;
+    let cg = lid % cgs;
+    let v_slots = min(PK, 512u / dv);    // V slots staged at once
+    var acc: array<vec4<f32>, 8>;        // [row 0..4][column 0..2]
     for (var ts = s0; ts < s1; ts = ts + PK) {
         let n_cols = min(PK, s1 - ts);
         workgroupBarrier();
@@ -377,16 +379,20 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
                 s_3 = s_3 + rv.w * cv;
             }
         }
-        // Scores of this tile, masked by the stored positions.
+        // Scores of this tile, masked by the stored positions (rows past
+        // nq weigh 0; the softmax leaves them alone).
         let blk = array<vec4<f32>, 4>(s_0, s_1, s_2, s_3);
         for (var a = 0u; a < 4u; a = a + 1u) {
             let r = 4u * tr + a;
             if r < BQ {
                 for (var b = 0u; b < 4u; b = b + 1u) {
                     let c = 4u * tc + b;
-                    var score = NEG;
-                    if r < nq && c < n_cols && visible(kpos_sh[c], positions[t0 + r]) {
-                        score = blk[a][b] * p.scale;
+                    var score = 0.0;
+                    if r < nq {
+                        score = NEG;
+                        if c < n_cols && visible(kpos_sh[c], positions[t0 + r]) {
+                            score = blk[a][b] * p.scale;
+                        }
                     }
                     sc_sh[r * PK + c] = score;
                 }
@@ -395,73 +401,96 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
         workgroupBarrier();
         softmax_rows(lid, nq, PK);
         workgroupBarrier();
-        for (var k = 0u; k < ACC; k = k + 1u) {
-            let e = lid + k * WG;
-            if e < rd {
-                acc[k] = acc[k] * corr_sh[e / dim];
-            }
+        for (var k = 0u; k < 4u; k = k + 1u) {
+            let corr = corr_sh[4u * rg + k];
+            acc[2u * k] = acc[2u * k] * corr;
+            acc[2u * k + 1u] = acc[2u * k + 1u] * corr;
         }
-        // acc += weights x V, V staged v_slots slots at a time.
+        // acc += weights x V, V staged as vec4s, v_slots slots at a time.
         for (var v0 = 0u; v0 < n_cols; v0 = v0 + v_slots) {
             workgroupBarrier();
-            for (var e = lid; e < v_slots * p.dw; e = e + WG) {
-                let i = e / p.dw;
-                let w = e % p.dw;
-                var word = 0u;
+            for (var e = lid; e < v_slots * dv; e = e + WG) {
+                let i = e / dv;
+                let q = e % dv;
+                var v = vec4<f32>(0.0);
                 if v0 + i < n_cols {
-                    word = pool[kb_sh[v0 + i] + p.page_size * p.dw + w];
+                    let vb = kb_sh[v0 + i] + p.page_size * p.dw;
+                    if KV_F16 {
+                        var w0 = 0u;
+                        var w1 = 0u;
+                        if 2u * q < p.dw {
+                            w0 = pool[vb + 2u * q];
+                        }
+                        if 2u * q + 1u < p.dw {
+                            w1 = pool[vb + 2u * q + 1u];
+                        }
+                        v = vec4<f32>(unpack2x16float(w0), unpack2x16float(w1));
+                    } else {
+                        for (var c = 0u; c < 4u; c = c + 1u) {
+                            if 4u * q + c < p.dw {
+                                v[c] = bitcast<f32>(pool[vb + 4u * q + c]);
+                            }
+                        }
+                    }
                 }
-                if KV_F16 {
-                    let x = unpack2x16float(word);
-                    let f = i * dim + 2u * w;
-                    tile_sh[f / 4u][f % 4u] = x.x;
-                    tile_sh[(f + 1u) / 4u][(f + 1u) % 4u] = x.y;
-                } else {
-                    let f = i * dim + w;
-                    tile_sh[f / 4u][f % 4u] = bitcast<f32>(word);
-                }
+                tile_sh[i * dv + q] = v;
             }
             workgroupBarrier();
             let n_v = min(v_slots, n_cols - v0);
-            for (var k = 0u; k < ACC; k = k + 1u) {
-                let e = lid + k * WG;
-                if e < rd {
-                    let r = e / dim;
-                    let d = e % dim;
-                    var a = acc[k];
-                    for (var i = 0u; i < n_v; i = i + 1u) {
-                        let f = i * dim + d;
-                        a = a + sc_sh[r * PK + v0 + i] * tile_sh[f / 4u][f % 4u];
+            let q1 = cg + cgs;
+            for (var i = 0u; i < n_v; i = i + 1u) {
+                let wr = vec4<f32>(
+                    sc_sh[(4u * rg) * PK + v0 + i],
+                    sc_sh[(4u * rg + 1u) * PK + v0 + i],
+                    sc_sh[(4u * rg + 2u) * PK + v0 + i],
+                    sc_sh[(4u * rg + 3u) * PK + v0 + i],
+                );
+                var va = vec4<f32>(0.0);
+                var vb = vec4<f32>(0.0);
+                if cg < dv {
+                    va = tile_sh[i * dv + cg];
+                }
+                if q1 < dv {
+                    vb = tile_sh[i * dv + q1];
+                }
+                acc[0] = acc[0] + wr.x * va;
+                acc[1] = acc[1] + wr.x * vb;
+                acc[2] = acc[2] + wr.y * va;
+                acc[3] = acc[3] + wr.y * vb;
+                acc[4] = acc[4] + wr.z * va;
+                acc[5] = acc[5] + wr.z * vb;
+                acc[6] = acc[6] + wr.w * va;
+                acc[7] = acc[7] + wr.w * vb;
+            }
+        }
+    }
+    // Rows 4 rg + k, dims 4 (cg + m * CG) + c of the output tile.
+    let out_stride = hq_count * dim;
+    let stride = dim + 2u;
+    for (var k = 0u; k < 4u; k = k + 1u) {
+        let r = 4u * rg + k;
+        if r < nq {
+            for (var m = 0u; m < 2u; m = m + 1u) {
+                let q = cg + m * cgs;
+                for (var c = 0u; c < 4u; c = c + 1u) {
+                    let d = 4u * q + c;
+                    if q < dv && d < dim {
+                        let x = acc[2u * k + m][c];
+                        if p.n_splits == 1u {
+                            out[(t0 + r) * out_stride + h * dim + d] = x / l_sh[r];
+                        } else {
+                            let hq = (t0 + r) * hq_count + h;
+                            partials[(hq * p.n_splits + j) * stride + d] = x;
+                        }
                     }
-                    acc[k] = a;
                 }
             }
         }
     }
-    if p.n_splits == 1u {
-        let out_stride = hq_count * dim;
-        for (var k = 0u; k < ACC; k = k + 1u) {
-            let e = lid + k * WG;
-            if e < rd {
-                let r = e / dim;
-                out[(t0 + r) * out_stride + h * dim + e % dim] = acc[k] / l_sh[r];
-            }
-        }
-        return;
-    }
-    // Partials of this split, merged by merge_splits like decode's.
-    let stride = dim + 2u;
-    for (var k = 0u; k < ACC; k = k + 1u) {
-        let e = lid + k * WG;
-        if e < rd {
-            let r = e / dim;
-            let hq = (t0 + r) * hq_count + h;
-            partials[(hq * p.n_splits + j) * stride + e % dim] = acc[k];
-        }
-    }
-    if lid < nq {
+    if p.n_splits > 1u && lid < nq {
         let o = (((t0 + lid) * hq_count + h) * p.n_splits + j) * stride + dim;
         partials[o] = m_sh[lid];
         partials[o + 1u] = l_sh[lid];
     }
 }
+

@@ -30,12 +30,14 @@ pub static PAGED_ATTENTION: Kernel = Kernel {
 pub const MAX_GROUP_DIMS: usize = 2048;
 pub const MAX_GROUP_PAGE: usize = 512;
 pub const MAX_GROUP: usize = 32;
-/// Query rows of one prefill workgroup (BQ): as many as its accumulators
-/// hold (BQ * head_dim <= MAX_GD, ACC per invocation), at most 32 (the rows
-/// of its S tile). More rows per workgroup means each key and value is read
-/// (with its barriers) fewer times.
+/// Query rows of one prefill workgroup (BQ): a power of two, at most 32
+/// (the rows of its S tile), with BQ * head_dim <= MAX_GD (two vec4 columns
+/// of the output tile per invocation; head_dim <= 256, so BQ >= 8). More
+/// rows per workgroup means each key and value is read (with its barriers)
+/// fewer times.
 fn prefill_rows(l: PoolLayout) -> usize {
-    (MAX_GROUP_DIMS / l.head_dim).clamp(1, MAX_GROUP.min(32))
+    let rows = (MAX_GROUP_DIMS / l.head_dim).clamp(4, 32);
+    1 << rows.ilog2()
 }
 /// Workgroup size of the attention kernels (attend_prefill's 8 x 8 layout of
 /// its S tile needs 64).
@@ -363,6 +365,11 @@ pub fn paged_prefill(
     );
     let params = attention_params(kv, q, n_tokens, window, n_splits, split_pages);
     let bq = prefill_rows(l);
+    assert!(
+        bq * l.head_dim <= MAX_GROUP_DIMS,
+        "paged_prefill: head_dim {} over the kernel's 512",
+        l.head_dim
+    );
     let [wg, f16] = l.constants(ATTENTION_WG);
     let pipeline = ctx.pipeline(
         &PAGED_ATTENTION,
