@@ -45,7 +45,6 @@ const MAX_GP: u32 = 512u;    // group * page_size
 const MAX_G: u32 = 32u;
 const CHUNK_SLOTS: u32 = 128u; // decode: slots scored per barrier round (serial per query head in the softmax)
 const MAX_CHUNK_PAGES: u32 = 128u;
-const ACC: u32 = 32u;        // MAX_GD / WG for WG >= 64
 override BQ: u32 = 8u;       // query rows per prefill workgroup (BQ * head_dim <= MAX_GD, BQ <= 32)
 const NEG: f32 = -3.0e38;
 const PK: u32 = 32u;         // prefill: slots per tile (columns of S)
@@ -100,12 +99,26 @@ fn k_dot(base: u32, qoff: u32) -> f32 {
     return s;
 }
 
-fn v_at(base: u32, d: u32) -> f32 {
+// Dims 4c..4c+3 of the value at word `base` (zero past head_dim).
+fn v4_at(base: u32, c: u32) -> vec4<f32> {
     if KV_F16 {
-        let v = unpack2x16float(pool[base + d / 2u]);
-        return select(v.x, v.y, (d & 1u) == 1u);
+        var w0 = 0u;
+        var w1 = 0u;
+        if 2u * c < p.dw {
+            w0 = pool[base + 2u * c];
+        }
+        if 2u * c + 1u < p.dw {
+            w1 = pool[base + 2u * c + 1u];
+        }
+        return vec4<f32>(unpack2x16float(w0), unpack2x16float(w1));
     }
-    return bitcast<f32>(pool[base + d]);
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i = i + 1u) {
+        if 4u * c + i < p.dw {
+            v[i] = bitcast<f32>(pool[base + 4u * c + i]);
+        }
+    }
+    return v;
 }
 
 // Is a slot holding `pos` visible to a query at `q_pos`?
@@ -172,10 +185,11 @@ fn attend_decode(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
     let p0 = j * p.split_pages;
     let p1 = min(p0 + p.split_pages, n_pages);
 
-    var acc: array<f32, ACC>;
-    for (var k = 0u; k < ACC; k = k + 1u) {
-        acc[k] = 0.0;
-    }
+    // Output cells: (query head g, vec4 column c) of G x ceil(D / 4), cell
+    // lid + k * WG (at most 8 per invocation: G * D <= MAX_GD).
+    let dv = (dim + 3u) / 4u;
+    let cells = p.group * dv;
+    var acc: array<vec4<f32>, 8>;
     // Pages per chunk: G * chunk slots fit sc_sh, at most CHUNK_SLOTS slots.
     let chunk_pages = max(1u, min(MAX_GP / gp, CHUNK_SLOTS / p.page_size));
     for (var pg = p0; pg < p1; pg = pg + chunk_pages) {
@@ -199,12 +213,12 @@ fn attend_decode(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
         workgroupBarrier();
         softmax_rows(lid, p.group, n_slots);
         workgroupBarrier();
-        // acc[(g, d)] = acc * corr[g] + sum over the chunk's slots of w * v.
-        for (var k = 0u; k < ACC; k = k + 1u) {
+        // acc[(g, c)] = acc * corr[g] + sum over the chunk's slots of w * v[4c..4c+4].
+        for (var k = 0u; k < 8u; k = k + 1u) {
             let e = lid + k * WG;
-            if e < gd {
-                let r = e / dim;
-                let d = e % dim;
+            if e < cells {
+                let r = e / dv;
+                let c = e % dv;
                 var a = acc[k] * corr_sh[r];
                 var wi = r * n_slots;
                 for (var q = 0u; q < np; q = q + 1u) {
@@ -212,7 +226,7 @@ fn attend_decode(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
                     for (var slot = 0u; slot < p.page_size; slot = slot + 1u) {
                         let w = sc_sh[wi];
                         if w > 0.0 {
-                            a = a + w * v_at(v, d);
+                            a = a + w * v4_at(v, c);
                         }
                         wi = wi + 1u;
                         v = v + p.dw;
@@ -224,13 +238,17 @@ fn attend_decode(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
         workgroupBarrier();
     }
     let stride = dim + 2u;
-    for (var k = 0u; k < ACC; k = k + 1u) {
+    for (var k = 0u; k < 8u; k = k + 1u) {
         let e = lid + k * WG;
-        if e < gd {
-            let g = e / dim;
-            let d = e % dim;
+        if e < cells {
+            let g = e / dv;
+            let c = e % dv;
             let hq = b * p.n_heads * p.group + h0 + g;
-            partials[(hq * p.n_splits + j) * stride + d] = acc[k];
+            for (var i = 0u; i < 4u; i = i + 1u) {
+                if 4u * c + i < dim {
+                    partials[(hq * p.n_splits + j) * stride + 4u * c + i] = acc[k][i];
+                }
+            }
         }
     }
     if lid < p.group {
