@@ -432,24 +432,7 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
                 let q = e % dv;
                 var v = vec4<f32>(0.0);
                 if v0 + i < n_cols {
-                    let vb = kb_sh[v0 + i] + p.page_size * p.dw;
-                    if KV_F16 {
-                        var w0 = 0u;
-                        var w1 = 0u;
-                        if 2u * q < p.dw {
-                            w0 = pool[vb + 2u * q];
-                        }
-                        if 2u * q + 1u < p.dw {
-                            w1 = pool[vb + 2u * q + 1u];
-                        }
-                        v = vec4<f32>(unpack2x16float(w0), unpack2x16float(w1));
-                    } else {
-                        for (var c = 0u; c < 4u; c = c + 1u) {
-                            if 4u * q + c < p.dw {
-                                v[c] = bitcast<f32>(pool[vb + 4u * q + c]);
-                            }
-                        }
-                    }
+                    v = v4_at(kb_sh[v0 + i] + p.page_size * p.dw, q);
                 }
                 tile_sh[i * dv + q] = v;
             }
