@@ -90,29 +90,56 @@ fn store_tile(m0: u32, n0: u32, tx: u32, ty: u32, acc: array<vec4<f32>, 4>) {
     }
 }
 
-@compute @workgroup_size(16, 16)
-fn matmul_f32(
-    @builtin(local_invocation_id) lid3: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-    @builtin(workgroup_id) wg: vec3<u32>,
-) {
+// One quad of W rows per invocation (f32 words): rows n0 + 4q .. + 3 at column k0 + kk.
+fn load_tile_w_f32(n0: u32, k0: u32, lid: u32) {
+    let q = lid / BK;
+    let kk = lid % BK;
+    let gk = k0 + kk;
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i = i + 1u) {
+        let gn = n0 + 4u * q + i;
+        if gn < p.n && gk < p.k {
+            v[i] = bitcast<f32>(w[gn * p.row_words + gk]);
+        }
+    }
+    tile_w[kk * (BN / 4u) + q] = v;
+}
+
+// 16 quads of W rows x 8 words (16 halves): half the invocations each read
+// one word of 4 rows and write two k columns.
+fn load_tile_w_f16(n0: u32, k0: u32, lid: u32) {
+    if lid < (BN / 4u) * (BK / 2u) {
+        let q = lid / (BK / 2u);
+        let kw = lid % (BK / 2u);
+        let word = k0 / 2u + kw;
+        var lo = vec4<f32>(0.0);
+        var hi = vec4<f32>(0.0);
+        for (var i = 0u; i < 4u; i = i + 1u) {
+            let gn = n0 + 4u * q + i;
+            if gn < p.n && word < p.row_words {
+                let h = unpack2x16float(w[gn * p.row_words + word]);
+                lo[i] = h.x;
+                hi[i] = h.y;
+            }
+        }
+        tile_w[(2u * kw) * (BN / 4u) + q] = lo;
+        tile_w[(2u * kw + 1u) * (BN / 4u) + q] = hi;
+    }
+}
+
+// The tile of C at workgroup `wg`: A and W tiles through workgroup memory,
+// W read as packed f16 pairs or f32 words.
+fn matmul_tile(lid3: vec3<u32>, lid: u32, wg: vec3<u32>, f16: bool) {
     let n0 = wg.x * BN;
     let m0 = wg.y * BM;
     var acc: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < p.k; k0 = k0 + BK) {
         load_tile_a(m0, k0, lid);
-        // One quad of W rows per invocation at column k0 + kk.
-        let q = lid / BK;
-        let kk = lid % BK;
-        let gk = k0 + kk;
-        var v = vec4<f32>(0.0);
-        for (var i = 0u; i < 4u; i = i + 1u) {
-            let gn = n0 + 4u * q + i;
-            if gn < p.n && gk < p.k {
-                v[i] = bitcast<f32>(w[gn * p.row_words + gk]);
-            }
+        if f16 {
+            load_tile_w_f16(n0, k0, lid);
+        } else {
+            load_tile_w_f32(n0, k0, lid);
         }
-        tile_w[kk * (BN / 4u) + q] = v;
         workgroupBarrier();
         multiply_tiles(lid3.x, lid3.y, &acc);
         workgroupBarrier();
@@ -121,38 +148,19 @@ fn matmul_f32(
 }
 
 @compute @workgroup_size(16, 16)
+fn matmul_f32(
+    @builtin(local_invocation_id) lid3: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+) {
+    matmul_tile(lid3, lid, wg, false);
+}
+
+@compute @workgroup_size(16, 16)
 fn matmul_f16(
     @builtin(local_invocation_id) lid3: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
     @builtin(workgroup_id) wg: vec3<u32>,
 ) {
-    let n0 = wg.x * BN;
-    let m0 = wg.y * BM;
-    var acc: array<vec4<f32>, 4>;
-    for (var k0 = 0u; k0 < p.k; k0 = k0 + BK) {
-        load_tile_a(m0, k0, lid);
-        // 16 quads of W rows x 8 words (16 halves): half the invocations
-        // each read one word of 4 rows and write two k columns.
-        if lid < (BN / 4u) * (BK / 2u) {
-            let q = lid / (BK / 2u);
-            let kw = lid % (BK / 2u);
-            let word = k0 / 2u + kw;
-            var lo = vec4<f32>(0.0);
-            var hi = vec4<f32>(0.0);
-            for (var i = 0u; i < 4u; i = i + 1u) {
-                let gn = n0 + 4u * q + i;
-                if gn < p.n && word < p.row_words {
-                    let h = unpack2x16float(w[gn * p.row_words + word]);
-                    lo[i] = h.x;
-                    hi[i] = h.y;
-                }
-            }
-            tile_w[(2u * kw) * (BN / 4u) + q] = lo;
-            tile_w[(2u * kw + 1u) * (BN / 4u) + q] = hi;
-        }
-        workgroupBarrier();
-        multiply_tiles(lid3.x, lid3.y, &acc);
-        workgroupBarrier();
-    }
-    store_tile(m0, n0, lid3.x, lid3.y, acc);
+    matmul_tile(lid3, lid, wg, true);
 }

@@ -6,7 +6,8 @@
 // GpuContext::grid), z = vector index. One workgroup computes 4 rows: each
 // invocation walks a strided slice of k for all 4 rows (x read once for the
 // 4), then one workgroup reduction of the 4 partial sums (reduction prelude:
-// reduce_workgroup.wgsl or reduce_subgroup.wgsl).
+// reduce_workgroup.wgsl or reduce_subgroup.wgsl; the rest from
+// matvec_common.wgsl).
 //
 // Bindings (all entry points):
 //   0 params  uniform Params
@@ -15,56 +16,9 @@
 //   3 bias    storage read  [y_offset + rows] f32 (unused unless flags & 1)
 //   4 y       storage rw    [n_vecs, y_stride] f32
 
-override WG: u32 = 256u;
-const ROWS: u32 = 4u;
-const FLAG_BIAS: u32 = 1u;
-const FLAG_ACCUMULATE: u32 = 2u;
-
-struct Params {
-    rows: u32,       // rows in this part of W
-    cols: u32,       // k: elements per row
-    row_words: u32,  // u32 words per stored row
-    n_vecs: u32,
-    x_stride: u32,   // elements between consecutive vectors of x
-    y_stride: u32,   // elements between consecutive vectors of y
-    y_offset: u32,   // output index of this part's first row
-    flags: u32,      // FLAG_BIAS | FLAG_ACCUMULATE
-    row_blocks: u32, // ceil(rows / ROWS)
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+// Params, bias / y bindings, row_starts and store: matvec_common.wgsl.
 @group(0) @binding(1) var<storage, read> w: array<u32>;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
-
-// Word offsets of the 4 rows of this block; rows past the end re-read the last
-// row (their results are never stored).
-fn row_bases(r0: u32) -> vec4<u32> {
-    let last = p.rows - 1u;
-    return vec4<u32>(
-        min(r0, last) * p.row_words,
-        min(r0 + 1u, last) * p.row_words,
-        min(r0 + 2u, last) * p.row_words,
-        min(r0 + 3u, last) * p.row_words,
-    );
-}
-
-fn store_rows(r0: u32, v: u32, sums: vec4<f32>, lane: Lane) {
-    let r = r0 + lane.lid;
-    if lane.lid < ROWS && r < p.rows {
-        let out_row = p.y_offset + r;
-        var value = sums[lane.lid];
-        if (p.flags & FLAG_BIAS) != 0u {
-            value = value + bias[out_row];
-        }
-        let i = v * p.y_stride + out_row;
-        if (p.flags & FLAG_ACCUMULATE) != 0u {
-            value = y[i] + value;
-        }
-        y[i] = value;
-    }
-}
 
 @compute @workgroup_size(WG)
 fn matvec_f32(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -74,7 +28,7 @@ fn matvec_f32(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wor
     }
     let v = wg.z;
     let r0 = block * ROWS;
-    let rb = row_bases(r0);
+    let rb = row_starts(r0, p.row_words);
     let xb = v * p.x_stride;
     var acc = vec4<f32>(0.0);
     for (var k = lane.lid; k < p.cols; k = k + WG) {
@@ -87,7 +41,7 @@ fn matvec_f32(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wor
         );
         acc = acc + wk * xk;
     }
-    store_rows(r0, v, workgroup_sum4(acc, lane), lane);
+    store(r0, v, workgroup_sum4(acc, lane), lane.lid);
 }
 
 @compute @workgroup_size(WG)
@@ -98,7 +52,7 @@ fn matvec_f16(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wor
     }
     let v = wg.z;
     let r0 = block * ROWS;
-    let rb = row_bases(r0);
+    let rb = row_starts(r0, p.row_words);
     let xb = v * p.x_stride;
     var acc = vec4<f32>(0.0);
     for (var j = lane.lid; j < p.row_words; j = j + WG) {
@@ -114,5 +68,5 @@ fn matvec_f16(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wor
             dot(unpack2x16float(w[rb.w + j]), xj),
         );
     }
-    store_rows(r0, v, workgroup_sum4(acc, lane), lane);
+    store(r0, v, workgroup_sum4(acc, lane), lane.lid);
 }

@@ -8,14 +8,14 @@
 //
 // Dispatch: grid over workgroups (folded into x/y), z = block of NV vectors.
 //
-// Bindings: as matvec.wgsl (0, 3, 4 declared in matvec_blocks.wgsl):
+// Bindings: as matvec.wgsl (0, 3, 4 declared in matvec_common.wgsl):
 //   0 params  uniform Params
 //   1 w       storage read  [rows, row_words] u32: f32 bits, or two f16 per word
 //   2 x       storage read  [n_vecs, x_stride] f32
 //   3 bias    storage read  [y_offset + rows] f32 (unused unless flags & 1)
 //   4 y       storage rw    [n_vecs, y_stride] f32
 
-// Params, bias, y, Sg, row_starts, vec_of and store: matvec_blocks.wgsl.
+// Params, bias, y, row_starts, store: matvec_common.wgsl; Sg, vec_of: matvec_blocks.wgsl.
 
 @group(0) @binding(1) var<storage, read> w: array<u32>;
 @group(0) @binding(2) var<storage, read> x: array<f32>;

@@ -23,7 +23,7 @@
 //
 // Dispatch: grid over workgroups (folded into x/y), z = block of NV vectors.
 //
-// Bindings: as matvec.wgsl (0, 3, 4 declared in matvec_blocks.wgsl), with vec4 views:
+// Bindings: as matvec.wgsl (0, 3, 4 declared in matvec_common.wgsl), with vec4 views:
 //   0 params  uniform Params
 //   1 w       storage read  [rows, row_words / 4] vec4<u32>: f32 bits, or two f16 per word
 //   2 x       storage read  [n_vecs, x_stride / 4] vec4<f32>
@@ -31,7 +31,7 @@
 //   4 y       storage rw    [n_vecs, y_stride] f32
 //   5 norm_w  storage read  [cols / 4] vec4<f32>: the RMSNorm weight g (read only when PROLOGUE = 1)
 
-// Params, bias, y, Sg, row_starts, vec_of and store: matvec_blocks.wgsl.
+// Params, bias, y, row_starts, store: matvec_common.wgsl; Sg, vec_of: matvec_blocks.wgsl.
 
 // What the kernel does to x first: 0 nothing, 1 RMSNorm, 2 SwiGLU.
 override PROLOGUE: u32 = 0u;

@@ -220,6 +220,17 @@ pub struct DecodeTiming {
     pub wait: Duration,
 }
 
+impl DecodeTiming {
+    /// `steps` decode steps in one submission: host work from `start` to
+    /// `submitted`, then the wait until now (the tokens are on the host).
+    fn record(&mut self, steps: u64, start: Instant, submitted: Instant) {
+        self.steps += steps;
+        self.submissions += 1;
+        self.host += submitted - start;
+        self.wait += submitted.elapsed();
+    }
+}
+
 impl<'c> Engine<'c> {
     pub fn new(ctx: &'c GpuContext, weights: LlamaWeights, config: EngineConfig) -> Result<Self> {
         let cfg = weights.cfg.clone();
@@ -799,20 +810,15 @@ impl<'c> Engine<'c> {
             self.kv.set_row(row, s.lane, &s.tables, None);
         }
         self.kv.upload_rows(self.ctx);
-        if let Some(c) = &self.compressor {
-            for (row, s) in self.running.iter().enumerate() {
-                self.lanes_host[row] = s.lane as u32;
-            }
-            c.set_lanes(self.ctx, &self.lanes_host[..b]);
-        }
+        self.set_compressor_lanes();
         self.acts
             .write_inputs(self.ctx, &self.ids_host[..b], &self.pos_host[..b]);
-        let draws: Vec<(SamplingParams, usize, f32)> = self
-            .running
-            .iter_mut()
-            .map(|s| (s.req.sampling, s.lane, s.rng.uniform()))
-            .collect();
-        self.sampler.set_rows(self.ctx, draws);
+        self.sampler.set_rows(
+            self.ctx,
+            self.running
+                .iter_mut()
+                .map(|s| (s.req.sampling, s.lane, s.rng.uniform())),
+        );
         self.ensure_decode_plan(b)?;
         let profiled = std::mem::take(&mut self.profile_next);
         let readback = [self
@@ -831,11 +837,7 @@ impl<'c> Engine<'c> {
         let submitted = Instant::now();
         let tokens = self.token_slot.read::<u32>(self.ctx, b)?;
         if !profiled {
-            let t = &mut self.decode_timing;
-            t.steps += 1;
-            t.submissions += 1;
-            t.host += submitted - start;
-            t.wait += submitted.elapsed();
+            self.decode_timing.record(1, start, submitted);
         }
         if self.capture_logits {
             let v = self.cfg.vocab_size;
@@ -917,6 +919,16 @@ impl<'c> Engine<'c> {
         k.max(1)
     }
 
+    /// Tells the compressor which lane each row of the next step belongs to.
+    fn set_compressor_lanes(&mut self) {
+        if let Some(c) = &self.compressor {
+            for (row, s) in self.running.iter().enumerate() {
+                self.lanes_host[row] = s.lane as u32;
+            }
+            c.set_lanes(self.ctx, &self.lanes_host[..self.running.len()]);
+        }
+    }
+
     /// `k` more slots for every running sequence if the pool holds them all
     /// (else nothing changes: the caller falls back to one step).
     fn grow_chain(&mut self, k: usize) -> bool {
@@ -965,28 +977,13 @@ impl<'c> Engine<'c> {
                     .map(|s| (s.req.sampling, s.lane, s.rng.uniform())),
             );
         }
-        if let Some(c) = &self.compressor {
-            for (row, s) in self.running.iter().enumerate() {
-                self.lanes_host[row] = s.lane as u32;
-            }
-            c.set_lanes(self.ctx, &self.lanes_host[..b]);
-        }
+        self.set_compressor_lanes();
         self.ensure_chain_plan(b, k)?;
         self.ctx
             .run_ops("kvsift.engine.decode_chain", &[&self.chain_plans[&(b, k)]])?;
         let submitted = Instant::now();
         let tokens = self.token_slot.read::<u32>(self.ctx, k * b)?;
-        let t = &mut self.decode_timing;
-        t.steps += k as u64;
-        t.submissions += 1;
-        t.host += submitted - start;
-        t.wait += submitted.elapsed();
-        // The last step's position: a compression trigger can only fall there.
-        let last_pos: Vec<usize> = self
-            .running
-            .iter()
-            .map(|s| s.tokens.len() - 2 + k)
-            .collect();
+        self.decode_timing.record(k as u64, start, submitted);
         let mut running = std::mem::take(&mut self.running);
         let mut ended = vec![false; b];
         for j in 0..k {
@@ -996,11 +993,14 @@ impl<'c> Engine<'c> {
                 }
             }
         }
-        for ((mut s, done), pos) in running.into_iter().zip(ended).zip(last_pos) {
+        for (mut s, done) in running.into_iter().zip(ended) {
             if done {
                 self.retire(s);
                 continue;
             }
+            // The chain's last step fed the token before the newest: a
+            // compression trigger can only fall there.
+            let pos = s.tokens.len() - 2;
             if self
                 .compressor
                 .as_ref()

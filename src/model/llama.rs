@@ -391,17 +391,19 @@ impl Activations {
 
     /// Stages chained step `step`'s positions and their RoPE rows.
     pub fn stage_positions(&mut self, ctx: &GpuContext, step: usize, positions: &[u32]) {
-        let n = positions.len();
-        let half = self.rope_table.half();
+        let m = self.fill_rope_rows(positions);
         let st = self.staged.as_ref().expect("enable_chain first");
-        self.rope_table.fill(
-            positions,
-            &mut self.cos_host[..n * half],
-            &mut self.sin_host[..n * half],
-        );
         st.positions.write(ctx, step, positions);
-        st.cos.write(ctx, step, &self.cos_host[..n * half]);
-        st.sin.write(ctx, step, &self.sin_host[..n * half]);
+        st.cos.write(ctx, step, &self.cos_host[..m]);
+        st.sin.write(ctx, step, &self.sin_host[..m]);
+    }
+
+    /// The RoPE rows of `positions` into the host staging; their length.
+    fn fill_rope_rows(&mut self, positions: &[u32]) -> usize {
+        let m = positions.len() * self.rope_table.half();
+        self.rope_table
+            .fill(positions, &mut self.cos_host[..m], &mut self.sin_host[..m]);
+        m
     }
 
     /// The copies of staged step `step`'s `n` rows into the live inputs.
@@ -433,16 +435,11 @@ impl Activations {
             positions.len(),
             self.rows
         );
-        let half = self.rope_table.half();
-        self.rope_table.fill(
-            positions,
-            &mut self.cos_host[..n * half],
-            &mut self.sin_host[..n * half],
-        );
+        let m = self.fill_rope_rows(positions);
         self.ids.write(ctx, 0, tokens);
         self.positions.write(ctx, 0, positions);
-        self.cos.write(ctx, 0, &self.cos_host[..n * half]);
-        self.sin.write(ctx, 0, &self.sin_host[..n * half]);
+        self.cos.write(ctx, 0, &self.cos_host[..m]);
+        self.sin.write(ctx, 0, &self.sin_host[..m]);
     }
 }
 

@@ -12,29 +12,32 @@ use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, GpuMatrix, Kernel, WeightDtype};
 
 const MATVEC_SRC: &str = include_str!("../../shaders/matvec.wgsl");
+/// What every matvec kernel shares (Params, bias / y, row starts, store).
+const MATVEC_COMMON: &str = include_str!("../../shaders/matvec_common.wgsl");
 
 pub static MATVEC: ReducingKernel = ReducingKernel {
     workgroup: Kernel {
         name: "matvec",
-        sources: &[REDUCE_WORKGROUP, MATVEC_SRC],
+        sources: &[REDUCE_WORKGROUP, MATVEC_COMMON, MATVEC_SRC],
         entries: &["matvec_f32", "matvec_f16"],
         needs: NO_FEATURES,
     },
     subgroup: Kernel {
         name: "matvec_subgroup",
-        sources: &[REDUCE_SUBGROUP, MATVEC_SRC],
+        sources: &[REDUCE_SUBGROUP, MATVEC_COMMON, MATVEC_SRC],
         entries: &["matvec_f32", "matvec_f16"],
         needs: SUBGROUPS,
     },
 };
 
-/// What the two subgroup matvec kernels share (Params, store, row blocks).
+/// What the two subgroup matvec kernels add (NV, subgroup builtins, vec_of).
 const MATVEC_BLOCKS: &str = include_str!("../../shaders/matvec_blocks.wgsl");
 
 /// One subgroup per 4 rows, no workgroup reduction (shaders/matvec_rows.wgsl).
 pub static MATVEC_ROWS: Kernel = Kernel {
     name: "matvec_rows",
     sources: &[
+        MATVEC_COMMON,
         MATVEC_BLOCKS,
         include_str!("../../shaders/matvec_rows.wgsl"),
     ],
@@ -46,6 +49,7 @@ pub static MATVEC_ROWS: Kernel = Kernel {
 pub static MATVEC_VEC4: Kernel = Kernel {
     name: "matvec_vec4",
     sources: &[
+        MATVEC_COMMON,
         MATVEC_BLOCKS,
         include_str!("../../shaders/matvec_vec4.wgsl"),
     ],
@@ -92,8 +96,7 @@ struct MatvecParams {
     y_offset: u32,
     flags: u32,
     row_blocks: u32,
-    /// RMSNorm epsilon (matvec_vec4 with the norm prologue; the other
-    /// kernels' Params end before it).
+    /// RMSNorm epsilon (read by matvec_vec4's norm prologue only).
     eps: f32,
 }
 

@@ -226,6 +226,11 @@ impl Sampler {
         ctx: &GpuContext,
         rows: impl IntoIterator<Item = (SamplingParams, usize, f32)>,
     ) {
+        self.fill_host_rows(rows);
+        self.rows.write(ctx, 0, &self.host_rows);
+    }
+
+    fn fill_host_rows(&mut self, rows: impl IntoIterator<Item = (SamplingParams, usize, f32)>) {
         self.host_rows.clear();
         self.host_rows
             .extend(rows.into_iter().map(|(p, lane, u)| p.row(lane, u)));
@@ -233,7 +238,6 @@ impl Sampler {
             self.host_rows.len() <= self.rows.len(),
             "sample: more rows than the sampler holds"
         );
-        self.rows.write(ctx, 0, &self.host_rows);
     }
 
     /// Room for the rows of `steps` chained decode steps.
@@ -250,9 +254,7 @@ impl Sampler {
         step: usize,
         rows: impl IntoIterator<Item = (SamplingParams, usize, f32)>,
     ) {
-        self.host_rows.clear();
-        self.host_rows
-            .extend(rows.into_iter().map(|(p, lane, u)| p.row(lane, u)));
+        self.fill_host_rows(rows);
         let st = self.staged.as_ref().expect("enable_chain first");
         st.write(ctx, step, &self.host_rows);
     }
