@@ -1,6 +1,7 @@
 // argmax.wgsl: index of the largest value of each row of [rows, n]; exact ties
 // go to the lower index (the greedy sampler's rule, same as torch.argmax on
-// CPU). NaN never wins; a row with no comparable value yields 0xffffffff.
+// CPU). A row holding a NaN or an infinity yields 0xffffffff (NO_TOKEN, the
+// sampler's rule: no token is picked from non-finite logits).
 //
 // Dispatch: one workgroup per row (grid folded into x/y).
 //
@@ -23,6 +24,12 @@ struct Params {
 
 var<workgroup> best_value: array<f32, WG>;
 var<workgroup> best_index: array<u32, WG>;
+var<workgroup> non_finite: array<u32, WG>;
+
+// Bit test rather than comparisons, which fast-math compilers may fold away.
+fn is_finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
+}
 
 // Does candidate (v, i) beat the current best (bv, bi)?
 fn beats(v: f32, i: u32, bv: f32, bi: u32) -> bool {
@@ -44,25 +51,31 @@ fn argmax(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: 
     let base = row * p.n;
     var bv = 0.0;
     var bi = NONE;
+    var bad = 0u;
     for (var i = lid; i < p.n; i = i + WG) {
         let v = x[base + i];
-        // v == v is false only for NaN.
-        if v == v && beats(v, i, bv, bi) {
+        if !is_finite(v) {
+            bad = 1u;
+        } else if beats(v, i, bv, bi) {
             bv = v;
             bi = i;
         }
     }
     best_value[lid] = bv;
     best_index[lid] = bi;
+    non_finite[lid] = bad;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if lid < s && beats(best_value[lid + s], best_index[lid + s], best_value[lid], best_index[lid]) {
-            best_value[lid] = best_value[lid + s];
-            best_index[lid] = best_index[lid + s];
+        if lid < s {
+            if beats(best_value[lid + s], best_index[lid + s], best_value[lid], best_index[lid]) {
+                best_value[lid] = best_value[lid + s];
+                best_index[lid] = best_index[lid + s];
+            }
+            non_finite[lid] = max(non_finite[lid], non_finite[lid + s]);
         }
         workgroupBarrier();
     }
     if lid == 0u {
-        out[row] = best_index[0];
+        out[row] = select(best_index[0], NONE, non_finite[0] != 0u);
     }
 }

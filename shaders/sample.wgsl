@@ -9,7 +9,9 @@
 // returns the first index of the largest penalised logit instead. The
 // thresholds are found by radix search over the order-preserving bit patterns
 // of the values (32 passes), so no sort is needed. The chosen token's bit is
-// set in the row's `seen` mask (for the next step's penalty).
+// set in the row's `seen` mask (for the next step's penalty). A row whose
+// scores hold a NaN or an infinity has no distribution: it gets NO_TOKEN
+// (0xffffffff) and marks nothing seen.
 //
 // Dispatch: one workgroup per row (grid folded into x/y). Needs a reduction prelude.
 //
@@ -22,6 +24,7 @@
 
 override WG: u32 = 256u;
 const NEG: f32 = -3.0e38;
+const NO_TOKEN: u32 = 0xffffffffu;
 
 struct Params {
     n: u32,
@@ -48,6 +51,7 @@ struct Row {
 
 var<workgroup> chunk_mass: array<f32, WG>;
 var<workgroup> row_sh: Row;
+var<workgroup> non_finite_sh: f32;
 // The current row's settings and offsets (uniform across the workgroup).
 var<private> p: Row;
 var<private> logit_base: u32;
@@ -62,6 +66,11 @@ fn score(i: u32) -> f32 {
         l = l / p.temperature;
     }
     return l;
+}
+
+// Bit test rather than comparisons, which fast-math compilers may fold away.
+fn is_finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
 }
 
 // Order-preserving map of f32 to u32.
@@ -90,10 +99,23 @@ fn sample(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
     logit_base = row * n;
     seen_base = p.lane * params.seen_words;
     var m = NEG;
+    var non_finite = 0.0;
     for (var i = lane.lid; i < n; i = i + WG) {
-        m = max(m, score(i));
+        let s = score(i);
+        m = max(m, s);
+        non_finite = select(non_finite, 1.0, !is_finite(s));
     }
     m = workgroup_max(m, lane);
+    non_finite = workgroup_max(non_finite, lane);
+    if lane.lid == 0u {
+        non_finite_sh = non_finite;
+    }
+    if workgroupUniformLoad(&non_finite_sh) > 0.0 {
+        if lane.lid == 0u {
+            out[row] = NO_TOKEN;
+        }
+        return;
+    }
 
     if p.greedy != 0u {
         // The lowest index holding the maximum (as -index, exact below 2^24).

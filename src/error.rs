@@ -102,6 +102,13 @@ pub enum Error {
         limit: usize,
     },
 
+    /// The model produced NaN or infinite logits: no token can be drawn.
+    #[error(
+        "the model's logits hold NaN or infinity at {at}; its weights or activations \
+         overflowed (a corrupt checkpoint, or f16 limits: try --weights-dtype f32 --kv-dtype f32)"
+    )]
+    NonFiniteLogits { at: String },
+
     /// A user-supplied value is out of its allowed range (CLI flag or API field).
     #[error("invalid value for {name}: {reason}")]
     InvalidArgument { name: String, reason: String },

@@ -758,7 +758,7 @@ fn bench_prints_pp_tg_roofline_profile_and_throughput() {
         (vec!["bench", "sideways"], "roofline or throughput"),
         (
             vec!["bench", "throughput", "--kv", "rkv", "--budget", "16"],
-            "--pool-mb",
+            "--kv-pool-mb",
         ),
         (vec!["bench", "throughput", "--pool-mb", "1"], "--kv"),
     ] {

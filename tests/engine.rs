@@ -364,7 +364,7 @@ fn exhaustion_preempts_and_recomputes_or_rejects() {
     let tight = EngineConfig {
         max_batch: 3,
         pool: pool_of_pages(30),
-        on_exhaustion: Exhaustion::Preempt,
+        on_exhaustion: Exhaustion::Recompute,
         ..Default::default()
     };
     let mut e = engine(ctx, "tiny-qwen2", tight.clone());

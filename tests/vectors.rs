@@ -369,9 +369,9 @@ fn replay_on_the_engine(
                 to: usize| {
         let m = to - from;
         let new = tables.append(m, &mut kv.alloc).unwrap();
-        kv.write_pages(ctx, 0, &new);
+        kv.write_pages(ctx, 0, &new).unwrap();
         kv.set_row(0, 0, tables, None);
-        kv.upload_rows(ctx);
+        kv.upload_rows(ctx).unwrap();
         let qkv = GpuBuffer::from_slice(ctx, "qkv", &rows(from, to)).unwrap();
         let pos: Vec<u32> = (from as u32..to as u32).collect();
         let positions = GpuBuffer::from_slice(ctx, "pos", &pos).unwrap();
@@ -383,7 +383,7 @@ fn replay_on_the_engine(
             n_q_heads: hq,
             n_kv_heads: hkv,
         };
-        comp.set_lanes(ctx, &[0]);
+        comp.set_lanes(ctx, &[0]).unwrap();
         let mut ops = vec![paged_kv_store(ctx, &layer, &q, m, m).unwrap().into()];
         ops.extend(
             comp.forward_ops(ctx, &layer, &positions, &qkv, qkv_dim, 0, m, m, to)

@@ -39,9 +39,6 @@ pub struct BenchArgs {
     /// Per-kernel GPU time of one decode step (at the end of a tg run).
     #[arg(long)]
     pub profile: bool,
-    /// Throughput: KV pool size in MiB (the fixed memory).
-    #[arg(long)]
-    pub pool_mb: Option<f64>,
     /// Throughput: prompt tokens per sequence.
     #[arg(long, default_value_t = 64)]
     pub prompt_len: usize,
@@ -148,12 +145,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         Some("roofline") => {
             let gbs = roofline(&ctx)?;
             if a.json {
-                println!(
+                outln!(
                     "{}",
                     json!({"adapter": ctx.adapter_summary.name, "copy_gb_s": gbs})
                 );
             } else {
-                println!(
+                outln!(
                     "{}: copy {gbs:.1} GB/s (read + write, decimal GB)",
                     ctx.adapter_summary.name
                 );
@@ -406,8 +403,8 @@ fn print_profile(
 }
 
 fn throughput(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
-    let Some(mb) = a.pool_mb.or(a.model.kv_pool_mb) else {
-        anyhow::bail!("bench throughput needs --pool-mb M (the fixed KV memory)");
+    let Some(mb) = a.model.kv_pool_mb else {
+        anyhow::bail!("bench throughput needs --kv-pool-mb M (the fixed KV memory)");
     };
     if a.prompt_len == 0 || a.gen_len == 0 {
         anyhow::bail!("--prompt-len and --gen-len must be positive");
@@ -477,18 +474,20 @@ fn throughput(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
         "runs": results, "concurrency_ratio": ratio("max_concurrent"), "throughput_ratio": ratio("tok_s"),
     });
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "fixed KV pool {mb} MiB, prompt {} + {} generated tokens per sequence ({})",
-        a.prompt_len, a.gen_len, ctx.adapter_summary.name
+        a.prompt_len,
+        a.gen_len,
+        ctx.adapter_summary.name
     );
-    println!(
+    outln!(
         "| kv | pages/seq | max concurrent | tok/s | peak KV | preemptions |\n|---|---|---|---|---|---|"
     );
     for r in &results {
-        println!(
+        outln!(
             "| {} | {} | {} | {:.1} | {} | {} |",
             r["kv"].as_str().unwrap_or(""),
             r["pages_per_sequence"],
@@ -498,7 +497,7 @@ fn throughput(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
             r["preemptions"]
         );
     }
-    println!(
+    outln!(
         "{} vs none: {:.2}x concurrent sequences, {:.2}x throughput",
         results[1]["kv"].as_str().unwrap_or(""),
         ratio("max_concurrent"),

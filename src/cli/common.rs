@@ -35,7 +35,7 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = 1)]
     pub steps_per_submit: usize,
     /// Memory for the paged KV pool, MiB (default 512, at most one storage binding per layer).
-    #[arg(long)]
+    #[arg(long, visible_alias = "pool-mb")]
     pub kv_pool_mb: Option<f64>,
     /// KV storage: f16 (packed) or f32.
     #[arg(long, default_value = "f16")]
@@ -43,9 +43,10 @@ pub struct ModelArgs {
     /// Slots per KV page.
     #[arg(long, default_value_t = 16)]
     pub page_size: usize,
-    /// When the pool runs out: preempt (free the newest sequence, recompute it
-    /// later) or reject (fail the sequence that cannot grow).
-    #[arg(long, default_value = "preempt")]
+    /// When the pool runs out: swap (move the newest other sequence's pages
+    /// to host memory, restore them later), recompute (free them, replay its
+    /// cache later) or reject (fail the sequence that cannot grow).
+    #[arg(long, default_value = "swap")]
     pub on_exhaustion: String,
     #[command(flatten)]
     pub compress: CompressArgs,
@@ -79,6 +80,22 @@ impl ModelArgs {
             })
     }
 
+    /// Lanes (sequences decoded together) for `requests` requests: all of
+    /// them, up to the engine's maximum and the sequences whose logits fit
+    /// one storage binding; the rest queue.
+    pub fn lanes_for(
+        &self,
+        ctx: &GpuContext,
+        dir: &std::path::Path,
+        requests: usize,
+    ) -> anyhow::Result<usize> {
+        let cfg = kvsift::model::config::ModelConfig::load(dir)?;
+        let by_logits = (ctx.caps.max_binding_bytes / (cfg.vocab_size as u64 * 4)).max(1);
+        Ok(requests
+            .min(kvsift::engine::serve::MAX_LANES)
+            .min(usize::try_from(by_logits).unwrap_or(usize::MAX)))
+    }
+
     /// The engine for `max_batch` concurrent sequences.
     pub fn engine<'c>(&self, ctx: &'c GpuContext, max_batch: usize) -> anyhow::Result<Engine<'c>> {
         let dtype: WeightDtype = self
@@ -92,8 +109,9 @@ impl ModelArgs {
         };
         let bytes = match self.kv_pool_mb {
             None => None,
+            // Values past u64 saturate; the pool then refuses them by the device's limits.
             Some(mb) if mb.is_finite() && mb > 0.0 => Some((mb * 1024.0 * 1024.0) as u64),
-            Some(mb) => anyhow::bail!("--kv-pool-mb {mb}: must be positive"),
+            Some(mb) => anyhow::bail!("--kv-pool-mb {mb}: must be a positive number of MiB"),
         };
         let on_exhaustion: Exhaustion = self.on_exhaustion.parse()?;
         let config = EngineConfig {

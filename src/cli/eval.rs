@@ -224,7 +224,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         full.compress.kv = "none".into();
         full.compress.budget = None;
         scores.push(run_one(&ctx, &full, task, &a)?);
-        eprintln!(
+        note!(
             "{task} none: {:.3}",
             scores.last().map_or(0.0, |s| s.accuracy)
         );
@@ -234,16 +234,21 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
                 args.compress.kv = m.into();
                 args.compress.budget = Some(b);
                 scores.push(run_one(&ctx, &args, task, &a)?);
-                eprintln!(
+                note!(
                     "{task} {m} {b}: {:.3}",
                     scores.last().map_or(0.0, |s| s.accuracy)
                 );
             }
         }
     }
-    std::fs::create_dir_all(&a.out_dir)?;
-    std::fs::write(
-        a.out_dir.join("sweep.json"),
+    let write = |name: &str, text: String| -> anyhow::Result<()> {
+        let path = a.out_dir.join(name);
+        std::fs::create_dir_all(&a.out_dir)
+            .and_then(|()| std::fs::write(&path, text))
+            .map_err(|e| anyhow::anyhow!("--out-dir: writing {}: {e}", path.display()))
+    };
+    write(
+        "sweep.json",
         serde_json::to_string_pretty(&json!({ "results": &scores }))?,
     )?;
     let mut csv =
@@ -261,7 +266,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             s.tok_s
         );
     }
-    std::fs::write(a.out_dir.join("sweep.csv"), csv)?;
+    write("sweep.csv", csv)?;
     // Accuracy table: one row per task and method, one column per budget.
     for task in &tasks {
         let label = if *task == "needle" {

@@ -62,16 +62,29 @@ struct Outcome {
     id: kvsift::engine::RequestId,
 }
 
+/// Most requests one `generate` queues (each holds its prompt's tokens).
+const MAX_REQUESTS: usize = 1 << 20;
+
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    if a.batch == 0 {
-        anyhow::bail!("--batch must be at least 1");
-    }
+    let n_requests = a
+        .prompt
+        .len()
+        .checked_mul(a.batch)
+        .filter(|n| (1..=MAX_REQUESTS).contains(n))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--batch {} with {} prompts: expected 1 to {MAX_REQUESTS} requests in all",
+                a.batch,
+                a.prompt.len()
+            )
+        })?;
     let ctx = GpuContext::from_env()?;
     let dir = a.model.dir()?;
     let tokenizer = TextTokenizer::load(&dir)?;
     let defaults = GenerationDefaults::load(&dir)?;
-    let n_requests = a.prompt.len() * a.batch;
-    let mut engine = a.model.engine(&ctx, n_requests)?;
+    // Requests beyond the lanes the device holds wait their turn.
+    let lanes = a.model.lanes_for(&ctx, &dir, n_requests)?;
+    let mut engine = a.model.engine(&ctx, lanes)?;
 
     let mut sampling = defaults.sampling;
     if let Some(t) = a.temperature {
@@ -166,6 +179,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             }
         }
     }
+    if stream_one {
+        write!(stdout, "{}", stream.finish()?)?;
+    }
     let total_s = start.elapsed().as_secs_f64();
     let stats = engine.stats();
     let generated: usize = outcomes.iter().map(|o| o.tokens.len()).sum();
@@ -216,7 +232,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         writeln!(stdout)?;
         let o = &outcomes[0];
         let ttft = o.first_token.unwrap_or(total_s);
-        eprintln!(
+        note!(
             "[{} prompt tokens, {} generated ({}); prefill {:.1} tok/s, decode {:.1} tok/s]",
             o.prompt_ids.len(),
             o.tokens.len(),
@@ -234,7 +250,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                 tokenizer.decode(&o.tokens, true)?
             )?;
         }
-        eprintln!(
+        note!(
             "[{n_requests} requests, {generated} tokens in {total_s:.2} s: {:.1} tok/s; peak KV pages {} of {}]",
             generated as f64 / total_s.max(1e-9),
             stats.peak_pages_in_use,

@@ -60,7 +60,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
             (Err(e), _) => json!({"error": e.to_string()}),
             _ => json!(null),
         };
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(
                 &json!({"adapters": adapter_json, "chosen": chosen_json})
@@ -69,9 +69,9 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         return chosen.map(|_| ()).map_err(Into::into);
     }
 
-    println!("Adapters ({}):", adapters.len());
+    outln!("Adapters ({}):", adapters.len());
     for (i, a) in adapters.iter().enumerate() {
-        println!(
+        outln!(
             "  [{i}] {:<8} {:<14} {}  (driver: {} {})",
             format!("{:?}", a.backend),
             format!("{:?}", a.device_type),
@@ -84,47 +84,47 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     let l = limits.expect("limits of the opened device");
     let c = &ctx.caps;
     let yes = |b: bool| if b { "yes" } else { "no" };
-    println!("\nChosen: {}", ctx.adapter_summary);
-    println!("Features kvsift uses:");
-    println!("  shader-f16       {}", yes(c.features.shader_f16));
-    println!(
+    outln!("\nChosen: {}", ctx.adapter_summary);
+    outln!("Features kvsift uses:");
+    outln!("  shader-f16       {}", yes(c.features.shader_f16));
+    outln!(
         "  subgroups        {} (size {}..{})",
         yes(c.features.subgroups),
         c.subgroup_min_size,
         c.subgroup_max_size
     );
-    println!("  timestamp-query  {}", yes(c.features.timestamps));
-    println!("  unpack2x16float  {} (f16 weights)", yes(c.f16_in_f32));
-    println!("Limits:");
+    outln!("  timestamp-query  {}", yes(c.features.timestamps));
+    outln!("  unpack2x16float  {} (f16 weights)", yes(c.f16_in_f32));
+    outln!("Limits:");
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    println!(
+    outln!(
         "  max_storage_buffer_binding_size  {} ({:.0} MiB; kvsift plans with {:.0} MiB)",
         l.max_storage_buffer_binding_size,
         mib(l.max_storage_buffer_binding_size),
         mib(c.max_binding_bytes)
     );
-    println!(
+    outln!(
         "  max_buffer_size                  {} ({:.0} MiB)",
         l.max_buffer_size,
         mib(l.max_buffer_size)
     );
-    println!(
+    outln!(
         "  max_compute_workgroup_storage    {}",
         l.max_compute_workgroup_storage_size
     );
-    println!(
+    outln!(
         "  max_invocations_per_workgroup    {}",
         l.max_compute_invocations_per_workgroup
     );
-    println!(
+    outln!(
         "  max_workgroups_per_dimension     {}",
         l.max_compute_workgroups_per_dimension
     );
-    println!(
+    outln!(
         "  max_storage_buffers_per_stage    {}",
         l.max_storage_buffers_per_shader_stage
     );
-    println!(
+    outln!(
         "  min_storage_offset_alignment     {}",
         l.min_storage_buffer_offset_alignment
     );

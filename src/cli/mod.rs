@@ -1,5 +1,23 @@
 //! clap subcommands; each lives in its own file.
 
+/// `writeln!` to stdout: a full or closed stdout is an error the subcommand
+/// returns (main leaves quietly on a closed pipe, as `head` expects).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
+/// `writeln!` to stderr for progress and summaries; a closed stderr is
+/// ignored (there is nowhere left to report it).
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 mod bench;
 mod common;
 mod compress;

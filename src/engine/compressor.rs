@@ -6,6 +6,7 @@
 //! lengths go back to the pool.
 
 use crate::error::{Error, Result};
+use crate::gpu::buffer::checked_len;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Op};
 use crate::kv::SeqTables;
 use crate::kv::compression::gpu::{LayerJob, ScoreSource, heads_per_kv, select_layer};
@@ -14,6 +15,21 @@ use crate::kv::paged::PagedKv;
 use crate::model::config::ModelConfig;
 use crate::ops::compress::{self, CompressBuffers, ScoreQueries, ScoreSpec};
 use crate::ops::paged_attention::LayerKv;
+
+/// The per-sequence state of the compressor, on the host while the
+/// sequence is swapped out.
+#[derive(Clone, Debug, Default)]
+pub struct LaneState {
+    ring: Vec<f32>,
+    ring_pos: Vec<u32>,
+    h2o: Vec<f32>,
+}
+
+impl LaneState {
+    pub fn bytes(&self) -> usize {
+        4 * (self.ring.len() + self.ring_pos.len() + self.h2o.len())
+    }
+}
 
 /// What the compression passes did, for the API and `--json`.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -39,6 +55,7 @@ pub struct Compressor {
     h2o: Option<GpuBuffer<f32>>,
     h2o_stats: GpuBuffer<f32>,
     n_layers: usize,
+    n_lanes: usize,
     n_q_heads: usize,
     group: usize,
     capacity: usize,
@@ -66,7 +83,7 @@ impl Compressor {
         let accumulates = cfg.method == Method::H2o && cfg.h2o_version == H2oVersion::V3;
         let acc_units = if accumulates { hq / kv.n_heads } else { 0 };
         let h2o = if accumulates {
-            let words = lanes * model.n_layers * hq * capacity;
+            let words = checked_len("H2O sums", &[lanes, model.n_layers, hq, capacity, 4])? / 4;
             if (words * 4) as u64 > ctx.caps.max_binding_bytes {
                 return Err(Error::LimitExceeded {
                     what: format!(
@@ -87,9 +104,16 @@ impl Compressor {
             ring: GpuBuffer::zeros(
                 ctx,
                 "compress.ring",
-                lanes * model.n_layers * w * hq * model.head_dim,
+                checked_len(
+                    "compression window queries",
+                    &[lanes, model.n_layers, w, hq, model.head_dim],
+                )?,
             )?,
-            ring_pos: GpuBuffer::zeros(ctx, "compress.ring_pos", lanes * w)?,
+            ring_pos: GpuBuffer::zeros(
+                ctx,
+                "compress.ring_pos",
+                checked_len("compression window", &[lanes, w])?,
+            )?,
             lanes: GpuBuffer::zeros(ctx, "compress.lanes", rows.max(1))?,
             h2o,
             h2o_stats: GpuBuffer::zeros(
@@ -98,6 +122,7 @@ impl Compressor {
                 compress::stats_len(rows.max(1), hq, capacity),
             )?,
             n_layers: model.n_layers,
+            n_lanes: lanes,
             n_q_heads: hq,
             group: model.n_heads / model.n_kv_heads,
             capacity,
@@ -111,8 +136,47 @@ impl Compressor {
     }
 
     /// Which lane each row group of the next step belongs to.
-    pub fn set_lanes(&self, ctx: &GpuContext, lanes: &[u32]) {
-        self.lanes.write(ctx, 0, lanes);
+    pub fn set_lanes(&self, ctx: &GpuContext, lanes: &[u32]) -> Result<()> {
+        self.lanes.write(ctx, 0, lanes)
+    }
+
+    /// Words of one lane's window-query ring.
+    fn ring_words(&self) -> usize {
+        self.ring.len() / self.lane_count()
+    }
+
+    fn lane_count(&self) -> usize {
+        self.n_lanes.max(1)
+    }
+
+    fn h2o_words(&self) -> usize {
+        self.n_layers * self.n_q_heads * self.capacity
+    }
+
+    /// What the forward recorded for the sequence in `lane` (its window
+    /// queries, H2O's sums), copied to the host when it is swapped out.
+    pub fn save_lane(&self, ctx: &GpuContext, lane: usize) -> Result<LaneState> {
+        let (rw, w) = (self.ring_words(), self.cfg.window);
+        Ok(LaneState {
+            ring: self.ring.read_range(ctx, lane * rw, rw)?,
+            ring_pos: self.ring_pos.read_range(ctx, lane * w, w)?,
+            h2o: match &self.h2o {
+                Some(h2o) => h2o.read_range(ctx, lane * self.h2o_words(), self.h2o_words())?,
+                None => vec![],
+            },
+        })
+    }
+
+    /// Puts a swapped-out sequence's state back, in its new `lane`.
+    pub fn restore_lane(&self, ctx: &GpuContext, lane: usize, state: &LaneState) -> Result<()> {
+        self.ring
+            .write(ctx, lane * self.ring_words(), &state.ring)?;
+        self.ring_pos
+            .write(ctx, lane * self.cfg.window, &state.ring_pos)?;
+        if let Some(h2o) = &self.h2o {
+            h2o.write(ctx, lane * self.h2o_words(), &state.h2o)?;
+        }
+        Ok(())
     }
 
     /// A new sequence in `lane` starts from zero attention sums.
@@ -246,7 +310,7 @@ impl Compressor {
     ) -> Result<bool> {
         let before = kv.usage().bytes_in_use;
         kv.set_row(0, lane, tables, None);
-        kv.upload_rows(ctx);
+        kv.upload_rows(ctx)?;
         let (w, hq, d) = (self.cfg.window, self.n_q_heads, kv.layout.head_dim);
         let mut dropped = 0u64;
         // One submission for all layers (they share the scratch buffers, in

@@ -4,9 +4,9 @@
 
 use std::time::Instant;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{Model, Readout, TextTokenizer};
-use crate::ops::sample::SamplingParams;
+use crate::ops::sample::{NO_TOKEN, SamplingParams};
 
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
@@ -85,10 +85,7 @@ pub fn generate(
         return Ok(g);
     }
     let t0 = Instant::now();
-    let mut next = model
-        .forward(prompt, readout)?
-        .token
-        .expect("a token readout");
+    let mut next = next_token(model, prompt, readout)?;
     g.prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     loop {
@@ -109,13 +106,23 @@ pub fn generate(
             g.stop = StopReason::Context;
             break;
         }
-        next = model
-            .forward(&[next], readout)?
-            .token
-            .expect("a token readout");
+        next = next_token(model, &[next], readout)?;
     }
     g.decode_s = t1.elapsed().as_secs_f64();
     Ok(g)
+}
+
+/// Feeds `tokens` and reads the next token back; non-finite logits are an error.
+fn next_token(model: &mut Model, tokens: &[u32], readout: Readout) -> Result<u32> {
+    let at = model.position() + tokens.len();
+    // Argmax and Sample readouts always return a token.
+    let token = model.forward(tokens, readout)?.token.unwrap_or(NO_TOKEN);
+    if token == NO_TOKEN {
+        return Err(Error::NonFiniteLogits {
+            at: format!("position {at}"),
+        });
+    }
+    Ok(token)
 }
 
 /// Turns a growing token list into text increments, holding back bytes of
@@ -145,5 +152,19 @@ impl<'t> TextStream<'t> {
         let new = text[self.printed..].to_string();
         self.printed = text.len();
         Ok(new)
+    }
+
+    /// The text held back at the end (an incomplete character decodes as
+    /// U+FFFD, as in the whole decode): after it, the printed text equals
+    /// `decode(tokens)`.
+    pub fn finish(&mut self) -> Result<String> {
+        let text = self.tokenizer.decode(&self.tokens, true)?;
+        let rest = if text.is_char_boundary(self.printed) {
+            text[self.printed..].to_string()
+        } else {
+            String::new()
+        };
+        self.printed = text.len();
+        Ok(rest)
     }
 }

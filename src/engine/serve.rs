@@ -6,24 +6,32 @@
 //!    and the pool holds their tokens; each runs its prefill (in chunks) and
 //!    samples its first token;
 //! 2. grows every running sequence by one slot; when the pool is exhausted it
-//!    either preempts the most recently admitted sequence (frees its pages; it
-//!    is recomputed from its tokens when readmitted) or fails the sequence
-//!    that cannot grow, as configured;
+//!    preempts the most recently admitted other sequence ([`Exhaustion`]:
+//!    its pages are swapped to host memory and restored when it is
+//!    readmitted, or freed and its cache replayed exactly from its tokens)
+//!    or fails the sequence that cannot grow, as configured;
 //! 3. runs one decode step for all running sequences in one submission (the
 //!    projections are matmuls over the batch) and reads back one token each.
 //!
 //! Sequences join and leave between steps. Only sampled tokens are read back.
+//!
+//! Failures: whatever goes wrong while serving (a GPU error in a prefill, a
+//! decode step or a compression pass, non-finite logits) fails the requests
+//! it touches with an [`Event::Failed`] and returns their pages and lanes;
+//! the engine goes on serving the others. A preempted sequence resumes with
+//! exactly the cache it had, so its tokens are those it would have produced
+//! without the preemption.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::engine::compressor::{CompressionStats, Compressor};
+use crate::engine::compressor::{CompressionStats, Compressor, LaneState};
 use crate::engine::generate::StopReason;
 use crate::error::{Error, Result};
 use crate::gpu::buffer::ReadbackSlot;
 use crate::gpu::{GpuBuffer, GpuContext, Op};
 use crate::kv::compression::{CompressConfig, Method};
-use crate::kv::paged::{PagedKv, PoolConfig, PoolUsage};
+use crate::kv::paged::{HostKv, PagedKv, PoolConfig, PoolUsage};
 use crate::kv::{Exhausted, SeqTables};
 use crate::model::config::ModelConfig;
 use crate::model::llama::{
@@ -41,14 +49,22 @@ use crate::ops::paged_attention::{
 const MAX_PREFILL_SPLITS: usize = 16;
 /// Most decode steps one submission may chain ([`EngineConfig::decode_chain`]).
 pub const MAX_DECODE_CHAIN: usize = 64;
-use crate::ops::sample::{Sampler, SamplingParams, mark_seen, seen_words};
+use crate::ops::sample::{NO_TOKEN, Sampler, SamplingParams, mark_seen, seen_words};
 use crate::rng::Rng;
 
 /// What to do when a running sequence needs a page and none is free.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Exhaustion {
-    /// Free the most recently admitted sequence's pages and recompute it later.
-    Preempt,
+    /// Preempt the most recently admitted other sequence: copy its pages
+    /// (and its compressor state) to host memory, free them, and restore
+    /// them when it is readmitted (vLLM's swap mode). Exact for every method.
+    #[default]
+    Swap,
+    /// Preempt it by freeing its pages; when readmitted its cache is
+    /// replayed from its tokens: the prompt's prefill, then one decode step
+    /// per generated token with the compression schedule it had (exact,
+    /// costs a step per token).
+    Recompute,
     /// Fail the sequence that cannot grow, with a clear error.
     Reject,
 }
@@ -57,15 +73,20 @@ impl std::str::FromStr for Exhaustion {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
-            "preempt" => Ok(Self::Preempt),
+            "swap" => Ok(Self::Swap),
+            // "preempt" is the name recompute had before swap existed.
+            "recompute" | "preempt" => Ok(Self::Recompute),
             "reject" => Ok(Self::Reject),
             _ => Err(Error::invalid(
                 "--on-exhaustion",
-                format!("{s:?}: expected preempt or reject"),
+                format!("{s:?}: expected swap, recompute or reject"),
             )),
         }
     }
 }
+
+/// Most sequences one engine decodes together.
+pub const MAX_LANES: usize = 1024;
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -95,7 +116,7 @@ impl Default for EngineConfig {
             max_context: None,
             prefill_chunk: 256,
             pool: PoolConfig::default(),
-            on_exhaustion: Exhaustion::Preempt,
+            on_exhaustion: Exhaustion::Swap,
             compression: CompressConfig::new(Method::None, 0),
             decode_chain: 1,
         }
@@ -125,7 +146,8 @@ pub enum Event {
         id: RequestId,
         reason: StopReason,
     },
-    /// The pool ran out; this sequence's pages were freed and it waits to be recomputed.
+    /// The pool ran out; this sequence's pages were swapped out (or freed,
+    /// to be replayed) and it waits to resume where it stopped.
     Preempted {
         id: RequestId,
     },
@@ -144,13 +166,58 @@ pub enum Event {
 struct Sequence {
     id: RequestId,
     req: Request,
-    /// Prompt then generated tokens.
+    /// Prompt then generated tokens. While running, the cache holds all but
+    /// the last (the pending token the next decode step feeds).
     tokens: Vec<u32>,
     generated: usize,
+    /// Its lane while running; `NO_LANE` while it waits.
     lane: usize,
     tables: SeqTables,
     rng: Rng,
     admitted: u64,
+    /// Where its cache is while it waits.
+    parked: Parked,
+}
+
+const NO_LANE: usize = usize::MAX;
+
+/// A waiting sequence's cache.
+enum Parked {
+    /// Never ran: admission prefills the prompt.
+    Fresh,
+    /// Swapped out: its pages and compressor state, on the host.
+    Swapped(Box<Swapped>),
+    /// Freed: admission replays it; `held[l]` pages of layer l it had.
+    Replay { held: Vec<usize> },
+}
+
+struct Swapped {
+    kv: HostKv,
+    lane: Option<LaneState>,
+}
+
+impl Swapped {
+    fn bytes(&self) -> usize {
+        self.kv.bytes() + self.lane.as_ref().map_or(0, |l| l.bytes())
+    }
+}
+
+/// How an admitted sequence started.
+enum Started {
+    /// A fresh prompt's prefill sampled its first token.
+    Token(u32),
+    /// A preempted sequence has its cache back; its pending token is next.
+    Resumed,
+    /// A replay ran out of pages; it waits again.
+    OutOfPages,
+}
+
+/// What a sampled token did to its sequence.
+enum Outcome {
+    Running,
+    /// It finished (the Finished event carries why).
+    Done,
+    Failed(Error),
 }
 
 /// Pool and scheduler figures.
@@ -161,6 +228,8 @@ pub struct EngineStats {
     pub running: usize,
     pub waiting: usize,
     pub preemptions: u64,
+    /// Host memory holding swapped-out sequences now (pages and compressor state).
+    pub swapped_bytes: u64,
     /// KV slots held per layer by the running sequences (summed over heads).
     pub slots_per_layer: Vec<usize>,
     /// What the compression passes did (None without compression).
@@ -203,6 +272,10 @@ pub struct Engine<'c> {
     profile_prefill: bool,
     last_profile: Option<Vec<(String, f64)>>,
     decode_timing: DecodeTiming,
+    /// One decode step's body for a single row (replays), built on first use.
+    replay_body: Option<Vec<Op>>,
+    /// Why the pages of the next chain could not be set up.
+    chain_error: Option<Error>,
 }
 
 /// Where decode steps spent their wall time, summed since the last
@@ -232,15 +305,27 @@ impl DecodeTiming {
 }
 
 impl<'c> Engine<'c> {
-    pub fn new(ctx: &'c GpuContext, weights: LlamaWeights, config: EngineConfig) -> Result<Self> {
+    pub fn new(
+        ctx: &'c GpuContext,
+        weights: LlamaWeights,
+        mut config: EngineConfig,
+    ) -> Result<Self> {
         let cfg = weights.cfg.clone();
         let capacity = context_capacity(&cfg, config.max_context)?;
-        if config.max_batch == 0 || config.prefill_chunk == 0 {
+        if config.max_batch == 0 || config.max_batch > MAX_LANES {
             return Err(Error::invalid(
-                "--batch / prefill chunk",
-                "must be positive",
+                "--batch",
+                format!(
+                    "{} concurrent sequences: expected 1 to {MAX_LANES}",
+                    config.max_batch
+                ),
             ));
         }
+        if config.prefill_chunk == 0 {
+            return Err(Error::invalid("--batch-tokens", "must be positive"));
+        }
+        // A chunk longer than the context never fills: the same steps.
+        config.prefill_chunk = config.prefill_chunk.min(capacity);
         if config.decode_chain == 0 || config.decode_chain > MAX_DECODE_CHAIN {
             return Err(Error::invalid(
                 "--steps-per-submit",
@@ -255,7 +340,7 @@ impl<'c> Engine<'c> {
                     "logits of {} sequences x {} tokens",
                     config.max_batch, cfg.vocab_size
                 ),
-                requested: (config.max_batch * cfg.vocab_size * 4) as u64,
+                requested: (config.max_batch as u64) * (cfg.vocab_size as u64) * 4,
                 limit_name: "max_storage_buffer_binding_size",
                 limit: ctx.caps.max_binding_bytes,
             });
@@ -347,6 +432,8 @@ impl<'c> Engine<'c> {
             profile_prefill: false,
             last_profile: None,
             decode_timing: DecodeTiming::default(),
+            replay_body: None,
+            chain_error: None,
             cfg,
             weights,
             acts,
@@ -431,9 +518,10 @@ impl<'c> Engine<'c> {
             rng: Rng::new(req.sampling.seed),
             tokens: req.prompt.clone(),
             generated: 0,
-            lane: usize::MAX,
+            lane: NO_LANE,
             tables,
             admitted: 0,
+            parked: Parked::Fresh,
             req,
         });
         Ok(id)
@@ -442,7 +530,10 @@ impl<'c> Engine<'c> {
     /// Stops a request; its pages return to the pool. False if unknown or done.
     pub fn cancel(&mut self, id: RequestId) -> bool {
         if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
-            self.waiting.remove(i);
+            // A waiting sequence holds no pages (a swapped one, host memory).
+            if let Some(s) = self.waiting.remove(i) {
+                self.retire(s);
+            }
             return true;
         }
         if let Some(i) = self.running.iter().position(|s| s.id == id) {
@@ -470,32 +561,83 @@ impl<'c> Engine<'c> {
             running: self.running.len(),
             waiting: self.waiting.len(),
             preemptions: self.preemptions,
+            swapped_bytes: self
+                .waiting
+                .iter()
+                .map(|s| match &s.parked {
+                    Parked::Swapped(sw) => sw.bytes() as u64,
+                    _ => 0,
+                })
+                .sum(),
             slots_per_layer: slots,
             compression: self.compressor.as_ref().map(|c| c.stats.clone()),
         }
     }
 
+    /// A sequence leaves: its slots are noted, its pages and lane returned.
     fn retire(&mut self, mut s: Sequence) {
         self.final_slots.insert(s.id, s.tables.slots_per_layer());
         s.tables.release(&mut self.kv.alloc);
-        self.free_lanes.push(s.lane);
+        if s.lane != NO_LANE {
+            self.free_lanes.push(s.lane);
+        }
     }
 
-    /// Advances every sequence by one token (admitting and prefilling waiting ones).
+    /// A sequence fails with `error` (an event says why) and leaves.
+    fn fail(&mut self, s: Sequence, error: &Error, events: &mut Vec<Event>) {
+        log::warn!("request {} failed: {error}", s.id);
+        events.push(Event::Failed {
+            id: s.id,
+            error: error.to_string(),
+        });
+        self.retire(s);
+    }
+
+    /// Fails every running sequence (a decode step that could not run).
+    fn fail_running(&mut self, error: &Error, events: &mut Vec<Event>) {
+        for s in std::mem::take(&mut self.running) {
+            self.fail(s, error, events);
+        }
+    }
+
+    /// What to do about a full pool, in the flags' words.
+    fn pool_advice(&self) -> String {
+        let max_pool = self
+            .ctx
+            .caps
+            .max_binding_bytes
+            .saturating_mul(self.cfg.n_layers as u64);
+        let at_limit = self.kv.usage().bytes_total
+            + self.kv.layout.page_bytes() as u64 * self.cfg.n_layers as u64
+            > max_pool;
+        if at_limit {
+            format!(
+                "the pool is at the device's limit ({} MiB: one storage binding per layer); \
+                 serve fewer sequences, lower --max-context or compress the cache (--kv)",
+                max_pool >> 20
+            )
+        } else {
+            "raise --kv-pool-mb".into()
+        }
+    }
+
+    /// Advances every sequence by one token (admitting and prefilling
+    /// waiting ones). What goes wrong with a request is an [`Event::Failed`]
+    /// among the events, not an error of the step.
     pub fn step(&mut self) -> Result<Vec<Event>> {
         self.steps += 1;
         let mut events = vec![];
         let decoders = self.running.len();
-        self.admit(&mut events)?;
+        self.admit(&mut events);
         // Sequences admitted this step already produced their first token.
         if decoders > 0 {
             let k = self.chain_len();
             if k > 1 && self.grow_chain(k) {
-                self.decode_chain(k, &mut events)?;
+                self.decode_chain(k, &mut events);
             } else {
                 self.grow(&mut events);
                 if !self.running.is_empty() {
-                    self.decode(&mut events)?;
+                    self.decode(&mut events);
                 }
             }
         }
@@ -503,75 +645,187 @@ impl<'c> Engine<'c> {
         Ok(events)
     }
 
-    fn admit(&mut self, events: &mut Vec<Event>) -> Result<()> {
-        while let Some(front) = self.waiting.front() {
-            let need = self.kv.pages_for(front.tokens.len()) * self.kv.n_heads;
-            if !self.kv.alloc.fits_when_empty(|_| need) {
-                let s = self.waiting.pop_front().expect("front exists");
-                events.push(Event::Failed {
-                    id: s.id,
-                    error: format!(
-                        "{} tokens need {} KV pages ({need} per layer) but the pool holds {}; raise --kv-pool-mb",
-                        s.tokens.len(),
-                        need * self.cfg.n_layers,
-                        self.kv.alloc.total_pages()
-                    ),
-                });
-                continue;
-            }
-            if self.free_lanes.is_empty() || !self.kv.alloc.fits(|_| need) {
-                break;
-            }
-            let mut s = self.waiting.pop_front().expect("front exists");
-            s.lane = self.free_lanes.pop().expect("a free lane");
-            s.admitted = self.steps;
-            let new = s
-                .tables
-                .append(s.tokens.len(), &mut self.kv.alloc)
-                .expect("checked by fits()");
-            self.kv.write_pages(self.ctx, s.lane, &new);
-            self.peak_pages = self.peak_pages.max(self.kv.alloc.pages_in_use());
-            if let Some(c) = &self.compressor {
-                c.reset_lane(self.ctx, s.lane)?;
-            }
-            // The lane's repetition-penalty mask starts from the sequence's tokens.
-            let words = seen_words(self.cfg.vocab_size);
-            let mut mask = vec![0u32; words];
-            mark_seen(&mut mask, &s.tokens);
-            self.seen.write(self.ctx, s.lane * words, &mask);
-            let token = self.prefill(&mut s)?;
-            if self.capture_logits {
-                let logits = read_rows(self.ctx, &self.acts.logits, self.cfg.vocab_size)?;
-                events.push(Event::Logits { id: s.id, logits });
-            }
-            self.accept(s, token, events);
+    /// Pages per layer a waiting sequence needs to be admitted.
+    fn admission_need(&self, s: &Sequence) -> Vec<usize> {
+        let n_layers = self.cfg.n_layers;
+        let prompt = self.kv.pages_for(s.req.prompt.len()) * self.kv.n_heads;
+        match &s.parked {
+            Parked::Fresh => vec![prompt; n_layers],
+            Parked::Swapped(sw) => (0..n_layers)
+                .map(|l| s.tables.pages_needed_for(l, &sw.kv.lens))
+                .collect(),
+            // The prompt's prefill, then what it held; a replay that still
+            // runs short waits again (Started::OutOfPages).
+            Parked::Replay { held } => held.iter().map(|&h| h.max(prompt)).collect(),
         }
-        Ok(())
     }
 
-    /// Runs a sequence's prefill (all its tokens, in chunks) and samples the next token.
+    fn admit(&mut self, events: &mut Vec<Event>) {
+        while let Some(front) = self.waiting.front() {
+            if front.req.max_tokens == 0 {
+                // Nothing to generate: done without a prefill (as `generate`).
+                if let Some(s) = self.waiting.pop_front() {
+                    events.push(Event::Finished {
+                        id: s.id,
+                        reason: StopReason::MaxTokens,
+                    });
+                    self.retire(s);
+                }
+                continue;
+            }
+            let need = self.admission_need(front);
+            if !self.kv.alloc.fits_when_empty(|l| need[l]) {
+                let Some(s) = self.waiting.pop_front() else {
+                    break;
+                };
+                let total: usize = need.iter().sum();
+                let error = Error::invalid(
+                    "--kv-pool-mb",
+                    format!(
+                        "{} tokens need {total} KV pages ({} per layer) but the pool holds {}; {}",
+                        s.tokens.len(),
+                        need[0],
+                        self.kv.alloc.total_pages(),
+                        self.pool_advice()
+                    ),
+                );
+                self.fail(s, &error, events);
+                continue;
+            }
+            if self.free_lanes.is_empty() || !self.kv.alloc.fits(|l| need[l]) {
+                break;
+            }
+            let (Some(mut s), Some(lane)) = (self.waiting.pop_front(), self.free_lanes.pop())
+            else {
+                break;
+            };
+            s.lane = lane;
+            s.admitted = self.steps;
+            match self.start(&mut s, events) {
+                Ok(Started::Token(token)) => self.accept(s, token, events),
+                Ok(Started::Resumed) => self.running.push(s),
+                Ok(Started::OutOfPages) => {
+                    s.tables.release(&mut self.kv.alloc);
+                    self.free_lanes.push(s.lane);
+                    s.lane = NO_LANE;
+                    self.waiting.push_front(s);
+                    break;
+                }
+                Err(e) => self.fail(s, &e, events),
+            }
+            self.peak_pages = self.peak_pages.max(self.kv.alloc.pages_in_use());
+        }
+    }
+
+    /// Gives an admitted sequence (lane set) its cache: a fresh prompt's
+    /// prefill and first token, a swapped-out cache restored, or a replay.
+    fn start(&mut self, s: &mut Sequence, events: &mut Vec<Event>) -> Result<Started> {
+        if let Some(c) = &self.compressor {
+            c.reset_lane(self.ctx, s.lane)?;
+        }
+        // The lane's repetition-penalty mask starts from the sequence's tokens.
+        let words = seen_words(self.cfg.vocab_size);
+        let mut mask = vec![0u32; words];
+        mark_seen(&mut mask, &s.tokens);
+        self.seen.write(self.ctx, s.lane * words, &mask)?;
+        match std::mem::replace(&mut s.parked, Parked::Fresh) {
+            Parked::Fresh => {
+                self.grow_tables(s, s.tokens.len())?;
+                let token = self.prefill(s)?;
+                if self.capture_logits {
+                    let logits = read_rows(self.ctx, &self.acts.logits, self.cfg.vocab_size)?;
+                    events.push(Event::Logits { id: s.id, logits });
+                }
+                Ok(Started::Token(token))
+            }
+            Parked::Swapped(sw) => {
+                let new = s
+                    .tables
+                    .grow_to(&sw.kv.lens, &mut self.kv.alloc)
+                    .map_err(|_| self.exhausted_error(s))?;
+                self.kv.write_pages(self.ctx, s.lane, &new)?;
+                self.kv.write_sequence(self.ctx, &s.tables, &sw.kv)?;
+                if let (Some(c), Some(state)) = (&self.compressor, &sw.lane) {
+                    c.restore_lane(self.ctx, s.lane, state)?;
+                }
+                Ok(Started::Resumed)
+            }
+            Parked::Replay { held } => {
+                if self.replay(s)? {
+                    Ok(Started::Resumed)
+                } else {
+                    s.parked = Parked::Replay { held };
+                    Ok(Started::OutOfPages)
+                }
+            }
+        }
+    }
+
+    /// `n` more slots for every head of `s` (a new chunk), or an error if
+    /// the pool cannot hold them.
+    fn grow_tables(&mut self, s: &mut Sequence, n: usize) -> Result<()> {
+        let new = s
+            .tables
+            .append(n, &mut self.kv.alloc)
+            .map_err(|_| self.exhausted_error(s))?;
+        self.kv.write_pages(self.ctx, s.lane, &new)
+    }
+
+    fn exhausted_error(&self, s: &Sequence) -> Error {
+        Error::invalid(
+            "--kv-pool-mb",
+            format!(
+                "KV pool exhausted ({} pages in use of {}) after {} tokens; {}{}",
+                self.kv.alloc.pages_in_use(),
+                self.kv.alloc.total_pages(),
+                s.tokens.len(),
+                self.pool_advice(),
+                if self.config.on_exhaustion == Exhaustion::Reject {
+                    " or use --on-exhaustion swap"
+                } else {
+                    ""
+                }
+            ),
+        )
+    }
+
+    /// Runs a sequence's prefill (all its tokens, in chunks; its tables
+    /// hold them) and samples the next token.
     fn prefill(&mut self, s: &mut Sequence) -> Result<u32> {
+        let total = s.tokens.len();
+        self.prefill_chunks(s, total, true)
+            .map(|t| t.unwrap_or(NO_TOKEN))
+    }
+
+    /// Prefills `s.tokens[..upto]` in chunks (the tables hold them), samples
+    /// the next token if `sample`, and compresses after it as the method's
+    /// prefill schedule says.
+    fn prefill_chunks(
+        &mut self,
+        s: &mut Sequence,
+        upto: usize,
+        sample: bool,
+    ) -> Result<Option<u32>> {
         let profiled = std::mem::take(&mut self.profile_prefill);
         let mut profile = vec![];
         let chunk = self.config.prefill_chunk;
-        let total = s.tokens.len();
-        let mut token = 0;
-        for start in (0..total).step_by(chunk) {
-            let n = chunk.min(total - start);
-            let last = start + n == total;
+        let mut token = None;
+        for start in (0..upto).step_by(chunk) {
+            let n = chunk.min(upto - start);
+            let last = start + n == upto;
             for (i, p) in self.pos_host[..n].iter_mut().enumerate() {
                 *p = (start + i) as u32;
             }
             self.acts
-                .write_inputs(self.ctx, &s.tokens[start..start + n], &self.pos_host[..n]);
+                .write_inputs(self.ctx, &s.tokens[start..start + n], &self.pos_host[..n])?;
             self.kv.set_row(0, s.lane, &s.tables, Some(start + n));
-            self.kv.upload_rows(self.ctx);
+            self.kv.upload_rows(self.ctx)?;
             if let Some(c) = &self.compressor {
-                c.set_lanes(self.ctx, &[s.lane as u32]);
+                c.set_lanes(self.ctx, &[s.lane as u32])?;
             }
             let body = self.prefill_ops(n, 0, start + n)?;
             let mut head = vec![];
-            if last {
+            if last && sample {
                 head.push(final_norm(self.ctx, &self.weights, &self.acts, n - 1, 1)?);
                 push_lm_head(&mut head, self.ctx, &self.weights, &self.acts, n - 1, 1)?;
                 head.push(
@@ -579,10 +833,10 @@ impl<'c> Engine<'c> {
                         .dispatch(self.ctx, 1, &self.acts.logits, &self.seen, &self.tokens_out)?
                         .into(),
                 );
-                head.push(self.token_slot.copy_from(self.tokens_out.raw(), 0, 4));
+                head.push(self.token_slot.copy_from(self.tokens_out.raw(), 0, 4)?);
                 let u = s.rng.uniform();
                 self.sampler
-                    .set_rows(self.ctx, [(s.req.sampling, s.lane, u)]);
+                    .set_rows(self.ctx, [(s.req.sampling, s.lane, u)])?;
             }
             if profiled {
                 profile.extend(
@@ -592,8 +846,8 @@ impl<'c> Engine<'c> {
             } else {
                 self.ctx.run_ops("kvsift.engine.prefill", &[&body, &head])?;
             }
-            if last {
-                token = self.token_slot.read::<u32>(self.ctx, 1)?[0];
+            if last && sample {
+                token = Some(self.token_slot.read::<u32>(self.ctx, 1)?[0]);
             }
         }
         if profiled {
@@ -602,11 +856,47 @@ impl<'c> Engine<'c> {
         if self
             .compressor
             .as_ref()
-            .is_some_and(|c| c.after_prefill(total))
+            .is_some_and(|c| c.after_prefill(upto))
         {
             self.compress(s.lane, &mut s.tables)?;
         }
         Ok(token)
+    }
+
+    /// Rebuilds a preempted sequence's cache exactly as it was: the prompt's
+    /// prefill (same chunks, same compression), then one decode step per
+    /// generated token but the pending one, compressing where the decode
+    /// schedule did. False if the pool ran out on the way.
+    fn replay(&mut self, s: &mut Sequence) -> Result<bool> {
+        let prompt = s.req.prompt.len();
+        self.grow_tables(s, prompt)?;
+        self.prefill_chunks(s, prompt, false)?;
+        if self.replay_body.is_none() {
+            self.replay_body = Some(self.decode_body(1)?);
+        }
+        for pos in prompt..s.tokens.len() - 1 {
+            match s.tables.append(1, &mut self.kv.alloc) {
+                Ok(new) => self.kv.write_pages(self.ctx, s.lane, &new)?,
+                Err(Exhausted { .. }) => return Ok(false),
+            }
+            self.acts
+                .write_inputs(self.ctx, &[s.tokens[pos]], &[pos as u32])?;
+            self.kv.set_row(0, s.lane, &s.tables, None);
+            self.kv.upload_rows(self.ctx)?;
+            if let Some(c) = &self.compressor {
+                c.set_lanes(self.ctx, &[s.lane as u32])?;
+            }
+            let body = self.replay_body.as_deref().unwrap_or_default();
+            self.ctx.run_ops("kvsift.engine.replay", &[body])?;
+            if self
+                .compressor
+                .as_ref()
+                .is_some_and(|c| c.after_decode(pos))
+            {
+                self.compress(s.lane, &mut s.tables)?;
+            }
+        }
+        Ok(true)
     }
 
     /// Runs the compression pass over the sequence in `lane`.
@@ -726,18 +1016,18 @@ impl<'c> Engine<'c> {
             let mut ops = Vec::with_capacity(k * (step.len() + 6));
             for j in 0..k {
                 if j > 0 {
-                    ops.push(self.tokens_out.copy_op(0, &self.acts.ids, 0, b));
+                    ops.push(self.tokens_out.copy_op(0, &self.acts.ids, 0, b)?);
                 }
-                self.acts.push_staged(&mut ops, j, b);
-                ops.push(self.kv.staged_rows_op(j));
-                ops.push(self.sampler.staged_rows_op(j, b));
+                self.acts.push_staged(&mut ops, j, b)?;
+                ops.push(self.kv.staged_rows_op(j)?);
+                ops.push(self.sampler.staged_rows_op(j, b)?);
                 ops.extend(step.iter().cloned());
                 ops.push(self.token_slot.copy_from_to(
                     self.tokens_out.raw(),
                     0,
                     (b * 4) as u64,
                     (j * b * 4) as u64,
-                ));
+                )?);
             }
             self.chain_plans.insert((b, k), ops);
         }
@@ -750,13 +1040,16 @@ impl<'c> Engine<'c> {
         while i < self.running.len() {
             let lane = self.running[i].lane;
             match self.running[i].tables.append(1, &mut self.kv.alloc) {
-                Ok(new) => {
-                    self.kv.write_pages(self.ctx, lane, &new);
-                    i += 1;
-                }
+                Ok(new) => match self.kv.write_pages(self.ctx, lane, &new) {
+                    Ok(()) => i += 1,
+                    Err(e) => {
+                        let s = self.running.remove(i);
+                        self.fail(s, &e, events);
+                    }
+                },
                 Err(Exhausted { .. }) => {
                     let victim = match self.config.on_exhaustion {
-                        Exhaustion::Preempt if self.running.len() > 1 => {
+                        Exhaustion::Swap | Exhaustion::Recompute if self.running.len() > 1 => {
                             // The most recently admitted other sequence (ties: the later row).
                             (0..self.running.len())
                                 .filter(|&j| j != i)
@@ -766,34 +1059,17 @@ impl<'c> Engine<'c> {
                     };
                     match victim {
                         Some(j) => {
-                            let mut s = self.running.remove(j);
-                            events.push(Event::Preempted { id: s.id });
-                            self.preemptions += 1;
-                            s.tables.release(&mut self.kv.alloc);
-                            self.free_lanes.push(s.lane);
-                            s.lane = usize::MAX;
-                            self.waiting.push_front(s);
+                            let s = self.running.remove(j);
+                            // Rows before i already grew this step.
+                            self.preempt(s, j < i, events);
                             if j < i {
                                 i -= 1;
                             }
                         }
                         None => {
                             let s = self.running.remove(i);
-                            events.push(Event::Failed {
-                                id: s.id,
-                                error: format!(
-                                    "KV pool exhausted ({} pages in use of {}) after {} tokens; raise --kv-pool-mb{}",
-                                    self.kv.alloc.pages_in_use(),
-                                    self.kv.alloc.total_pages(),
-                                    s.tokens.len(),
-                                    if self.config.on_exhaustion == Exhaustion::Reject {
-                                        " or use --on-exhaustion preempt"
-                                    } else {
-                                        ""
-                                    }
-                                ),
-                            });
-                            self.retire(s);
+                            let error = self.exhausted_error(&s);
+                            self.fail(s, &error, events);
                         }
                     }
                 }
@@ -801,29 +1077,80 @@ impl<'c> Engine<'c> {
         }
     }
 
-    fn decode(&mut self, events: &mut Vec<Event>) -> Result<()> {
+    /// Takes a running sequence out of the pool to wait: its cache goes to
+    /// host memory (swap) or is dropped to be replayed (recompute). `grown`:
+    /// it already got this step's slot, which it gives back first.
+    fn preempt(&mut self, mut s: Sequence, grown: bool, events: &mut Vec<Event>) {
+        events.push(Event::Preempted { id: s.id });
+        self.preemptions += 1;
+        if grown {
+            for layer in 0..s.tables.n_layers {
+                for head in 0..s.tables.n_heads {
+                    let len = s.tables.head(layer, head).len;
+                    s.tables
+                        .truncate(layer, head, len.saturating_sub(1), &mut self.kv.alloc);
+                }
+            }
+        }
+        let parked = match self.config.on_exhaustion {
+            Exhaustion::Swap => match self.swap_out(&s) {
+                Ok(sw) => Parked::Swapped(Box::new(sw)),
+                Err(e) => return self.fail(s, &e, events),
+            },
+            _ => Parked::Replay {
+                held: (0..s.tables.n_layers)
+                    .map(|l| {
+                        (0..s.tables.n_heads)
+                            .map(|h| s.tables.head(l, h).pages.len())
+                            .sum()
+                    })
+                    .collect(),
+            },
+        };
+        s.tables.release(&mut self.kv.alloc);
+        self.free_lanes.push(s.lane);
+        s.lane = NO_LANE;
+        s.parked = parked;
+        self.waiting.push_front(s);
+    }
+
+    /// Copies a running sequence's pages and compressor state to the host.
+    fn swap_out(&self, s: &Sequence) -> Result<Swapped> {
+        Ok(Swapped {
+            kv: self.kv.read_sequence(self.ctx, &s.tables)?,
+            lane: match &self.compressor {
+                Some(c) => Some(c.save_lane(self.ctx, s.lane)?),
+                None => None,
+            },
+        })
+    }
+
+    /// The GPU half of a decode step for the running sequences: inputs,
+    /// one submission, the sampled tokens back (and their logits, when
+    /// captured).
+    fn decode_tokens(&mut self, events: &mut Vec<Event>) -> Result<Vec<u32>> {
         let start = Instant::now();
         let b = self.running.len();
         for (row, s) in self.running.iter().enumerate() {
-            self.ids_host[row] = *s.tokens.last().expect("a pending token");
+            self.ids_host[row] = s.tokens.last().copied().unwrap_or(0);
             self.pos_host[row] = (s.tokens.len() - 1) as u32;
             self.kv.set_row(row, s.lane, &s.tables, None);
         }
-        self.kv.upload_rows(self.ctx);
-        self.set_compressor_lanes();
+        self.kv.upload_rows(self.ctx)?;
+        self.set_compressor_lanes()?;
         self.acts
-            .write_inputs(self.ctx, &self.ids_host[..b], &self.pos_host[..b]);
+            .write_inputs(self.ctx, &self.ids_host[..b], &self.pos_host[..b])?;
         self.sampler.set_rows(
             self.ctx,
             self.running
                 .iter_mut()
                 .map(|s| (s.req.sampling, s.lane, s.rng.uniform())),
-        );
+        )?;
         self.ensure_decode_plan(b)?;
         let profiled = std::mem::take(&mut self.profile_next);
         let readback = [self
             .token_slot
-            .copy_from(self.tokens_out.raw(), 0, (b * 4) as u64)];
+            .copy_from(self.tokens_out.raw(), 0, (b * 4) as u64)?];
         let step = &self.decode_plans[&b];
         if profiled {
             self.last_profile = Some(
@@ -849,19 +1176,32 @@ impl<'c> Engine<'c> {
                 });
             }
         }
-        let mut running = std::mem::take(&mut self.running);
-        for s in running.iter_mut() {
+        Ok(tokens)
+    }
+
+    fn decode(&mut self, events: &mut Vec<Event>) {
+        let tokens = match self.decode_tokens(events) {
+            Ok(tokens) => tokens,
+            Err(e) => return self.fail_running(&e, events),
+        };
+        for (mut s, token) in std::mem::take(&mut self.running).into_iter().zip(tokens) {
             let pos = s.tokens.len() - 1;
-            if self
-                .compressor
-                .as_ref()
-                .is_some_and(|c| c.after_decode(pos))
-            {
-                self.compress(s.lane, &mut s.tables)?;
+            if let Err(e) = self.compress_after_decode(&mut s, pos) {
+                self.fail(s, &e, events);
+                continue;
             }
-        }
-        for (s, token) in running.into_iter().zip(tokens) {
             self.accept(s, token, events);
+        }
+    }
+
+    /// The decode schedule's compression after the step that fed position `pos`.
+    fn compress_after_decode(&mut self, s: &mut Sequence, pos: usize) -> Result<()> {
+        if self
+            .compressor
+            .as_ref()
+            .is_some_and(|c| c.after_decode(pos))
+        {
+            self.compress(s.lane, &mut s.tables)?;
         }
         Ok(())
     }
@@ -869,14 +1209,26 @@ impl<'c> Engine<'c> {
     /// Records a sampled token; keeps the sequence running or retires it.
     fn accept(&mut self, mut s: Sequence, token: u32, events: &mut Vec<Event>) {
         match self.record(&mut s, token, events) {
-            Some(_) => self.retire(s),
-            None => self.running.push(s),
+            Outcome::Running => self.running.push(s),
+            Outcome::Done => self.retire(s),
+            Outcome::Failed(e) => self.fail(s, &e, events),
         }
     }
 
     /// Appends a sampled token to `s` (a Token event, and Finished when it
-    /// ends the sequence); why it ends, if it does.
-    fn record(&self, s: &mut Sequence, token: u32, events: &mut Vec<Event>) -> Option<StopReason> {
+    /// ends the sequence); what it did. A token outside the vocabulary is
+    /// the sampler's `NO_TOKEN`: the logits were not finite.
+    fn record(&self, s: &mut Sequence, token: u32, events: &mut Vec<Event>) -> Outcome {
+        if token as usize >= self.cfg.vocab_size {
+            return Outcome::Failed(Error::NonFiniteLogits {
+                at: format!(
+                    "request {}, generated token {} (position {})",
+                    s.id,
+                    s.generated + 1,
+                    s.tokens.len()
+                ),
+            });
+        }
         s.tokens.push(token);
         s.generated += 1;
         events.push(Event::Token { id: s.id, token });
@@ -889,10 +1241,13 @@ impl<'c> Engine<'c> {
         } else {
             None
         };
-        if let Some(reason) = reason {
-            events.push(Event::Finished { id: s.id, reason });
+        match reason {
+            Some(reason) => {
+                events.push(Event::Finished { id: s.id, reason });
+                Outcome::Done
+            }
+            None => Outcome::Running,
         }
-        reason
     }
 
     /// Decode steps the next submission may chain: at most the configured
@@ -920,13 +1275,14 @@ impl<'c> Engine<'c> {
     }
 
     /// Tells the compressor which lane each row of the next step belongs to.
-    fn set_compressor_lanes(&mut self) {
+    fn set_compressor_lanes(&mut self) -> Result<()> {
         if let Some(c) = &self.compressor {
             for (row, s) in self.running.iter().enumerate() {
                 self.lanes_host[row] = s.lane as u32;
             }
-            c.set_lanes(self.ctx, &self.lanes_host[..self.running.len()]);
+            c.set_lanes(self.ctx, &self.lanes_host[..self.running.len()])?;
         }
+        Ok(())
     }
 
     /// `k` more slots for every running sequence if the pool holds them all
@@ -942,75 +1298,102 @@ impl<'c> Engine<'c> {
         if !fits {
             return false;
         }
+        let mut failed = None;
         for s in self.running.iter_mut() {
-            let new = s
+            // fits() above counted every page.
+            let written = s
                 .tables
                 .append(k, &mut self.kv.alloc)
-                .expect("checked by fits()");
-            self.kv.write_pages(self.ctx, s.lane, &new);
+                .map_err(|_| Error::invalid("KV pool", "a chain's pages ran out"))
+                .and_then(|new| self.kv.write_pages(self.ctx, s.lane, &new));
+            if let Err(e) = written {
+                failed = Some(e);
+                break;
+            }
         }
+        // A table that could not be written fails the whole chain:
+        // decode_chain then fails every running sequence, returning its pages.
+        self.chain_error = failed;
         true
     }
 
-    /// `k` decode steps of every running sequence in one submission (slots
-    /// already appended by [`Engine::grow_chain`]): the same tokens as `k`
-    /// single steps, read back once.
-    fn decode_chain(&mut self, k: usize, events: &mut Vec<Event>) -> Result<()> {
+    /// The GPU half of `k` chained decode steps: staged inputs, one
+    /// submission, every step's tokens back (`[step][row]`).
+    fn chain_tokens(&mut self, k: usize) -> Result<Vec<u32>> {
+        if let Some(e) = self.chain_error.take() {
+            return Err(e);
+        }
         let start = Instant::now();
         let b = self.running.len();
         for (row, s) in self.running.iter().enumerate() {
-            self.ids_host[row] = *s.tokens.last().expect("a pending token");
+            self.ids_host[row] = s.tokens.last().copied().unwrap_or(0);
         }
-        self.acts.write_ids(self.ctx, &self.ids_host[..b]);
+        self.acts.write_ids(self.ctx, &self.ids_host[..b])?;
         for j in 0..k {
             for (row, s) in self.running.iter().enumerate() {
                 self.pos_host[row] = (s.tokens.len() - 1 + j) as u32;
                 self.kv.set_row_before(row, s.lane, &s.tables, k - 1 - j);
             }
-            self.kv.stage_rows(self.ctx, j);
-            self.acts.stage_positions(self.ctx, j, &self.pos_host[..b]);
+            self.kv.stage_rows(self.ctx, j)?;
+            self.acts
+                .stage_positions(self.ctx, j, &self.pos_host[..b])?;
             self.sampler.stage_rows(
                 self.ctx,
                 j,
                 self.running
                     .iter_mut()
                     .map(|s| (s.req.sampling, s.lane, s.rng.uniform())),
-            );
+            )?;
         }
-        self.set_compressor_lanes();
+        self.set_compressor_lanes()?;
         self.ensure_chain_plan(b, k)?;
         self.ctx
             .run_ops("kvsift.engine.decode_chain", &[&self.chain_plans[&(b, k)]])?;
         let submitted = Instant::now();
         let tokens = self.token_slot.read::<u32>(self.ctx, k * b)?;
         self.decode_timing.record(k as u64, start, submitted);
+        Ok(tokens)
+    }
+
+    /// `k` decode steps of every running sequence in one submission (slots
+    /// already appended by [`Engine::grow_chain`]): the same tokens as `k`
+    /// single steps, read back once.
+    fn decode_chain(&mut self, k: usize, events: &mut Vec<Event>) {
+        let tokens = match self.chain_tokens(k) {
+            Ok(tokens) => tokens,
+            Err(e) => return self.fail_running(&e, events),
+        };
+        let b = self.running.len();
         let mut running = std::mem::take(&mut self.running);
-        let mut ended = vec![false; b];
+        let mut outcome: Vec<Outcome> = (0..b).map(|_| Outcome::Running).collect();
         for j in 0..k {
             for (row, s) in running.iter_mut().enumerate() {
-                if !ended[row] {
-                    ended[row] = self.record(s, tokens[j * b + row], events).is_some();
+                if matches!(outcome[row], Outcome::Running) {
+                    outcome[row] = self.record(s, tokens[j * b + row], events);
                 }
             }
         }
-        for (mut s, done) in running.into_iter().zip(ended) {
-            if done {
-                self.retire(s);
-                continue;
+        for (mut s, outcome) in running.into_iter().zip(outcome) {
+            match outcome {
+                Outcome::Done => {
+                    self.retire(s);
+                    continue;
+                }
+                Outcome::Failed(e) => {
+                    self.fail(s, &e, events);
+                    continue;
+                }
+                Outcome::Running => {}
             }
             // The chain's last step fed the token before the newest: a
             // compression trigger can only fall there.
             let pos = s.tokens.len() - 2;
-            if self
-                .compressor
-                .as_ref()
-                .is_some_and(|c| c.after_decode(pos))
-            {
-                self.compress(s.lane, &mut s.tables)?;
+            if let Err(e) = self.compress_after_decode(&mut s, pos) {
+                self.fail(s, &e, events);
+                continue;
             }
             self.running.push(s);
         }
-        Ok(())
     }
 
     /// Teacher-forced scoring through the paged cache, as [`crate::model::Model::score`]:
@@ -1035,16 +1418,16 @@ impl<'c> Engine<'c> {
         let targets = GpuBuffer::from_slice(self.ctx, "score.targets", &score_targets(tokens))?;
         let nll_out = GpuBuffer::<f32>::zeros(self.ctx, "score.nll", t)?;
         let mut logits = want_logits.then(|| Vec::with_capacity(t * v));
-        let lane = self
-            .free_lanes
-            .pop()
-            .expect("an idle engine has a free lane");
+        // An idle engine has every lane free.
+        let Some(lane) = self.free_lanes.pop() else {
+            return Err(Error::invalid("score", "no free lane"));
+        };
         let mut tables = self.kv.new_tables();
-        if let Some(c) = &self.compressor {
-            c.reset_lane(self.ctx, lane)?;
-            c.set_lanes(self.ctx, &[lane as u32]);
-        }
         let result = (|| -> Result<()> {
+            if let Some(c) = &self.compressor {
+                c.reset_lane(self.ctx, lane)?;
+                c.set_lanes(self.ctx, &[lane as u32])?;
+            }
             let grow = |tables: &mut SeqTables,
                         n: usize,
                         kv: &mut PagedKv,
@@ -1056,8 +1439,7 @@ impl<'c> Engine<'c> {
                         format!("the pool cannot hold {t} tokens for scoring"),
                     )
                 })?;
-                kv.write_pages(ctx, lane, &new);
-                Ok(())
+                kv.write_pages(ctx, lane, &new)
             };
             for start in (0..prefill).step_by(self.config.prefill_chunk) {
                 let n = self.config.prefill_chunk.min(prefill - start);
@@ -1066,9 +1448,9 @@ impl<'c> Engine<'c> {
                     *p = (start + i) as u32;
                 }
                 self.acts
-                    .write_inputs(self.ctx, &tokens[start..start + n], &self.pos_host[..n]);
+                    .write_inputs(self.ctx, &tokens[start..start + n], &self.pos_host[..n])?;
                 self.kv.set_row(0, lane, &tables, None);
-                self.kv.upload_rows(self.ctx);
+                self.kv.upload_rows(self.ctx)?;
                 let body = self.prefill_ops(n, 0, start + n)?;
                 let norm = final_norm(self.ctx, &self.weights, &self.acts, 0, n)?;
                 self.ctx.run_ops(
@@ -1119,9 +1501,9 @@ impl<'c> Engine<'c> {
                 for (i, &tok) in tokens[prefill..].iter().enumerate() {
                     let row = prefill + i;
                     grow(&mut tables, 1, &mut self.kv, self.ctx)?;
-                    self.acts.write_inputs(self.ctx, &[tok], &[row as u32]);
+                    self.acts.write_inputs(self.ctx, &[tok], &[row as u32])?;
                     self.kv.set_row(0, lane, &tables, None);
-                    self.kv.upload_rows(self.ctx);
+                    self.kv.upload_rows(self.ctx)?;
                     set_nll_row(self.ctx, &head, v, row);
                     self.ctx.run_ops("kvsift.score.decode", &[&body, &head])?;
                     if let Some(l) = logits.as_mut() {

@@ -22,15 +22,41 @@ pub struct GpuBuffer<T: Pod> {
 
 /// Bytes actually allocated for `len` elements: at least 4 and a multiple of 4
 /// (copies need 4-byte sizes; zero-sized bindings are invalid).
-fn padded_bytes<T>(len: usize) -> u64 {
-    let bytes = (len * std::mem::size_of::<T>()) as u64;
-    bytes.max(4).div_ceil(4) * 4
+fn padded_bytes<T>(label: &str, len: usize) -> Result<u64> {
+    let bytes = len
+        .checked_mul(std::mem::size_of::<T>())
+        .and_then(|b| u64::try_from(b).ok())
+        .and_then(|b| b.max(4).checked_next_multiple_of(4))
+        .ok_or_else(|| too_large(label, len as u64))?;
+    Ok(bytes)
+}
+
+fn too_large(what: &str, requested: u64) -> Error {
+    Error::LimitExceeded {
+        what: format!("buffer {what:?}"),
+        requested,
+        limit_name: "the address space (usize)",
+        limit: usize::MAX as u64,
+    }
+}
+
+/// The product of `dims` (a buffer's element count), or a clear error if
+/// it overflows: sizes derived from flags and configs are checked, never wrapped.
+pub fn checked_len(what: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::LimitExceeded {
+            what: format!("{what} ({dims:?} elements)"),
+            requested: u64::MAX,
+            limit_name: "the address space (usize)",
+            limit: usize::MAX as u64,
+        })
 }
 
 impl<T: Pod> GpuBuffer<T> {
     /// A zero-filled buffer of `len` elements.
     pub fn zeros(ctx: &GpuContext, label: &str, len: usize) -> Result<Self> {
-        let size = padded_bytes::<T>(len);
+        let size = padded_bytes::<T>(label, len)?;
         check_size(ctx, label, size)?;
         let buffer = ctx.checked(label, || {
             ctx.device.create_buffer(&wgpu::BufferDescriptor {
@@ -50,7 +76,7 @@ impl<T: Pod> GpuBuffer<T> {
 
     /// A buffer initialised with `data` (written through a mapping, no staging copy).
     pub fn from_slice(ctx: &GpuContext, label: &str, data: &[T]) -> Result<Self> {
-        let size = padded_bytes::<T>(data.len());
+        let size = padded_bytes::<T>(label, data.len())?;
         let buffer = create_init(ctx, label, size, bytemuck::cast_slice(data))?;
         Ok(Self {
             buffer,
@@ -80,61 +106,76 @@ impl<T: Pod> GpuBuffer<T> {
         self.buffer.size()
     }
 
+    /// Elements `at..at + n`, or an error naming the buffer if they are not all in it.
+    fn range(&self, at: usize, n: usize) -> Result<std::ops::Range<usize>> {
+        match at.checked_add(n) {
+            Some(end) if end <= self.len => Ok(at..end),
+            _ => Err(Error::invalid(
+                format!("buffer {:?}", self.label),
+                format!("{n} elements at {at} overflow its {} elements", self.len),
+            )),
+        }
+    }
+
     /// Writes `data` at element offset `at` (queued; lands before the next submission).
-    pub fn write(&self, ctx: &GpuContext, at: usize, data: &[T]) {
-        assert!(
-            at + data.len() <= self.len,
-            "write to {}: {} elements at {} overflow its {} elements",
-            self.label,
-            data.len(),
-            at,
-            self.len
-        );
+    pub fn write(&self, ctx: &GpuContext, at: usize, data: &[T]) -> Result<()> {
+        self.range(at, data.len())?;
         let bytes: &[u8] = bytemuck::cast_slice(data);
         if bytes.is_empty() {
-            return;
+            return Ok(());
         }
         let off = (at * std::mem::size_of::<T>()) as u64;
-        assert!(
-            off.is_multiple_of(4) && bytes.len().is_multiple_of(4),
-            "write to {}: byte offset {off} and length {} must be multiples of 4",
-            self.label,
-            bytes.len()
-        );
+        if !(off.is_multiple_of(4) && bytes.len().is_multiple_of(4)) {
+            return Err(Error::invalid(
+                format!("buffer {:?}", self.label),
+                format!(
+                    "write of {} bytes at byte {off}: both must be multiples of 4",
+                    bytes.len()
+                ),
+            ));
+        }
         ctx.queue.write_buffer(&self.buffer, off, bytes);
+        Ok(())
     }
 
     /// A recorded copy of `n` elements from `at` into `dst` at `dst_at`.
-    pub fn copy_op(&self, at: usize, dst: &GpuBuffer<T>, dst_at: usize, n: usize) -> super::Op {
-        assert!(
-            at + n <= self.len && dst_at + n <= dst.len,
-            "copy {} -> {}: {n} elements from {at} to {dst_at} overflow {} / {}",
-            self.label,
-            dst.label,
-            self.len,
-            dst.len
-        );
+    pub fn copy_op(
+        &self,
+        at: usize,
+        dst: &GpuBuffer<T>,
+        dst_at: usize,
+        n: usize,
+    ) -> Result<super::Op> {
+        self.range(at, n)?;
+        dst.range(dst_at, n)?;
         let size = std::mem::size_of::<T>() as u64;
-        super::Op::Copy(super::BufferCopy {
+        Ok(super::Op::Copy(super::BufferCopy {
             src: self.buffer.clone(),
             src_offset: at as u64 * size,
             dst: dst.buffer.clone(),
             dst_offset: dst_at as u64 * size,
             size: n as u64 * size,
-        })
+        }))
     }
 
     /// Copies the whole buffer back to the host (waits for the GPU).
     pub fn read(&self, ctx: &GpuContext) -> Result<Vec<T>> {
-        let n = self.len * std::mem::size_of::<T>();
-        let bytes = read_bytes(
-            ctx,
-            &self.buffer,
-            &self.label,
-            0,
-            padded_bytes::<T>(self.len),
-        )?;
-        Ok(bytemuck::pod_collect_to_vec(&bytes[..n]))
+        self.read_range(ctx, 0, self.len)
+    }
+
+    /// Copies elements `at..at + n` back to the host (waits for the GPU).
+    pub fn read_range(&self, ctx: &GpuContext, at: usize, n: usize) -> Result<Vec<T>> {
+        let r = self.range(at, n)?;
+        let size = std::mem::size_of::<T>();
+        let (start, end) = ((r.start * size) as u64, (r.end * size) as u64);
+        // Copies move whole 4-byte words.
+        let (lo, hi) = (start / 4 * 4, end.div_ceil(4) * 4);
+        if hi == lo {
+            return Ok(vec![]);
+        }
+        let bytes = read_bytes(ctx, &self.buffer, &self.label, lo, hi - lo)?;
+        let skip = (start - lo) as usize;
+        Ok(bytemuck::pod_collect_to_vec(&bytes[skip..skip + n * size]))
     }
 
     pub fn binding(&self) -> wgpu::BindingResource<'_> {
@@ -145,11 +186,12 @@ impl<T: Pod> GpuBuffer<T> {
 /// Creates a storage buffer of `size` bytes whose first bytes are `data`,
 /// written through a mapping at creation (no staging copy).
 pub fn create_init(ctx: &GpuContext, label: &str, size: u64, data: &[u8]) -> Result<wgpu::Buffer> {
-    assert!(
-        data.len() as u64 <= size,
-        "create_init {label}: {} bytes of data into a {size}-byte buffer",
-        data.len()
-    );
+    if data.len() as u64 > size {
+        return Err(Error::invalid(
+            format!("buffer {label:?}"),
+            format!("{} bytes of data into {size} bytes", data.len()),
+        ));
+    }
     create_with(ctx, label, size, |view| {
         view.slice(..data.len()).copy_from_slice(data)
     })
@@ -163,10 +205,12 @@ pub fn create_with(
     size: u64,
     fill: impl FnOnce(&mut wgpu::BufferViewMut),
 ) -> Result<wgpu::Buffer> {
-    assert!(
-        size.is_multiple_of(4),
-        "create_with {label}: size {size} is not a multiple of 4"
-    );
+    if !size.is_multiple_of(4) {
+        return Err(Error::invalid(
+            format!("buffer {label:?}"),
+            format!("size {size} is not a multiple of 4"),
+        ));
+    }
     check_size(ctx, label, size)?;
     let buffer = ctx.checked(label, || {
         ctx.device.create_buffer(&wgpu::BufferDescriptor {
@@ -199,6 +243,73 @@ fn check_size(ctx: &GpuContext, label: &str, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// Copies byte ranges `(buffer, offset, len)` back to the host, concatenated,
+/// in as few submissions as staging buffers of at most 256 MiB allow (each
+/// range's offset and length multiples of 4).
+pub fn read_ranges(
+    ctx: &GpuContext,
+    label: &str,
+    ranges: &[(&wgpu::Buffer, u64, u64)],
+) -> Result<Vec<u8>> {
+    const STAGING_MAX: u64 = 256 << 20;
+    let limit = STAGING_MAX.min(ctx.caps.max_buffer_bytes);
+    let total: u64 = ranges.iter().map(|r| r.2).sum();
+    let mut out = Vec::with_capacity(total as usize);
+    let mut i = 0;
+    while i < ranges.len() {
+        // One staging buffer for the ranges that fit (at least one).
+        let mut size = 0;
+        let mut j = i;
+        while j < ranges.len() && (j == i || size + ranges[j].2 <= limit) {
+            size += ranges[j].2;
+            j += 1;
+        }
+        let group = &ranges[i..j];
+        let staging = ctx.checked(label, || {
+            let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kvsift.readback"),
+                size: size.max(4),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut enc = ctx.encoder("kvsift.readback");
+            let mut at = 0;
+            for (buffer, offset, len) in group {
+                enc.copy_buffer_to_buffer(buffer, *offset, &staging, at, *len);
+                at += len;
+            }
+            ctx.queue.submit([enc.finish()]);
+            staging
+        })?;
+        out.extend(map_read(ctx, &staging, label, size)?);
+        i = j;
+    }
+    Ok(out)
+}
+
+/// Maps a filled staging buffer and copies its first `len` bytes out.
+fn map_read(ctx: &GpuContext, staging: &wgpu::Buffer, label: &str, len: u64) -> Result<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.wait_idle()?;
+    let fail = |message: String| Error::Readback {
+        label: label.to_string(),
+        message,
+    };
+    rx.recv()
+        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| fail(e.to_string()))?;
+    let out = staging
+        .get_mapped_range(..)
+        .map_err(|e| fail(e.to_string()))?;
+    let v = out[..len as usize].to_vec();
+    drop(out);
+    staging.unmap();
+    Ok(v)
+}
+
 /// Copies `len` bytes at `offset` of `buffer` back to the host through a staging buffer.
 pub fn read_bytes(
     ctx: &GpuContext,
@@ -207,45 +318,7 @@ pub fn read_bytes(
     offset: u64,
     len: u64,
 ) -> Result<Vec<u8>> {
-    let staging = ctx.checked(label, || {
-        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("kvsift.readback"),
-            size: len,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut enc = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("kvsift.readback"),
-            });
-        enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, len);
-        ctx.queue.submit([enc.finish()]);
-        staging
-    })?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    staging.map_async(wgpu::MapMode::Read, .., move |r| {
-        let _ = tx.send(r);
-    });
-    ctx.wait_idle()?;
-    let mapped = rx
-        .recv()
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
-    if let Err(message) = mapped {
-        return Err(Error::Readback {
-            label: label.to_string(),
-            message,
-        });
-    }
-    let out = staging.get_mapped_range(..).map_err(|e| Error::Readback {
-        label: label.to_string(),
-        message: e.to_string(),
-    })?;
-    let v = out.to_vec();
-    drop(out);
-    staging.unmap();
-    Ok(v)
+    read_ranges(ctx, label, &[(buffer, offset, len)])
 }
 
 /// A preallocated host-readable buffer for the small result of a step (the
@@ -274,7 +347,7 @@ impl ReadbackSlot {
     }
 
     /// The op that copies `bytes` at `offset` of `src` into this slot.
-    pub fn copy_from(&self, src: &wgpu::Buffer, offset: u64, bytes: u64) -> super::Op {
+    pub fn copy_from(&self, src: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<super::Op> {
         self.copy_from_to(src, offset, bytes, 0)
     }
 
@@ -285,25 +358,40 @@ impl ReadbackSlot {
         offset: u64,
         bytes: u64,
         dst_offset: u64,
-    ) -> super::Op {
-        assert!(
-            dst_offset + bytes <= self.staging.size(),
-            "readback {}: {bytes} bytes at {dst_offset} into a {}-byte slot",
-            self.label,
-            self.staging.size()
-        );
-        super::Op::Copy(super::BufferCopy {
+    ) -> Result<super::Op> {
+        if dst_offset
+            .checked_add(bytes)
+            .is_none_or(|end| end > self.staging.size())
+        {
+            return Err(Error::invalid(
+                format!("readback {:?}", self.label),
+                format!(
+                    "{bytes} bytes at {dst_offset} into a {}-byte slot",
+                    self.staging.size()
+                ),
+            ));
+        }
+        Ok(super::Op::Copy(super::BufferCopy {
             src: src.clone(),
             src_offset: offset,
             dst: self.staging.clone(),
             dst_offset,
             size: bytes,
-        })
+        }))
     }
 
     /// Waits for the GPU and returns the first `count` values of the slot.
     pub fn read<T: Pod>(&self, ctx: &GpuContext, count: usize) -> Result<Vec<T>> {
         let bytes = (count * std::mem::size_of::<T>()) as u64;
+        if bytes > self.staging.size() {
+            return Err(Error::invalid(
+                format!("readback {:?}", self.label),
+                format!(
+                    "{bytes} bytes read from a {}-byte slot",
+                    self.staging.size()
+                ),
+            ));
+        }
         let span = bytes.div_ceil(4) * 4;
         let (tx, rx) = std::sync::mpsc::channel();
         self.staging
@@ -348,19 +436,24 @@ impl<T: Pod> StagedInput<T> {
     }
 
     /// Step `step`'s values (at most `len`).
-    pub fn write(&self, ctx: &GpuContext, step: usize, data: &[T]) {
-        assert!(
-            data.len() <= self.len,
-            "staged input: {} > {}",
-            data.len(),
-            self.len
-        );
-        self.stage.write(ctx, step * self.len, data);
+    pub fn write(&self, ctx: &GpuContext, step: usize, data: &[T]) -> Result<()> {
+        self.check(data.len())?;
+        self.stage.write(ctx, step * self.len, data)
     }
 
     /// Copies step `step`'s first `n` values into `live`.
-    pub fn copy_op(&self, step: usize, live: &GpuBuffer<T>, n: usize) -> super::Op {
-        assert!(n <= self.len, "staged input: copy of {n} > {}", self.len);
+    pub fn copy_op(&self, step: usize, live: &GpuBuffer<T>, n: usize) -> Result<super::Op> {
+        self.check(n)?;
         self.stage.copy_op(step * self.len, live, 0, n)
+    }
+
+    fn check(&self, n: usize) -> Result<()> {
+        if n > self.len {
+            return Err(Error::invalid(
+                format!("staged input {:?}", self.stage.label()),
+                format!("{n} values, room for {} per step", self.len),
+            ));
+        }
+        Ok(())
     }
 }

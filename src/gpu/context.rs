@@ -6,6 +6,7 @@
 //! optional features kvsift can use (shader-f16, subgroups, timestamp queries)
 //! only where offered; every kernel has a path that needs none of them.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
@@ -279,6 +280,18 @@ pub struct GpuContext {
     pub caps: DeviceCaps,
     pub(crate) pipelines: super::pipeline::PipelineCache,
     uncaptured: Arc<Mutex<Option<String>>>,
+    faults: FaultHook,
+}
+
+/// Test hook: makes the Nth checked GPU call (submission, buffer or pipeline
+/// creation) fail as a GPU error would, to prove the engine recovers.
+#[derive(Debug, Default)]
+struct FaultHook {
+    calls: AtomicU64,
+    /// The call number that fails (0: none).
+    fail_at: AtomicU64,
+    /// Every call after `fail_at` fails too (a lost device).
+    sticky: AtomicBool,
 }
 
 impl GpuContext {
@@ -369,12 +382,46 @@ impl GpuContext {
             caps,
             pipelines: Default::default(),
             uncaptured,
+            faults: FaultHook::default(),
         })
+    }
+
+    /// Test hook: the `n`th checked GPU call from now (1: the next) fails
+    /// with an injected GPU error; with `sticky`, every later one too. Only
+    /// for tests of error paths; a context shared with other work should
+    /// not be used.
+    #[doc(hidden)]
+    pub fn inject_fault(&self, n: u64, sticky: bool) {
+        let now = self.faults.calls.load(Ordering::SeqCst);
+        self.faults.sticky.store(sticky, Ordering::SeqCst);
+        self.faults.fail_at.store(now + n.max(1), Ordering::SeqCst);
+    }
+
+    /// Test hook: no more injected faults.
+    #[doc(hidden)]
+    pub fn clear_faults(&self) {
+        self.faults.fail_at.store(0, Ordering::SeqCst);
+    }
+
+    /// Test hook: checked GPU calls made so far (the points a fault can hit).
+    #[doc(hidden)]
+    pub fn gpu_calls(&self) -> u64 {
+        self.faults.calls.load(Ordering::SeqCst)
     }
 
     /// Runs `f` inside validation and out-of-memory error scopes and returns the
     /// first error wgpu reported as `Error::Gpu`, naming `during`.
     pub fn checked<T>(&self, during: &str, f: impl FnOnce() -> T) -> Result<T> {
+        let call = self.faults.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let fail_at = self.faults.fail_at.load(Ordering::SeqCst);
+        if fail_at != 0
+            && (call == fail_at || (call > fail_at && self.faults.sticky.load(Ordering::SeqCst)))
+        {
+            return Err(Error::Gpu {
+                during: during.to_string(),
+                message: format!("injected fault at GPU call {call} (test hook)"),
+            });
+        }
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let out = f();

@@ -51,14 +51,13 @@ impl std::str::FromStr for WeightDtype {
 }
 
 /// Packs one row of f32 values into `out` words in `dtype`'s layout.
-pub fn pack_row(dtype: WeightDtype, row: &[f32], out: &mut [u32]) {
-    assert_eq!(
-        out.len(),
-        dtype.row_words(row.len()),
-        "pack_row: {} values into {} words as {dtype:?}",
-        row.len(),
-        out.len()
-    );
+pub fn pack_row(dtype: WeightDtype, row: &[f32], out: &mut [u32]) -> Result<()> {
+    if out.len() != dtype.row_words(row.len()) {
+        return Err(Error::invalid(
+            "pack_row",
+            format!("{} values into {} words as {dtype:?}", row.len(), out.len()),
+        ));
+    }
     match dtype {
         WeightDtype::F32 => {
             for (o, v) in out.iter_mut().zip(row) {
@@ -75,6 +74,7 @@ pub fn pack_row(dtype: WeightDtype, row: &[f32], out: &mut [u32]) {
             }
         }
     }
+    Ok(())
 }
 
 /// One row-range of a matrix, in its own buffer.
@@ -120,31 +120,34 @@ impl GpuMatrix {
         dtype: WeightDtype,
         data: &[f32],
     ) -> Result<Self> {
-        assert_eq!(
-            data.len(),
-            rows * cols,
-            "GpuMatrix::upload {label}: {} values for [{rows}, {cols}]",
-            data.len()
-        );
+        if Some(data.len()) != rows.checked_mul(cols) {
+            return Err(Error::invalid(
+                format!("matrix {label:?}"),
+                format!("{} values for [{rows}, {cols}]", data.len()),
+            ));
+        }
         Self::upload_with(ctx, label, rows, cols, dtype, |r, out| {
             pack_row(dtype, &data[r * cols..(r + 1) * cols], out)
         })
     }
 
     /// Uploads part by part; `fill(row, words)` writes one stored row, which
-    /// goes straight into the mapped GPU buffer (one row of host memory).
+    /// goes straight into the mapped GPU buffer (one row of host memory). The
+    /// first error `fill` returns stops the upload and is returned.
     pub fn upload_with(
         ctx: &GpuContext,
         label: &str,
         rows: usize,
         cols: usize,
         dtype: WeightDtype,
-        mut fill: impl FnMut(usize, &mut [u32]),
+        mut fill: impl FnMut(usize, &mut [u32]) -> Result<()>,
     ) -> Result<Self> {
-        assert!(
-            rows > 0 && cols > 0,
-            "GpuMatrix {label}: empty [{rows}, {cols}]"
-        );
+        if rows == 0 || cols == 0 {
+            return Err(Error::invalid(
+                format!("matrix {label:?}"),
+                format!("empty shape [{rows}, {cols}]"),
+            ));
+        }
         if dtype == WeightDtype::F16 && !ctx.caps.f16_in_f32 {
             return Err(Error::MissingFeature {
                 what: format!("f16 weights ({label}); use f32 weights instead"),
@@ -165,13 +168,20 @@ impl GpuMatrix {
             } else {
                 format!("{label}[rows {first_row}..{}]", first_row + n)
             };
+            let mut failed = None;
             let buffer = create_with(ctx, &part_label, (n * row_bytes) as u64, |view| {
                 for i in 0..n {
-                    fill(first_row + i, &mut row);
+                    if let Err(e) = fill(first_row + i, &mut row) {
+                        failed = Some(e);
+                        return;
+                    }
                     view.slice(i * row_bytes..(i + 1) * row_bytes)
                         .copy_from_slice(bytemuck::cast_slice(&row));
                 }
             })?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
             parts.push(MatrixPart {
                 first_row,
                 rows: n,
@@ -201,7 +211,8 @@ mod tests {
     #[test]
     fn f16_rows_pack_low_half_first_and_pad_odd_rows_with_zero() {
         let mut out = [0u32; 2];
-        pack_row(WeightDtype::F16, &[1.0, -2.0, 0.5], &mut out);
+        pack_row(WeightDtype::F16, &[1.0, -2.0, 0.5], &mut out).unwrap();
+        assert!(pack_row(WeightDtype::F16, &[1.0], &mut out).is_err());
         assert_eq!(out[0] & 0xffff, f16::from_f32(1.0).to_bits() as u32);
         assert_eq!(out[0] >> 16, f16::from_f32(-2.0).to_bits() as u32);
         assert_eq!(out[1], f16::from_f32(0.5).to_bits() as u32);

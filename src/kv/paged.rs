@@ -11,6 +11,7 @@
 //! Which page belongs to whom is decided on the host (`pool.rs`, `table.rs`).
 
 use crate::error::{Error, Result};
+use crate::gpu::buffer::checked_len;
 use crate::gpu::{GpuBuffer, GpuContext, Op, StagedInput};
 use crate::model::config::ModelConfig;
 use crate::ops::paged_attention::{LayerKv, PoolLayout};
@@ -40,6 +41,21 @@ impl Default for PoolConfig {
             page_size: 16,
             kv_f16: true,
         }
+    }
+}
+
+/// A sequence's KV held in host memory while it is swapped out.
+#[derive(Clone, Debug, Default)]
+pub struct HostKv {
+    /// Each head's length, `[layer * n_heads + head]`.
+    pub lens: Vec<usize>,
+    /// The pages' words (keys, values, positions), in table order.
+    pub words: Vec<u32>,
+}
+
+impl HostKv {
+    pub fn bytes(&self) -> usize {
+        self.words.len() * 4
     }
 }
 
@@ -96,11 +112,12 @@ impl PagedKv {
             kv_f16: pc.kv_f16,
         };
         let page_bytes = layout.page_bytes() as u64;
-        // Default: DEFAULT_POOL_MB, at most one binding per layer.
-        let bytes = pc.bytes.unwrap_or_else(|| {
-            ((DEFAULT_POOL_MB * 1024.0 * 1024.0) as u64)
-                .min(ctx.caps.max_binding_bytes * cfg.n_layers as u64)
-        });
+        let n_layers = cfg.n_layers;
+        // The largest pool the device can bind: one storage binding per layer.
+        let max_pool = ctx.caps.max_binding_bytes.saturating_mul(n_layers as u64);
+        let bytes = pc
+            .bytes
+            .unwrap_or_else(|| ((DEFAULT_POOL_MB * 1024.0 * 1024.0) as u64).min(max_pool));
         let total = bytes / page_bytes;
         if total == 0 {
             return Err(Error::invalid(
@@ -108,26 +125,46 @@ impl PagedKv {
                 format!("{bytes} bytes hold no page of {page_bytes} bytes"),
             ));
         }
-        let n_layers = cfg.n_layers;
+        if bytes > max_pool {
+            return Err(Error::LimitExceeded {
+                what: format!(
+                    "KV pool of {bytes} bytes (--kv-pool-mb) over {n_layers} layers, one storage binding each"
+                ),
+                requested: bytes,
+                limit_name: "max_storage_buffer_binding_size x layers",
+                limit: max_pool,
+            });
+        }
         // The fewest shards whose largest (proportional to its layers) fits a binding.
         let per_shard_max = ctx.caps.max_binding_bytes / page_bytes;
-        let shard_pages = |k: usize| -> Vec<u32> {
+        let shard_pages = |k: usize| -> Vec<u64> {
             (0..k)
                 .map(|s| {
                     let layers = (s..n_layers).step_by(k).count() as u64;
-                    (total * layers / n_layers as u64) as u32
+                    // total <= max_pool / page_bytes, so this product fits u64.
+                    total * layers / n_layers as u64
                 })
                 .collect()
         };
         let k = (1..=n_layers)
-            .find(|&k| shard_pages(k).iter().all(|&p| p as u64 <= per_shard_max))
+            .find(|&k| shard_pages(k).iter().all(|&p| p <= per_shard_max))
             .ok_or_else(|| Error::LimitExceeded {
                 what: format!("KV pool of {bytes} bytes over {n_layers} layers"),
                 requested: bytes / n_layers as u64,
                 limit_name: "max_storage_buffer_binding_size per layer",
                 limit: ctx.caps.max_binding_bytes,
             })?;
-        let pages = shard_pages(k);
+        let pages = shard_pages(k)
+            .into_iter()
+            .map(|p| {
+                u32::try_from(p).map_err(|_| {
+                    Error::invalid(
+                        "--kv-pool-mb",
+                        format!("{p} pages in one shard: more than a page index holds"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<u32>>>()?;
         if pages.contains(&0) {
             return Err(Error::invalid(
                 "--kv-pool-mb",
@@ -155,16 +192,17 @@ impl PagedKv {
         ctx.wait_idle()?;
         let n_heads = cfg.n_kv_heads * heads_per_kv;
         let max_pages = max_context.div_ceil(pc.page_size).max(1);
-        let desc_len = n_layers * max_rows * n_heads * 2;
+        let desc_len = checked_len("KV row descriptors", &[n_layers, max_rows, n_heads, 2])?;
+        let tables_len = checked_len("KV block tables", &[lanes, n_layers, n_heads, max_pages])?;
         Ok(Self {
             layout,
             n_layers,
             n_heads,
             heads_per_kv,
-            alloc: PageAllocator::new(&pages, n_layers),
+            alloc: PageAllocator::new(&pages, n_layers)?,
             shards,
             desc: GpuBuffer::zeros(ctx, "kv.desc", desc_len)?,
-            tables: GpuBuffer::zeros(ctx, "kv.tables", lanes * n_layers * n_heads * max_pages)?,
+            tables: GpuBuffer::zeros(ctx, "kv.tables", tables_len)?,
             desc_host: vec![0; desc_len],
             desc_staged: None,
             max_rows,
@@ -196,19 +234,37 @@ impl PagedKv {
     }
 
     /// Copies pages a sequence in `lane` just got into its GPU tables.
-    pub fn write_pages(&self, ctx: &GpuContext, lane: usize, new: &[NewPage]) {
+    pub fn write_pages(&self, ctx: &GpuContext, lane: usize, new: &[NewPage]) -> Result<()> {
+        self.check_lane(lane)?;
         for p in new {
-            assert!(
-                p.slot_page < self.max_pages,
-                "table of lane {lane} overflows its region"
-            );
+            if p.slot_page >= self.max_pages {
+                return Err(Error::invalid(
+                    "KV tables",
+                    format!(
+                        "page {} of a head in lane {lane}: the tables hold {} per head (the context)",
+                        p.slot_page, self.max_pages
+                    ),
+                ));
+            }
             let at = self.table_base(lane, p.layer, p.head) + p.slot_page;
-            self.tables.write(ctx, at, &[p.page.index]);
+            self.tables.write(ctx, at, &[p.page.index])?;
         }
+        Ok(())
+    }
+
+    fn check_lane(&self, lane: usize) -> Result<()> {
+        if lane >= self.lanes {
+            return Err(Error::invalid(
+                "KV tables",
+                format!("lane {lane} of {}", self.lanes),
+            ));
+        }
+        Ok(())
     }
 
     /// Rewrites a sequence's whole GPU tables (after compaction or re-admission).
-    pub fn write_all_pages(&self, ctx: &GpuContext, lane: usize, seq: &SeqTables) {
+    pub fn write_all_pages(&self, ctx: &GpuContext, lane: usize, seq: &SeqTables) -> Result<()> {
+        self.check_lane(lane)?;
         for layer in 0..self.n_layers {
             for head in 0..self.n_heads {
                 let pages: Vec<u32> = seq
@@ -217,16 +273,29 @@ impl PagedKv {
                     .iter()
                     .map(|p| p.index)
                     .collect();
-                if !pages.is_empty() {
-                    self.tables
-                        .write(ctx, self.table_base(lane, layer, head), &pages);
+                if pages.len() > self.max_pages {
+                    return Err(Error::invalid(
+                        "KV tables",
+                        format!(
+                            "{} pages of a head; room for {}",
+                            pages.len(),
+                            self.max_pages
+                        ),
+                    ));
                 }
+                self.tables
+                    .write(ctx, self.table_base(lane, layer, head), &pages)?;
             }
         }
+        Ok(())
     }
 
     /// Makes step row `row` read the tables of the sequence in `lane`; with
     /// `len`, every head reports that many slots (a prefill chunk in progress).
+    ///
+    /// # Panics
+    /// On a row or lane past those the pool was built for: the engine
+    /// assigns both from its own ranges, so this is a bug, not an input.
     pub fn set_row(&mut self, row: usize, lane: usize, seq: &SeqTables, len: Option<usize>) {
         assert!(
             row < self.max_rows && lane < self.lanes,
@@ -249,14 +318,14 @@ impl PagedKv {
         for layer in 0..self.n_layers {
             for head in 0..self.n_heads {
                 let d = ((layer * self.max_rows + row) * self.n_heads + head) * 2;
-                self.desc_host[d + 1] -= back as u32;
+                self.desc_host[d + 1] = self.desc_host[d + 1].saturating_sub(back as u32);
             }
         }
     }
 
     /// Uploads the row descriptors set since the last step (one write).
-    pub fn upload_rows(&self, ctx: &GpuContext) {
-        self.desc.write(ctx, 0, &self.desc_host);
+    pub fn upload_rows(&self, ctx: &GpuContext) -> Result<()> {
+        self.desc.write(ctx, 0, &self.desc_host)
     }
 
     /// Room for the row descriptors of `steps` chained decode steps.
@@ -271,15 +340,60 @@ impl PagedKv {
     }
 
     /// Stages the row descriptors set since the last step as chained step `step`'s.
-    pub fn stage_rows(&self, ctx: &GpuContext, step: usize) {
-        let st = self.desc_staged.as_ref().expect("enable_chain first");
-        st.write(ctx, step, &self.desc_host);
+    pub fn stage_rows(&self, ctx: &GpuContext, step: usize) -> Result<()> {
+        self.staged()?.write(ctx, step, &self.desc_host)
     }
 
     /// The copy of staged step `step`'s descriptors into the live ones.
-    pub fn staged_rows_op(&self, step: usize) -> Op {
-        let st = self.desc_staged.as_ref().expect("enable_chain first");
-        st.copy_op(step, &self.desc, self.desc_host.len())
+    pub fn staged_rows_op(&self, step: usize) -> Result<Op> {
+        self.staged()?
+            .copy_op(step, &self.desc, self.desc_host.len())
+    }
+
+    fn staged(&self) -> Result<&StagedInput<u32>> {
+        self.desc_staged
+            .as_ref()
+            .ok_or_else(|| Error::invalid("chained decode", "enable_chain was not called"))
+    }
+
+    /// Copies a sequence's pages to host memory (swapping it out): every
+    /// head's length and its pages' words in table order. One submission.
+    pub fn read_sequence(&self, ctx: &GpuContext, seq: &SeqTables) -> Result<HostKv> {
+        let page_bytes = self.layout.page_bytes() as u64;
+        let mut ranges = vec![];
+        for layer in 0..self.n_layers {
+            let shard = &self.shards[self.alloc.shard_of_layer(layer) as usize];
+            for head in 0..self.n_heads {
+                for p in &seq.head(layer, head).pages {
+                    ranges.push((shard.raw(), p.index as u64 * page_bytes, page_bytes));
+                }
+            }
+        }
+        let bytes = crate::gpu::buffer::read_ranges(ctx, "kv.swap_out", &ranges)?;
+        Ok(HostKv {
+            lens: seq.lens(),
+            words: bytemuck::pod_collect_to_vec(&bytes),
+        })
+    }
+
+    /// Writes `host`'s page words into the pages `seq` now holds (allocated
+    /// for `host.lens`, in the same table order).
+    pub fn write_sequence(&self, ctx: &GpuContext, seq: &SeqTables, host: &HostKv) -> Result<()> {
+        let pw = self.layout.page_words();
+        let mut at = 0;
+        for layer in 0..self.n_layers {
+            let shard = &self.shards[self.alloc.shard_of_layer(layer) as usize];
+            for head in 0..self.n_heads {
+                for p in &seq.head(layer, head).pages {
+                    let words = host.words.get(at..at + pw).ok_or_else(|| {
+                        Error::invalid("swapped KV", "fewer pages than the tables hold")
+                    })?;
+                    shard.write(ctx, p.index as usize * pw, words)?;
+                    at += pw;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn usage(&self) -> PoolUsage {

@@ -34,13 +34,19 @@ pub struct PageAllocator {
 }
 
 impl PageAllocator {
-    /// `pages_per_shard[s]` pages in shard `s`; layers map onto shards round-robin.
-    pub fn new(pages_per_shard: &[u32], n_layers: usize) -> Self {
-        assert!(
-            !pages_per_shard.is_empty() && n_layers > 0,
-            "PageAllocator: no shards or layers"
-        );
-        Self {
+    /// `pages_per_shard[s]` pages in shard `s`; layers map onto shards
+    /// round-robin. No shard or no layer is an error.
+    pub fn new(pages_per_shard: &[u32], n_layers: usize) -> crate::Result<Self> {
+        if pages_per_shard.is_empty() || n_layers == 0 {
+            return Err(crate::Error::invalid(
+                "KV pool",
+                format!(
+                    "{} shards for {n_layers} layers: needs at least one of each",
+                    pages_per_shard.len()
+                ),
+            ));
+        }
+        Ok(Self {
             shards: pages_per_shard
                 .iter()
                 .map(|&pages| Shard {
@@ -50,11 +56,12 @@ impl PageAllocator {
                 })
                 .collect(),
             n_layers,
-        }
+        })
     }
 
+    /// The shard serving `layer` (layers past the model's wrap around; the
+    /// tables never ask for one).
     pub fn shard_of_layer(&self, layer: usize) -> u32 {
-        assert!(layer < self.n_layers, "layer {layer} of {}", self.n_layers);
         (layer % self.shards.len()) as u32
     }
 
@@ -71,6 +78,8 @@ impl PageAllocator {
         }
     }
 
+    /// Returns a page. Pages come only from [`PageAllocator::alloc`] and go
+    /// back once (the tables own them), so a foreign or repeated id is a bug.
     pub fn free(&mut self, page: PageId) {
         let s = &mut self.shards[page.shard as usize];
         debug_assert!(
@@ -132,7 +141,7 @@ mod tests {
 
     #[test]
     fn alloc_free_and_accounting() {
-        let mut a = PageAllocator::new(&[3], 2);
+        let mut a = PageAllocator::new(&[3], 2).unwrap();
         assert_eq!(a.total_pages(), 3);
         let p0 = a.alloc(0).unwrap();
         let p1 = a.alloc(1).unwrap();
@@ -151,7 +160,9 @@ mod tests {
 
     #[test]
     fn layers_map_onto_shards_round_robin() {
-        let mut a = PageAllocator::new(&[2, 1], 3);
+        let mut a = PageAllocator::new(&[2, 1], 3).unwrap();
+        assert!(PageAllocator::new(&[], 3).is_err());
+        assert!(PageAllocator::new(&[4], 0).is_err());
         assert_eq!(a.alloc(0).unwrap().shard, 0);
         assert_eq!(a.alloc(1).unwrap().shard, 1);
         assert_eq!(a.alloc(2).unwrap().shard, 0);

@@ -31,14 +31,19 @@ pub struct SeqTables {
 }
 
 impl SeqTables {
+    /// Empty tables; `page_size` must be positive (the pool checks it when built).
     pub fn new(n_layers: usize, n_heads: usize, page_size: usize) -> Self {
-        assert!(page_size > 0, "page size 0");
         Self {
             n_layers,
             n_heads,
-            page_size,
+            page_size: page_size.max(1),
             heads: vec![HeadTable::default(); n_layers * n_heads],
         }
+    }
+
+    /// Each head's length, layer by layer (`[layer * n_heads + head]`).
+    pub fn lens(&self) -> Vec<usize> {
+        self.heads.iter().map(|t| t.len).collect()
     }
 
     pub fn head(&self, layer: usize, head: usize) -> &HeadTable {
@@ -68,20 +73,49 @@ impl SeqTables {
         n: usize,
         alloc: &mut PageAllocator,
     ) -> Result<Vec<NewPage>, Exhausted> {
-        if !alloc.fits(|l| self.pages_needed(l, n)) {
+        let lens: Vec<usize> = self.heads.iter().map(|t| t.len + n).collect();
+        self.grow_to(&lens, alloc)
+    }
+
+    /// Pages `layer` needs for its heads to reach `lens` (`[layer * n_heads + head]`).
+    pub fn pages_needed_for(&self, layer: usize, lens: &[usize]) -> usize {
+        (0..self.n_heads)
+            .map(|h| {
+                let i = layer * self.n_heads + h;
+                lens.get(i)
+                    .copied()
+                    .unwrap_or(0)
+                    .div_ceil(self.page_size)
+                    .saturating_sub(self.heads[i].pages.len())
+            })
+            .sum()
+    }
+
+    /// Grows each head to `lens[layer * n_heads + head]` slots (never
+    /// shrinks one), allocating pages: restores a swapped-out sequence, or
+    /// appends. All or nothing, as [`SeqTables::append`].
+    pub fn grow_to(
+        &mut self,
+        lens: &[usize],
+        alloc: &mut PageAllocator,
+    ) -> Result<Vec<NewPage>, Exhausted> {
+        if !alloc.fits(|l| self.pages_needed_for(l, lens)) {
             let shard = (0..self.n_layers)
-                .find(|&l| alloc.available_for_layer(l) < self.pages_needed(l, n))
+                .find(|&l| alloc.available_for_layer(l) < self.pages_needed_for(l, lens))
                 .map_or(0, |l| alloc.shard_of_layer(l));
             return Err(Exhausted { shard });
         }
         let mut new = vec![];
         let page_size = self.page_size;
+        let n_heads = self.n_heads;
         for layer in 0..self.n_layers {
-            for head in 0..self.n_heads {
+            for head in 0..n_heads {
+                let target = lens.get(layer * n_heads + head).copied().unwrap_or(0);
                 let t = self.head_mut(layer, head);
-                t.len += n;
+                t.len = t.len.max(target);
                 while t.pages.len() * page_size < t.len {
-                    let page = alloc.alloc(layer).expect("checked by fits()");
+                    // fits() above counted this page; `?` only guards the invariant.
+                    let page = alloc.alloc(layer)?;
                     new.push(NewPage {
                         layer,
                         head,
@@ -135,7 +169,7 @@ mod tests {
 
     #[test]
     fn append_allocates_pages_as_slots_cross_page_boundaries() {
-        let mut alloc = PageAllocator::new(&[100], 2);
+        let mut alloc = PageAllocator::new(&[100], 2).unwrap();
         let mut t = SeqTables::new(2, 3, 4);
         let new = t.append(5, &mut alloc).unwrap();
         assert_eq!(new.len(), 2 * 3 * 2, "5 slots = 2 pages per head");
@@ -154,7 +188,7 @@ mod tests {
 
     #[test]
     fn truncate_frees_the_pages_past_the_new_length() {
-        let mut alloc = PageAllocator::new(&[100], 1);
+        let mut alloc = PageAllocator::new(&[100], 1).unwrap();
         let mut t = SeqTables::new(1, 2, 4);
         t.append(13, &mut alloc).unwrap(); // 4 pages per head
         t.truncate(0, 1, 5, &mut alloc);
@@ -175,7 +209,7 @@ mod tests {
 
     #[test]
     fn append_is_all_or_nothing_when_the_pool_is_short() {
-        let mut alloc = PageAllocator::new(&[5], 2);
+        let mut alloc = PageAllocator::new(&[5], 2).unwrap();
         let mut t = SeqTables::new(2, 2, 4);
         t.append(4, &mut alloc).unwrap(); // 4 pages
         let before = alloc.pages_in_use();

@@ -33,6 +33,15 @@ impl Arch {
     }
 }
 
+/// Bounds on config sizes: far above any released checkpoint, low enough
+/// that every buffer size derived from them fits the integer types of the
+/// kernels (a config is checked against its checkpoint's tensors later).
+pub const MAX_WIDTH: usize = 1 << 20;
+pub const MAX_HEADS: usize = 1 << 12;
+pub const MAX_LAYERS: usize = 1 << 12;
+/// The sampler's token indices are exact in f32 below 2^24.
+pub const MAX_VOCAB: usize = (1 << 24) - 1;
+
 /// Everything the forward pass needs, validated.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -77,10 +86,7 @@ impl ModelConfig {
     /// Reads and validates `dir/config.json`.
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let text = crate::model::weights::read_text(&path)?;
         let json: Value = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
             path: path.clone(),
             reason: format!("not valid JSON: {e}"),
@@ -117,13 +123,25 @@ impl ModelConfig {
             });
         }
 
-        let hidden_size = f.usize("hidden_size")?;
-        let n_heads = f.usize("num_attention_heads")?;
-        let n_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
-        let n_layers = f.usize("num_hidden_layers")?;
-        let head_dim = f
-            .opt_usize("head_dim")?
-            .unwrap_or(hidden_size / n_heads.max(1));
+        let hidden_size = f.dim("hidden_size", MAX_WIDTH)?;
+        let n_heads = f.dim("num_attention_heads", MAX_HEADS)?;
+        let n_kv_heads = match f.opt_usize("num_key_value_heads")? {
+            Some(_) => f.dim("num_key_value_heads", MAX_HEADS)?,
+            None => n_heads,
+        };
+        let n_layers = f.dim("num_hidden_layers", MAX_LAYERS)?;
+        let head_dim = match f.opt_usize("head_dim")? {
+            Some(d) => d,
+            None if !hidden_size.is_multiple_of(n_heads) => {
+                return Err(f.bad(
+                    "num_attention_heads",
+                    &format!(
+                        "{n_heads} does not divide hidden_size {hidden_size} (and there is no head_dim)"
+                    ),
+                ));
+            }
+            None => hidden_size / n_heads,
+        };
         if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
             return Err(f.bad(
                 "num_key_value_heads",
@@ -143,7 +161,7 @@ impl ModelConfig {
         let rope = rope_config(&f, head_dim)?;
         rope.validate().map_err(|e| f.bad("rope", &e.to_string()))?;
 
-        let max_pos = f.usize("max_position_embeddings")?;
+        let max_pos = f.dim("max_position_embeddings", usize::MAX)?;
         let layer_windows = layer_windows(&f, arch, n_layers)?;
 
         let attention_bias = f.opt_bool("attention_bias")?.unwrap_or(false);
@@ -153,9 +171,9 @@ impl ModelConfig {
         }
         let cfg = ModelConfig {
             arch,
-            vocab_size: f.usize("vocab_size")?,
+            vocab_size: f.dim("vocab_size", MAX_VOCAB)?,
             hidden_size,
-            intermediate_size: f.usize("intermediate_size")?,
+            intermediate_size: f.dim("intermediate_size", MAX_WIDTH)?,
             n_layers,
             n_heads,
             n_kv_heads,
@@ -169,21 +187,9 @@ impl ModelConfig {
             o_bias: attention_bias && arch != Arch::Qwen2,
             mlp_bias: f.opt_bool("mlp_bias")?.unwrap_or(false),
             qk_norm: arch == Arch::Qwen3,
-            bos_token_id: token_ids(j.get("bos_token_id")).first().copied(),
-            eos_token_ids: token_ids(j.get("eos_token_id")),
+            bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
+            eos_token_ids: f.token_ids("eos_token_id")?,
         };
-        for (name, v) in [
-            ("vocab_size", cfg.vocab_size),
-            ("hidden_size", cfg.hidden_size),
-            ("intermediate_size", cfg.intermediate_size),
-            ("num_hidden_layers", cfg.n_layers),
-            ("num_attention_heads", cfg.n_heads),
-            ("max_position_embeddings", cfg.max_position_embeddings),
-        ] {
-            if v == 0 {
-                return Err(f.bad(name, "must be positive"));
-            }
-        }
         Ok(cfg)
     }
 }
@@ -199,12 +205,13 @@ impl GenerationDefaults {
     /// Reads `dir/generation_config.json`; a missing file means greedy with no extra stop ids.
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("generation_config.json");
-        let Ok(text) = std::fs::read_to_string(&path) else {
+        if !path.exists() {
             return Ok(Self {
                 eos_token_ids: vec![],
                 sampling: SamplingParams::greedy(),
             });
-        };
+        }
+        let text = crate::model::weights::read_text(&path)?;
         let j: Value = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
             path: path.clone(),
             reason: format!("not valid JSON: {e}"),
@@ -223,22 +230,9 @@ impl GenerationDefaults {
             .validate()
             .map_err(|e| f.bad("sampling", &e.to_string()))?;
         Ok(Self {
-            eos_token_ids: token_ids(j.get("eos_token_id")),
+            eos_token_ids: f.token_ids("eos_token_id")?,
             sampling,
         })
-    }
-}
-
-/// `eos_token_id` may be an int, a list of ints, or null.
-pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
-        _ => vec![],
     }
 }
 
@@ -265,6 +259,27 @@ impl Fields<'_> {
     }
     fn usize(&self, k: &str) -> Result<usize> {
         self.opt_usize(k)?.ok_or_else(|| self.bad(k, "missing"))
+    }
+    /// A required size in `1..=max`.
+    fn dim(&self, k: &str, max: usize) -> Result<usize> {
+        let v = self.usize(k)?;
+        if v == 0 {
+            return Err(self.bad(k, "must be positive"));
+        }
+        if v > max {
+            return Err(self.bad(k, &format!("{v} is beyond what kvsift supports ({max})")));
+        }
+        Ok(v)
+    }
+    /// `bos_token_id` / `eos_token_id`: an id, a list of ids, or null.
+    fn token_ids(&self, k: &str) -> Result<Vec<u32>> {
+        let bad = || self.bad(k, "expected a token id, a list of token ids or null");
+        let one = |v: &Value| v.as_u64().and_then(|x| u32::try_from(x).ok());
+        match self.j.get(k) {
+            None | Some(Value::Null) => Ok(vec![]),
+            Some(Value::Array(a)) => a.iter().map(|x| one(x).ok_or_else(bad)).collect(),
+            Some(v) => one(v).map(|x| vec![x]).ok_or_else(bad),
+        }
     }
     fn opt_f64_in(&self, obj: &Value, k: &str) -> Result<Option<f64>> {
         match obj.get(k) {
@@ -303,11 +318,31 @@ fn rope_config(f: &Fields, head_dim: usize) -> Result<RopeConfig> {
     let scaling = match scaling {
         None => RopeScaling::None,
         Some(s) => {
-            let kind = s
-                .get("rope_type")
-                .or_else(|| s.get("type"))
-                .and_then(|v| v.as_str())
-                .unwrap_or("default");
+            let kind = match s.get("rope_type").or_else(|| s.get("type")) {
+                Some(Value::String(k)) => k.as_str(),
+                Some(other) => {
+                    return Err(f.bad(
+                        "rope_scaling.rope_type",
+                        &format!("expected a string, got {other}"),
+                    ));
+                }
+                // transformers refuses scaling parameters without a type
+                // (KeyError: missing rope_type) rather than guess one.
+                None if s.as_object().is_some_and(|o| {
+                    o.keys()
+                        .any(|k| k != "rope_theta" && k != "partial_rotary_factor")
+                }) =>
+                {
+                    return Err(f.bad(
+                        "rope_scaling",
+                        &format!(
+                            "{s} has scaling parameters but no rope_type (or type); \
+                             name it, e.g. \"linear\" or \"llama3\""
+                        ),
+                    ));
+                }
+                None => "default",
+            };
             let need = |k: &str| -> Result<f64> {
                 f.opt_f64_in(s, k)?
                     .ok_or_else(|| f.bad(&format!("rope_scaling.{k}"), "missing"))

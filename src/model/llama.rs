@@ -94,32 +94,11 @@ fn fused_matrix(
         .collect();
     let total: usize = parts.iter().map(|(_, r)| r).sum();
     let mut scratch = Vec::new();
-    let mut overflow = None;
     let m = GpuMatrix::upload_with(ctx, label, total, cols, dtype, |r, out| {
-        let i = starts
-            .iter()
-            .rposition(|s| *s <= r)
-            .expect("row in some part");
-        tensors[i].pack_row(r - starts[i], dtype, &mut scratch, out);
-        // bf16/f32 values beyond f16's range would become infinities.
-        if dtype == WeightDtype::F16
-            && overflow.is_none()
-            && out
-                .iter()
-                .any(|w| (w & 0x7c00) == 0x7c00 || ((w >> 16) & 0x7c00) == 0x7c00)
-            && tensors[i].dtype != safetensors::Dtype::F16
-        {
-            overflow = Some(i);
-        }
+        // starts[0] == 0, so some part starts at or before every row.
+        let i = starts.iter().rposition(|s| *s <= r).unwrap_or(0);
+        tensors[i].pack_row(r - starts[i], dtype, &mut scratch, out)
     })?;
-    if let Some(i) = overflow {
-        return Err(Error::BadTensor {
-            path: tensors[i].path.to_path_buf(),
-            tensor: tensors[i].name.to_string(),
-            reason: "holds values beyond the f16 range (65504); load with --weights-dtype f32"
-                .into(),
-        });
-    }
     progress.inc(tensors.iter().map(|t| t.byte_len() as u64).sum());
     Ok(m)
 }
@@ -128,7 +107,7 @@ fn fused_matrix(
 fn vector(ctx: &GpuContext, store: &WeightStore, name: &str, len: usize) -> Result<GpuBuffer<f32>> {
     let t = store.get(name)?;
     t.expect(&[len])?;
-    GpuBuffer::from_slice(ctx, name, &t.to_f32())
+    GpuBuffer::from_slice(ctx, name, &t.to_f32()?)
 }
 
 /// Concatenated biases of `parts`, if the config says they exist.
@@ -142,7 +121,7 @@ fn fused_bias(
     for (name, rows) in parts {
         let t = store.get(name)?;
         t.expect(&[*rows])?;
-        all.extend(t.to_f32());
+        all.extend(t.to_f32()?);
     }
     GpuBuffer::from_slice(ctx, label, &all)
 }
@@ -162,6 +141,90 @@ fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
     pb
 }
 
+/// Every tensor the config implies, with its shape (for the check before loading).
+fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, v, inter, d) = (
+        cfg.hidden_size,
+        cfg.vocab_size,
+        cfg.intermediate_size,
+        cfg.head_dim,
+    );
+    let mut out = vec![
+        ("model.embed_tokens.weight".to_string(), vec![v, h]),
+        ("model.norm.weight".to_string(), vec![h]),
+    ];
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".into(), vec![v, h]));
+    }
+    for l in 0..cfg.n_layers {
+        let p = format!("model.layers.{l}");
+        let mut push = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
+        for (proj, rows) in [
+            ("q_proj", cfg.q_dim()),
+            ("k_proj", cfg.kv_dim()),
+            ("v_proj", cfg.kv_dim()),
+        ] {
+            push(&format!("self_attn.{proj}.weight"), vec![rows, h]);
+            if cfg.qkv_bias {
+                push(&format!("self_attn.{proj}.bias"), vec![rows]);
+            }
+        }
+        push("self_attn.o_proj.weight", vec![h, cfg.q_dim()]);
+        if cfg.o_bias {
+            push("self_attn.o_proj.bias", vec![h]);
+        }
+        if cfg.qk_norm {
+            push("self_attn.q_norm.weight", vec![d]);
+            push("self_attn.k_norm.weight", vec![d]);
+        }
+        for (proj, shape) in [
+            ("gate_proj", vec![inter, h]),
+            ("up_proj", vec![inter, h]),
+            ("down_proj", vec![h, inter]),
+        ] {
+            if cfg.mlp_bias {
+                push(&format!("mlp.{proj}.bias"), vec![shape[0]]);
+            }
+            push(&format!("mlp.{proj}.weight"), shape);
+        }
+        push("input_layernorm.weight", vec![h]);
+        push("post_attention_layernorm.weight", vec![h]);
+    }
+    out
+}
+
+/// Checks that the checkpoint holds every tensor the config implies, with
+/// the right shape and a dtype kvsift reads, before anything is allocated
+/// or uploaded (a config that disagrees with its checkpoint fails at once,
+/// naming the field or tensor).
+pub fn check_checkpoint(cfg: &ModelConfig, store: &WeightStore) -> Result<()> {
+    let layers_held = store
+        .names()
+        .filter_map(|n| {
+            n.strip_prefix("model.layers.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .map(|l| l + 1)
+        .max()
+        .unwrap_or(0);
+    if cfg.n_layers > layers_held {
+        return Err(Error::BadConfig {
+            path: store.first_path().with_file_name("config.json"),
+            reason: format!(
+                "num_hidden_layers: {}, but the checkpoint holds tensors of {layers_held} layers",
+                cfg.n_layers
+            ),
+        });
+    }
+    for (name, shape) in expected_tensors(cfg) {
+        store.get(&name)?.expect(&shape)?;
+    }
+    Ok(())
+}
+
 impl LlamaWeights {
     /// Loads and converts every weight; a tensor whose shape disagrees with
     /// the config is an error naming it.
@@ -172,6 +235,7 @@ impl LlamaWeights {
         dtype: WeightDtype,
         progress: bool,
     ) -> Result<Self> {
+        check_checkpoint(&cfg, store)?;
         let (h, v, inter) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let pb = progress_bar(progress, store.total_bytes());
         let embed_name = "model.embed_tokens.weight".to_string();
@@ -390,12 +454,38 @@ impl Activations {
     }
 
     /// Stages chained step `step`'s positions and their RoPE rows.
-    pub fn stage_positions(&mut self, ctx: &GpuContext, step: usize, positions: &[u32]) {
+    pub fn stage_positions(
+        &mut self,
+        ctx: &GpuContext,
+        step: usize,
+        positions: &[u32],
+    ) -> Result<()> {
+        self.check_rows(positions.len(), positions.len())?;
         let m = self.fill_rope_rows(positions);
-        let st = self.staged.as_ref().expect("enable_chain first");
-        st.positions.write(ctx, step, positions);
-        st.cos.write(ctx, step, &self.cos_host[..m]);
-        st.sin.write(ctx, step, &self.sin_host[..m]);
+        let st = self.staged()?;
+        st.positions.write(ctx, step, positions)?;
+        st.cos.write(ctx, step, &self.cos_host[..m])?;
+        st.sin.write(ctx, step, &self.sin_host[..m])
+    }
+
+    fn staged(&self) -> Result<&StagedRows> {
+        self.staged
+            .as_ref()
+            .ok_or_else(|| Error::invalid("chained decode", "enable_chain was not called"))
+    }
+
+    /// `n` tokens with `positions` positions fit a step of these activations.
+    fn check_rows(&self, n: usize, positions: usize) -> Result<()> {
+        if n > self.rows || positions != n {
+            return Err(Error::invalid(
+                "step inputs",
+                format!(
+                    "{n} tokens, {positions} positions; room for {} rows",
+                    self.rows
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The RoPE rows of `positions` into the host staging; their length.
@@ -407,39 +497,35 @@ impl Activations {
     }
 
     /// The copies of staged step `step`'s `n` rows into the live inputs.
-    pub fn push_staged(&self, ops: &mut Vec<Op>, step: usize, n: usize) {
+    pub fn push_staged(&self, ops: &mut Vec<Op>, step: usize, n: usize) -> Result<()> {
         let half = self.rope_table.half();
-        let st = self.staged.as_ref().expect("enable_chain first");
-        ops.push(st.positions.copy_op(step, &self.positions, n));
-        ops.push(st.cos.copy_op(step, &self.cos, n * half));
-        ops.push(st.sin.copy_op(step, &self.sin, n * half));
+        let st = self.staged()?;
+        ops.push(st.positions.copy_op(step, &self.positions, n)?);
+        ops.push(st.cos.copy_op(step, &self.cos, n * half)?);
+        ops.push(st.sin.copy_op(step, &self.sin, n * half)?);
+        Ok(())
     }
 
     /// Writes the first step's token ids of a chained decode.
-    pub fn write_ids(&self, ctx: &GpuContext, tokens: &[u32]) {
-        assert!(
-            tokens.len() <= self.rows,
-            "write_ids: {} tokens",
-            tokens.len()
-        );
-        self.ids.write(ctx, 0, tokens);
+    pub fn write_ids(&self, ctx: &GpuContext, tokens: &[u32]) -> Result<()> {
+        self.check_rows(tokens.len(), tokens.len())?;
+        self.ids.write(ctx, 0, tokens)
     }
 
     /// Writes a step's token ids, their absolute positions and RoPE rows.
     /// The caller has checked the ids against the vocabulary.
-    pub fn write_inputs(&mut self, ctx: &GpuContext, tokens: &[u32], positions: &[u32]) {
-        let n = tokens.len();
-        assert!(
-            n <= self.rows && positions.len() == n,
-            "write_inputs: {n} tokens, {} positions, room for {}",
-            positions.len(),
-            self.rows
-        );
+    pub fn write_inputs(
+        &mut self,
+        ctx: &GpuContext,
+        tokens: &[u32],
+        positions: &[u32],
+    ) -> Result<()> {
+        self.check_rows(tokens.len(), positions.len())?;
         let m = self.fill_rope_rows(positions);
-        self.ids.write(ctx, 0, tokens);
-        self.positions.write(ctx, 0, positions);
-        self.cos.write(ctx, 0, &self.cos_host[..m]);
-        self.sin.write(ctx, 0, &self.sin_host[..m]);
+        self.ids.write(ctx, 0, tokens)?;
+        self.positions.write(ctx, 0, positions)?;
+        self.cos.write(ctx, 0, &self.cos_host[..m])?;
+        self.sin.write(ctx, 0, &self.sin_host[..m])
     }
 }
 
@@ -650,7 +736,7 @@ pub fn read_rows(ctx: &GpuContext, buf: &GpuBuffer<f32>, n: usize) -> Result<Vec
     let slot = ReadbackSlot::new(ctx, "readback.rows", (n * 4) as u64)?;
     ctx.run_ops(
         "kvsift.readback",
-        &[&[slot.copy_from(buf.raw(), 0, (n * 4) as u64)]],
+        &[&[slot.copy_from(buf.raw(), 0, (n * 4) as u64)?]],
     )?;
     slot.read(ctx, n)
 }

@@ -30,11 +30,11 @@ impl Linear {
     ) -> Result<Self> {
         let t = store.get(&format!("{name}.weight"))?;
         t.expect(&[rows, cols])?;
-        let w = t.to_f32().into_iter().map(|v| dtype.round(v)).collect();
+        let w = t.to_f32()?.into_iter().map(|v| dtype.round(v)).collect();
         let b = if bias {
             let t = store.get(&format!("{name}.bias"))?;
             t.expect(&[rows])?;
-            Some(t.to_f32())
+            Some(t.to_f32()?)
         } else {
             None
         };
@@ -55,7 +55,7 @@ impl Linear {
 fn vector(store: &WeightStore, name: &str, len: usize) -> Result<Vec<f32>> {
     let t = store.get(name)?;
     t.expect(&[len])?;
-    Ok(t.to_f32())
+    t.to_f32()
 }
 
 fn rmsnorm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
@@ -102,7 +102,7 @@ impl Reference {
         let matrix = |name: &str, rows| -> Result<Vec<f32>> {
             let t = store.get(name)?;
             t.expect(&[rows, h])?;
-            Ok(t.to_f32().into_iter().map(|v| dtype.round(v)).collect())
+            Ok(t.to_f32()?.into_iter().map(|v| dtype.round(v)).collect())
         };
         let embed = matrix("model.embed_tokens.weight", cfg.vocab_size)?;
         let lm_head = if cfg.tie_word_embeddings {

@@ -230,7 +230,10 @@ impl<'c> Model<'c> {
     pub fn reset(&mut self) {
         self.position = 0;
         self.seen_host.fill(0);
-        self.seen.write(self.ctx, 0, &self.seen_host);
+        // Both masks were sized for the vocabulary together at load.
+        self.seen
+            .write(self.ctx, 0, &self.seen_host)
+            .expect("the seen mask fits its buffer");
     }
 
     /// How [`Readout::Sample`] picks tokens from now on; reseeds the generator.
@@ -273,22 +276,23 @@ impl<'c> Model<'c> {
         match readout {
             Readout::Argmax => {
                 ops.push(argmax::argmax(ctx, 1, v, &a.logits, &self.token)?.into());
-                ops.push(self.token_slot.copy_from(self.token.raw(), 0, 4));
+                ops.push(self.token_slot.copy_from(self.token.raw(), 0, 4)?);
             }
             Readout::Logits => ops.push(self.logits_slot.copy_from(
                 a.logits.raw(),
                 0,
                 (v * 4) as u64,
-            )),
+            )?),
             Readout::Sample => {
                 ops.push(
                     self.sampler
                         .dispatch(ctx, 1, &a.logits, &self.seen, &self.token)?
                         .into(),
                 );
-                ops.push(self.token_slot.copy_from(self.token.raw(), 0, 4));
+                ops.push(self.token_slot.copy_from(self.token.raw(), 0, 4)?);
             }
-            Readout::None => unreachable!(),
+            // Returned above.
+            Readout::None => {}
         }
         Ok(ops)
     }
@@ -303,20 +307,20 @@ impl<'c> Model<'c> {
     }
 
     /// Writes one chunk's inputs (checked already) and marks its tokens seen.
-    fn stage_inputs(&mut self, tokens: &[u32]) {
+    fn stage_inputs(&mut self, tokens: &[u32]) -> Result<()> {
         let n = tokens.len();
         for (i, p) in self.pos_host[..n].iter_mut().enumerate() {
             *p = (self.position + i) as u32;
         }
         self.acts
-            .write_inputs(self.ctx, tokens, &self.pos_host[..n]);
+            .write_inputs(self.ctx, tokens, &self.pos_host[..n])?;
         // The repetition penalty's mask; a single token rewrites one word.
         mark_seen(&mut self.seen_host, tokens);
         if let [t] = tokens {
             let w = *t as usize / 32;
-            self.seen.write(self.ctx, w, &self.seen_host[w..w + 1]);
+            self.seen.write(self.ctx, w, &self.seen_host[w..w + 1])
         } else {
-            self.seen.write(self.ctx, 0, &self.seen_host);
+            self.seen.write(self.ctx, 0, &self.seen_host)
         }
     }
 
@@ -354,10 +358,10 @@ impl<'c> Model<'c> {
             } else {
                 Readout::None
             };
-            self.stage_inputs(chunk);
+            self.stage_inputs(chunk)?;
             if r == Readout::Sample {
                 let u = self.rng.uniform();
-                self.sampler.set_rows(self.ctx, [(self.sampling, 0, u)]);
+                self.sampler.set_rows(self.ctx, [(self.sampling, 0, u)])?;
             }
             let n = chunk.len();
             if n == 1 {
@@ -394,7 +398,7 @@ impl<'c> Model<'c> {
         check_score_args(t, prefill)?;
         self.reset();
         self.check_input(tokens)?;
-        self.targets.write(self.ctx, 0, &score_targets(tokens));
+        self.targets.write(self.ctx, 0, &score_targets(tokens))?;
         let v = self.cfg.vocab_size;
         let mut logits = want_logits.then(|| Vec::with_capacity(t * v));
         let head_rows = self.acts.head_rows;
@@ -402,7 +406,7 @@ impl<'c> Model<'c> {
         // Prefill part, chunk by chunk, with the lm_head over every row.
         for chunk in tokens[..prefill].chunks(self.acts.rows) {
             let start = self.position;
-            self.stage_inputs(chunk);
+            self.stage_inputs(chunk)?;
             let n = chunk.len();
             let body = if n == 1 { None } else { Some(self.body(n)?) };
             let body_ops: &[Op] = body.as_deref().unwrap_or(&self.decode_body);
@@ -427,7 +431,7 @@ impl<'c> Model<'c> {
             head.extend(self.nll_head(0, 1, 0)?);
             for &tok in &tokens[prefill..] {
                 let row = self.position;
-                self.stage_inputs(&[tok]);
+                self.stage_inputs(&[tok])?;
                 set_nll_row(self.ctx, &head, v, row);
                 self.ctx
                     .run_ops("kvsift.score.decode", &[&self.decode_body, &head])?;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::model::weights::read_text;
 
 /// A chat message.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -20,6 +21,8 @@ pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
     chat_template: Option<String>,
+    /// The file the chat template came from (for its errors).
+    template_path: PathBuf,
     bos_token: Option<String>,
     eos_token: Option<String>,
 }
@@ -45,42 +48,54 @@ impl TextTokenizer {
                 reason: "missing (kvsift needs the fast tokenizer's tokenizer.json)".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
+        let text = read_text(&path)?;
+        let inner = parse_tokenizer(&text).map_err(|reason| Error::Tokenizer {
             path: path.clone(),
-            reason: e.to_string(),
+            reason,
         })?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+        let cfg: Value = if cfg_path.exists() {
+            serde_json::from_str(&read_text(&cfg_path)?).map_err(|e| Error::BadConfig {
                 path: cfg_path.clone(),
                 reason: format!("not valid JSON: {e}"),
-            })?,
-            Err(_) => Value::Null,
+            })?
+        } else {
+            Value::Null
         };
         let jinja = dir.join("chat_template.jinja");
-        let chat_template = if jinja.exists() {
-            Some(std::fs::read_to_string(&jinja).map_err(|source| Error::Io {
-                path: jinja,
-                source,
-            })?)
+        let (chat_template, template_path) = if jinja.exists() {
+            (Some(read_text(&jinja)?), jinja)
         } else {
-            match cfg.get("chat_template") {
+            let bad = |reason: &str| Error::BadConfig {
+                path: cfg_path.clone(),
+                reason: format!("chat_template: {reason}"),
+            };
+            let template = match cfg.get("chat_template") {
+                None | Some(Value::Null) => None,
                 Some(Value::String(s)) => Some(s.clone()),
                 // A list of named templates: take "default".
-                Some(Value::Array(list)) => list
-                    .iter()
-                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                    .or(list.first())
-                    .and_then(|t| t.get("template"))
-                    .and_then(|t| t.as_str())
-                    .map(str::to_string),
-                _ => None,
-            }
+                Some(Value::Array(list)) => Some(
+                    list.iter()
+                        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                        .or(list.first())
+                        .and_then(|t| t.get("template"))
+                        .and_then(|t| t.as_str())
+                        .map(str::to_string)
+                        .ok_or_else(|| {
+                            bad("a list without a {\"name\", \"template\"} entry holding a string")
+                        })?,
+                ),
+                Some(other) => {
+                    return Err(bad(&format!("expected a string or a list, got {other}")));
+                }
+            };
+            (template, cfg_path)
         };
         Ok(Self {
             inner,
             path,
             chat_template,
+            template_path,
             bos_token: token_text(cfg.get("bos_token")),
             eos_token: token_text(cfg.get("eos_token")),
         })
@@ -134,12 +149,19 @@ impl TextTokenizer {
             .chat_template
             .as_deref()
             .ok_or_else(|| self.err("--chat needs a chat_template (tokenizer_config.json or chat_template.jinja); this model has none"))?;
+        let terr = |reason: String| Error::Tokenizer {
+            path: self.template_path.clone(),
+            reason,
+        };
         let mut env = minijinja::Environment::new();
+        // A template is code from the checkpoint: bound its work (instructions)
+        // and its output, so a runaway loop is an error, not a hang.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
             .lstrip_blocks(true)
             .build()
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| terr(e.to_string()))?;
         env.set_syntax(syntax);
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -154,16 +176,69 @@ impl TextTokenizer {
         );
         env.add_function("strftime_now", strftime_now);
         env.add_template("chat", template)
-            .map_err(|e| self.err(format!("chat template does not parse: {e}")))?;
+            .map_err(|e| terr(format!("chat template does not parse: {e}")))?;
         let ctx = minijinja::context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
-        env.get_template("chat")
-            .and_then(|t| t.render(ctx))
-            .map_err(|e| self.err(format!("chat template failed: {e}")))
+        let mut out = BoundedText::default();
+        let rendered = env
+            .get_template("chat")
+            .and_then(|t| t.render_captured_to(ctx, &mut out).map(|_| ()));
+        if out.overflowed {
+            return Err(terr(format!(
+                "chat template failed: its output passed {TEMPLATE_MAX_OUTPUT} bytes"
+            )));
+        }
+        rendered.map_err(|e| {
+            let why = if e.kind() == minijinja::ErrorKind::OutOfFuel {
+                format!("ran past {TEMPLATE_FUEL} steps (a runaway loop?)")
+            } else {
+                e.to_string()
+            };
+            terr(format!("chat template failed: {why}"))
+        })?;
+        String::from_utf8(out.bytes).map_err(|e| terr(format!("chat template failed: {e}")))
+    }
+}
+
+/// Steps a chat template may take (a long conversation under a real
+/// template takes well under a million).
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
+/// Bytes a chat template may write.
+pub const TEMPLATE_MAX_OUTPUT: usize = 64 << 20;
+
+/// The template's output, refusing to grow past [`TEMPLATE_MAX_OUTPUT`].
+#[derive(Default)]
+struct BoundedText {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for BoundedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > TEMPLATE_MAX_OUTPUT {
+            self.overflowed = true;
+            return Err(std::io::Error::other("chat template output too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `tokenizer.json` through the tokenizers crate. Its parser is third-party
+/// code fed a user's file: a panic inside it becomes an error too.
+fn parse_tokenizer(text: &str) -> std::result::Result<tokenizers::Tokenizer, String> {
+    let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>());
+    match parsed {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the tokenizers library could not parse it".into()),
     }
 }
 

@@ -37,7 +37,63 @@ pub struct TensorRef<'a> {
     data: &'a [u8],
 }
 
+/// A shard named in an index: a file beside it, not a path elsewhere.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\'])
+        && Path::new(name).file_name().is_some()
+}
+
+/// Fails unless `path` is a regular file (a directory or a FIFO under a
+/// checkpoint's name gives a clear error instead of a confusing OS one or a hang).
+pub fn check_regular_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("is {kind}; expected a file"),
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Largest JSON or template file kvsift reads (tokenizer.json of the largest
+/// vocabularies is tens of MiB).
+pub const MAX_TEXT_FILE_BYTES: u64 = 1 << 30;
+
+/// Reads a text file of the model directory (a regular file, at most
+/// [`MAX_TEXT_FILE_BYTES`], UTF-8), naming it in any error.
+pub fn read_text(path: &Path) -> Result<String> {
+    check_regular_file(path)?;
+    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if len > MAX_TEXT_FILE_BYTES {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{len} bytes: larger than the {MAX_TEXT_FILE_BYTES} bytes kvsift reads"),
+        )));
+    }
+    std::fs::read_to_string(path).map_err(io)
+}
+
 fn map_file(path: &Path) -> Result<Mmap> {
+    check_regular_file(path)?;
     let file = File::open(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -59,30 +115,41 @@ impl WeightStore {
             entries: HashMap::new(),
         };
         if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
+            let text = read_text(&index)?;
+            let bad = |reason: String| Error::BadConfig {
                 path: index.clone(),
-                source,
-            })?;
+                reason,
+            };
             let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::BadConfig {
-                    path: index.clone(),
-                    reason: format!("not valid JSON: {e}"),
-                })?;
+                serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
             let map = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::BadConfig {
-                    path: index.clone(),
-                    reason: "no weight_map object".into(),
-                })?;
-            let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+                .ok_or_else(|| bad("no weight_map object".into()))?;
+            if map.is_empty() {
+                return Err(bad("weight_map is empty: it names no tensor".into()));
+            }
+            // Every value must name a file beside the index.
+            let mut shard_of = Vec::with_capacity(map.len());
+            for (name, shard) in map {
+                let file = shard
+                    .as_str()
+                    .filter(|f| is_plain_file_name(f))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "weight_map[{name:?}] is {shard}, not the name of a shard file in the model directory"
+                        ))
+                    })?;
+                shard_of.push((name, file));
+            }
+            let mut shards: Vec<&str> = shard_of.iter().map(|(_, f)| *f).collect();
             shards.sort();
             shards.dedup();
             for shard in shards {
                 store.add_file(&dir.join(shard))?;
             }
-            for (name, shard) in map {
-                let shard_path = dir.join(shard.as_str().unwrap_or_default());
+            for (name, shard) in shard_of {
+                let shard_path = dir.join(shard);
                 match store.entries.get(name) {
                     Some(e) if store.files[e.file].0 == shard_path => {}
                     _ => {
@@ -140,7 +207,22 @@ impl WeightStore {
 
     /// The file a missing tensor would have been looked up in (for errors).
     pub fn first_path(&self) -> &Path {
+        // `open` adds at least one file or fails.
         &self.files[0].0
+    }
+
+    /// Tensors in the checkpoint.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The names of all tensors.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
     }
 
     pub fn get(&self, name: &str) -> Result<TensorRef<'_>> {
@@ -221,10 +303,46 @@ impl TensorRef<'_> {
         self.shape.last().copied().unwrap_or(1)
     }
 
-    /// Row `r` (of the last dimension) as f32. Call [`Self::expect`] first.
-    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+    /// Rows of the last dimension.
+    pub fn rows(&self) -> usize {
+        let elems = self.data.len() / elem_bytes(self.dtype).max(1);
+        elems / self.cols().max(1)
+    }
+
+    /// Checks that row `r` can be read into `out` (dtype, row length, range).
+    fn check_row(&self, r: usize, out_len: usize) -> Result<()> {
+        if elem_bytes(self.dtype) == 0 {
+            return Err(self.bad(format!(
+                "dtype {:?} (kvsift reads F32, F16 and BF16)",
+                self.dtype
+            )));
+        }
+        if out_len != self.cols() || r >= self.rows() {
+            return Err(self.bad(format!(
+                "row {r} of {} values asked of a tensor of shape {:?}",
+                out_len, self.shape
+            )));
+        }
+        Ok(())
+    }
+
+    /// The error for a value that is not a finite number.
+    fn non_finite(&self, r: usize, c: usize, v: f32) -> Error {
+        let at = if self.shape.len() > 1 {
+            format!("[{r}, {c}]")
+        } else {
+            format!("[{c}]")
+        };
+        self.bad(format!(
+            "holds {v} at {at}: weights must be finite numbers (the checkpoint is corrupt)"
+        ))
+    }
+
+    /// Row `r` (of the last dimension) as f32; a NaN or infinity is an error
+    /// naming the tensor and the element.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        self.check_row(r, out.len())?;
         let cols = self.cols();
-        assert_eq!(out.len(), cols, "row_f32 {}: row length", self.name);
         let size = elem_bytes(self.dtype);
         let bytes = &self.data[r * cols * size..(r + 1) * cols * size];
         match self.dtype {
@@ -243,26 +361,51 @@ impl TensorRef<'_> {
                     *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
                 }
             }
-            d => unreachable!("dtype {d:?} passed expect()"),
+            // check_row admits only the dtypes above.
+            d => unreachable!("dtype {d:?} passed check_row"),
+        }
+        match out.iter().position(|v| !v.is_finite()) {
+            Some(c) => Err(self.non_finite(r, c, out[c])),
+            None => Ok(()),
         }
     }
 
-    /// The whole tensor as f32. Call [`Self::expect`] first.
-    pub fn to_f32(&self) -> Vec<f32> {
-        let cols = self.cols();
-        let rows = self.shape.iter().product::<usize>() / cols.max(1);
-        let mut out = vec![0.0; rows * cols];
-        for (r, chunk) in out.chunks_exact_mut(cols.max(1)).enumerate() {
-            self.row_f32(r, chunk);
+    /// The whole tensor as f32 (finite values only, as [`Self::row_f32`]).
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        let cols = self.cols().max(1);
+        let mut out = vec![0.0; self.rows() * cols];
+        for (r, chunk) in out.chunks_exact_mut(cols).enumerate() {
+            self.row_f32(r, chunk)?;
         }
-        out
+        Ok(out)
     }
 
-    /// Row `r` packed for the GPU in `dtype` (f16 source to f16 copies bits).
-    pub fn pack_row(&self, r: usize, dtype: WeightDtype, scratch: &mut Vec<f32>, out: &mut [u32]) {
+    /// Row `r` packed for the GPU in `dtype` (an f16 source to f16 copies
+    /// bits). Errors name the tensor: a NaN or infinity in the checkpoint, or
+    /// a finite value beyond f16's range when packing to f16.
+    pub fn pack_row(
+        &self,
+        r: usize,
+        dtype: WeightDtype,
+        scratch: &mut Vec<f32>,
+        out: &mut [u32],
+    ) -> Result<()> {
         let cols = self.cols();
+        if out.len() != dtype.row_words(cols) {
+            return Err(self.bad(format!(
+                "{} words asked for a row of {cols} {dtype:?} values",
+                out.len()
+            )));
+        }
         if dtype == WeightDtype::F16 && self.dtype == Dtype::F16 {
+            self.check_row(r, cols)?;
             let bytes = &self.data[r * cols * 2..(r + 1) * cols * 2];
+            for (c, b) in bytes.chunks_exact(2).enumerate() {
+                let bits = u16::from_le_bytes([b[0], b[1]]);
+                if bits & 0x7c00 == 0x7c00 {
+                    return Err(self.non_finite(r, c, f16::from_bits(bits).to_f32()));
+                }
+            }
             for (j, o) in out.iter_mut().enumerate() {
                 let lo = u16::from_le_bytes([bytes[4 * j], bytes[4 * j + 1]]) as u32;
                 let hi = bytes
@@ -270,11 +413,24 @@ impl TensorRef<'_> {
                     .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]) as u32);
                 *o = lo | (hi << 16);
             }
-            return;
+            return Ok(());
         }
         scratch.resize(cols, 0.0);
-        self.row_f32(r, scratch);
-        crate::gpu::matrix::pack_row(dtype, scratch, out);
+        self.row_f32(r, scratch)?;
+        crate::gpu::matrix::pack_row(dtype, scratch, out)?;
+        // A finite value that rounds to an f16 infinity is beyond its range.
+        let half_inf = |h: u32| h & 0x7c00 == 0x7c00;
+        if dtype == WeightDtype::F16
+            && let Some(j) = out.iter().position(|w| half_inf(*w) || half_inf(*w >> 16))
+        {
+            let c = if half_inf(out[j]) { 2 * j } else { 2 * j + 1 };
+            return Err(self.bad(format!(
+                "holds {} at column {c} of row {r}, beyond the f16 range (65504); \
+                 load with --weights-dtype f32",
+                scratch[c]
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -322,10 +478,10 @@ mod tests {
         let s = WeightStore::open(&d).unwrap();
         let a = s.get("a").unwrap();
         a.expect(&[2, 2]).unwrap();
-        assert_eq!(a.to_f32(), vec![1.0, -2.0, 3.5, 0.25]);
+        assert_eq!(a.to_f32().unwrap(), vec![1.0, -2.0, 3.5, 0.25]);
         let b = s.get("b").unwrap();
         b.expect(&[2]).unwrap();
-        assert_eq!(b.to_f32(), vec![1.5, -0.125]);
+        assert_eq!(b.to_f32().unwrap(), vec![1.5, -0.125]);
         let e = a.expect(&[4]).unwrap_err().to_string();
         assert!(e.contains("\"a\"") && e.contains("[2, 2]"), "{e}");
         let e = s.get("c").err().unwrap().to_string();
@@ -373,5 +529,134 @@ mod tests {
         );
         let e = WeightStore::open(&d).err().unwrap().to_string();
         assert!(e.contains("\"z\""), "{e}");
+    }
+
+    fn one_tensor(dtype: Dtype, shape: Vec<usize>, bytes: &[u8]) -> Vec<u8> {
+        let view = safetensors::tensor::TensorView::new(dtype, shape, bytes).unwrap();
+        safetensors::serialize(vec![("w", view)], None).unwrap()
+    }
+
+    #[test]
+    fn non_finite_weights_are_refused_naming_tensor_and_element() {
+        let d = tmpdir("nonfinite");
+        let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let f16s = |v: &[u16]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let nan16 = 0x7e00u16;
+        let inf16 = 0x7c00u16;
+        let one16 = f16::from_f32(1.0).to_bits();
+        let cases: Vec<(Dtype, Vec<u8>, &str)> = vec![
+            (Dtype::F32, f32s(&[1.0, 2.0, f32::NAN, 4.0]), "[1, 0]"),
+            (
+                Dtype::F32,
+                f32s(&[1.0, f32::NEG_INFINITY, 3.0, 4.0]),
+                "[0, 1]",
+            ),
+            (Dtype::F16, f16s(&[one16, one16, one16, nan16]), "[1, 1]"),
+            (Dtype::F16, f16s(&[inf16, one16, one16, one16]), "[0, 0]"),
+            (
+                Dtype::BF16,
+                f16s(&[0x3f80, 0x3f80, 0x7f80, 0x3f80]), // bf16 +inf
+                "[1, 0]",
+            ),
+        ];
+        for (i, (dtype, bytes, at)) in cases.into_iter().enumerate() {
+            write(
+                &d,
+                "model.safetensors",
+                &one_tensor(dtype, vec![2, 2], &bytes),
+            );
+            let s = WeightStore::open(&d).unwrap();
+            let t = s.get("w").unwrap();
+            t.expect(&[2, 2]).unwrap();
+            let e = t.to_f32().unwrap_err().to_string();
+            assert!(
+                e.contains("\"w\"") && e.contains("finite") && e.contains(at),
+                "case {i}: {e}"
+            );
+            // Packing for the GPU refuses them too, in either dtype, and
+            // never as "beyond the f16 range".
+            let mut scratch = vec![];
+            for wd in [WeightDtype::F16, WeightDtype::F32] {
+                let mut out = vec![0u32; wd.row_words(2)];
+                let e = (0..2)
+                    .map(|r| t.pack_row(r, wd, &mut scratch, &mut out))
+                    .find_map(|r| r.err())
+                    .unwrap_or_else(|| panic!("case {i} {wd:?}: packed"))
+                    .to_string();
+                assert!(
+                    e.contains("finite") && !e.contains("range"),
+                    "case {i} {wd:?}: {e}"
+                );
+            }
+        }
+        // A finite f32 beyond f16's range: f16 asks for f32, f32 loads it.
+        write(
+            &d,
+            "model.safetensors",
+            &one_tensor(Dtype::F32, vec![1, 2], &f32s(&[1.0, 1e6])),
+        );
+        let s = WeightStore::open(&d).unwrap();
+        let t = s.get("w").unwrap();
+        let mut out = vec![0u32; 1];
+        let e = t
+            .pack_row(0, WeightDtype::F16, &mut vec![], &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("f16 range") && e.contains("--weights-dtype f32"),
+            "{e}"
+        );
+        let mut out = vec![0u32; 2];
+        t.pack_row(0, WeightDtype::F32, &mut vec![], &mut out)
+            .unwrap();
+        assert_eq!(f32::from_bits(out[1]), 1e6);
+        // Rows past the tensor, or of another length, are errors.
+        let mut row = vec![0.0; 2];
+        assert!(t.row_f32(1, &mut row).is_err());
+        assert!(t.row_f32(0, &mut [0.0; 3]).is_err());
+        // A dtype kvsift does not convert.
+        write(
+            &d,
+            "model.safetensors",
+            &one_tensor(Dtype::I8, vec![2], &[1, 2]),
+        );
+        let s = WeightStore::open(&d).unwrap();
+        let t = s.get("w").unwrap();
+        assert!(t.expect(&[2]).is_err());
+        assert!(t.to_f32().unwrap_err().to_string().contains("I8"));
+    }
+
+    #[test]
+    fn bad_indexes_and_non_files_are_clear_errors() {
+        let d = tmpdir("index");
+        write(&d, "part-1.safetensors", &st_bytes());
+        for (index, needle) in [
+            (r#"{"weight_map": {}}"#, "empty"),
+            (r#"{"weight_map": {"a": 5}}"#, "weight_map[\"a\"] is 5"),
+            (
+                r#"{"weight_map": {"a": "../part-1.safetensors"}}"#,
+                "not the name of a shard",
+            ),
+            (
+                r#"{"weight_map": {"a": "/etc/passwd"}}"#,
+                "not the name of a shard",
+            ),
+            (r#"{"weight_map": {"a": ""}}"#, "not the name of a shard"),
+            (r#"{"weight_map": []}"#, "no weight_map"),
+            (r#"[1, 2"#, "not valid JSON"),
+        ] {
+            write(&d, "model.safetensors.index.json", index.as_bytes());
+            let e = WeightStore::open(&d).err().unwrap().to_string();
+            assert!(
+                e.contains(needle) && e.contains("index.json"),
+                "{index}: {e}"
+            );
+        }
+        // A directory where a checkpoint file should be.
+        let d = tmpdir("dir");
+        std::fs::create_dir_all(d.join("model.safetensors")).unwrap();
+        let e = WeightStore::open(&d).err().unwrap().to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        assert!(!e.contains("os error"), "{e}");
     }
 }

@@ -1,10 +1,11 @@
 //! Greedy pick (`shaders/argmax.wgsl`): per row, the index of the largest
-//! value; exact ties go to the lower index; NaN never wins.
+//! value; exact ties go to the lower index; a row holding a NaN or an
+//! infinity yields [`NO_INDEX`] (the sampler's `NO_TOKEN` rule).
 
 use bytemuck::{Pod, Zeroable};
 
 use super::{NO_FEATURES, u32_of};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
 
 pub static ARGMAX: Kernel = Kernel {
@@ -14,8 +15,8 @@ pub static ARGMAX: Kernel = Kernel {
     needs: NO_FEATURES,
 };
 
-/// What a row without any comparable value (all NaN, or empty) yields.
-pub const NO_INDEX: u32 = u32::MAX;
+/// What a row holding a non-finite value (or an empty row) yields.
+pub const NO_INDEX: u32 = crate::ops::sample::NO_TOKEN;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -32,12 +33,16 @@ pub fn argmax(
     x: &GpuBuffer<f32>,
     out: &GpuBuffer<u32>,
 ) -> Result<Dispatch> {
-    assert!(
-        x.len() >= rows * n && out.len() >= rows,
-        "argmax: x {} values, out {}, for [{rows}, {n}]",
-        x.len(),
-        out.len()
-    );
+    if rows.checked_mul(n).is_none_or(|len| x.len() < len) || out.len() < rows {
+        return Err(Error::invalid(
+            "argmax",
+            format!(
+                "x holds {} values and out {} for [{rows}, {n}]",
+                x.len(),
+                out.len()
+            ),
+        ));
+    }
     let pipeline = ctx.pipeline(&ARGMAX, "argmax", &super::wg_constants())?;
     let params = Params {
         rows: u32_of("rows", rows),
@@ -57,8 +62,8 @@ pub fn argmax(
 pub fn argmax_cpu(row: &[f32]) -> u32 {
     let mut best: Option<(f32, usize)> = None;
     for (i, v) in row.iter().enumerate() {
-        if v.is_nan() {
-            continue;
+        if !v.is_finite() {
+            return NO_INDEX;
         }
         if best.is_none_or(|(bv, _)| *v > bv) {
             best = Some((*v, i));
@@ -92,9 +97,13 @@ mod tests {
             let mut x: Vec<f32> = (0..rows * n)
                 .map(|_| (rng.normal() * 4.0).round())
                 .collect();
+            // Rows with a NaN, +inf or -inf yield NO_INDEX; the others not.
             if n > 10 {
                 x[3] = f32::NAN;
-                x[n + 5] = f32::NAN;
+                x[n + 5] = f32::INFINITY;
+                if rows > 2 {
+                    x[2 * n + n - 1] = f32::NEG_INFINITY;
+                }
             }
             let xb = GpuBuffer::from_slice(ctx, "x", &x).unwrap();
             let out = GpuBuffer::<u32>::zeros(ctx, "out", rows).unwrap();
@@ -110,7 +119,7 @@ mod tests {
                 );
             }
         }
-        // All NaN: no index.
+        // All NaN: no index either.
         let xb = GpuBuffer::from_slice(ctx, "x", &[f32::NAN; 5]).unwrap();
         let out = GpuBuffer::<u32>::zeros(ctx, "out", 1).unwrap();
         let d = argmax(ctx, 1, 5, &xb, &out).unwrap();

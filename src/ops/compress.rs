@@ -987,7 +987,7 @@ mod tests {
             for v in scores.iter_mut() {
                 *v = (rng.below(distinct) as f32 - distinct as f32 / 3.0) * 0.125;
             }
-            bufs.scores.write(ctx, 0, &scores);
+            bufs.scores.write(ctx, 0, &scores).unwrap();
             let ks: Vec<usize> = if c < 4 {
                 (0..=c).collect()
             } else {

@@ -808,7 +808,7 @@ mod tests {
             if fused && !can_fuse {
                 continue;
             }
-            y.write(ctx, 0, y0);
+            y.write(ctx, 0, y0).unwrap();
             let ds = build(fused);
             assert_eq!(ds.len(), if fused { 1 } else { 2 });
             ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();

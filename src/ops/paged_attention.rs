@@ -572,7 +572,7 @@ mod tests {
             .sum::<usize>()
             * n_heads;
         let total = pages_needed + 7;
-        let mut alloc = PageAllocator::new(&[total as u32], 1);
+        let mut alloc = PageAllocator::new(&[total as u32], 1).unwrap();
         // Scramble the free list: allocate everything, free in random order.
         let mut all: Vec<_> = (0..total).map(|_| alloc.alloc(0).unwrap()).collect();
         for i in (1..all.len()).rev() {

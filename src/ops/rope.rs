@@ -80,7 +80,16 @@ impl RopeConfig {
                 high_freq_factor,
                 original_max_position_embeddings,
             } => {
-                if !(factor > 0.0
+                let all_finite = [
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                ]
+                .iter()
+                .all(|v| v.is_finite());
+                if !(all_finite
+                    && factor > 0.0
                     && low_freq_factor > 0.0
                     && high_freq_factor > low_freq_factor
                     && original_max_position_embeddings > 0.0)

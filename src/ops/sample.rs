@@ -2,6 +2,11 @@
 //! repetition penalty, temperature, top-k, top-p, min-p, then a draw by
 //! inverse CDF with a uniform from the host's seeded generator; or greedy
 //! (argmax of the penalised logits). Only the chosen token is read back.
+//!
+//! Non-finite values: a row whose penalised, tempered scores (f32, as the
+//! kernel computes them) hold a NaN or an infinity has no distribution to
+//! draw from; the sampler returns [`NO_TOKEN`] for it (and marks nothing
+//! seen), and the engine fails that request with a clear error.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -26,7 +31,15 @@ pub static SAMPLE: ReducingKernel = ReducingKernel {
     },
 };
 
-/// How to pick the next token. `temperature == 0` means greedy.
+/// What the sampler returns for a row with a NaN or infinite score (never
+/// a token id: vocabularies are below 2^24).
+pub const NO_TOKEN: u32 = u32::MAX;
+
+/// Temperatures below this sample greedily (as vLLM does): dividing logits
+/// by a near-zero temperature only overflows toward the same argmax.
+pub const GREEDY_BELOW: f32 = 1e-5;
+
+/// How to pick the next token. `temperature` 0 (or below [`GREEDY_BELOW`]) means greedy.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplingParams {
     pub temperature: f32,
@@ -60,7 +73,7 @@ impl SamplingParams {
     }
 
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0
+        self.temperature < GREEDY_BELOW
     }
 
     /// Rejects values transformers would reject, naming the flag.
@@ -69,7 +82,10 @@ impl SamplingParams {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return bad(
                 "--temperature",
-                format!("{} must be >= 0 (0 = greedy)", self.temperature),
+                format!(
+                    "{} must be >= 0 (0 = greedy; below {GREEDY_BELOW} samples greedily)",
+                    self.temperature
+                ),
             );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
@@ -87,11 +103,11 @@ impl SamplingParams {
         Ok(())
     }
 
-    fn row(&self, lane: usize, u: f32) -> RowParams {
-        RowParams {
+    fn row(&self, lane: usize, u: f32) -> Result<RowParams> {
+        Ok(RowParams {
             top_k: u32::try_from(self.top_k).unwrap_or(u32::MAX),
             greedy: self.is_greedy() as u32,
-            lane: u32_of("lane", lane),
+            lane: u32::try_from(lane).map_err(|_| Error::invalid("sampler", "lane past u32"))?,
             temperature: if self.is_greedy() {
                 1.0
             } else {
@@ -101,7 +117,7 @@ impl SamplingParams {
             min_p: self.min_p,
             penalty: self.repetition_penalty,
             u,
-        }
+        })
     }
 }
 
@@ -132,10 +148,12 @@ pub fn seen_words(n: usize) -> usize {
     n.div_ceil(32)
 }
 
-/// Sets the bits of `tokens` in a host bitmask.
+/// Sets the bits of `tokens` in a host bitmask (ids past its end mark nothing).
 pub fn mark_seen(mask: &mut [u32], tokens: &[u32]) {
     for &t in tokens {
-        mask[t as usize / 32] |= 1 << (t % 32);
+        if let Some(w) = mask.get_mut(t as usize / 32) {
+            *w |= 1 << (t % 32);
+        }
     }
 }
 
@@ -164,10 +182,15 @@ impl Sampler {
         n: usize,
         max_rows: usize,
     ) -> Result<Self> {
-        assert!(
-            n < (1 << 24),
-            "sample: vocabulary {n} too large for exact f32 indices"
-        );
+        if n == 0 || n > crate::model::config::MAX_VOCAB {
+            return Err(Error::invalid(
+                "sampler",
+                format!(
+                    "vocabulary of {n}: must be 1 to {} (exact f32 indices)",
+                    crate::model::config::MAX_VOCAB
+                ),
+            ));
+        }
         Ok(Self {
             kernel,
             n,
@@ -188,17 +211,22 @@ impl Sampler {
         seen: &GpuBuffer<u32>,
         out: &GpuBuffer<u32>,
     ) -> Result<Dispatch> {
-        assert!(
-            n_rows <= self.rows.len()
-                && logits.len() >= n_rows * self.n
-                && out.len() >= n_rows
-                && seen.len() >= self.seen_words,
-            "sample: {n_rows} rows of {} against logits {}, seen {}, out {}",
-            self.n,
-            logits.len(),
-            seen.len(),
-            out.len()
-        );
+        if n_rows > self.rows.len()
+            || logits.len() < n_rows * self.n
+            || out.len() < n_rows
+            || seen.len() < self.seen_words
+        {
+            return Err(Error::invalid(
+                "sampler",
+                format!(
+                    "{n_rows} rows of {} against logits {}, seen {}, out {}",
+                    self.n,
+                    logits.len(),
+                    seen.len(),
+                    out.len()
+                ),
+            ));
+        }
         let pipeline = ctx.pipeline(self.kernel, "sample", &super::wg_constants())?;
         let params = SampleParams {
             n: u32_of("vocab", self.n),
@@ -225,19 +253,30 @@ impl Sampler {
         &mut self,
         ctx: &GpuContext,
         rows: impl IntoIterator<Item = (SamplingParams, usize, f32)>,
-    ) {
-        self.fill_host_rows(rows);
-        self.rows.write(ctx, 0, &self.host_rows);
+    ) -> Result<()> {
+        self.fill_host_rows(rows)?;
+        self.rows.write(ctx, 0, &self.host_rows)
     }
 
-    fn fill_host_rows(&mut self, rows: impl IntoIterator<Item = (SamplingParams, usize, f32)>) {
+    fn fill_host_rows(
+        &mut self,
+        rows: impl IntoIterator<Item = (SamplingParams, usize, f32)>,
+    ) -> Result<()> {
         self.host_rows.clear();
-        self.host_rows
-            .extend(rows.into_iter().map(|(p, lane, u)| p.row(lane, u)));
-        assert!(
-            self.host_rows.len() <= self.rows.len(),
-            "sample: more rows than the sampler holds"
-        );
+        for (p, lane, u) in rows {
+            self.host_rows.push(p.row(lane, u)?);
+        }
+        if self.host_rows.len() > self.rows.len() {
+            return Err(Error::invalid(
+                "sampler",
+                format!(
+                    "{} rows; it holds {}",
+                    self.host_rows.len(),
+                    self.rows.len()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Room for the rows of `steps` chained decode steps.
@@ -253,54 +292,93 @@ impl Sampler {
         ctx: &GpuContext,
         step: usize,
         rows: impl IntoIterator<Item = (SamplingParams, usize, f32)>,
-    ) {
-        self.fill_host_rows(rows);
-        let st = self.staged.as_ref().expect("enable_chain first");
-        st.write(ctx, step, &self.host_rows);
+    ) -> Result<()> {
+        self.fill_host_rows(rows)?;
+        self.staged()?.write(ctx, step, &self.host_rows)
+    }
+
+    fn staged(&self) -> Result<&StagedInput<RowParams>> {
+        self.staged
+            .as_ref()
+            .ok_or_else(|| Error::invalid("chained decode", "enable_chain was not called"))
     }
 
     /// The copy of staged step `step`'s `n` rows into the rows the kernel reads.
-    pub fn staged_rows_op(&self, step: usize, n: usize) -> Op {
-        let st = self.staged.as_ref().expect("enable_chain first");
-        st.copy_op(step, &self.rows, n)
+    pub fn staged_rows_op(&self, step: usize, n: usize) -> Result<Op> {
+        self.staged()?.copy_op(step, &self.rows, n)
     }
 }
 
 /// CPU twin: the same rules stated directly (sorting instead of radix
-/// search), in f64.
-pub fn sample_cpu(logits: &[f32], seen: &[u32], params: &SamplingParams, u: f32) -> u32 {
-    kept_distribution(logits, seen, params)
-        .map(|(e, _)| {
-            let total: f64 = e.iter().sum();
+/// search), in f64; `None` where the kernel returns [`NO_TOKEN`].
+pub fn sample_cpu(logits: &[f32], seen: &[u32], params: &SamplingParams, u: f32) -> Option<u32> {
+    match kept_distribution(logits, seen, params) {
+        Distribution::NonFinite => None,
+        Distribution::Greedy(token) => Some(token),
+        Distribution::Kept { weights, .. } => {
+            let total: f64 = weights.iter().sum();
             let target = u as f64 * total;
             let mut acc = 0.0;
-            for (i, v) in e.iter().enumerate() {
+            for (i, v) in weights.iter().enumerate() {
                 if *v > 0.0 {
                     acc += v;
                     if acc > target {
-                        return i as u32;
+                        return Some(i as u32);
                     }
                 }
             }
-            e.iter().rposition(|v| *v > 0.0).unwrap_or(0) as u32
-        })
-        .unwrap_or_else(|greedy| greedy)
+            Some(weights.iter().rposition(|v| *v > 0.0).unwrap_or(0) as u32)
+        }
+    }
 }
 
-/// The unnormalised kept weights `exp(l - max)` (0 where dropped) and the
-/// penalised, tempered scores; or `Err(token)` for greedy.
-pub fn kept_distribution(
-    logits: &[f32],
-    seen: &[u32],
-    params: &SamplingParams,
-) -> std::result::Result<(Vec<f64>, Vec<f64>), u32> {
+/// What the sampling rules leave of a row of logits.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Distribution {
+    /// Greedy: the first index of the largest penalised logit.
+    Greedy(u32),
+    /// The unnormalised kept weights `exp(s - max)` (0 where dropped) and
+    /// the penalised, tempered scores `s`.
+    Kept { weights: Vec<f64>, scores: Vec<f64> },
+    /// A score is NaN or infinite (checked in f32, as the kernel computes it).
+    NonFinite,
+}
+
+/// Whether a row of `seen` marks token `i`.
+fn is_seen(seen: &[u32], i: usize) -> bool {
+    seen.get(i / 32).is_some_and(|w| (w >> (i % 32)) & 1 == 1)
+}
+
+/// Applies the rules to one row of logits (`seen`: the row's bitmask; a
+/// short mask marks nothing past its end).
+pub fn kept_distribution(logits: &[f32], seen: &[u32], params: &SamplingParams) -> Distribution {
+    let pen = params.repetition_penalty;
+    let penalised = |i: usize, l: f32| -> f32 {
+        if pen != 1.0 && is_seen(seen, i) {
+            if l < 0.0 { l * pen } else { l / pen }
+        } else {
+            l
+        }
+    };
+    // The kernel's f32 scores decide whether the row has a distribution.
+    let finite = logits.iter().enumerate().all(|(i, l)| {
+        let s = penalised(i, *l);
+        if params.is_greedy() {
+            s.is_finite()
+        } else {
+            (s / params.temperature).is_finite()
+        }
+    });
+    if !finite || logits.is_empty() {
+        return Distribution::NonFinite;
+    }
     let penalised: Vec<f64> = logits
         .iter()
         .enumerate()
         .map(|(i, l)| {
             let l = *l as f64;
-            let pen = params.repetition_penalty as f64;
-            if pen != 1.0 && (seen[i / 32] >> (i % 32)) & 1 == 1 {
+            let pen = pen as f64;
+            if pen != 1.0 && is_seen(seen, i) {
                 if l < 0.0 { l * pen } else { l / pen }
             } else {
                 l
@@ -309,7 +387,7 @@ pub fn kept_distribution(
         .collect();
     if params.is_greedy() {
         let m = penalised.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        return Err(penalised.iter().position(|v| *v == m).unwrap_or(0) as u32);
+        return Distribution::Greedy(penalised.iter().position(|v| *v == m).unwrap_or(0) as u32);
     }
     let s: Vec<f64> = penalised
         .iter()
@@ -319,7 +397,7 @@ pub fn kept_distribution(
     let mut keep = vec![true; s.len()];
     if params.top_k > 0 && params.top_k < s.len() {
         let mut sorted = s.clone();
-        sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
+        sorted.sort_by(|a, b| b.total_cmp(a));
         let kth = sorted[params.top_k - 1];
         for (k, v) in keep.iter_mut().zip(&s) {
             *k = *v >= kth;
@@ -344,7 +422,7 @@ pub fn kept_distribution(
             }
         }
     }
-    let kept: Vec<f64> = e
+    let weights: Vec<f64> = e
         .iter()
         .zip(&keep)
         .map(|(v, k)| {
@@ -355,7 +433,7 @@ pub fn kept_distribution(
             }
         })
         .collect();
-    Ok((kept, s))
+    Distribution::Kept { weights, scores: s }
 }
 
 #[cfg(test)]
@@ -382,7 +460,8 @@ mod tests {
         let ob = GpuBuffer::<u32>::zeros(ctx, "out", rows).unwrap();
         let mut s = Sampler::with_kernel(ctx, kernel, n, rows).unwrap();
         let d = s.dispatch(ctx, rows, &lb, &sb, &ob).unwrap();
-        s.set_rows(ctx, us.iter().enumerate().map(|(r, u)| (*params, r, *u)));
+        s.set_rows(ctx, us.iter().enumerate().map(|(r, u)| (*params, r, *u)))
+            .unwrap();
         ctx.run("test", &[&d]).unwrap();
         let got = ob.read(ctx).unwrap();
         let seen_after = sb.read(ctx).unwrap();
@@ -396,7 +475,11 @@ mod tests {
     const MARGIN: f64 = 1e-4;
 
     fn near_boundary(logits: &[f32], seen: &[u32], params: &SamplingParams, u: f32) -> bool {
-        let Ok((kept, s)) = kept_distribution(logits, seen, params) else {
+        let Distribution::Kept {
+            weights: kept,
+            scores: s,
+        } = kept_distribution(logits, seen, params)
+        else {
             return false;
         };
         let total: f64 = kept.iter().sum();
@@ -474,7 +557,7 @@ mod tests {
                             skipped += 1;
                             continue;
                         }
-                        let want = sample_cpu(&logits, &seen, params, u);
+                        let want = sample_cpu(&logits, &seen, params, u).unwrap();
                         assert_eq!(
                             g, want,
                             "{} n={n} {params:?} u={u}: got token {g}, want {want}",
@@ -498,6 +581,61 @@ mod tests {
             "too many draws skipped: {skipped} of {}",
             compared + skipped
         );
+    }
+
+    #[test]
+    fn non_finite_rows_give_no_token_and_mark_nothing() {
+        let Some(ctx) = gpu() else { return };
+        let mut kernels = vec![&SAMPLE.workgroup];
+        if ctx.caps.features.subgroups {
+            kernels.push(&SAMPLE.subgroup);
+        }
+        let n = 300;
+        let mut rng = Rng::new(77);
+        let base: Vec<f32> = (0..n).map(|_| 3.0 * rng.normal()).collect();
+        let spoil = |at: usize, v: f32| {
+            let mut l = base.clone();
+            l[at] = v;
+            l
+        };
+        let greedy = SamplingParams::greedy();
+        let warm = SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            ..greedy
+        };
+        let cold = SamplingParams {
+            temperature: 2e-5,
+            ..greedy
+        };
+        // (logits, params, a token or not)
+        let cases = [
+            (spoil(0, f32::NAN), greedy, false),
+            (spoil(n - 1, f32::NAN), warm, false),
+            (spoil(17, f32::INFINITY), greedy, false),
+            (spoil(17, f32::NEG_INFINITY), warm, false),
+            // finite logits whose tempered scores overflow f32
+            (spoil(5, 1e34), cold, false),
+            (base.clone(), warm, true),
+            (base.clone(), greedy, true),
+        ];
+        for kernel in &kernels {
+            for (i, (logits, params, has_token)) in cases.iter().enumerate() {
+                let seen = vec![0u32; seen_words(n)];
+                let (got, seen_after) = gpu_sample(ctx, kernel, logits, &seen, params, &[0.3]);
+                let want = sample_cpu(logits, &seen, params, 0.3);
+                assert_eq!(want.is_some(), *has_token, "case {i}: twin {want:?}");
+                assert_eq!(
+                    got[0],
+                    want.unwrap_or(NO_TOKEN),
+                    "{} case {i}: got {}, twin {want:?}",
+                    kernel.name,
+                    got[0]
+                );
+                let marked: u32 = seen_after.iter().map(|w| w.count_ones()).sum();
+                assert_eq!(marked, *has_token as u32, "case {i}: seen bits {marked}");
+            }
+        }
     }
 
     #[test]

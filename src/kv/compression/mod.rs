@@ -203,6 +203,9 @@ impl CompressConfig {
 
 /// Captured tensors of one layer (`kvsift select` input): post-RoPE keys
 /// `[hkv, t, d]` and queries `[hq, q_rows, d]` (the window's, or all `t` for H2O v3).
+/// Largest magnitude a captured key or query may have (f16's largest value).
+pub const MAX_CAPTURED_ABS: f32 = 65504.0;
+
 pub struct Captured<'a> {
     pub keys: &'a [f32],
     pub queries: &'a [f32],
@@ -217,10 +220,32 @@ impl Captured<'_> {
     /// Checks the shapes against the settings (a user's input file).
     pub fn check(&self, cfg: &CompressConfig) -> Result<()> {
         let bad = |why: String| Err(Error::invalid("select input", why));
-        if self.keys.len() != self.hkv * self.t * self.d
-            || self.queries.len() != self.hq * self.q_rows * self.d
+        if self.d == 0 || self.d > crate::ops::attention::MAX_HEAD_DIM {
+            return bad(format!(
+                "head dim {}: expected 1 to {}",
+                self.d,
+                crate::ops::attention::MAX_HEAD_DIM
+            ));
+        }
+        let len = |dims: &[usize]| dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if len(&[self.hkv, self.t, self.d]) != Some(self.keys.len())
+            || len(&[self.hq, self.q_rows, self.d]) != Some(self.queries.len())
         {
             return bad("tensor sizes disagree with their shapes".into());
+        }
+        // What the cache could hold (f16): scores stay finite on either side.
+        for (name, x, rows) in [
+            ("keys", self.keys, self.t),
+            ("queries", self.queries, self.q_rows),
+        ] {
+            if let Some(i) = x.iter().position(|v| !(v.abs() <= MAX_CAPTURED_ABS)) {
+                let (h, r, c) = (i / (rows * self.d), i / self.d % rows, i % self.d);
+                return bad(format!(
+                    "{name}[{h}, {r}, {c}] = {}: values must be finite and within \
+                     ±{MAX_CAPTURED_ABS} (the f16 range of the KV cache)",
+                    x[i]
+                ));
+            }
         }
         if self.hkv == 0 || self.hq == 0 || !self.hq.is_multiple_of(self.hkv) {
             return bad(format!(
