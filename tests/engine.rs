@@ -1,6 +1,7 @@
 //! The paged, batched engine: the same logits as the contiguous runner and as
 //! transformers, batched sequences as if alone, page reuse, fragmentation,
-//! and pool exhaustion.
+//! pool exhaustion (swap and replay exact for every method), and failures
+//! (non-finite logits, a GPU error at any point) that end requests cleanly.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -561,5 +562,340 @@ fn chained_decode_gives_the_events_of_single_steps() {
                 chained.steps
             );
         }
+    }
+}
+
+/// Every method and schedule the engine runs (window 4, budget `b`,
+/// decode-schedule buffer 8), and the full cache.
+fn every_method(b: usize) -> Vec<CompressConfig> {
+    use kvsift::kv::compression::{Granularity, H2oVersion, Schedule};
+    let mut out = vec![CompressConfig::new(Method::None, 0)];
+    for method in [
+        Method::StreamingLlm,
+        Method::H2o,
+        Method::SnapKv,
+        Method::PyramidKv,
+        Method::AdaKv,
+        Method::Rkv,
+    ] {
+        for schedule in [Schedule::Prefill, Schedule::Decode] {
+            let mut c = CompressConfig::new(method, b);
+            c.window = 4;
+            c.schedule = schedule;
+            c.buffer = 8;
+            out.push(c);
+        }
+    }
+    let mut v1 = CompressConfig::new(Method::H2o, b);
+    v1.window = 4;
+    v1.h2o_version = H2oVersion::V1;
+    out.push(v1);
+    let mut q = CompressConfig::new(Method::SnapKv, b);
+    q.window = 4;
+    q.granularity = Granularity::QueryHead;
+    out.push(q);
+    out
+}
+
+fn events_of(events: &[Event], id: u64) -> Vec<&Event> {
+    events
+        .iter()
+        .filter(|e| match e {
+            Event::Token { id: i, .. }
+            | Event::Finished { id: i, .. }
+            | Event::Preempted { id: i }
+            | Event::Failed { id: i, .. }
+            | Event::Logits { id: i, .. } => *i == id,
+        })
+        .collect()
+}
+
+/// Under a pool too small for every sequence at once, preempted sequences
+/// (swapped to host memory, or replayed) resume with exactly the cache
+/// they had: every request's greedy tokens equal its tokens alone, for
+/// every method and schedule.
+#[test]
+fn preemption_gives_each_request_its_tokens_alone_for_every_method() {
+    let Some(ctx) = gpu() else { return };
+    let reqs: Vec<Request> = (0..4)
+        .map(|i| greedy(prompt(60 + i, 10 + 4 * i as usize), 28))
+        .collect();
+    for compression in every_method(12) {
+        let what = format!("{:?} {:?}", compression.method, compression.schedule);
+        let config = |pages: u64, on_exhaustion| EngineConfig {
+            max_batch: 4,
+            pool: pool_of_pages(pages),
+            on_exhaustion,
+            compression: compression.clone(),
+            ..Default::default()
+        };
+        let mut roomy = engine(ctx, "tiny-qwen2", config(400, Exhaustion::Reject));
+        let mut peaks = vec![];
+        let alone: Vec<Vec<u32>> = reqs
+            .iter()
+            .map(|r| {
+                let mut e = engine(ctx, "tiny-qwen2", config(400, Exhaustion::Reject));
+                let tokens = run(&mut e, std::slice::from_ref(r)).0.remove(0);
+                peaks.push(e.stats().peak_pages_in_use as u64);
+                tokens
+            })
+            .collect();
+        // The same requests together, in a roomy pool: batching alone changes nothing.
+        assert_eq!(run(&mut roomy, &reqs).0, alone, "{what}: batched");
+        // Room for the largest sequence and about half of the others.
+        let biggest = *peaks.iter().max().unwrap();
+        let pages = biggest + (peaks.iter().sum::<u64>() - biggest) / 2;
+        for mode in [Exhaustion::Swap, Exhaustion::Recompute] {
+            let mut e = engine(ctx, "tiny-qwen2", config(pages, mode));
+            let (got, events) = run(&mut e, &reqs);
+            let stats = e.stats();
+            assert!(
+                stats.preemptions > 0,
+                "{what} {mode:?}: no preemption in {pages} pages (peaks {peaks:?})"
+            );
+            assert!(
+                !events.iter().any(|ev| matches!(ev, Event::Failed { .. })),
+                "{what} {mode:?}: {events:?}"
+            );
+            assert_eq!(got, alone, "{what} {mode:?}: preempted requests differ");
+            assert_eq!(stats.pool.pages_in_use, 0, "{what} {mode:?}");
+            assert_eq!(stats.swapped_bytes, 0, "{what} {mode:?}");
+            assert!(stats.peak_pages_in_use as u64 <= pages);
+        }
+    }
+}
+
+#[test]
+fn zero_max_tokens_finishes_at_once_without_tokens() {
+    let Some(ctx) = gpu() else { return };
+    let mut e = engine(ctx, "tiny-llama", EngineConfig::default());
+    let (tokens, events) = run(&mut e, &[greedy(prompt(3, 9), 0), greedy(prompt(4, 5), 2)]);
+    assert_eq!(tokens[0], Vec::<u32>::new());
+    assert_eq!(tokens[1].len(), 2);
+    assert!(matches!(
+        events_of(&events, 0)[..],
+        [Event::Finished {
+            reason: StopReason::MaxTokens,
+            ..
+        }]
+    ));
+    assert_eq!(e.stats().pool.pages_in_use, 0);
+    // The single-sequence loop gives the same: nothing.
+    let mut m = Model::load(ctx, &dir("tiny-llama"), &LoadOptions::default()).unwrap();
+    let opts = kvsift::engine::GenerateOptions {
+        max_tokens: 0,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+    };
+    let g = kvsift::engine::generate(&mut m, &prompt(3, 9), &opts, |_| true).unwrap();
+    assert!(g.tokens.is_empty());
+}
+
+/// A copy of tiny-llama whose final norm weight is finite but so large that
+/// the logits overflow to infinity (loadable with f32 weights only).
+pub fn overflowing_model(tag: &str) -> PathBuf {
+    let src = dir("tiny-llama");
+    let dst = std::env::temp_dir().join(format!("kvsift-overflow-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let p = f.unwrap().path();
+        std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let huge: Vec<u8> = (0..128).flat_map(|_| 3e38f32.to_le_bytes()).collect();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = vec![];
+    for (name, view) in st.tensors() {
+        let data = if name == "model.norm.weight" {
+            huge.clone()
+        } else {
+            view.data().to_vec()
+        };
+        let dtype = if name == "model.norm.weight" {
+            safetensors::Dtype::F32
+        } else {
+            view.dtype()
+        };
+        owned.push((name, dtype, view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dst.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    dst
+}
+
+/// Logits that overflow fail the request with a clear error, never a token
+/// outside the vocabulary; other requests are unaffected.
+#[test]
+fn non_finite_logits_fail_the_request_not_the_engine() {
+    let Some(ctx) = gpu() else { return };
+    let bad = overflowing_model("engine");
+    let w = load_weights(ctx, &bad, WeightDtype::F32, false).unwrap();
+    for chain in [1, 4] {
+        for sampling in [
+            SamplingParams::greedy(),
+            SamplingParams {
+                temperature: 0.8,
+                top_k: 5,
+                ..SamplingParams::greedy()
+            },
+        ] {
+            let w = load_weights(ctx, &bad, WeightDtype::F32, false).unwrap();
+            let mut e = Engine::new(
+                ctx,
+                w,
+                EngineConfig {
+                    decode_chain: chain,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let r = Request {
+                sampling,
+                ..greedy(prompt(5, 7), 6)
+            };
+            let (tokens, events) = run(&mut e, &[r]);
+            assert!(tokens[0].is_empty(), "{tokens:?}");
+            match &events[..] {
+                [Event::Failed { error, .. }] => {
+                    assert!(error.contains("NaN or infinity"), "{error}")
+                }
+                other => panic!("expected one failure, got {other:?}"),
+            }
+            assert_eq!(e.stats().pool.pages_in_use, 0);
+        }
+    }
+    drop(w);
+    // The single-sequence runner: an error, not a token.
+    let mut m = Model::load(
+        ctx,
+        &bad,
+        &LoadOptions {
+            weights_dtype: WeightDtype::F32,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let opts = kvsift::engine::GenerateOptions {
+        max_tokens: 3,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+    };
+    let e = kvsift::engine::generate(&mut m, &prompt(5, 7), &opts, |_| true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NaN or infinity"), "{e}");
+}
+
+/// Requests after `n` GPU calls of a run: for every fault point, each
+/// request either ends as it does without faults or fails with an event,
+/// the pool returns to zero pages, and the engine then serves the same
+/// requests correctly.
+#[test]
+fn a_gpu_fault_at_any_point_fails_requests_cleanly_and_the_engine_goes_on() {
+    if gpu().is_none() {
+        return;
+    }
+    // Its own device: faults must not reach tests running beside it.
+    let ctx = GpuContext::from_env().unwrap();
+    let mut rkv = CompressConfig::new(Method::Rkv, 12);
+    rkv.window = 4;
+    rkv.buffer = 8;
+    let reqs: Vec<Request> = (0..3)
+        .map(|i| greedy(prompt(80 + i, 9 + 5 * i as usize), 20))
+        .collect();
+    for (mode, compression, pages) in [
+        (Exhaustion::Swap, rkv.clone(), 26),
+        (Exhaustion::Recompute, rkv, 26),
+        (Exhaustion::Swap, CompressConfig::new(Method::None, 0), 30),
+    ] {
+        let mut e = engine(
+            &ctx,
+            "tiny-qwen2",
+            EngineConfig {
+                max_batch: 3,
+                pool: pool_of_pages(pages),
+                on_exhaustion: mode,
+                compression,
+                ..Default::default()
+            },
+        );
+        let before = ctx.gpu_calls();
+        let (want, events) = run(&mut e, &reqs);
+        let calls = ctx.gpu_calls() - before;
+        assert!(
+            events.iter().any(|ev| matches!(ev, Event::Preempted { .. })),
+            "{mode:?}: the run should preempt"
+        );
+        // Every early call, then points spread over the rest.
+        let mut points: Vec<u64> = (1..=12.min(calls)).collect();
+        points.extend((1..=30).map(|k| 12 + k * calls.saturating_sub(12) / 30));
+        points.dedup();
+        let mut failing_points = 0;
+        for (i, &n) in points.iter().enumerate() {
+            let sticky = i % 5 == 4;
+            ctx.inject_fault(n, sticky);
+            let ids: Vec<u64> = reqs.iter().map(|r| e.add_request(r.clone()).unwrap()).collect();
+            let mut got: HashMap<u64, Vec<u32>> = HashMap::new();
+            let mut ended: HashMap<u64, bool> = HashMap::new();
+            let mut guard = 0;
+            while e.has_work() {
+                for ev in e.step().unwrap() {
+                    match ev {
+                        Event::Token { id, token } => got.entry(id).or_default().push(token),
+                        Event::Finished { id, .. } => {
+                            ended.insert(id, true);
+                        }
+                        Event::Failed { id, .. } => {
+                            ended.insert(id, false);
+                        }
+                        _ => {}
+                    }
+                }
+                guard += 1;
+                assert!(guard < 1000, "fault at {n}: the engine did not finish");
+            }
+            ctx.clear_faults();
+            failing_points += ended.values().any(|ok| !ok) as usize;
+            for (k, id) in ids.iter().enumerate() {
+                let tokens = got.remove(id).unwrap_or_default();
+                match ended.get(id) {
+                    Some(true) => assert_eq!(tokens, want[k], "fault at {n}: request {k}"),
+                    Some(false) => assert_eq!(
+                        tokens[..],
+                        want[k][..tokens.len()],
+                        "fault at {n}: request {k} before its failure"
+                    ),
+                    None => panic!("fault at {n}: request {k} neither finished nor failed"),
+                }
+            }
+            let s = e.stats();
+            assert_eq!(s.pool.pages_in_use, 0, "fault at {n} ({mode:?})");
+            assert_eq!((s.running, s.waiting, s.swapped_bytes), (0, 0, 0));
+        }
+        eprintln!(
+            "{mode:?}: {calls} GPU calls, {} fault points, {failing_points} failed a request",
+            points.len()
+        );
+        // A fault in a call the run needs fails a request; a few points may
+        // fall on calls that only build plans that are retried.
+        assert!(
+            failing_points * 2 > points.len(),
+            "{mode:?}: only {failing_points} of {} faults reached a request",
+            points.len()
+        );
+        assert_eq!(run(&mut e, &reqs).0, want, "{mode:?}: after the faults");
     }
 }

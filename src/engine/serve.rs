@@ -1504,7 +1504,7 @@ impl<'c> Engine<'c> {
                     self.acts.write_inputs(self.ctx, &[tok], &[row as u32])?;
                     self.kv.set_row(0, lane, &tables, None);
                     self.kv.upload_rows(self.ctx)?;
-                    set_nll_row(self.ctx, &head, v, row);
+                    set_nll_row(self.ctx, &head, v, row)?;
                     self.ctx.run_ops("kvsift.score.decode", &[&body, &head])?;
                     if let Some(l) = logits.as_mut() {
                         l.extend(read_rows(self.ctx, &self.acts.logits, v)?);

@@ -139,11 +139,15 @@ impl GpuOptions {
                 value: v.clone(),
                 reason: "expected a number of MiB".into(),
             })?;
-            if !(mb.is_finite() && mb > 0.0) {
+            // Below a MiB the planning it tests (matrix parts, pool shards)
+            // leaves no room for a KV pool worth the name.
+            if !(mb.is_finite() && mb >= 1.0) {
                 return Err(Error::BadEnv {
                     var: "KVSIFT_MAX_BINDING_MB",
                     value: v,
-                    reason: "must be positive".into(),
+                    reason: "must be at least 1 (MiB); it only lowers the device's \
+                             storage-binding limit, to test the splitting paths"
+                        .into(),
                 });
             }
             o.max_binding_bytes = Some((mb * 1024.0 * 1024.0) as u64);

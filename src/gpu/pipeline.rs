@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use super::GpuContext;
 use super::context::OptionalFeatures;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// One WGSL kernel family.
 pub struct Kernel {
@@ -49,11 +49,12 @@ impl GpuContext {
         entry: &str,
         constants: &[(&str, f64)],
     ) -> Result<wgpu::ComputePipeline> {
-        assert!(
-            kernel.entries.contains(&entry),
-            "kernel {} has no entry point {entry}",
-            kernel.name
-        );
+        if !kernel.entries.contains(&entry) {
+            return Err(Error::invalid(
+                format!("kernel {}", kernel.name),
+                format!("no entry point {entry}"),
+            ));
+        }
         self.require(&format!("kernel {}", kernel.name), kernel.needs)?;
         let mut sorted: Vec<(String, u64)> = constants
             .iter()
@@ -387,13 +388,19 @@ impl Dispatch {
     /// Rewrites the parameters (same type as given to `with_params`); lands
     /// before the next submission. For per-step values such as an offset or
     /// a random draw.
-    pub fn write_params<P: bytemuck::Pod>(&self, ctx: &GpuContext, params: &P) {
-        let buffer = self
-            .params
-            .as_ref()
-            .unwrap_or_else(|| panic!("dispatch {} has no parameters", self.label));
+    pub fn write_params<P: bytemuck::Pod>(&self, ctx: &GpuContext, params: &P) -> Result<()> {
+        let buffer = self.params.as_ref().ok_or_else(|| {
+            Error::invalid(format!("dispatch {}", self.label), "has no parameters")
+        })?;
+        if (std::mem::size_of::<P>() as u64) > buffer.size() {
+            return Err(Error::invalid(
+                format!("dispatch {}", self.label),
+                "parameters larger than its parameter buffer",
+            ));
+        }
         ctx.queue
             .write_buffer(buffer, 0, bytemuck::bytes_of(params));
+        Ok(())
     }
 
     /// Binds `resources` to `@group(0) @binding(0..)` in order.

@@ -27,7 +27,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::gpu::buffer::ReadbackSlot;
+use crate::gpu::buffer::{ReadbackSlot, checked_len};
 use crate::gpu::{
     BufferCopy, Dispatch, GpuBuffer, GpuContext, GpuMatrix, Op, StagedInput, WeightDtype,
 };
@@ -399,13 +399,15 @@ struct StagedRows {
 }
 
 impl Activations {
-    /// Panics unless the lm_head's buffers hold `rows` rows.
-    fn check_head_rows(&self, rows: usize) {
-        assert!(
-            rows <= self.head_rows,
-            "lm_head: {rows} rows, room for {}",
-            self.head_rows
-        );
+    /// Fails unless the lm_head's buffers hold `rows` rows.
+    fn check_head_rows(&self, rows: usize) -> Result<()> {
+        if rows > self.head_rows {
+            return Err(Error::invalid(
+                "lm_head",
+                format!("{rows} rows, room for {}", self.head_rows),
+            ));
+        }
+        Ok(())
     }
 
     /// Buffers for steps of up to `rows` tokens; the lm_head produces up to
@@ -420,20 +422,23 @@ impl Activations {
         let half = cfg.head_dim / 2;
         let head_rows =
             (ctx.caps.max_binding_bytes as usize / (v * 4)).clamp(1, want_head_rows.max(1));
+        let zeros = |label: &str, dims: &[usize]| -> Result<GpuBuffer<f32>> {
+            GpuBuffer::zeros(ctx, label, checked_len(label, dims)?)
+        };
         Ok(Self {
             rows,
             ids: GpuBuffer::zeros(ctx, "act.ids", rows)?,
             positions: GpuBuffer::zeros(ctx, "act.positions", rows)?,
-            cos: GpuBuffer::zeros(ctx, "act.cos", rows * half)?,
-            sin: GpuBuffer::zeros(ctx, "act.sin", rows * half)?,
-            hidden: GpuBuffer::zeros(ctx, "act.hidden", rows * h)?,
-            normed: GpuBuffer::zeros(ctx, "act.normed", rows * h)?,
-            qkv: GpuBuffer::zeros(ctx, "act.qkv", rows * cfg.qkv_dim())?,
-            attn: GpuBuffer::zeros(ctx, "act.attn", rows * cfg.q_dim())?,
-            gate_up: GpuBuffer::zeros(ctx, "act.gate_up", rows * 2 * inter)?,
-            act: GpuBuffer::zeros(ctx, "act.mlp", rows * inter)?,
-            head_in: GpuBuffer::zeros(ctx, "act.head_in", head_rows * h)?,
-            logits: GpuBuffer::zeros(ctx, "act.logits", head_rows * v)?,
+            cos: zeros("act.cos", &[rows, half])?,
+            sin: zeros("act.sin", &[rows, half])?,
+            hidden: zeros("act.hidden", &[rows, h])?,
+            normed: zeros("act.normed", &[rows, h])?,
+            qkv: zeros("act.qkv", &[rows, cfg.qkv_dim()])?,
+            attn: zeros("act.attn", &[rows, cfg.q_dim()])?,
+            gate_up: zeros("act.gate_up", &[rows, 2, inter])?,
+            act: zeros("act.mlp", &[rows, inter])?,
+            head_in: zeros("act.head_in", &[head_rows, h])?,
+            logits: zeros("act.logits", &[head_rows, v])?,
             head_rows,
             rope_table: RopeTable::new(&cfg.rope)?,
             cos_host: vec![0.0; rows * half],
@@ -461,7 +466,7 @@ impl Activations {
         positions: &[u32],
     ) -> Result<()> {
         self.check_rows(positions.len(), positions.len())?;
-        let m = self.fill_rope_rows(positions);
+        let m = self.fill_rope_rows(positions)?;
         let st = self.staged()?;
         st.positions.write(ctx, step, positions)?;
         st.cos.write(ctx, step, &self.cos_host[..m])?;
@@ -489,11 +494,11 @@ impl Activations {
     }
 
     /// The RoPE rows of `positions` into the host staging; their length.
-    fn fill_rope_rows(&mut self, positions: &[u32]) -> usize {
+    fn fill_rope_rows(&mut self, positions: &[u32]) -> Result<usize> {
         let m = positions.len() * self.rope_table.half();
         self.rope_table
-            .fill(positions, &mut self.cos_host[..m], &mut self.sin_host[..m]);
-        m
+            .fill(positions, &mut self.cos_host[..m], &mut self.sin_host[..m])?;
+        Ok(m)
     }
 
     /// The copies of staged step `step`'s `n` rows into the live inputs.
@@ -521,7 +526,7 @@ impl Activations {
         positions: &[u32],
     ) -> Result<()> {
         self.check_rows(tokens.len(), positions.len())?;
-        let m = self.fill_rope_rows(positions);
+        let m = self.fill_rope_rows(positions)?;
         self.ids.write(ctx, 0, tokens)?;
         self.positions.write(ctx, 0, positions)?;
         self.cos.write(ctx, 0, &self.cos_host[..m])?;
@@ -541,7 +546,7 @@ pub fn body(
     attend: &mut dyn FnMut(usize, &mut Vec<Op>) -> Result<()>,
 ) -> Result<Vec<Op>> {
     let cfg = &w.cfg;
-    assert!(n <= a.rows, "body: {n} tokens, activations for {}", a.rows);
+    a.check_rows(n, n)?;
     let d = cfg.head_dim;
     let mut ops: Vec<Op> = vec![];
     ops.extend(
@@ -648,7 +653,7 @@ pub fn push_norm_lm_head(
     a: &Activations,
     rows: usize,
 ) -> Result<()> {
-    a.check_head_rows(rows);
+    a.check_head_rows(rows)?;
     let norm = PreNorm {
         weight: &w.final_norm,
         eps: w.cfg.rms_norm_eps,
@@ -679,7 +684,7 @@ pub fn push_lm_head(
     first: usize,
     rows: usize,
 ) -> Result<()> {
-    a.check_head_rows(rows);
+    a.check_head_rows(rows)?;
     let h = w.cfg.hidden_size;
     ops.push(copy(&a.normed, first * h, &a.head_in, 0, rows * h));
     push_linear(

@@ -172,7 +172,10 @@ impl Reference {
         let pos = self.position();
         let half = d / 2;
         let (mut cos, mut sin) = (vec![0.0; half], vec![0.0; half]);
-        self.rope.fill(&[pos as u32], &mut cos, &mut sin);
+        // cos and sin hold one position's rows.
+        self.rope
+            .fill(&[pos as u32], &mut cos, &mut sin)
+            .expect("one row of each table");
         let rotate = |x: &mut [f32]| {
             for head in x.chunks_exact_mut(d) {
                 for i in 0..half {

@@ -48,8 +48,17 @@ pub const DEFAULT_MAX_CONTEXT: usize = 4096;
 
 /// The KV positions to allocate: the user's, or the default; never more than
 /// the model's `max_position_embeddings`.
+/// Most KV positions one sequence may hold (positions are exact in f32 below 2^24).
+pub const MAX_CONTEXT: usize = 1 << 24;
+
 pub fn context_capacity(cfg: &ModelConfig, asked: Option<usize>) -> Result<usize> {
     let capacity = asked.unwrap_or(cfg.max_position_embeddings.min(DEFAULT_MAX_CONTEXT));
+    if capacity > MAX_CONTEXT {
+        return Err(Error::invalid(
+            "--max-context",
+            format!("{capacity}: kvsift holds at most {MAX_CONTEXT} positions per sequence"),
+        ));
+    }
     if capacity == 0 || capacity > cfg.max_position_embeddings {
         return Err(Error::invalid(
             "--max-context",
@@ -432,7 +441,7 @@ impl<'c> Model<'c> {
             for &tok in &tokens[prefill..] {
                 let row = self.position;
                 self.stage_inputs(&[tok])?;
-                set_nll_row(self.ctx, &head, v, row);
+                set_nll_row(self.ctx, &head, v, row)?;
                 self.ctx
                     .run_ops("kvsift.score.decode", &[&self.decode_body, &head])?;
                 self.position += 1;
@@ -490,7 +499,7 @@ pub fn score_targets(tokens: &[u32]) -> Vec<u32> {
 }
 
 /// Points the nll dispatch at the end of `head` at row `row` of the targets.
-pub fn set_nll_row(ctx: &GpuContext, head: &[Op], vocab: usize, row: usize) {
+pub fn set_nll_row(ctx: &GpuContext, head: &[Op], vocab: usize, row: usize) -> Result<()> {
     match head.last() {
         Some(Op::Dispatch(d)) => d.write_params(
             ctx,
@@ -500,6 +509,9 @@ pub fn set_nll_row(ctx: &GpuContext, head: &[Op], vocab: usize, row: usize) {
                 row_offset: row as u32,
             },
         ),
-        _ => unreachable!("the scoring head ends with the nll dispatch"),
+        _ => Err(Error::invalid(
+            "scoring head",
+            "does not end with the nll dispatch",
+        )),
     }
 }

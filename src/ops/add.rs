@@ -2,6 +2,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::ensure;
 use super::{NO_FEATURES, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -26,7 +27,7 @@ pub fn add_inplace(
     x: &GpuBuffer<f32>,
     acc: &GpuBuffer<f32>,
 ) -> Result<Dispatch> {
-    assert!(
+    ensure!(
         x.len() >= n && acc.len() >= n,
         "add_inplace: n {n}, x {}, acc {}",
         x.len(),
@@ -37,9 +38,9 @@ pub fn add_inplace(
         ctx,
         pipeline,
         "kvsift.add_inplace".into(),
-        &Params { n: u32_of("n", n) },
+        &Params { n: u32_of("n", n)? },
         &[x.binding(), acc.binding()],
-        ctx.grid(super::blocks(n)),
+        ctx.grid(super::blocks(n)?),
     )
 }
 

@@ -45,8 +45,8 @@ pub fn argmax(
     }
     let pipeline = ctx.pipeline(&ARGMAX, "argmax", &super::wg_constants())?;
     let params = Params {
-        rows: u32_of("rows", rows),
-        n: u32_of("n", n),
+        rows: u32_of("rows", rows)?,
+        n: u32_of("n", n)?,
     };
     Dispatch::with_params(
         ctx,
@@ -54,7 +54,7 @@ pub fn argmax(
         "kvsift.argmax".into(),
         &params,
         &[x.binding(), out.binding()],
-        ctx.grid(u32_of("rows", rows)),
+        ctx.grid(u32_of("rows", rows)?),
     )
 }
 

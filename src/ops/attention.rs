@@ -8,6 +8,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::ensure;
 use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -66,8 +67,8 @@ impl AttentionShape {
     pub fn cache_len(&self) -> usize {
         self.n_kv_heads * self.capacity * self.head_dim
     }
-    fn check(&self, kernel: &str, positions: usize, qkv: usize, k: usize, v: usize) {
-        assert!(
+    fn check(&self, kernel: &str, positions: usize, qkv: usize, k: usize, v: usize) -> Result<()> {
+        ensure!(
             self.n_kv_heads > 0
                 && self.n_heads.is_multiple_of(self.n_kv_heads)
                 && self.head_dim <= MAX_HEAD_DIM
@@ -78,6 +79,7 @@ impl AttentionShape {
                 && v >= self.cache_len(),
             "{kernel}: {self:?} against positions {positions}, qkv {qkv}, cache k {k}, v {v}"
         );
+        Ok(())
     }
 }
 
@@ -125,16 +127,16 @@ pub fn kv_store(
         qkv.len(),
         cache_k.len(),
         cache_v.len(),
-    );
+    )?;
     let pipeline = ctx.pipeline(&KV_STORE, "kv_store", &super::wg_constants())?;
     let params = KvStoreParams {
-        n_tokens: u32_of("tokens", s.n_tokens),
-        n_kv_heads: u32_of("kv heads", s.n_kv_heads),
-        head_dim: u32_of("head dim", s.head_dim),
-        qkv_stride: u32_of("qkv stride", s.qkv_stride),
-        k_offset: u32_of("k offset", s.k_offset()),
-        v_offset: u32_of("v offset", s.v_offset()),
-        capacity: u32_of("capacity", s.capacity),
+        n_tokens: u32_of("tokens", s.n_tokens)?,
+        n_kv_heads: u32_of("kv heads", s.n_kv_heads)?,
+        head_dim: u32_of("head dim", s.head_dim)?,
+        qkv_stride: u32_of("qkv stride", s.qkv_stride)?,
+        k_offset: u32_of("k offset", s.k_offset())?,
+        v_offset: u32_of("v offset", s.v_offset())?,
+        capacity: u32_of("capacity", s.capacity)?,
     };
     Dispatch::with_params(
         ctx,
@@ -147,7 +149,7 @@ pub fn kv_store(
             cache_k.binding(),
             cache_v.binding(),
         ],
-        ctx.grid(super::blocks(s.n_tokens * s.n_kv_heads * s.head_dim)),
+        ctx.grid(super::blocks(s.n_tokens * s.n_kv_heads * s.head_dim)?),
     )
 }
 
@@ -190,9 +192,9 @@ pub fn attention_with(
         qkv.len(),
         cache_k.len(),
         cache_v.len(),
-    );
+    )?;
     let out_stride = s.n_heads * s.head_dim;
-    assert!(
+    ensure!(
         out.len() >= s.n_tokens * out_stride,
         "attention: out has {} values, need {}",
         out.len(),
@@ -200,15 +202,15 @@ pub fn attention_with(
     );
     let pipeline = ctx.pipeline(kernel, "attention", &[("WG", ATTENTION_WG as f64)])?;
     let params = AttentionParams {
-        n_tokens: u32_of("tokens", s.n_tokens),
-        n_heads: u32_of("heads", s.n_heads),
-        n_kv_heads: u32_of("kv heads", s.n_kv_heads),
-        head_dim: u32_of("head dim", s.head_dim),
-        q_stride: u32_of("q stride", s.qkv_stride),
+        n_tokens: u32_of("tokens", s.n_tokens)?,
+        n_heads: u32_of("heads", s.n_heads)?,
+        n_kv_heads: u32_of("kv heads", s.n_kv_heads)?,
+        head_dim: u32_of("head dim", s.head_dim)?,
+        q_stride: u32_of("q stride", s.qkv_stride)?,
         q_offset: 0,
-        capacity: u32_of("capacity", s.capacity),
-        window: u32_of("window", s.window),
-        out_stride: u32_of("out stride", out_stride),
+        capacity: u32_of("capacity", s.capacity)?,
+        window: u32_of("window", s.window)?,
+        out_stride: u32_of("out stride", out_stride)?,
         scale: (1.0 / (s.head_dim as f64).sqrt()) as f32,
     };
     Dispatch::with_params(
@@ -223,7 +225,7 @@ pub fn attention_with(
             cache_v.binding(),
             out.binding(),
         ],
-        ctx.grid(u32_of("attention items", s.n_tokens * s.n_heads)),
+        ctx.grid(u32_of("attention items", s.n_tokens * s.n_heads)?),
     )
 }
 

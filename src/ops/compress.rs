@@ -10,6 +10,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::ensure;
 use super::{NO_FEATURES, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -94,18 +95,18 @@ pub struct CompressParams {
 }
 
 impl CompressParams {
-    fn for_kv(kv: &LayerKv) -> Self {
+    fn for_kv(kv: &LayerKv) -> Result<Self> {
         let l = kv.layout;
-        Self {
-            n_heads: u32_of("stored heads", kv.n_heads),
-            head_dim: u32_of("head dim", l.head_dim),
-            dw: u32_of("dw", l.dw()),
-            page_size: u32_of("page size", l.page_size),
-            page_words: u32_of("page words", l.page_words()),
-            desc_base: u32_of("desc base", kv.desc_base),
+        Ok(Self {
+            n_heads: u32_of("stored heads", kv.n_heads)?,
+            head_dim: u32_of("head dim", l.head_dim)?,
+            dw: u32_of("dw", l.dw())?,
+            page_size: u32_of("page size", l.page_size)?,
+            page_words: u32_of("page words", l.page_words())?,
+            desc_base: u32_of("desc base", kv.desc_base)?,
             rows_per_group: 1,
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -224,7 +225,7 @@ fn dispatch(
     )
 }
 
-fn blocks(n: usize) -> u32 {
+fn blocks(n: usize) -> Result<u32> {
     u32_of("workgroups", n.div_ceil(WG).max(1))
 }
 
@@ -250,14 +251,14 @@ pub fn store_window_queries(
 ) -> Result<Dispatch> {
     let width = n_q_heads * kv.layout.head_dim;
     let p = CompressParams {
-        units: u32_of("query heads", n_q_heads),
-        n_rows: u32_of("rows", n_rows),
-        rows_per_group: u32_of("rows per group", rows_per_group),
-        q_base: u32_of("ring base", layer * window * width),
-        q_row_stride: u32_of("qkv stride", qkv_stride),
-        ring_lane_rows: u32_of("ring rows", n_layers * window),
-        window: u32_of("window", window),
-        ..CompressParams::for_kv(kv)
+        units: u32_of("query heads", n_q_heads)?,
+        n_rows: u32_of("rows", n_rows)?,
+        rows_per_group: u32_of("rows per group", rows_per_group)?,
+        q_base: u32_of("ring base", layer * window * width)?,
+        q_row_stride: u32_of("qkv stride", qkv_stride)?,
+        ring_lane_rows: u32_of("ring rows", n_layers * window)?,
+        window: u32_of("window", window)?,
+        ..CompressParams::for_kv(kv)?
     };
     dispatch(
         ctx,
@@ -271,7 +272,7 @@ pub fn store_window_queries(
             (18, positions.binding()),
             (19, qkv.binding()),
         ],
-        ctx.grid(blocks(n_rows * width)),
+        ctx.grid(blocks(n_rows * width)?),
     )
 }
 
@@ -329,9 +330,13 @@ pub fn score_accumulate(
     }
     let units = spec.units(q);
     let groups = q.n_rows.div_ceil(q.rows_per_group);
-    let p = params_for(kv, q, spec, t_stride, slots).with(|p| {
-        p.acc_base = u32_of("acc base", acc_base);
-        p.acc_lane_stride = u32_of("acc lane stride", acc_lane_stride);
+    let (acc_base, acc_lane_stride) = (
+        u32_of("acc base", acc_base)?,
+        u32_of("acc lane stride", acc_lane_stride)?,
+    );
+    let p = params_for(kv, q, spec, t_stride, slots)?.with(|p| {
+        p.acc_base = acc_base;
+        p.acc_lane_stride = acc_lane_stride;
         p.accumulate = accumulate as u32;
     });
     let stats_d = dispatch(
@@ -350,7 +355,7 @@ pub fn score_accumulate(
         ctx.grid(u32_of(
             "stats workgroups",
             (q.n_rows * units * p.stat_splits as usize).div_ceil(WG / p.row_lanes as usize),
-        )),
+        )?),
     )?;
     let acc_d = dispatch(
         ctx,
@@ -368,9 +373,9 @@ pub fn score_accumulate(
             (8, lanes.binding()),
         ],
         [
-            blocks(slots),
-            u32_of("units", units),
-            u32_of("groups", groups),
+            blocks(slots)?,
+            u32_of("units", units)?,
+            u32_of("groups", groups)?,
         ],
     )?;
     Ok(vec![stats_d, acc_d])
@@ -398,21 +403,21 @@ fn params_for(
     spec: &ScoreSpec,
     t_stride: usize,
     slots: usize,
-) -> CompressParams {
-    assert!(slots <= t_stride, "{slots} slots, stride {t_stride}");
+) -> Result<CompressParams> {
+    ensure!(slots <= t_stride, "{slots} slots, stride {t_stride}");
     let units = spec.units(q);
-    CompressParams {
-        units: u32_of("units", units),
-        units_per_head: u32_of("units per head", (units / kv.n_heads).max(1)),
-        group: u32_of("group", spec.group),
-        n_rows: u32_of("rows", q.n_rows),
-        rows_per_group: u32_of("rows per group", q.rows_per_group),
-        q_base: u32_of("query base", q.base),
-        q_row_stride: u32_of("query stride", q.row_stride),
-        qpos_base: u32_of("query positions base", q.pos_base),
-        t_stride: u32_of("t stride", t_stride),
-        window: u32_of("window", spec.window),
-        kernel: u32_of("kernel", spec.kernel),
+    Ok(CompressParams {
+        units: u32_of("units", units)?,
+        units_per_head: u32_of("units per head", (units / kv.n_heads).max(1))?,
+        group: u32_of("group", spec.group)?,
+        n_rows: u32_of("rows", q.n_rows)?,
+        rows_per_group: u32_of("rows per group", q.rows_per_group)?,
+        q_base: u32_of("query base", q.base)?,
+        q_row_stride: u32_of("query stride", q.row_stride)?,
+        qpos_base: u32_of("query positions base", q.pos_base)?,
+        t_stride: u32_of("t stride", t_stride)?,
+        window: u32_of("window", spec.window)?,
+        kernel: u32_of("kernel", spec.kernel)?,
         rkv: spec.rkv as u32,
         mean: spec.mean as u32,
         agg: match spec.agg {
@@ -425,11 +430,11 @@ fn params_for(
             Pooling::Avg => 1,
         },
         scale: 1.0 / (kv.layout.head_dim as f32).sqrt(),
-        stat_splits: u32_of("stat splits", slots.div_ceil(STAT_SPLIT).max(1)),
-        slots: u32_of("slots", slots),
-        row_lanes: u32_of("row lanes", stat_lanes(slots.min(STAT_SPLIT))),
-        ..CompressParams::for_kv(kv)
-    }
+        stat_splits: u32_of("stat splits", slots.div_ceil(STAT_SPLIT).max(1))?,
+        slots: u32_of("slots", slots)?,
+        row_lanes: u32_of("row lanes", stat_lanes(slots.min(STAT_SPLIT)))?,
+        ..CompressParams::for_kv(kv)?
+    })
 }
 
 /// Row reduction, GQA reduction and pooling of the unit sums in `acc`
@@ -446,9 +451,9 @@ pub fn reduce_and_pool(
     bufs: &CompressBuffers,
     slots: usize,
 ) -> Result<[Dispatch; 2]> {
-    let p = params_for(kv, q, spec, bufs.t_max, slots)
-        .with(|p| p.acc_base = u32_of("acc base", acc_base));
-    let grid = [blocks(slots), u32_of("heads", kv.n_heads), 1];
+    let acc_base = u32_of("acc base", acc_base)?;
+    let p = params_for(kv, q, spec, bufs.t_max, slots)?.with(|p| p.acc_base = acc_base);
+    let grid = [blocks(slots)?, u32_of("heads", kv.n_heads)?, 1];
     Ok([
         dispatch(
             ctx,
@@ -524,21 +529,21 @@ pub fn rkv_redundancy(
     bufs: &CompressBuffers,
     slots: usize,
 ) -> Result<Vec<Dispatch>> {
-    assert!(
+    ensure!(
         slots <= bufs.t_max,
         "rkv_redundancy: {slots} slots, scratch for {}",
         bufs.t_max
     );
     let p = CompressParams {
-        t_stride: u32_of("t stride", bufs.t_max),
-        window: u32_of("window", window),
+        t_stride: u32_of("t stride", bufs.t_max)?,
+        window: u32_of("window", window)?,
         lambda,
         threshold,
         eps,
-        slots: u32_of("slots", slots),
-        ..CompressParams::for_kv(kv)
+        slots: u32_of("slots", slots)?,
+        ..CompressParams::for_kv(kv)?
     };
-    let grid = [blocks(slots), u32_of("heads", kv.n_heads), 1];
+    let grid = [blocks(slots)?, u32_of("heads", kv.n_heads)?, 1];
     fn with_pool<'a>(
         kv: &'a LayerKv,
         extra: &[(u32, wgpu::BindingResource<'a>)],
@@ -575,8 +580,8 @@ pub fn rkv_redundancy(
             ),
             {
                 let row_tiles = slots.div_ceil(REDUNDANCY_TILE);
-                let [x, y, _] = ctx.grid(u32_of("row tiles", row_tiles.max(1)));
-                [x, y, u32_of("heads", kv.n_heads)]
+                let [x, y, _] = ctx.grid(u32_of("row tiles", row_tiles.max(1))?);
+                [x, y, u32_of("heads", kv.n_heads)?]
             },
         )?,
         dispatch(
@@ -602,7 +607,7 @@ pub fn rkv_redundancy(
                 (9, bufs.raw.binding()),
                 (10, bufs.scores.binding()),
             ],
-            [u32_of("heads", kv.n_heads), 1, 1],
+            [u32_of("heads", kv.n_heads)?, 1, 1],
         )?,
     ])
 }
@@ -620,17 +625,17 @@ pub fn topk(
     reference_order: bool,
     slots: usize,
 ) -> Result<Vec<Dispatch>> {
-    assert!(
+    ensure!(
         slots <= bufs.t_max,
         "topk: {slots} slots, scratch for {}",
         bufs.t_max
     );
     let p = CompressParams {
-        t_stride: u32_of("t stride", bufs.t_max),
-        k_stride: u32_of("k stride", bufs.t_max),
-        window: u32_of("window", window),
-        slots: u32_of("slots", slots),
-        ..CompressParams::for_kv(kv)
+        t_stride: u32_of("t stride", bufs.t_max)?,
+        k_stride: u32_of("k stride", bufs.t_max)?,
+        window: u32_of("window", window)?,
+        slots: u32_of("slots", slots)?,
+        ..CompressParams::for_kv(kv)?
     };
     let mut out = vec![dispatch(
         ctx,
@@ -643,7 +648,7 @@ pub fn topk(
             (14, kvec.binding()),
             (15, bufs.kept.binding()),
         ],
-        [u32_of("heads", kv.n_heads), 1, 1],
+        [u32_of("heads", kv.n_heads)?, 1, 1],
     )?];
     if reference_order {
         out.push(dispatch(
@@ -658,7 +663,7 @@ pub fn topk(
                 (15, bufs.kept.binding()),
                 (16, bufs.order.binding()),
             ],
-            [blocks(slots), u32_of("heads", kv.n_heads), 1],
+            [blocks(slots)?, u32_of("heads", kv.n_heads)?, 1],
         )?);
     }
     Ok(out)
@@ -682,23 +687,23 @@ pub fn compact(
     acc_units: usize,
     slots: usize,
 ) -> Result<[Dispatch; 2]> {
-    assert!(
+    ensure!(
         slots <= bufs.t_max,
         "compact: {slots} slots, scratch for {}",
         bufs.t_max
     );
     let p = CompressParams {
-        t_stride: u32_of("acc t stride", acc_t_stride),
-        k_stride: u32_of("k stride", bufs.t_max),
-        window: u32_of("window", window),
-        acc_base: u32_of("acc base", acc_base),
-        acc_units: u32_of("acc units", acc_units),
-        slots: u32_of("slots", slots),
-        ..CompressParams::for_kv(kv)
+        t_stride: u32_of("acc t stride", acc_t_stride)?,
+        k_stride: u32_of("k stride", bufs.t_max)?,
+        window: u32_of("window", window)?,
+        acc_base: u32_of("acc base", acc_base)?,
+        acc_units: u32_of("acc units", acc_units)?,
+        slots: u32_of("slots", slots)?,
+        ..CompressParams::for_kv(kv)?
     };
     let words = kv.n_heads * slots * (2 * kv.layout.dw() + 1 + acc_units);
-    assert!(words <= bufs.scratch.len(), "compaction scratch too small");
-    let grid = ctx.grid(blocks(words));
+    ensure!(words <= bufs.scratch.len(), "compaction scratch too small");
+    let grid = ctx.grid(blocks(words)?);
     let gather = [
         (3, kv.desc.binding()),
         (4, kv.tables.binding()),

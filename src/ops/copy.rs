@@ -3,6 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::ensure;
 use super::{NO_FEATURES, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -27,7 +28,7 @@ pub fn copy_vec4(
     src: &GpuBuffer<u32>,
     dst: &GpuBuffer<u32>,
 ) -> Result<Dispatch> {
-    assert!(
+    ensure!(
         src.len() >= 4 * n && dst.len() >= 4 * n,
         "copy_vec4: {n} vec4s, src {} words, dst {}",
         src.len(),
@@ -38,9 +39,9 @@ pub fn copy_vec4(
         ctx,
         pipeline,
         "kvsift.copy_vec4".into(),
-        &Params { n: u32_of("n", n) },
+        &Params { n: u32_of("n", n)? },
         &[src.binding(), dst.binding()],
-        ctx.grid(super::blocks(n)),
+        ctx.grid(super::blocks(n)?),
     )
 }
 

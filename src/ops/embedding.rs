@@ -4,6 +4,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::ensure;
 use super::{NO_FEATURES, u32_of};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, GpuMatrix, Kernel, WeightDtype};
@@ -44,7 +45,7 @@ pub fn embed(
     ids: &GpuBuffer<u32>,
     out: &GpuBuffer<f32>,
 ) -> Result<Vec<Dispatch>> {
-    assert!(
+    ensure!(
         ids.len() >= n_tokens && out.len() >= n_tokens * table.cols,
         "embed {}: {n_tokens} tokens, ids {}, out {} for dim {}",
         table.label,
@@ -62,11 +63,11 @@ pub fn embed(
         .iter()
         .map(|part| {
             let params = Params {
-                n_tokens: u32_of("tokens", n_tokens),
-                dim: u32_of("dim", table.cols),
-                row_words: u32_of("row words", table.row_words),
-                first_row: u32_of("first row", part.first_row),
-                part_rows: u32_of("part rows", part.rows),
+                n_tokens: u32_of("tokens", n_tokens)?,
+                dim: u32_of("dim", table.cols)?,
+                row_words: u32_of("row words", table.row_words)?,
+                first_row: u32_of("first row", part.first_row)?,
+                part_rows: u32_of("part rows", part.rows)?,
             };
             let label = format!("kvsift.embed.{}", table.label);
             Dispatch::with_params(
@@ -79,7 +80,7 @@ pub fn embed(
                     ids.binding(),
                     out.binding(),
                 ],
-                ctx.grid(super::blocks(n_tokens * table.cols)),
+                ctx.grid(super::blocks(n_tokens * table.cols)?),
             )
         })
         .collect()

@@ -6,6 +6,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::ensure;
 use super::rmsnorm::{NormShape, rmsnorm};
 use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
 use crate::error::Result;
@@ -128,9 +129,9 @@ pub struct Linear<'a> {
 }
 
 impl Linear<'_> {
-    fn check(&self, kernel: &str) {
+    fn check(&self, kernel: &str) -> Result<()> {
         let w = self.weights;
-        assert!(
+        ensure!(
             self.n_vecs > 0
                 && self.x.len() >= self.n_vecs * w.cols
                 && self.y.len() >= self.n_vecs * w.rows,
@@ -143,8 +144,15 @@ impl Linear<'_> {
             w.cols
         );
         if let Some(b) = self.bias {
-            assert_eq!(b.len(), w.rows, "{kernel} {}: bias length", w.label);
+            ensure!(
+                b.len() == w.rows,
+                "{kernel} {}: bias of {} values for {} rows",
+                w.label,
+                b.len(),
+                w.rows
+            );
         }
+        Ok(())
     }
 
     fn flags(&self) -> u32 {
@@ -241,7 +249,7 @@ pub fn norm_linear_with(
     args: &Linear,
     fused: bool,
 ) -> Result<Vec<Dispatch>> {
-    assert!(
+    ensure!(
         !fused || fuses_prologue(ctx, args),
         "norm_linear: cannot fuse here"
     );
@@ -312,12 +320,12 @@ pub fn swiglu_linear_with(
     args: &Linear,
     fused: bool,
 ) -> Result<Vec<Dispatch>> {
-    assert!(
+    ensure!(
         !fused || fuses_prologue(ctx, args),
         "swiglu_linear: cannot fuse here"
     );
     let cols = args.weights.cols;
-    assert!(
+    ensure!(
         args.x.len() >= args.n_vecs * 2 * cols,
         "swiglu_linear {}: gate/up has {} values for {} rows of 2 x {cols}",
         args.weights.label,
@@ -345,10 +353,10 @@ fn matvec_impl(
     args: &Linear,
     prologue: Prologue,
 ) -> Result<Vec<Dispatch>> {
-    args.check("matvec");
+    args.check("matvec")?;
     let w = args.weights;
     let vec4_kernel = std::ptr::eq(kernel, &MATVEC_VEC4);
-    assert!(
+    ensure!(
         !vec4_kernel || fits_vec4(args),
         "matvec_vec4 {}: needs rows of whole vec4s",
         w.label
@@ -358,7 +366,7 @@ fn matvec_impl(
         Prologue::Norm(g, eps) => (1, g, eps),
         Prologue::SwiGlu => (2, args.x, 0.0),
     };
-    assert!(
+    ensure!(
         prologue_id == 0 || vec4_kernel,
         "matvec {}: only matvec_vec4 has prologues",
         w.label
@@ -385,27 +393,27 @@ fn matvec_impl(
     } else {
         ctx.pipeline(kernel, &entry(kind, w.dtype), &[wg])?
     };
-    let n_vecs = u32_of("matvec vectors", args.n_vecs);
-    assert!(
+    let n_vecs = u32_of("matvec vectors", args.n_vecs)?;
+    ensure!(
         n_vecs <= ctx.caps.max_workgroups_per_dim,
         "matvec: {n_vecs} vectors exceed the grid's z limit; use matmul"
     );
     w.parts
         .iter()
         .map(|part| {
-            let row_blocks = u32_of("matvec row blocks", part.rows.div_ceil(MATVEC_BLOCK));
+            let row_blocks = u32_of("matvec row blocks", part.rows.div_ceil(MATVEC_BLOCK))?;
             let params = MatvecParams {
-                rows: u32_of("rows", part.rows),
-                cols: u32_of("cols", w.cols),
-                row_words: u32_of("row words", w.row_words),
+                rows: u32_of("rows", part.rows)?,
+                cols: u32_of("cols", w.cols)?,
+                row_words: u32_of("row words", w.row_words)?,
                 n_vecs,
                 // SwiGLU reads gate/up rows of 2 x cols.
                 x_stride: u32_of(
                     "x stride",
                     if prologue_id == 2 { 2 * w.cols } else { w.cols },
-                ),
-                y_stride: u32_of("y stride", w.rows),
-                y_offset: u32_of("y offset", part.first_row),
+                )?,
+                y_stride: u32_of("y stride", w.rows)?,
+                y_offset: u32_of("y offset", part.first_row)?,
                 flags: args.flags(),
                 row_blocks,
                 eps,
@@ -448,28 +456,28 @@ fn matvec_impl(
 }
 
 pub fn matmul(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
-    args.check("matmul");
+    args.check("matmul")?;
     let w = args.weights;
     let pipeline = ctx.pipeline(&MATMUL, &entry("matmul", w.dtype), &[])?;
-    let tiles_m = u32_of("matmul row tiles", args.n_vecs.div_ceil(MATMUL_TILE));
+    let tiles_m = u32_of("matmul row tiles", args.n_vecs.div_ceil(MATMUL_TILE))?;
     w.parts
         .iter()
         .map(|part| {
-            let tiles_n = u32_of("matmul column tiles", part.rows.div_ceil(MATMUL_TILE));
-            assert!(
+            let tiles_n = u32_of("matmul column tiles", part.rows.div_ceil(MATMUL_TILE))?;
+            ensure!(
                 tiles_m <= ctx.caps.max_workgroups_per_dim
                     && tiles_n <= ctx.caps.max_workgroups_per_dim,
                 "matmul {}: {tiles_n} x {tiles_m} tiles exceed the grid limit",
                 w.label
             );
             let params = MatmulParams {
-                m: u32_of("m", args.n_vecs),
-                n: u32_of("n", part.rows),
-                k: u32_of("k", w.cols),
-                row_words: u32_of("row words", w.row_words),
-                a_stride: u32_of("a stride", w.cols),
-                c_stride: u32_of("c stride", w.rows),
-                c_offset: u32_of("c offset", part.first_row),
+                m: u32_of("m", args.n_vecs)?,
+                n: u32_of("n", part.rows)?,
+                k: u32_of("k", w.cols)?,
+                row_words: u32_of("row words", w.row_words)?,
+                a_stride: u32_of("a stride", w.cols)?,
+                c_stride: u32_of("c stride", w.rows)?,
+                c_offset: u32_of("c offset", part.first_row)?,
                 flags: args.flags(),
             };
             let label = format!("kvsift.matmul.{}", w.label);
@@ -502,6 +510,7 @@ pub fn linear_cpu(
     accumulate: bool,
 ) {
     let (rows, n_vecs) = (w.len() / cols, x.len() / cols);
+    // A twin for tests: its inputs are the test's own.
     assert!(
         w.len() == rows * cols && x.len() == n_vecs * cols && y.len() == n_vecs * rows,
         "linear_cpu: w {}, x {}, y {} values for {cols} columns",

@@ -18,6 +18,7 @@ pub mod sample;
 pub mod silu_mul;
 pub mod softmax;
 
+use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, Kernel, OptionalFeatures};
 
 /// Workgroup-reduction preludes, joined in front of kernels that reduce
@@ -91,11 +92,30 @@ pub(crate) fn wg_constants() -> [(&'static str, f64); 1] {
 }
 
 /// Workgroups needed to cover `n` invocations with `WG` per workgroup.
-pub(crate) fn blocks(n: usize) -> u32 {
-    u32::try_from(n.div_ceil(WG as usize)).expect("dispatch larger than 2^32 workgroups")
+pub(crate) fn blocks(n: usize) -> Result<u32> {
+    u32_of("workgroups", n.div_ceil(WG as usize))
 }
 
 /// `usize` to the `u32` a WGSL parameter holds; larger sizes are a programming error.
-pub(crate) fn u32_of(what: &str, n: usize) -> u32 {
-    u32::try_from(n).unwrap_or_else(|_| panic!("{what} = {n} does not fit a u32 kernel parameter"))
+pub(crate) fn u32_of(what: &str, n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| {
+        Error::invalid(
+            "kernel parameter",
+            format!("{what} = {n} does not fit the kernels' 32-bit sizes"),
+        )
+    })
 }
+
+/// Fails with [`Error::InvalidArgument`] unless `cond` holds: the shapes
+/// and buffers an op records come from its caller, who may get them wrong.
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err($crate::error::Error::invalid(
+                "kernel arguments",
+                format!($($fmt)+),
+            ));
+        }
+    };
+}
+pub(crate) use ensure;

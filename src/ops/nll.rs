@@ -3,6 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::ensure;
 use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -44,7 +45,7 @@ pub fn nll(
     out: &GpuBuffer<f32>,
     row_offset: usize,
 ) -> Result<Dispatch> {
-    assert!(
+    ensure!(
         logits.len() >= rows * n
             && targets.len() >= row_offset + rows
             && out.len() >= row_offset + rows,
@@ -55,9 +56,9 @@ pub fn nll(
     );
     let pipeline = ctx.pipeline(NLL.pick(ctx), "nll", &super::wg_constants())?;
     let params = NllParams {
-        rows: u32_of("rows", rows),
-        n: u32_of("n", n),
-        row_offset: u32_of("row offset", row_offset),
+        rows: u32_of("rows", rows)?,
+        n: u32_of("n", n)?,
+        row_offset: u32_of("row offset", row_offset)?,
     };
     Dispatch::with_params(
         ctx,
@@ -65,7 +66,7 @@ pub fn nll(
         "kvsift.nll".into(),
         &params,
         &[logits.binding(), targets.binding(), out.binding()],
-        ctx.grid(u32_of("rows", rows)),
+        ctx.grid(u32_of("rows", rows)?),
     )
 }
 

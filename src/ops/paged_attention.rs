@@ -8,6 +8,7 @@
 use bytemuck::{Pod, Zeroable};
 use half::f16;
 
+use super::ensure;
 use super::{NO_FEATURES, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -152,7 +153,7 @@ pub fn paged_kv_store(
     tokens_per_row: usize,
 ) -> Result<Dispatch> {
     let l = kv.layout;
-    assert!(
+    ensure!(
         tokens_per_row > 0
             && n_tokens.is_multiple_of(tokens_per_row)
             && kv.n_heads == q.n_kv_heads * kv.heads_per_kv
@@ -170,18 +171,18 @@ pub fn paged_kv_store(
         &l.constants(super::WG as f64),
     )?;
     let params = StoreParams {
-        n_tokens: u32_of("tokens", n_tokens),
-        tokens_per_row: u32_of("tokens per row", tokens_per_row),
-        n_heads: u32_of("heads", kv.n_heads),
-        heads_per_kv: u32_of("heads per kv", kv.heads_per_kv),
-        head_dim: u32_of("head dim", l.head_dim),
-        dw: u32_of("dw", l.dw()),
-        page_size: u32_of("page size", l.page_size),
-        page_words: u32_of("page words", l.page_words()),
-        qkv_stride: u32_of("qkv stride", q.qkv_stride),
-        k_offset: u32_of("k offset", q.k_offset(l.head_dim)),
-        v_offset: u32_of("v offset", q.v_offset(l.head_dim)),
-        desc_base: u32_of("desc base", kv.desc_base),
+        n_tokens: u32_of("tokens", n_tokens)?,
+        tokens_per_row: u32_of("tokens per row", tokens_per_row)?,
+        n_heads: u32_of("heads", kv.n_heads)?,
+        heads_per_kv: u32_of("heads per kv", kv.heads_per_kv)?,
+        head_dim: u32_of("head dim", l.head_dim)?,
+        dw: u32_of("dw", l.dw())?,
+        page_size: u32_of("page size", l.page_size)?,
+        page_words: u32_of("page words", l.page_words())?,
+        qkv_stride: u32_of("qkv stride", q.qkv_stride)?,
+        k_offset: u32_of("k offset", q.k_offset(l.head_dim))?,
+        v_offset: u32_of("v offset", q.v_offset(l.head_dim))?,
+        desc_base: u32_of("desc base", kv.desc_base)?,
     };
     Dispatch::with_params(
         ctx,
@@ -195,7 +196,7 @@ pub fn paged_kv_store(
             kv.tables.binding(),
             kv.pool.binding(),
         ],
-        ctx.grid(super::blocks(n_tokens * kv.n_heads * l.dw())),
+        ctx.grid(super::blocks(n_tokens * kv.n_heads * l.dw())?),
     )
 }
 
@@ -206,10 +207,10 @@ fn attention_params(
     window: usize,
     n_splits: usize,
     split_pages: usize,
-) -> AttentionParams {
+) -> Result<AttentionParams> {
     let l = kv.layout;
     let group = q.n_q_heads / kv.n_heads;
-    assert!(
+    ensure!(
         group * kv.n_heads == q.n_q_heads
             && group <= MAX_GROUP
             && group * l.head_dim <= MAX_GROUP_DIMS
@@ -222,21 +223,21 @@ fn attention_params(
         l.head_dim,
         l.page_size
     );
-    AttentionParams {
-        n_rows: u32_of("rows", n_rows),
-        n_heads: u32_of("heads", kv.n_heads),
-        group: u32_of("group", group),
-        head_dim: u32_of("head dim", l.head_dim),
-        dw: u32_of("dw", l.dw()),
-        page_size: u32_of("page size", l.page_size),
-        page_words: u32_of("page words", l.page_words()),
-        q_stride: u32_of("q stride", q.qkv_stride),
-        desc_base: u32_of("desc base", kv.desc_base),
-        n_splits: u32_of("splits", n_splits),
-        split_pages: u32_of("split pages", split_pages),
-        window: u32_of("window", window),
+    Ok(AttentionParams {
+        n_rows: u32_of("rows", n_rows)?,
+        n_heads: u32_of("heads", kv.n_heads)?,
+        group: u32_of("group", group)?,
+        head_dim: u32_of("head dim", l.head_dim)?,
+        dw: u32_of("dw", l.dw())?,
+        page_size: u32_of("page size", l.page_size)?,
+        page_words: u32_of("page words", l.page_words())?,
+        q_stride: u32_of("q stride", q.qkv_stride)?,
+        desc_base: u32_of("desc base", kv.desc_base)?,
+        n_splits: u32_of("splits", n_splits)?,
+        split_pages: u32_of("split pages", split_pages)?,
+        window: u32_of("window", window)?,
         scale: (1.0 / (l.head_dim as f64).sqrt()) as f32,
-    }
+    })
 }
 
 /// Scratch floats the decode partials need.
@@ -261,7 +262,7 @@ pub fn paged_decode(
     out: &GpuBuffer<f32>,
 ) -> Result<[Dispatch; 2]> {
     let l = kv.layout;
-    assert!(
+    ensure!(
         n_splits > 0
             && split_pages > 0
             && partials.len() >= partials_len(n_rows, q.n_q_heads, n_splits, l.head_dim)
@@ -270,7 +271,7 @@ pub fn paged_decode(
         partials.len(),
         out.len()
     );
-    let params = attention_params(kv, q, n_rows, window, n_splits, split_pages);
+    let params = attention_params(kv, q, n_rows, window, n_splits, split_pages)?;
     let pipeline = ctx.pipeline(
         &PAGED_ATTENTION,
         "attend_decode",
@@ -289,7 +290,7 @@ pub fn paged_decode(
             kv.pool.binding(),
             partials.binding(),
         ],
-        ctx.grid(u32_of("decode items", n_rows * kv.n_heads * n_splits)),
+        ctx.grid(u32_of("decode items", n_rows * kv.n_heads * n_splits)?),
     )?;
     let merge = merge_splits(
         ctx,
@@ -321,7 +322,7 @@ fn merge_splits(
         format!("kvsift.paged_attention.{what}"),
         params,
         &[(6, partials.binding()), (7, out.binding())],
-        ctx.grid(u32_of("merge items", items)),
+        ctx.grid(u32_of("merge items", items)?),
     )
 }
 
@@ -355,7 +356,7 @@ pub fn paged_prefill(
     out: &GpuBuffer<f32>,
 ) -> Result<Vec<Dispatch>> {
     let l = kv.layout;
-    assert!(
+    ensure!(
         out.len() >= n_tokens * q.n_q_heads * l.head_dim
             && (n_splits == 1
                 || partials.len() >= partials_len(n_tokens, q.n_q_heads, n_splits, l.head_dim)),
@@ -363,9 +364,9 @@ pub fn paged_prefill(
         out.len(),
         partials.len()
     );
-    let params = attention_params(kv, q, n_tokens, window, n_splits, split_pages);
+    let params = attention_params(kv, q, n_tokens, window, n_splits, split_pages)?;
     let bq = prefill_rows(l);
-    assert!(
+    ensure!(
         bq * l.head_dim <= MAX_GROUP_DIMS,
         "paged_prefill: head_dim {} over the kernel's 512",
         l.head_dim
@@ -393,7 +394,7 @@ pub fn paged_prefill(
         ctx.grid(u32_of(
             "prefill items",
             n_tokens.div_ceil(bq) * q.n_q_heads * n_splits,
-        )),
+        )?),
     )?;
     if n_splits == 1 {
         return Ok(vec![attend]);

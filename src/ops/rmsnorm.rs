@@ -4,6 +4,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::ensure;
 use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -69,35 +70,36 @@ impl NormShape {
         })
     }
 
-    fn check(&self, kernel: &str, w: &GpuBuffer<f32>, bufs: &[(&str, usize)]) {
+    fn check(&self, kernel: &str, w: &GpuBuffer<f32>, bufs: &[(&str, usize)]) -> Result<()> {
         let need = if self.tokens == 0 {
             0
         } else {
             (self.tokens - 1) * self.token_stride + self.offset + self.heads * self.dim
         };
-        assert!(
+        ensure!(
             w.len() == self.dim
                 && (self.tokens <= 1 || self.offset + self.heads * self.dim <= self.token_stride),
             "{kernel}: weight {} for {self:?}",
             w.len()
         );
         for (name, len) in bufs {
-            assert!(
+            ensure!(
                 *len >= need,
                 "{kernel}: {name} has {len} values, {self:?} needs {need}"
             );
         }
+        Ok(())
     }
 
-    fn params(&self) -> Params {
-        Params {
-            rows: u32_of("rows", self.tokens * self.heads),
-            dim: u32_of("dim", self.dim),
+    fn params(&self) -> Result<Params> {
+        Ok(Params {
+            rows: u32_of("rows", self.tokens * self.heads)?,
+            dim: u32_of("dim", self.dim)?,
             eps: self.eps,
-            heads: u32_of("heads", self.heads),
-            token_stride: u32_of("token stride", self.token_stride),
-            offset: u32_of("offset", self.offset),
-        }
+            heads: u32_of("heads", self.heads)?,
+            token_stride: u32_of("token stride", self.token_stride)?,
+            offset: u32_of("offset", self.offset)?,
+        })
     }
 }
 
@@ -114,9 +116,9 @@ fn build(
         ctx,
         pipeline,
         label,
-        &s.params(),
+        &s.params()?,
         resources,
-        ctx.grid(u32_of("rows", s.tokens * s.heads)),
+        ctx.grid(u32_of("rows", s.tokens * s.heads)?),
     )
 }
 
@@ -139,7 +141,7 @@ pub fn rmsnorm_with(
     w: &GpuBuffer<f32>,
     out: &GpuBuffer<f32>,
 ) -> Result<Dispatch> {
-    s.check("rmsnorm", w, &[("x", x.len()), ("out", out.len())]);
+    s.check("rmsnorm", w, &[("x", x.len()), ("out", out.len())])?;
     build(
         ctx,
         kernel,
@@ -166,7 +168,7 @@ pub fn rmsnorm_inplace_with(
     x: &GpuBuffer<f32>,
     w: &GpuBuffer<f32>,
 ) -> Result<Dispatch> {
-    s.check("rmsnorm_inplace", w, &[("x", x.len())]);
+    s.check("rmsnorm_inplace", w, &[("x", x.len())])?;
     build(
         ctx,
         kernel,
@@ -205,7 +207,7 @@ pub fn add_rmsnorm_with(
             ("residual", residual.len()),
             ("out", out.len()),
         ],
-    );
+    )?;
     build(
         ctx,
         kernel,

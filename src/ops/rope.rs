@@ -10,6 +10,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::ensure;
 use super::{NO_FEATURES, u32_of};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -163,9 +164,9 @@ impl RopeTable {
     }
 
     /// Fills `cos`/`sin` (`[positions.len(), half]`) for these absolute positions.
-    pub fn fill(&self, positions: &[u32], cos: &mut [f32], sin: &mut [f32]) {
+    pub fn fill(&self, positions: &[u32], cos: &mut [f32], sin: &mut [f32]) -> Result<()> {
         let h = self.half();
-        assert!(
+        ensure!(
             cos.len() >= positions.len() * h && sin.len() >= positions.len() * h,
             "RopeTable::fill: {} positions need {} values per table",
             positions.len(),
@@ -179,6 +180,7 @@ impl RopeTable {
                 sin[t * h + i] = angle.sin() as f32;
             }
         }
+        Ok(())
     }
 }
 
@@ -213,7 +215,7 @@ pub fn rope(
     x: &GpuBuffer<f32>,
 ) -> Result<Dispatch> {
     let half = s.head_dim / 2;
-    assert!(
+    ensure!(
         s.head_dim.is_multiple_of(2)
             && cos.len() >= s.n_tokens * half
             && sin.len() >= s.n_tokens * half
@@ -226,11 +228,11 @@ pub fn rope(
     );
     let pipeline = ctx.pipeline(&ROPE, "rope", &super::wg_constants())?;
     let params = Params {
-        n_tokens: u32_of("tokens", s.n_tokens),
-        n_heads: u32_of("heads", s.n_heads),
-        half: u32_of("half", half),
-        token_stride: u32_of("token stride", s.token_stride),
-        head_offset: u32_of("head offset", s.head_offset),
+        n_tokens: u32_of("tokens", s.n_tokens)?,
+        n_heads: u32_of("heads", s.n_heads)?,
+        half: u32_of("half", half)?,
+        token_stride: u32_of("token stride", s.token_stride)?,
+        head_offset: u32_of("head offset", s.head_offset)?,
     };
     Dispatch::with_params(
         ctx,
@@ -238,7 +240,7 @@ pub fn rope(
         "kvsift.rope".into(),
         &params,
         &[cos.binding(), sin.binding(), x.binding()],
-        ctx.grid(super::blocks(s.n_tokens * s.n_heads * half)),
+        ctx.grid(super::blocks(s.n_tokens * s.n_heads * half)?),
     )
 }
 
@@ -361,7 +363,7 @@ mod tests {
             let positions: Vec<u32> = (0..n_tokens).map(|_| rng.below(40000) as u32).collect();
             let half = head_dim / 2;
             let (mut c, mut sn) = (vec![0.0; n_tokens * half], vec![0.0; n_tokens * half]);
-            table.fill(&positions, &mut c, &mut sn);
+            table.fill(&positions, &mut c, &mut sn).unwrap();
             let x = rng.normals(n_tokens * s.token_stride);
             let xb = GpuBuffer::from_slice(ctx, "x", &x).unwrap();
             let cb = GpuBuffer::from_slice(ctx, "cos", &c).unwrap();

@@ -229,9 +229,9 @@ impl Sampler {
         }
         let pipeline = ctx.pipeline(self.kernel, "sample", &super::wg_constants())?;
         let params = SampleParams {
-            n: u32_of("vocab", self.n),
-            seen_words: u32_of("seen words", self.seen_words),
-            n_rows: u32_of("rows", n_rows),
+            n: u32_of("vocab", self.n)?,
+            seen_words: u32_of("seen words", self.seen_words)?,
+            n_rows: u32_of("rows", n_rows)?,
         };
         Dispatch::with_params(
             ctx,
@@ -244,7 +244,7 @@ impl Sampler {
                 out.binding(),
                 self.rows.binding(),
             ],
-            ctx.grid(u32_of("rows", n_rows)),
+            ctx.grid(u32_of("rows", n_rows)?),
         )
     }
 

@@ -4,6 +4,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::ensure;
 use super::{NO_FEATURES, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -30,7 +31,7 @@ pub fn silu_mul(
     gate_up: &GpuBuffer<f32>,
     out: &GpuBuffer<f32>,
 ) -> Result<Dispatch> {
-    assert!(
+    ensure!(
         gate_up.len() >= n_tokens * 2 * dim && out.len() >= n_tokens * dim,
         "silu_mul: [{n_tokens}, {dim}] against gate_up {}, out {}",
         gate_up.len(),
@@ -38,8 +39,8 @@ pub fn silu_mul(
     );
     let pipeline = ctx.pipeline(&SILU_MUL, "silu_mul", &super::wg_constants())?;
     let params = Params {
-        n_tokens: u32_of("tokens", n_tokens),
-        dim: u32_of("dim", dim),
+        n_tokens: u32_of("tokens", n_tokens)?,
+        dim: u32_of("dim", dim)?,
     };
     Dispatch::with_params(
         ctx,
@@ -47,7 +48,7 @@ pub fn silu_mul(
         "kvsift.silu_mul".into(),
         &params,
         &[gate_up.binding(), out.binding()],
-        ctx.grid(super::blocks(n_tokens * dim)),
+        ctx.grid(super::blocks(n_tokens * dim)?),
     )
 }
 

@@ -2,6 +2,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::ensure;
 use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -42,15 +43,15 @@ pub fn softmax_with(
     n: usize,
     x: &GpuBuffer<f32>,
 ) -> Result<Dispatch> {
-    assert!(
+    ensure!(
         x.len() >= rows * n,
         "softmax: x has {} values, need [{rows}, {n}]",
         x.len()
     );
     let pipeline = ctx.pipeline(kernel, "softmax", &super::wg_constants())?;
     let params = Params {
-        rows: u32_of("rows", rows),
-        n: u32_of("n", n),
+        rows: u32_of("rows", rows)?,
+        n: u32_of("n", n)?,
     };
     Dispatch::with_params(
         ctx,
@@ -58,7 +59,7 @@ pub fn softmax_with(
         "kvsift.softmax".into(),
         &params,
         &[x.binding()],
-        ctx.grid(u32_of("rows", rows)),
+        ctx.grid(u32_of("rows", rows)?),
     )
 }
 

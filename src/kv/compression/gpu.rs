@@ -7,7 +7,7 @@
 use super::{
     Captured, CompressConfig, Granularity, Method, Pooling, Selection, SlotOrder, adakv, pyramidkv,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext};
 use crate::model::llama::read_rows;
 use crate::ops::compress::{self, CompressBuffers, ScoreQueries, ScoreSpec};
@@ -147,10 +147,15 @@ pub fn select_layer(
             base,
             t_stride,
         } => {
-            assert_eq!(
-                *t_stride, bufs.t_max,
-                "accumulators and scratch share a stride"
-            );
+            if *t_stride != bufs.t_max {
+                return Err(Error::invalid(
+                    "compression",
+                    format!(
+                        "accumulators of stride {t_stride} against scratch of {}",
+                        bufs.t_max
+                    ),
+                ));
+            }
             // The reduction only needs the query-head count and the rows (sum, no mean).
             let q = ScoreQueries {
                 queries: acc,
@@ -248,7 +253,12 @@ impl ScratchPool {
         page_order: Option<&[usize]>,
         capacity: usize,
     ) -> Result<Self> {
-        assert!(capacity >= x.t, "scratch of {capacity} slots for {}", x.t);
+        if capacity < x.t {
+            return Err(Error::invalid(
+                "compression",
+                format!("scratch of {capacity} slots for {}", x.t),
+            ));
+        }
         let heads = x.hkv * hpk;
         let layout = PoolLayout {
             page_size: 16,
