@@ -837,3 +837,518 @@ fn eval_runs_a_held_out_set_and_sweeps() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Rewrites `dir/model.safetensors`, letting `edit(name, dtype, shape, data)` change any tensor.
+fn rewrite_tensors(
+    dir: &Path,
+    mut edit: impl FnMut(&str, &mut safetensors::Dtype, &mut Vec<usize>, &mut Vec<u8>),
+) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    for (n, dt, sh, b) in data.iter_mut() {
+        edit(n, dt, sh, b);
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, dt, sh, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+/// Replaces `from` by `to` in `dir/file`.
+fn edit_file(dir: &Path, file: &str, from: &str, to: &str) {
+    let text = std::fs::read_to_string(dir.join(file)).unwrap();
+    assert!(text.contains(from), "{file} has no {from:?}");
+    std::fs::write(dir.join(file), text.replacen(from, to, 1)).unwrap();
+}
+
+/// Runs kvsift with stdout sent to `stdout` (a closed pipe, /dev/full).
+fn kvsift_to(args: &[&str], stdout: std::process::Stdio) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvsift"))
+        .args(args)
+        .current_dir(repo())
+        .stdout(stdout)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::new(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn a_closed_or_full_stdout_ends_cleanly() {
+    if !gpu_available() {
+        return;
+    }
+    let full = || std::fs::File::create("/dev/full").unwrap().into();
+    for args in [
+        vec!["info"],
+        vec!["info", "--json"],
+        vec!["bench", "roofline"],
+        vec![
+            "generate",
+            "--model",
+            TINY,
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "2",
+        ],
+    ] {
+        let r = kvsift_to(&args, full());
+        expect_error(&r, &["writing the output", "No space left"]);
+    }
+    // `kvsift info | head -1`: the reader is gone before kvsift writes.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let r = kvsift_to(&["info"], writer.into());
+    assert_eq!(r.code, 0, "a closed pipe ends quietly: {}", r.stderr);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+}
+
+#[test]
+fn broken_checkpoints_are_clear_errors() {
+    if !gpu_available() {
+        return;
+    }
+    // An index whose weight_map names nothing, a shard that is not a string,
+    // a shard that is missing (its OS error said once).
+    let d = model_copy("index");
+    std::fs::rename(d.join("model.safetensors"), d.join("part-1.safetensors")).unwrap();
+    for (index, needles) in [
+        (r#"{"weight_map": {}}"#, vec!["index.json", "empty"]),
+        (
+            r#"{"weight_map": {"model.norm.weight": 7}}"#,
+            vec!["model.norm.weight", "not the name of a shard"],
+        ),
+        (
+            r#"{"weight_map": {"model.norm.weight": "part-2.safetensors"}}"#,
+            vec!["part-2.safetensors", "No such file"],
+        ),
+    ] {
+        std::fs::write(d.join("model.safetensors.index.json"), index).unwrap();
+        let r = generate_with(&d);
+        expect_error(&r, &needles);
+        assert!(r.stderr.matches("os error").count() <= 1, "{}", r.stderr);
+    }
+    // A directory where the weights file should be.
+    let d = model_copy("dir");
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    std::fs::create_dir(d.join("model.safetensors")).unwrap();
+    expect_error(&generate_with(&d), &["model.safetensors", "is a directory"]);
+
+    // Configs that disagree with any checkpoint, or with themselves.
+    for (from, to, needles) in [
+        (
+            "\"num_hidden_layers\": 2",
+            "\"num_hidden_layers\": 18446744073709551615",
+            vec!["num_hidden_layers"],
+        ),
+        (
+            "\"num_hidden_layers\": 2",
+            "\"num_hidden_layers\": 1000000000",
+            vec!["num_hidden_layers"],
+        ),
+        (
+            "\"num_hidden_layers\": 2",
+            "\"num_hidden_layers\": 3",
+            vec!["num_hidden_layers", "2 layers"],
+        ),
+        (
+            "\"head_dim\": 32,",
+            "",
+            vec!["num_attention_heads", "hidden_size"],
+        ),
+        (
+            "\"vocab_size\": 512",
+            "\"vocab_size\": 99999999999",
+            vec!["vocab_size"],
+        ),
+        (
+            "\"rope_type\": \"llama3\"",
+            "\"unused\": 0",
+            vec!["rope_scaling", "rope_type"],
+        ),
+    ] {
+        let d = model_copy("config");
+        edit_file(&d, "config.json", from, to);
+        if from.contains("head_dim") {
+            edit_file(
+                &d,
+                "config.json",
+                "\"hidden_size\": 128",
+                "\"hidden_size\": 130",
+            );
+        }
+        expect_error(&generate_with(&d), &needles);
+    }
+
+    // Non-finite weights, in every dtype kvsift reads and with either
+    // --weights-dtype: refused at load, naming the tensor.
+    let nan_f16 = 0x7e00u16.to_le_bytes();
+    for (tensor, dtype, weights_dtype) in [
+        ("model.norm.weight", safetensors::Dtype::F32, "f16"),
+        ("model.norm.weight", safetensors::Dtype::F32, "f32"),
+        (
+            "model.layers.1.mlp.up_proj.weight",
+            safetensors::Dtype::F16,
+            "f16",
+        ),
+        (
+            "model.layers.1.mlp.up_proj.weight",
+            safetensors::Dtype::F16,
+            "f32",
+        ),
+        ("model.embed_tokens.weight", safetensors::Dtype::F32, "f32"),
+    ] {
+        let d = model_copy("nan");
+        rewrite_tensors(&d, |name, dt, _, data| {
+            if name != tensor {
+                return;
+            }
+            if dtype == safetensors::Dtype::F16 {
+                // The tensor as f16 with a NaN in the middle.
+                let vals: Vec<f32> = data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                *data = vals
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect();
+                let mid = data.len() / 4 * 2;
+                data[mid..mid + 2].copy_from_slice(&nan_f16);
+            } else {
+                let mid = data.len() / 8 * 4;
+                data[mid..mid + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+            }
+            *dt = dtype;
+        });
+        let r = kvsift(&[
+            "generate",
+            "--model",
+            d.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "2",
+            "--weights-dtype",
+            weights_dtype,
+        ]);
+        expect_error(&r, &[tensor, "finite"]);
+        assert!(!r.stderr.contains("f16 range"), "{}", r.stderr);
+    }
+}
+
+/// Finite weights whose logits overflow: the request fails, it does not
+/// emit tokens outside the vocabulary.
+#[test]
+fn logits_that_overflow_fail_the_request() {
+    if !gpu_available() {
+        return;
+    }
+    let d = model_copy("overflow");
+    rewrite_tensors(&d, |name, _, _, data| {
+        if name == "model.norm.weight" {
+            for c in data.chunks_exact_mut(4) {
+                c.copy_from_slice(&3e38f32.to_le_bytes());
+            }
+        }
+    });
+    for extra in [&["--temperature", "0"][..], &["--temperature", "0.7"][..]] {
+        let mut args = vec![
+            "generate",
+            "--model",
+            d.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "5",
+            "--weights-dtype",
+            "f32",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let r = kvsift(&args);
+        expect_error(&r, &["NaN or infinity"]);
+        let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(j["tokens"], serde_json::json!([]), "{}", r.stdout);
+    }
+}
+
+#[test]
+fn runaway_chat_templates_stop_with_an_error_naming_their_file() {
+    if !gpu_available() {
+        return;
+    }
+    let d = model_copy("template");
+    let cfg = std::fs::read_to_string(d.join("tokenizer_config.json")).unwrap();
+    let mut j: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    for (template, needle) in [
+        (
+            "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}",
+            "steps",
+        ),
+        ("{% for m in messages %}{{ m.content ", "does not parse"),
+        ("{{ raise_exception('no system role') }}", "no system role"),
+    ] {
+        j["chat_template"] = template.into();
+        std::fs::write(d.join("tokenizer_config.json"), j.to_string()).unwrap();
+        let r = kvsift(&[
+            "generate",
+            "--model",
+            d.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--chat",
+            "--max-tokens",
+            "1",
+        ]);
+        expect_error(&r, &["tokenizer_config.json", "chat template", needle]);
+    }
+}
+
+#[test]
+fn edge_values_of_flags_do_what_they_say() {
+    if !gpu_available() {
+        return;
+    }
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "generate",
+            "--model",
+            TINY,
+            "--prompt",
+            "The cache",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let r = kvsift(&args);
+        assert_eq!(r.code, 0, "{extra:?}: {}", r.stderr);
+        serde_json::from_str(&r.stdout).unwrap()
+    };
+    // --max-tokens 0: no token (as the library's generate).
+    let j = json(&["--max-tokens", "0"]);
+    assert_eq!(j["tokens"], serde_json::json!([]));
+    assert_eq!(j["stop"], "max_tokens");
+    // A temperature too small to divide by samples greedily.
+    let greedy = json(&["--max-tokens", "6", "--temperature", "0"]);
+    for t in ["1e-45", "1e-9"] {
+        let tiny = json(&["--max-tokens", "6", "--temperature", t]);
+        assert_eq!(tiny["tokens"], greedy["tokens"], "--temperature {t}");
+    }
+    // Sizes that would wrap are refused by name.
+    expect_generate_error(&["--kv-pool-mb", "8650752.2"], "--kv-pool-mb");
+    expect_generate_error(&["--kv-pool-mb", "1e300"], "--kv-pool-mb");
+    expect_generate_error(&["--batch", "9223372036854775808"], "--batch");
+    expect_generate_error(&["--batch", "18446744073709551615"], "--batch");
+    expect_generate_error(&["--max-context", "18446744073709551615"], "--max-context");
+    expect_generate_error(&["--on-exhaustion", "swapp"], "swap, recompute or reject");
+    // A binding cap too small to plan with is refused where it is set.
+    let out = Command::new(env!("CARGO_BIN_EXE_kvsift"))
+        .args([
+            "generate",
+            "--model",
+            TINY,
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "1",
+        ])
+        .env("KVSIFT_MAX_BINDING_MB", "0.01")
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let r = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    expect_error(&r, &["KVSIFT_MAX_BINDING_MB", "at least 1"]);
+    // A batch larger than the lanes queues instead of failing.
+    let j = json(&["--max-tokens", "2", "--batch", "1500"]);
+    assert_eq!(j["requests"].as_array().unwrap().len(), 1500);
+}
+
+/// What `generate` streams is what `--json` reports, to the last byte
+/// (an incomplete UTF-8 character at the end included).
+#[test]
+fn streamed_text_equals_the_json_text() {
+    if !gpu_available() {
+        return;
+    }
+    // tiny-qwen2 writes byte tokens: some of these end inside a character.
+    let mut ends_inside = 0;
+    for n in ["3", "5", "8", "13"] {
+        let args = [
+            "generate",
+            "--model",
+            "models/tiny-qwen2",
+            "--prompt",
+            "caf\u{e9} \u{20ac}",
+            "--max-tokens",
+            n,
+            "--temperature",
+            "0.9",
+            "--seed",
+            "4",
+        ];
+        let streamed = kvsift(&args);
+        assert_eq!(streamed.code, 0, "{}", streamed.stderr);
+        let mut with_json = args.to_vec();
+        with_json.push("--json");
+        let r = kvsift(&with_json);
+        let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        let text = j["text"].as_str().unwrap();
+        ends_inside += text.ends_with('\u{FFFD}') as usize;
+        assert_eq!(
+            streamed.stdout.strip_suffix('\n').unwrap(),
+            text,
+            "--max-tokens {n}"
+        );
+    }
+    eprintln!("{ends_inside} of 4 texts end inside a character");
+}
+
+#[test]
+fn select_refuses_non_finite_or_empty_inputs() {
+    if !gpu_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kvsift-cli-select-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, keys: (&[usize], Vec<f32>), queries: (&[usize], Vec<f32>)| {
+        let kb: Vec<u8> = keys.1.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let qb: Vec<u8> = queries.1.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let views = vec![
+            (
+                "keys",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, keys.0.to_vec(), &kb)
+                    .unwrap(),
+            ),
+            (
+                "queries",
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    queries.0.to_vec(),
+                    &qb,
+                )
+                .unwrap(),
+            ),
+        ];
+        let path = dir.join(name);
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        path
+    };
+    let (t, w, d) = (40, 8, 16);
+    let vals = |n: usize| {
+        (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect::<Vec<f32>>()
+    };
+    let mut nan_keys = vals(2 * t * d);
+    nan_keys[77] = f32::NAN;
+    let mut inf_queries = vals(4 * w * d);
+    inf_queries[5] = f32::INFINITY;
+    let cases = [
+        write(
+            "nan.st",
+            (&[2, t, d], nan_keys),
+            (&[4, w, d], vals(4 * w * d)),
+        ),
+        write(
+            "inf.st",
+            (&[2, t, d], vals(2 * t * d)),
+            (&[4, w, d], inf_queries),
+        ),
+        write("d0.st", (&[2, t, 0], vec![]), (&[4, w, 0], vec![])),
+    ];
+    for (path, needle) in cases.iter().zip(["keys[", "queries[", "head dim 0"]) {
+        for cpu in [false, true] {
+            let mut args = vec![
+                "select",
+                "--method",
+                "snapkv",
+                "--budget",
+                "16",
+                "--input",
+                path.to_str().unwrap(),
+            ];
+            if cpu {
+                args.push("--cpu");
+            }
+            expect_error(&kvsift(&args), &[needle]);
+        }
+    }
+}
+
+/// Many prompts under R-KV in a pool that forces preemptions (at 0.7 MiB
+/// dozens: sequences swap out and back in): each request's output equals
+/// its output alone, under swap and under recompute.
+#[test]
+fn preempted_requests_under_compression_write_what_they_write_alone() {
+    if !gpu_available() {
+        return;
+    }
+    // Openings of a held-out chain problem (short, so several fit the pool).
+    let (problem, _) = first_examples("chain", 1).remove(0);
+    let prompts: Vec<String> = [40, 55, 70, 85, 100, 60, 45, 50]
+        .iter()
+        .map(|&n| problem.chars().take(n).collect())
+        .collect();
+    let base = [
+        "generate",
+        "--max-tokens",
+        "160",
+        "--kv",
+        "rkv",
+        "--budget",
+        "32",
+        "--buffer",
+        "16",
+        "--json",
+    ];
+    let alone: Vec<serde_json::Value> = prompts
+        .iter()
+        .map(|p| {
+            let mut args = base.to_vec();
+            args.extend(["--prompt", p.as_str()]);
+            let r = kvsift(&args);
+            assert_eq!(r.code, 0, "{}", r.stderr);
+            let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+            j["tokens"].clone()
+        })
+        .collect();
+    for (mode, pool) in [("swap", "0.7"), ("swap", "0.5"), ("recompute", "0.7")] {
+        let mut args = base.to_vec();
+        args.extend(["--kv-pool-mb", pool, "--on-exhaustion", mode]);
+        for p in &prompts {
+            args.extend(["--prompt", p.as_str()]);
+        }
+        let r = kvsift(&args);
+        assert_eq!(r.code, 0, "{mode}: {}", r.stderr);
+        let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        let preemptions = j["kv"]["preemptions"].as_u64().unwrap();
+        assert!(preemptions > 0, "{mode} {pool}: no preemption");
+        for (i, q) in j["requests"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(
+                q["tokens"], alone[i],
+                "{mode} {pool} ({preemptions} preemptions): request {i}"
+            );
+        }
+    }
+}

@@ -836,7 +836,9 @@ fn a_gpu_fault_at_any_point_fails_requests_cleanly_and_the_engine_goes_on() {
         let (want, events) = run(&mut e, &reqs);
         let calls = ctx.gpu_calls() - before;
         assert!(
-            events.iter().any(|ev| matches!(ev, Event::Preempted { .. })),
+            events
+                .iter()
+                .any(|ev| matches!(ev, Event::Preempted { .. })),
             "{mode:?}: the run should preempt"
         );
         // Every early call, then points spread over the rest.
@@ -847,7 +849,10 @@ fn a_gpu_fault_at_any_point_fails_requests_cleanly_and_the_engine_goes_on() {
         for (i, &n) in points.iter().enumerate() {
             let sticky = i % 5 == 4;
             ctx.inject_fault(n, sticky);
-            let ids: Vec<u64> = reqs.iter().map(|r| e.add_request(r.clone()).unwrap()).collect();
+            let ids: Vec<u64> = reqs
+                .iter()
+                .map(|r| e.add_request(r.clone()).unwrap())
+                .collect();
             let mut got: HashMap<u64, Vec<u32>> = HashMap::new();
             let mut ended: HashMap<u64, bool> = HashMap::new();
             let mut guard = 0;

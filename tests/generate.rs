@@ -87,3 +87,25 @@ fn seeds_reproduce_and_differ_and_stop_tokens_stop() {
     assert_eq!(d.stop, StopReason::Eos);
     assert_eq!(d.tokens, a.tokens[..=first].to_vec());
 }
+
+/// Streamed text ends as the whole decode does: bytes held back for an
+/// incomplete UTF-8 character at the end come out when the stream finishes.
+#[test]
+fn a_stream_ends_with_the_text_a_whole_decode_gives() {
+    use kvsift::engine::TextStream;
+    use kvsift::model::TextTokenizer;
+    let tok = TextTokenizer::load(&dir()).unwrap();
+    // "a€b" is byte tokens here: the euro sign's three bytes are three tokens.
+    let ids = tok.encode("a\u{20ac}b \u{1F600}", false).unwrap();
+    assert!(ids.len() >= 8, "{ids:?}");
+    for cut in 1..=ids.len() {
+        let mut stream = TextStream::new(&tok);
+        let mut printed = String::new();
+        for &id in &ids[..cut] {
+            printed += &stream.push(id).unwrap();
+        }
+        printed += &stream.finish().unwrap();
+        let whole = tok.decode(&ids[..cut], true).unwrap();
+        assert_eq!(printed, whole, "after {cut} tokens");
+    }
+}
