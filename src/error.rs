@@ -122,3 +122,29 @@ impl Error {
         }
     }
 }
+
+thread_local! {
+    /// Set while third-party code runs under [`catch_panic`].
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs third-party parsing code fed a user's file, turning a panic inside
+/// it into `Err` (the tokenizers crate `expect`s on some malformed JSON).
+/// The panic message is kept off stderr on this thread: the caller reports
+/// a clear error instead. Installs, once, a panic hook that defers to the
+/// previous one everywhere else.
+pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Option<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
+    let out = std::panic::catch_unwind(f);
+    QUIET.with(|q| q.set(was));
+    out.ok()
+}

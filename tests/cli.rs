@@ -1352,3 +1352,47 @@ fn preempted_requests_under_compression_write_what_they_write_alone() {
         }
     }
 }
+
+/// `bench soak`: under R-KV the cache stays within budget + buffer slots per
+/// head for a run far past the context, for one sequence and a batch, and
+/// the process's memory does not grow; without compression the cache grows
+/// until the context is full.
+#[test]
+fn soak_keeps_the_rkv_cache_flat_and_memory_steady() {
+    if !gpu_available() {
+        return;
+    }
+    let soak = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["bench", "soak", "--json", "--samples", "8"];
+        args.extend_from_slice(extra);
+        let r = kvsift(&args);
+        assert_eq!(r.code, 0, "{extra:?}: {}", r.stderr);
+        serde_json::from_str(&r.stdout).unwrap()
+    };
+    for (batch, tokens) in [("1", "2500"), ("3", "700")] {
+        let j = soak(&[
+            "--tokens", tokens, "--batch", batch, "--kv", "rkv", "--budget", "32", "--buffer", "16",
+        ]);
+        assert_eq!(j["tokens_per_sequence"].as_u64(), tokens.parse().ok());
+        assert_eq!(j["within_bound"], true, "batch {batch}: {j}");
+        let bound = j["bound_kv_bytes"].as_u64().unwrap();
+        for s in j["samples"].as_array().unwrap().iter().skip(2) {
+            assert!(s["kv_bytes_in_use"].as_u64().unwrap() <= bound, "{s}");
+            assert!(s["longest_head"].as_u64().unwrap() <= 48, "{s}");
+        }
+        if let Some(growth) = j["settled_rss_growth_bytes"].as_i64() {
+            assert!(growth < 16 << 20, "resident memory grew {growth} bytes");
+        }
+    }
+    // The full cache grows with the sequence and stops at the context.
+    let j = soak(&["--model", TINY, "--tokens", "240", "--max-context", "300"]);
+    assert_eq!(j["stopped_at_context"], true);
+    assert!(j["samples"].as_array().unwrap().len() >= 6, "{j}");
+    let kv: Vec<u64> = j["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["kv_bytes_in_use"].as_u64().unwrap())
+        .collect();
+    assert!(kv.windows(2).take(4).all(|w| w[1] > w[0]), "{kv:?}");
+}

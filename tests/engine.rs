@@ -532,7 +532,7 @@ fn chained_decode_gives_the_events_of_single_steps() {
         let mut reqs: Vec<Request> = (0..5)
             .map(|i| greedy(prompt(i, 5 + 7 * i as usize), 13 + 5 * i as usize))
             .collect();
-        // Runs into the context (72) before its token limit.
+        // Runs into the context (72) before its token limit (without compression).
         reqs[4].max_tokens = 100;
         reqs[2].sampling = SamplingParams {
             temperature: 0.9,
@@ -544,7 +544,13 @@ fn chained_decode_gives_the_events_of_single_steps() {
         let (plain, _, _) = run_with(1, &reqs);
         reqs[0].stop_ids = vec![plain[0][6]];
         let (want_tokens, want, single) = run_with(1, &reqs);
-        assert!(want_tokens[0].len() <= 7 && want_tokens[4].len() < 100);
+        assert!(want_tokens[0].len() <= 7);
+        // R-KV keeps the heads within the context: the positions run on.
+        if compression.method == Method::None {
+            assert!(want_tokens[4].len() < 100);
+        } else {
+            assert_eq!(want_tokens[4].len(), 100);
+        }
         assert_eq!(single.submissions, single.steps);
         for chain in [2, 7] {
             let (_, got, chained) = run_with(chain, &reqs);
@@ -902,5 +908,52 @@ fn a_gpu_fault_at_any_point_fails_requests_cleanly_and_the_engine_goes_on() {
             points.len()
         );
         assert_eq!(run(&mut e, &reqs).0, want, "{mode:?}: after the faults");
+    }
+}
+
+/// `--max-context` bounds a head's slots. Without compression (or with a
+/// prefill-schedule method, whose decode tokens accumulate) a sequence
+/// stops when its heads are full; under a decode-schedule method its heads
+/// stay within budget + buffer while its positions run past the context.
+#[test]
+fn decode_schedule_compression_runs_past_the_context_with_bounded_slots() {
+    let Some(ctx) = gpu() else { return };
+    use kvsift::kv::compression::Schedule;
+    let mut rkv = CompressConfig::new(Method::Rkv, 16);
+    rkv.buffer = 8;
+    let mut snap_prefill = CompressConfig::new(Method::SnapKv, 16);
+    snap_prefill.schedule = Schedule::Prefill;
+    for (compression, runs_on) in [
+        (CompressConfig::new(Method::None, 0), false),
+        (snap_prefill, false),
+        (rkv, true),
+    ] {
+        let mut e = engine(
+            ctx,
+            "tiny-llama",
+            EngineConfig {
+                max_context: Some(48),
+                compression: compression.clone(),
+                ..Default::default()
+            },
+        );
+        let (tokens, events) = run(&mut e, &[greedy(prompt(9, 20), 150)]);
+        let slots = e.final_slots(0).unwrap().to_vec();
+        let what = format!("{:?}", compression.method);
+        if runs_on {
+            assert_eq!(tokens[0].len(), 150, "{what}");
+            // 2 KV heads per layer: at most budget + buffer slots each.
+            assert!(slots.iter().all(|&s| s <= 2 * (16 + 8)), "{what}: {slots:?}");
+        } else {
+            assert_eq!(
+                events.last(),
+                Some(&Event::Finished {
+                    id: 0,
+                    reason: StopReason::Context
+                }),
+                "{what}"
+            );
+            assert!(tokens[0].len() < 150, "{what}");
+        }
     }
 }

@@ -19,8 +19,9 @@ use super::common::ModelArgs;
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// What to measure: nothing (pp and tg), `roofline` (the device's copy
-    /// bandwidth) or `throughput` (concurrent sequences in a fixed pool,
-    /// full cache against --kv).
+    /// bandwidth), `throughput` (concurrent sequences in a fixed pool,
+    /// full cache against --kv) or `soak` (one long generation, or --batch
+    /// of them: KV pages, bytes and host memory over time).
     pub mode: Option<String>,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -48,6 +49,12 @@ pub struct BenchArgs {
     /// Throughput: most concurrent sequences tried.
     #[arg(long, default_value_t = 256)]
     pub max_sequences: usize,
+    /// Soak: tokens each sequence generates.
+    #[arg(long, default_value_t = 100_000)]
+    pub tokens: usize,
+    /// Soak: samples taken over the run.
+    #[arg(long, default_value_t = 20)]
+    pub samples: usize,
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -77,7 +84,7 @@ fn param_count(c: &ModelConfig) -> u64 {
     v * h + c.n_layers as u64 * per_layer + h + head
 }
 
-fn human(bytes: u64) -> String {
+pub(super) fn human(bytes: u64) -> String {
     let b = bytes as f64;
     if b >= 1024.0 * 1024.0 * 1024.0 {
         format!("{:.2} GiB", b / (1024.0 * 1024.0 * 1024.0))
@@ -86,12 +93,12 @@ fn human(bytes: u64) -> String {
     }
 }
 
-fn tokens(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
+pub(super) fn tokens(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
     let mut rng = kvsift::rng::Rng::new(seed);
     (0..n).map(|_| rng.below(vocab.min(32000)) as u32).collect()
 }
 
-fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
+pub(super) fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
     Request {
         prompt,
         max_tokens,
@@ -158,7 +165,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Some("throughput") => throughput(&ctx, &a),
-        Some(other) => anyhow::bail!("kvsift bench {other:?}: expected roofline or throughput"),
+        Some("soak") => super::soak::run(&ctx, &a),
+        Some(other) => {
+            anyhow::bail!("kvsift bench {other:?}: expected roofline, throughput or soak")
+        }
     }
 }
 

@@ -26,6 +26,7 @@ mod generate;
 mod info;
 mod score;
 mod select;
+mod soak;
 
 use clap::{Parser, Subcommand};
 

@@ -39,7 +39,8 @@ use crate::model::llama::{
     push_norm_lm_head, read_rows,
 };
 use crate::model::runner::{
-    ScoreOutput, check_score_args, context_capacity, score_targets, set_nll_row, too_long,
+    MAX_CONTEXT, ScoreOutput, check_score_args, context_capacity, score_targets, set_nll_row,
+    too_long,
 };
 use crate::ops::paged_attention::{
     QkvRows, paged_decode, paged_kv_store, paged_prefill, partials_len, prefill_splits,
@@ -232,6 +233,8 @@ pub struct EngineStats {
     pub swapped_bytes: u64,
     /// KV slots held per layer by the running sequences (summed over heads).
     pub slots_per_layer: Vec<usize>,
+    /// Slots of the longest head of any running sequence.
+    pub longest_head: usize,
     /// What the compression passes did (None without compression).
     pub compression: Option<CompressionStats>,
 }
@@ -479,6 +482,8 @@ impl<'c> Engine<'c> {
         self.final_slots.get(&id).map(|v| v.as_slice())
     }
 
+    /// KV slots one head of one sequence may hold (`--max-context`): the
+    /// positions of a sequence without compression, its cache's bound with it.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -494,6 +499,12 @@ impl<'c> Engine<'c> {
     pub fn kv_bytes_per_position(&self) -> u64 {
         let l = self.kv.layout;
         (self.kv.n_layers * self.kv.n_heads * l.page_bytes() / l.page_size) as u64
+    }
+
+    /// Pool bytes the pages of one sequence whose every head holds `slots` slots take.
+    pub fn kv_bytes_for_slots(&self, slots: usize) -> u64 {
+        let pages = self.kv.n_layers * self.kv.n_heads * self.kv.pages_for(slots);
+        (pages * self.kv.layout.page_bytes()) as u64
     }
 
     pub fn weight_bytes(&self) -> u64 {
@@ -570,6 +581,12 @@ impl<'c> Engine<'c> {
                 })
                 .sum(),
             slots_per_layer: slots,
+            longest_head: self
+                .running
+                .iter()
+                .map(|s| s.tables.max_len())
+                .max()
+                .unwrap_or(0),
             compression: self.compressor.as_ref().map(|c| c.stats.clone()),
         }
     }
@@ -1208,7 +1225,7 @@ impl<'c> Engine<'c> {
 
     /// Records a sampled token; keeps the sequence running or retires it.
     fn accept(&mut self, mut s: Sequence, token: u32, events: &mut Vec<Event>) {
-        match self.record(&mut s, token, events) {
+        match self.record(&mut s, token, 0, events) {
             Outcome::Running => self.running.push(s),
             Outcome::Done => self.retire(s),
             Outcome::Failed(e) => self.fail(s, &e, events),
@@ -1217,8 +1234,15 @@ impl<'c> Engine<'c> {
 
     /// Appends a sampled token to `s` (a Token event, and Finished when it
     /// ends the sequence); what it did. A token outside the vocabulary is
-    /// the sampler's `NO_TOKEN`: the logits were not finite.
-    fn record(&self, s: &mut Sequence, token: u32, events: &mut Vec<Event>) -> Outcome {
+    /// the sampler's `NO_TOKEN`: the logits were not finite. `ahead`: slots
+    /// appended for the chain steps after this one.
+    fn record(
+        &self,
+        s: &mut Sequence,
+        token: u32,
+        ahead: usize,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
         if token as usize >= self.cfg.vocab_size {
             return Outcome::Failed(Error::NonFiniteLogits {
                 at: format!(
@@ -1236,7 +1260,7 @@ impl<'c> Engine<'c> {
             Some(StopReason::Eos)
         } else if s.generated >= s.req.max_tokens {
             Some(StopReason::MaxTokens)
-        } else if s.tokens.len() >= self.capacity {
+        } else if self.context_full(s, ahead) {
             Some(StopReason::Context)
         } else {
             None
@@ -1248,6 +1272,31 @@ impl<'c> Engine<'c> {
             }
             None => Outcome::Running,
         }
+    }
+
+    /// Tokens `s` may still take: each needs a slot in every head (the
+    /// context, `--max-context`, bounds a head's slots, not the positions:
+    /// under a decode-schedule method the heads stay bounded while the
+    /// positions run on, up to [`MAX_CONTEXT`]).
+    /// `ahead`: slots its tables hold past the last token fed (appended for
+    /// the rest of a chain).
+    fn slots_left(&self, s: &Sequence, ahead: usize) -> usize {
+        let held = s.tables.max_len().saturating_sub(ahead);
+        let slots = self.capacity.saturating_sub(held + 1);
+        slots.min(MAX_CONTEXT.saturating_sub(s.tokens.len()))
+    }
+
+    /// Whether `s` can take no further token.
+    fn context_full(&self, s: &Sequence, ahead: usize) -> bool {
+        if s.tokens.len() == self.cfg.max_position_embeddings + 1 {
+            log::warn!(
+                "request {} passes the model's max_position_embeddings ({}): positions run on \
+                 under compression; what the model makes of them is the model's",
+                s.id,
+                self.cfg.max_position_embeddings
+            );
+        }
+        self.slots_left(s, ahead) == 0
     }
 
     /// Decode steps the next submission may chain: at most the configured
@@ -1263,7 +1312,7 @@ impl<'c> Engine<'c> {
         for s in &self.running {
             k = k
                 .min(s.req.max_tokens.saturating_sub(s.generated))
-                .min(self.capacity.saturating_sub(s.tokens.len()));
+                .min(self.slots_left(s, 0));
             if let Some(c) = &self.compressor {
                 // The chain's first step feeds the pending token's position.
                 if let Some(d) = c.steps_to_trigger(s.tokens.len() - 1) {
@@ -1369,7 +1418,7 @@ impl<'c> Engine<'c> {
         for j in 0..k {
             for (row, s) in running.iter_mut().enumerate() {
                 if matches!(outcome[row], Outcome::Running) {
-                    outcome[row] = self.record(s, tokens[j * b + row], events);
+                    outcome[row] = self.record(s, tokens[j * b + row], k - 1 - j, events);
                 }
             }
         }

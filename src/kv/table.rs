@@ -151,6 +151,11 @@ impl SeqTables {
         }
     }
 
+    /// Slots of the longest head.
+    pub fn max_len(&self) -> usize {
+        self.heads.iter().map(|t| t.len).max().unwrap_or(0)
+    }
+
     pub fn pages_in_use(&self) -> usize {
         self.heads.iter().map(|t| t.pages.len()).sum()
     }

@@ -111,17 +111,17 @@ impl TextTokenizer {
     /// Token ids of `text`; `add_special_tokens` applies the post-processor
     /// (e.g. Llama's BOS), as transformers' `tokenizer(text)` does.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        Ok(self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| self.err(e))?
-            .get_ids()
-            .to_vec())
+        // A malformed tokenizer.json can make the tokenizers crate panic
+        // here (a post-processor naming a missing token): an error instead.
+        crate::error::catch_panic(|| self.inner.encode(text, add_special_tokens))
+            .ok_or_else(|| self.err("malformed: the tokenizers library failed to encode"))?
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| self.err(e))
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
+        crate::error::catch_panic(|| self.inner.decode(ids, skip_special_tokens))
+            .ok_or_else(|| self.err("malformed: the tokenizers library failed to decode"))?
             .map_err(|e| self.err(e))
     }
 
@@ -234,11 +234,10 @@ impl std::io::Write for BoundedText {
 /// `tokenizer.json` through the tokenizers crate. Its parser is third-party
 /// code fed a user's file: a panic inside it becomes an error too.
 fn parse_tokenizer(text: &str) -> std::result::Result<tokenizers::Tokenizer, String> {
-    let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>());
-    match parsed {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("the tokenizers library could not parse it".into()),
+    match crate::error::catch_panic(|| text.parse::<tokenizers::Tokenizer>()) {
+        Some(Ok(t)) => Ok(t),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("malformed: the tokenizers library could not parse it".into()),
     }
 }
 
