@@ -755,7 +755,11 @@ fn bench_prints_pp_tg_roofline_profile_and_throughput() {
     for (args, needle) in [
         (vec!["bench", "--model", TINY, "-p", "5000"], "context"),
         (vec!["bench", "--model", TINY, "-r", "0"], "-r"),
-        (vec!["bench", "sideways"], "roofline or throughput"),
+        (
+            vec!["bench", "--model", TINY, "-p", "0", "-n", "0"],
+            "nothing to measure",
+        ),
+        (vec!["bench", "sideways"], "roofline, throughput or soak"),
         (
             vec!["bench", "throughput", "--kv", "rkv", "--budget", "16"],
             "--kv-pool-mb",

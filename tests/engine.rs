@@ -943,7 +943,10 @@ fn decode_schedule_compression_runs_past_the_context_with_bounded_slots() {
         if runs_on {
             assert_eq!(tokens[0].len(), 150, "{what}");
             // 2 KV heads per layer: at most budget + buffer slots each.
-            assert!(slots.iter().all(|&s| s <= 2 * (16 + 8)), "{what}: {slots:?}");
+            assert!(
+                slots.iter().all(|&s| s <= 2 * (16 + 8)),
+                "{what}: {slots:?}"
+            );
         } else {
             assert_eq!(
                 events.last(),

@@ -89,7 +89,8 @@ fn mutate_json(v: &mut Value, rng: &mut Rng, depth: usize) -> String {
                 }
                 1 if map[&key].is_number() => {
                     let n = map[&key].as_f64().unwrap_or(0.0);
-                    let new = [n * 1e6, -n, n + 1.0, n * 0.5, f64::from(u32::MAX) + n][rng.below(5)];
+                    let new =
+                        [n * 1e6, -n, n + 1.0, n * 0.5, f64::from(u32::MAX) + n][rng.below(5)];
                     map.insert(key.clone(), new.into());
                     format!("{key}: {n} -> {new}")
                 }
@@ -172,7 +173,14 @@ fn mutate_safetensors_header(bytes: &mut Vec<u8>, rng: &mut Rng) -> String {
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     if rng.below(6) == 0 {
         let n = n as u64;
-        let new = [0, 1, n.wrapping_add(1), n.wrapping_sub(1), u64::MAX, 1 << 40][rng.below(6)];
+        let new = [
+            0,
+            1,
+            n.wrapping_add(1),
+            n.wrapping_sub(1),
+            u64::MAX,
+            1 << 40,
+        ][rng.below(6)];
         bytes[..8].copy_from_slice(&new.to_le_bytes());
         return format!("header length {n} -> {new}");
     }
@@ -370,7 +378,14 @@ fn load_and_run(dir: &Path) -> Result<Outcome, Error> {
 fn run_cli(dir: &Path) -> (i32, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvsift"))
         .args(["generate", "--model", dir.to_str().unwrap()])
-        .args(["--prompt", "hello", "--max-tokens", "2", "--max-context", "64"])
+        .args([
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "2",
+            "--max-context",
+            "64",
+        ])
         .output()
         .unwrap();
     (
@@ -451,5 +466,8 @@ fn mutated_checkpoints_load_or_fail_cleanly() {
     );
     assert!(panics.is_empty(), "panics:\n{}", panics.join("\n"));
     // The mutations reach both outcomes.
-    assert!(refused > cases / 4 && ran > cases / 10, "{refused} refused, {ran} ran");
+    assert!(
+        refused > cases / 4 && ran > cases / 10,
+        "{refused} refused, {ran} ran"
+    );
 }

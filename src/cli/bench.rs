@@ -176,6 +176,9 @@ fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
     if a.repetitions == 0 || a.batch == 0 {
         anyhow::bail!("-r and --batch must be at least 1");
     }
+    if a.n_prompt == 0 && a.n_gen == 0 {
+        anyhow::bail!("-p 0 and -n 0: nothing to measure (give -p N, -n N or both)");
+    }
     let dir = a.model.dir()?;
     let mut engine = a.model.engine(ctx, a.batch)?;
     let cfg = engine.cfg.clone();

@@ -40,8 +40,8 @@ pub fn run(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
         engine.add_request(request(tokens(b as u64, a.prompt_len, vocab), a.tokens))?;
     }
     // Under the decode schedule a head holds at most budget + buffer slots.
-    let bound = (compress.method != Method::None && compress.schedule == Schedule::Decode)
-        .then(|| {
+    let bound =
+        (compress.method != Method::None && compress.schedule == Schedule::Decode).then(|| {
             let slots = compress.budget + compress.buffer;
             (slots, a.batch as u64 * engine.kv_bytes_for_slots(slots))
         });
@@ -127,7 +127,9 @@ pub fn run(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
         compress.buffer,
         ctx.adapter_summary.name
     );
-    outln!("| tokens | KV pages | KV bytes | longest head | RSS | tok/s |\n|---|---|---|---|---|---|");
+    outln!(
+        "| tokens | KV pages | KV bytes | longest head | RSS | tok/s |\n|---|---|---|---|---|---|"
+    );
     for s in &samples {
         outln!(
             "| {} | {} | {} | {} | {} | {:.1} |",

@@ -46,6 +46,8 @@ impl SeqTables {
         self.heads.iter().map(|t| t.len).collect()
     }
 
+    /// # Panics
+    /// On a layer or head past the tables' (an index, like a slice's).
     pub fn head(&self, layer: usize, head: usize) -> &HeadTable {
         &self.heads[layer * self.n_heads + head]
     }
@@ -140,14 +142,17 @@ impl SeqTables {
     }
 
     /// Shortens one head to `len` slots (after compaction moved its kept
-    /// slots to the front) and returns the pages past them to the pool.
+    /// slots to the front) and returns the pages past them to the pool; a
+    /// `len` past the head's leaves it as it is (truncation never grows).
     pub fn truncate(&mut self, layer: usize, head: usize, len: usize, alloc: &mut PageAllocator) {
         let page_size = self.page_size;
         let t = self.head_mut(layer, head);
-        assert!(len <= t.len, "truncate grows a head ({} -> {len})", t.len);
+        let len = len.min(t.len);
         t.len = len;
         while t.pages.len() > len.div_ceil(page_size) {
-            alloc.free(t.pages.pop().expect("a page"));
+            if let Some(page) = t.pages.pop() {
+                alloc.free(page);
+            }
         }
     }
 
@@ -224,5 +229,31 @@ mod tests {
         );
         assert_eq!(alloc.pages_in_use(), before);
         assert_eq!(t.head(0, 0).len, 4);
+    }
+
+    #[test]
+    fn restoring_lengths_and_odd_arguments_never_panic() {
+        let mut alloc = PageAllocator::new(&[40], 2).unwrap();
+        // A page size of 0 is taken as 1 (the pool refuses it before this).
+        let t0 = SeqTables::new(2, 2, 0);
+        assert_eq!(t0.page_size, 1);
+        let mut t = SeqTables::new(2, 2, 4);
+        // Per-head lengths as a swapped-out sequence had them.
+        let lens = [5, 0, 9, 4];
+        let new = t.grow_to(&lens, &mut alloc).unwrap();
+        assert_eq!(new.len(), 2 + 3 + 1);
+        assert_eq!(t.lens(), lens.to_vec());
+        assert_eq!(t.max_len(), 9);
+        // All or nothing when the pool is short; never shrinks a head.
+        let before = alloc.pages_in_use();
+        assert!(t.grow_to(&[400, 0, 0, 0], &mut alloc).is_err());
+        assert_eq!((alloc.pages_in_use(), t.lens()), (before, lens.to_vec()));
+        assert!(t.grow_to(&[1, 0, 1, 1], &mut alloc).unwrap().is_empty());
+        assert_eq!(t.lens(), lens.to_vec());
+        // Truncating past a head's length leaves it.
+        t.truncate(0, 1, 50, &mut alloc);
+        assert_eq!(t.head(0, 1).len, 0);
+        t.release(&mut alloc);
+        assert_eq!(alloc.pages_in_use(), 0);
     }
 }

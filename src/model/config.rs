@@ -453,6 +453,16 @@ mod tests {
     }
 
     #[test]
+    fn a_default_rope_type_ignores_extra_parameters() {
+        let mut j = llama();
+        j["rope_scaling"] = json!({"rope_type": "default", "factor": 4.0});
+        assert_eq!(parse(j).unwrap().rope.scaling, RopeScaling::None);
+        let mut j = llama();
+        j["rope_scaling"] = json!({"rope_theta": 10000.0});
+        assert_eq!(parse(j).unwrap().rope.scaling, RopeScaling::None);
+    }
+
+    #[test]
     fn qwen_sliding_window_only_with_use_sliding_window() {
         let mut j = llama();
         j["architectures"] = json!(["Qwen2ForCausalLM"]);
@@ -527,6 +537,65 @@ mod tests {
                     j
                 },
                 "head_dim",
+            ),
+            // Scaling parameters without a type: transformers refuses them too.
+            (
+                {
+                    let mut j = llama();
+                    j["rope_scaling"] = json!({"factor": 4.0});
+                    j
+                },
+                "rope_type",
+            ),
+            (
+                {
+                    let mut j = llama();
+                    j["rope_scaling"] = json!({"type": 4, "factor": 4.0});
+                    j
+                },
+                "rope_type",
+            ),
+            (
+                {
+                    let mut j = llama();
+                    j["num_attention_heads"] = json!(6);
+                    j["num_key_value_heads"] = json!(6);
+                    j
+                },
+                "does not divide hidden_size",
+            ),
+            (
+                {
+                    let mut j = llama();
+                    j["num_hidden_layers"] = json!(u64::MAX);
+                    j
+                },
+                "num_hidden_layers",
+            ),
+            (
+                {
+                    let mut j = llama();
+                    j["vocab_size"] = json!(1u64 << 40);
+                    j
+                },
+                "vocab_size",
+            ),
+            (
+                {
+                    let mut j = llama();
+                    j["eos_token_id"] = json!([1, 1u64 << 33]);
+                    j
+                },
+                "eos_token_id",
+            ),
+            (
+                {
+                    let mut j = llama();
+                    j["rope_scaling"]["factor"] = json!(f64::MAX);
+                    j["rope_scaling"]["low_freq_factor"] = json!(-1.0);
+                    j
+                },
+                "rope_scaling",
             ),
         ];
         for (j, needle) in cases {

@@ -388,4 +388,30 @@ mod template_tests {
             .to_string();
         assert!(e.contains("chat template"), "{e}");
     }
+
+    #[test]
+    fn runaway_templates_are_bounded_errors_naming_their_file() {
+        for (tag, template, needle) in [
+            (
+                "loops",
+                "{% for i in range(99999) %}{% for j in range(99999) %}{{ j }}{% endfor %}{% endfor %}",
+                "steps",
+            ),
+            (
+                "output",
+                "{% for i in range(90000) %}{{ 'x' * 100000 }}{% endfor %}",
+                "bytes",
+            ),
+        ] {
+            let t = with_template(tag, template);
+            let e = t
+                .apply_chat_template(&msgs(&[("user", "hi")]), true)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("tokenizer_config.json") && e.contains(needle),
+                "{e}"
+            );
+        }
+    }
 }

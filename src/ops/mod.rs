@@ -119,3 +119,14 @@ macro_rules! ensure {
     };
 }
 pub(crate) use ensure;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_past_the_kernels_range_are_errors() {
+        assert_eq!(super::u32_of("n", 7).unwrap(), 7);
+        let e = super::u32_of("rows", usize::MAX).unwrap_err().to_string();
+        assert!(e.contains("rows") && e.contains("32-bit"), "{e}");
+        assert!(super::blocks(usize::MAX).is_err());
+    }
+}

@@ -682,4 +682,38 @@ mod tests {
         }
         assert!(SamplingParams::default().validate().is_ok());
     }
+
+    #[test]
+    fn the_twin_defines_non_finite_rows_for_every_setting() {
+        let mut logits = vec![0.5f32; 40];
+        logits[3] = f32::NAN;
+        for params in [
+            SamplingParams::greedy(),
+            SamplingParams {
+                temperature: 0.7,
+                top_k: 5,
+                top_p: 0.9,
+                min_p: 0.1,
+                repetition_penalty: 1.2,
+                ..SamplingParams::greedy()
+            },
+        ] {
+            assert_eq!(sample_cpu(&logits, &[u32::MAX; 2], &params, 0.5), None);
+            assert_eq!(
+                kept_distribution(&logits, &[], &params),
+                Distribution::NonFinite
+            );
+        }
+        // An empty row, a short seen mask, a temperature near zero.
+        assert_eq!(sample_cpu(&[], &[], &SamplingParams::greedy(), 0.5), None);
+        let cold = SamplingParams {
+            temperature: 1e-30,
+            ..SamplingParams::greedy()
+        };
+        assert!(cold.validate().is_ok() && cold.is_greedy());
+        assert_eq!(sample_cpu(&[1.0, 3.0, 2.0], &[], &cold, 0.9), Some(1));
+        let mut mask = vec![0u32; 1];
+        mark_seen(&mut mask, &[3, 1000]);
+        assert_eq!(mask, vec![8]);
+    }
 }

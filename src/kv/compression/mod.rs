@@ -238,7 +238,10 @@ impl Captured<'_> {
             ("keys", self.keys, self.t),
             ("queries", self.queries, self.q_rows),
         ] {
-            if let Some(i) = x.iter().position(|v| !v.is_finite() || v.abs() > MAX_CAPTURED_ABS) {
+            if let Some(i) = x
+                .iter()
+                .position(|v| !v.is_finite() || v.abs() > MAX_CAPTURED_ABS)
+            {
                 let (h, r, c) = (i / (rows * self.d), i / self.d % rows, i % self.d);
                 return bad(format!(
                     "{name}[{h}, {r}, {c}] = {}: values must be finite and within \
