@@ -139,7 +139,7 @@ pub fn run(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
             s["longest_head"],
             s["rss_bytes"]
                 .as_u64()
-                .map_or("?".to_string(), |b| human(b)),
+                .map_or("?".to_string(), human),
             s["tok_s"].as_f64().unwrap_or(0.0)
         );
     }
