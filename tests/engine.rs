@@ -623,10 +623,21 @@ fn events_of(events: &[Event], id: u64) -> Vec<&Event> {
 #[test]
 fn preemption_gives_each_request_its_tokens_alone_for_every_method() {
     let Some(ctx) = gpu() else { return };
-    let reqs: Vec<Request> = (0..4)
+    use kvsift::kv::compression::Schedule;
+    // Prompts past the budget (compressed after the prefill, then growing
+    // a slot per token), and short ones for the decode schedule (growing up
+    // to budget + buffer and compressed every 8 tokens): either way the
+    // sequences outgrow the pool after admission.
+    let long: Vec<Request> = (0..4)
         .map(|i| greedy(prompt(60 + i, 10 + 4 * i as usize), 28))
         .collect();
+    let short: Vec<Request> = (0..4)
+        .map(|i| greedy(prompt(60 + i, 2 + i as usize), 40))
+        .collect();
     for compression in every_method(12) {
+        let decode_time =
+            compression.method != Method::None && compression.schedule == Schedule::Decode;
+        let reqs = if decode_time { &short } else { &long };
         let what = format!("{:?} {:?}", compression.method, compression.schedule);
         let config = |pages: u64, on_exhaustion| EngineConfig {
             max_batch: 4,
@@ -647,13 +658,13 @@ fn preemption_gives_each_request_its_tokens_alone_for_every_method() {
             })
             .collect();
         // The same requests together, in a roomy pool: batching alone changes nothing.
-        assert_eq!(run(&mut roomy, &reqs).0, alone, "{what}: batched");
+        assert_eq!(run(&mut roomy, reqs).0, alone, "{what}: batched");
         // Room for the largest sequence and about half of the others.
         let biggest = *peaks.iter().max().unwrap();
         let pages = biggest + (peaks.iter().sum::<u64>() - biggest) / 2;
         for mode in [Exhaustion::Swap, Exhaustion::Recompute] {
             let mut e = engine(ctx, "tiny-qwen2", config(pages, mode));
-            let (got, events) = run(&mut e, &reqs);
+            let (got, events) = run(&mut e, reqs);
             let stats = e.stats();
             assert!(
                 stats.preemptions > 0,

@@ -137,9 +137,7 @@ pub fn run(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
             s["kv_pages_in_use"],
             human(field(s, "kv_bytes_in_use")),
             s["longest_head"],
-            s["rss_bytes"]
-                .as_u64()
-                .map_or("?".to_string(), human),
+            s["rss_bytes"].as_u64().map_or("?".to_string(), human),
             s["tok_s"].as_f64().unwrap_or(0.0)
         );
     }

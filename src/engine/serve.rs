@@ -6,7 +6,7 @@
 //!    and the pool holds their tokens; each runs its prefill (in chunks) and
 //!    samples its first token;
 //! 2. grows every running sequence by one slot; when the pool is exhausted it
-//!    preempts the most recently admitted other sequence ([`Exhaustion`]:
+//!    preempts the latest-arrived other sequence ([`Exhaustion`]:
 //!    its pages are swapped to host memory and restored when it is
 //!    readmitted, or freed and its cache replayed exactly from its tokens)
 //!    or fails the sequence that cannot grow, as configured;
@@ -56,7 +56,7 @@ use crate::rng::Rng;
 /// What to do when a running sequence needs a page and none is free.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Exhaustion {
-    /// Preempt the most recently admitted other sequence: copy its pages
+    /// Preempt the latest-arrived other sequence: copy its pages
     /// (and its compressor state) to host memory, free them, and restore
     /// them when it is readmitted (vLLM's swap mode). Exact for every method.
     #[default]
@@ -175,7 +175,6 @@ struct Sequence {
     lane: usize,
     tables: SeqTables,
     rng: Rng,
-    admitted: u64,
     /// Where its cache is while it waits.
     parked: Parked,
 }
@@ -531,7 +530,6 @@ impl<'c> Engine<'c> {
             generated: 0,
             lane: NO_LANE,
             tables,
-            admitted: 0,
             parked: Parked::Fresh,
             req,
         });
@@ -709,7 +707,21 @@ impl<'c> Engine<'c> {
                 self.fail(s, &error, events);
                 continue;
             }
-            if self.free_lanes.is_empty() || !self.kv.alloc.fits(|l| need[l]) {
+            // While others run, admit only with room for everyone's next
+            // slot too: a sequence the next step would preempt again only
+            // thrashes (swapped in and out without a token).
+            let headroom = |l: usize| -> usize {
+                if self.running.is_empty() {
+                    return 0;
+                }
+                self.kv.n_heads
+                    + self
+                        .running
+                        .iter()
+                        .map(|s| s.tables.pages_needed(l, 1))
+                        .sum::<usize>()
+            };
+            if self.free_lanes.is_empty() || !self.kv.alloc.fits(|l| need[l] + headroom(l)) {
                 break;
             }
             let (Some(mut s), Some(lane)) = (self.waiting.pop_front(), self.free_lanes.pop())
@@ -717,7 +729,6 @@ impl<'c> Engine<'c> {
                 break;
             };
             s.lane = lane;
-            s.admitted = self.steps;
             match self.start(&mut s, events) {
                 Ok(Started::Token(token)) => self.accept(s, token, events),
                 Ok(Started::Resumed) => self.running.push(s),
@@ -1067,10 +1078,12 @@ impl<'c> Engine<'c> {
                 Err(Exhausted { .. }) => {
                     let victim = match self.config.on_exhaustion {
                         Exhaustion::Swap | Exhaustion::Recompute if self.running.len() > 1 => {
-                            // The most recently admitted other sequence (ties: the later row).
+                            // The latest-arrived other sequence (vLLM's FCFS
+                            // rule): a restored early request is not the
+                            // next victim, so preemptions do not thrash.
                             (0..self.running.len())
                                 .filter(|&j| j != i)
-                                .max_by_key(|&j| (self.running[j].admitted, j))
+                                .max_by_key(|&j| self.running[j].id)
                         }
                         _ => None,
                     };
