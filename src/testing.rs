@@ -29,6 +29,45 @@ pub fn gpu() -> Option<&'static GpuContext> {
 
 pub use crate::rng::Rng;
 
+/// Every method and schedule the engine runs, with budget `budget` and
+/// observation window `window` (decode-schedule buffer 8): each method at
+/// prefill and at decode, H2O v1, SnapKV per query head, R-KV in the
+/// reference slot order.
+pub fn compression_configs(
+    budget: usize,
+    window: usize,
+) -> Vec<crate::kv::compression::CompressConfig> {
+    use crate::kv::compression::{
+        CompressConfig, Granularity, H2oVersion, Method, Schedule, SlotOrder,
+    };
+    let with = |method, f: &dyn Fn(&mut CompressConfig)| {
+        let mut c = CompressConfig::new(method, budget);
+        c.window = window;
+        c.buffer = 8;
+        f(&mut c);
+        c
+    };
+    let mut out = vec![];
+    for method in [
+        Method::StreamingLlm,
+        Method::H2o,
+        Method::SnapKv,
+        Method::PyramidKv,
+        Method::AdaKv,
+        Method::Rkv,
+    ] {
+        for schedule in [Schedule::Prefill, Schedule::Decode] {
+            out.push(with(method, &|c| c.schedule = schedule));
+        }
+    }
+    out.push(with(Method::H2o, &|c| c.h2o_version = H2oVersion::V1));
+    out.push(with(Method::SnapKv, &|c| {
+        c.granularity = Granularity::QueryHead
+    }));
+    out.push(with(Method::Rkv, &|c| c.slot_order = SlotOrder::Reference));
+    out
+}
+
 /// Normalised mean squared error `sum (got-want)^2 / sum want^2` (the
 /// measure llama.cpp's test-backend-ops uses).
 pub fn nmse(got: &[f32], want: &[f64]) -> f64 {

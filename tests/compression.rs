@@ -7,9 +7,7 @@ use std::path::PathBuf;
 
 use kvsift::engine::{Engine, EngineConfig, Event, Request};
 use kvsift::gpu::{GpuContext, WeightDtype};
-use kvsift::kv::compression::{
-    CompressConfig, Granularity, H2oVersion, Method, Schedule, SlotOrder,
-};
+use kvsift::kv::compression::{CompressConfig, Method};
 use kvsift::kv::paged::PoolConfig;
 use kvsift::model::llama::load_weights;
 use kvsift::ops::sample::SamplingParams;
@@ -42,32 +40,7 @@ fn tokens(seed: u32, len: usize) -> Vec<u32> {
 
 /// Every method and schedule the engine runs, with budget `b`.
 fn configs(b: usize) -> Vec<CompressConfig> {
-    let mut out = vec![];
-    for method in [
-        Method::StreamingLlm,
-        Method::H2o,
-        Method::SnapKv,
-        Method::PyramidKv,
-        Method::AdaKv,
-        Method::Rkv,
-    ] {
-        for schedule in [Schedule::Prefill, Schedule::Decode] {
-            let mut c = CompressConfig::new(method, b);
-            c.schedule = schedule;
-            c.buffer = 8;
-            out.push(c);
-        }
-    }
-    let mut v1 = CompressConfig::new(Method::H2o, b);
-    v1.h2o_version = H2oVersion::V1;
-    out.push(v1);
-    let mut q = CompressConfig::new(Method::SnapKv, b);
-    q.granularity = Granularity::QueryHead;
-    out.push(q);
-    let mut r = CompressConfig::new(Method::Rkv, b);
-    r.slot_order = SlotOrder::Reference;
-    out.push(r);
-    out
+    kvsift::testing::compression_configs(b, 8)
 }
 
 #[test]

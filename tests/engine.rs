@@ -571,35 +571,11 @@ fn chained_decode_gives_the_events_of_single_steps() {
     }
 }
 
-/// Every method and schedule the engine runs (window 4, budget `b`,
-/// decode-schedule buffer 8), and the full cache.
+/// The full cache, then every method and schedule the engine runs
+/// (window 4, budget `b`, decode-schedule buffer 8).
 fn every_method(b: usize) -> Vec<CompressConfig> {
-    use kvsift::kv::compression::{Granularity, H2oVersion, Schedule};
     let mut out = vec![CompressConfig::new(Method::None, 0)];
-    for method in [
-        Method::StreamingLlm,
-        Method::H2o,
-        Method::SnapKv,
-        Method::PyramidKv,
-        Method::AdaKv,
-        Method::Rkv,
-    ] {
-        for schedule in [Schedule::Prefill, Schedule::Decode] {
-            let mut c = CompressConfig::new(method, b);
-            c.window = 4;
-            c.schedule = schedule;
-            c.buffer = 8;
-            out.push(c);
-        }
-    }
-    let mut v1 = CompressConfig::new(Method::H2o, b);
-    v1.window = 4;
-    v1.h2o_version = H2oVersion::V1;
-    out.push(v1);
-    let mut q = CompressConfig::new(Method::SnapKv, b);
-    q.window = 4;
-    q.granularity = Granularity::QueryHead;
-    out.push(q);
+    out.extend(kvsift::testing::compression_configs(b, 4));
     out
 }
 

@@ -73,8 +73,11 @@ if [[ " $what " == *" bench "* ]]; then
         .bin/kvsift bench --model /tmp/llama-100m -p 0 -n 128 -r 3 --batch "$b" --steps-per-submit "$c"
       done
     done
-    .bin/kvsift bench throughput --model /tmp/llama-100m --pool-mb 64 --prompt-len 128 \
+    .bin/kvsift bench throughput --model /tmp/llama-100m --kv-pool-mb 64 --prompt-len 128 \
       --gen-len 1024 --kv rkv --budget 128 --max-sequences 512
+    # Soak: R-KV's cache stays flat over a long generation, one sequence and 16.
+    .bin/kvsift bench soak --tokens 20000 --kv rkv --budget 32 --buffer 16
+    .bin/kvsift bench soak --tokens 5000 --batch 16 --kv rkv --budget 32 --buffer 16
     [ -x .bin/compression ] && .bin/compression --profile
   } 2>&1 | tee "$OUT/bench.txt"
 fi

@@ -916,13 +916,7 @@ impl<'c> Engine<'c> {
             }
             let body = self.replay_body.as_deref().unwrap_or_default();
             self.ctx.run_ops("kvsift.engine.replay", &[body])?;
-            if self
-                .compressor
-                .as_ref()
-                .is_some_and(|c| c.after_decode(pos))
-            {
-                self.compress(s.lane, &mut s.tables)?;
-            }
+            self.compress_after_decode(s, pos)?;
         }
         Ok(true)
     }
