@@ -457,3 +457,34 @@ impl<T: Pod> StagedInput<T> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::gpu;
+
+    #[test]
+    fn out_of_range_writes_copies_and_reads_are_errors() {
+        let Some(ctx) = gpu() else { return };
+        let a = GpuBuffer::from_slice(ctx, "test.a", &[1u32, 2, 3, 4, 5]).unwrap();
+        let b = GpuBuffer::<u32>::zeros(ctx, "test.b", 3).unwrap();
+        for e in [
+            a.write(ctx, 4, &[9, 9]).unwrap_err(),
+            a.write(ctx, usize::MAX, &[9]).unwrap_err(),
+            a.copy_op(3, &b, 0, 3).err().unwrap(),
+            a.copy_op(0, &b, 1, 3).err().unwrap(),
+            a.read_range(ctx, 2, 4).unwrap_err(),
+        ] {
+            assert!(e.to_string().contains("overflow"), "{e}");
+        }
+        assert!(GpuBuffer::<u32>::zeros(ctx, "test.huge", usize::MAX).is_err());
+        assert!(checked_len("x", &[usize::MAX, 2]).is_err());
+        // In range: reads of a part, and the whole.
+        a.write(ctx, 1, &[7, 8]).unwrap();
+        assert_eq!(a.read_range(ctx, 1, 3).unwrap(), vec![7, 8, 4]);
+        assert_eq!(a.read(ctx).unwrap(), vec![1, 7, 8, 4, 5]);
+        let slot = ReadbackSlot::new(ctx, "test.slot", 8).unwrap();
+        assert!(slot.copy_from(a.raw(), 0, 12).is_err());
+        assert!(slot.read::<u32>(ctx, 3).is_err());
+    }
+}
