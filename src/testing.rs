@@ -29,6 +29,33 @@ pub fn gpu() -> Option<&'static GpuContext> {
 
 pub use crate::rng::Rng;
 
+/// Rewrites the safetensors file at `path`, letting `edit(name, dtype,
+/// shape, data)` change any tensor (tests that break checkpoints).
+pub fn rewrite_safetensors(
+    path: &std::path::Path,
+    mut edit: impl FnMut(&str, &mut safetensors::Dtype, &mut Vec<usize>, &mut Vec<u8>),
+) {
+    let bytes = std::fs::read(path).expect("a safetensors file to rewrite");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let mut data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    for (n, dt, sh, b) in data.iter_mut() {
+        edit(n, dt, sh, b);
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, dt, sh, b)| {
+            let view = safetensors::tensor::TensorView::new(*dt, sh.clone(), b)
+                .expect("an edit that keeps shape and data consistent");
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).expect("the rewritten file");
+}
+
 /// Every method and schedule the engine runs, with budget `budget` and
 /// observation window `window` (decode-schedule buffer 8): each method at
 /// prefill and at decode, H2O v1, SnapKV per query head, R-KV in the

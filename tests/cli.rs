@@ -382,26 +382,12 @@ fn weights_beyond_the_f16_range_ask_for_f32() {
     }
     // tiny-qwen2 is bf16 on disk; put 1e6 (fine in bf16, inf in f16) into one weight.
     let d = copy_of("tiny-qwen2", "f16");
-    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let name = "model.layers.0.mlp.up_proj.weight";
-    let mut data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
-    let t = data.iter_mut().find(|t| t.0 == name).unwrap();
-    t.3[..2].copy_from_slice(&half::bf16::from_f32(1e6).to_le_bytes());
-    let views: Vec<(String, safetensors::tensor::TensorView)> = data
-        .iter()
-        .map(|(n, dt, sh, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &d.join("model.safetensors")).unwrap();
+    rewrite_tensors(&d, |n, _, _, data| {
+        if n == name {
+            data[..2].copy_from_slice(&half::bf16::from_f32(1e6).to_le_bytes());
+        }
+    });
 
     let dir = d.to_str().unwrap();
     let r = kvsift(&[
@@ -845,29 +831,9 @@ fn eval_runs_a_held_out_set_and_sweeps() {
 /// Rewrites `dir/model.safetensors`, letting `edit(name, dtype, shape, data)` change any tensor.
 fn rewrite_tensors(
     dir: &Path,
-    mut edit: impl FnMut(&str, &mut safetensors::Dtype, &mut Vec<usize>, &mut Vec<u8>),
+    edit: impl FnMut(&str, &mut safetensors::Dtype, &mut Vec<usize>, &mut Vec<u8>),
 ) {
-    let path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
-    for (n, dt, sh, b) in data.iter_mut() {
-        edit(n, dt, sh, b);
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = data
-        .iter()
-        .map(|(n, dt, sh, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &path).unwrap();
+    kvsift::testing::rewrite_safetensors(&dir.join("model.safetensors"), edit);
 }
 
 /// Replaces `from` by `to` in `dir/file`.
