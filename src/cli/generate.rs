@@ -168,8 +168,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                     outcomes[by_id[&id]].stop = Some(reason.as_str().into())
                 }
                 Event::Preempted { id } => {
-                    // Recomputed from its tokens: its streamed tokens stay valid.
-                    log::info!("request {id} preempted; it will be recomputed");
+                    // It resumes exactly where it stopped: its streamed tokens stay valid.
+                    log::info!("request {id} preempted; it resumes when the pool has room");
                 }
                 Event::Failed { id, error } => {
                     outcomes[by_id[&id]].stop = Some(format!("failed: {error}"));
