@@ -317,6 +317,16 @@ fn rope_config(f: &Fields, head_dim: usize) -> Result<RopeConfig> {
     .unwrap_or(10000.0);
     let scaling = match scaling {
         None => RopeScaling::None,
+        Some(s) if !s.is_object() => {
+            return Err(f.bad(
+                if params.is_some() {
+                    "rope_parameters"
+                } else {
+                    "rope_scaling"
+                },
+                &format!("expected an object or null, got {s}"),
+            ));
+        }
         Some(s) => {
             let kind = match s.get("rope_type").or_else(|| s.get("type")) {
                 Some(Value::String(k)) => k.as_str(),
@@ -378,6 +388,12 @@ fn rope_config(f: &Fields, head_dim: usize) -> Result<RopeConfig> {
 
 fn layer_windows(f: &Fields, arch: Arch, n_layers: usize) -> Result<Vec<Option<usize>>> {
     let window = f.opt_usize("sliding_window")?;
+    if window == Some(0) && arch != Arch::Llama {
+        return Err(f.bad(
+            "sliding_window",
+            "0: must be positive (or null for full attention)",
+        ));
+    }
     if let Some(types) = f.j.get("layer_types").and_then(|v| v.as_array()) {
         if types.len() != n_layers {
             return Err(f.bad(
@@ -401,7 +417,10 @@ fn layer_windows(f: &Fields, arch: Arch, n_layers: usize) -> Result<Vec<Option<u
     }
     Ok(match arch {
         // Mistral: the window (when set) applies to every layer.
-        Arch::Mistral | Arch::Llama => vec![window; n_layers],
+        Arch::Mistral => vec![window; n_layers],
+        // transformers' Llama attends to the whole context whatever
+        // sliding_window says (its attention never reads it).
+        Arch::Llama => vec![None; n_layers],
         // Qwen: only with use_sliding_window, from max_window_layers on.
         Arch::Qwen2 | Arch::Qwen3 => {
             let used = f.opt_bool("use_sliding_window")?.unwrap_or(false);
@@ -450,6 +469,25 @@ mod tests {
         assert_eq!(a.head_dim, 16);
         assert_eq!(a.eos_token_ids, vec![1, 2]);
         assert!(matches!(a.rope.scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    }
+
+    #[test]
+    fn windows_follow_transformers_per_architecture() {
+        let mut j = llama();
+        j["sliding_window"] = json!(16);
+        // Llama's attention never reads sliding_window.
+        assert_eq!(parse(j.clone()).unwrap().layer_windows, vec![None, None]);
+        j["architectures"] = json!(["MistralForCausalLM"]);
+        assert_eq!(parse(j.clone()).unwrap().layer_windows, vec![Some(16); 2]);
+        j["sliding_window"] = json!(0);
+        let e = parse(j).unwrap_err().to_string();
+        assert!(e.contains("sliding_window"), "{e}");
+        for bad in [json!([1, 2]), json!("linear"), json!(4.0)] {
+            let mut j = llama();
+            j["rope_scaling"] = bad;
+            let e = parse(j).unwrap_err().to_string();
+            assert!(e.contains("rope_scaling") && e.contains("object"), "{e}");
+        }
     }
 
     #[test]
