@@ -87,10 +87,7 @@ impl ModelConfig {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let text = crate::model::weights::read_text(&path)?;
-        let json: Value = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
-            path: path.clone(),
-            reason: format!("not valid JSON: {e}"),
-        })?;
+        let json = parse_object(&path, &text)?;
         Self::from_json(&path, &json)
     }
 
@@ -212,10 +209,7 @@ impl GenerationDefaults {
             });
         }
         let text = crate::model::weights::read_text(&path)?;
-        let j: Value = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
-            path: path.clone(),
-            reason: format!("not valid JSON: {e}"),
-        })?;
+        let j = parse_object(&path, &text)?;
         let f = Fields { path: &path, j: &j };
         let mut sampling = SamplingParams::greedy();
         if f.opt_bool("do_sample")?.unwrap_or(false) {
@@ -234,6 +228,25 @@ impl GenerationDefaults {
             sampling,
         })
     }
+}
+
+/// A JSON file that must hold an object (config.json, generation_config.json,
+/// tokenizer_config.json).
+pub fn parse_object(path: &Path, text: &str) -> Result<Value> {
+    let bad = |reason: String| Error::BadConfig {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let kind = match &v {
+        Value::Object(_) => return Ok(v),
+        Value::Array(_) => "an array",
+        Value::String(_) => "a string",
+        Value::Number(_) => "a number",
+        Value::Bool(_) => "a boolean",
+        Value::Null => "null",
+    };
+    Err(bad(format!("expected a JSON object, got {kind}")))
 }
 
 struct Fields<'a> {
@@ -487,6 +500,22 @@ mod tests {
             j["rope_scaling"] = bad;
             let e = parse(j).unwrap_err().to_string();
             assert!(e.contains("rope_scaling") && e.contains("object"), "{e}");
+        }
+    }
+
+    #[test]
+    fn config_files_must_hold_objects() {
+        let d = std::env::temp_dir().join(format!("kvsift-cfg-obj-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        for text in ["[1]", "\"x\"", "null", "3"] {
+            std::fs::write(d.join("config.json"), text).unwrap();
+            std::fs::write(d.join("generation_config.json"), text).unwrap();
+            for e in [
+                ModelConfig::load(&d).unwrap_err().to_string(),
+                GenerationDefaults::load(&d).unwrap_err().to_string(),
+            ] {
+                assert!(e.contains("expected a JSON object"), "{text}: {e}");
+            }
         }
     }
 

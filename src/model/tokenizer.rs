@@ -55,10 +55,7 @@ impl TextTokenizer {
         })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = if cfg_path.exists() {
-            serde_json::from_str(&read_text(&cfg_path)?).map_err(|e| Error::BadConfig {
-                path: cfg_path.clone(),
-                reason: format!("not valid JSON: {e}"),
-            })?
+            crate::model::config::parse_object(&cfg_path, &read_text(&cfg_path)?)?
         } else {
             Value::Null
         };
