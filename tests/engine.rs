@@ -594,8 +594,8 @@ fn events_of(events: &[Event], id: u64) -> Vec<&Event> {
 
 /// Under a pool too small for every sequence at once, preempted sequences
 /// (swapped to host memory, or replayed) resume with exactly the cache
-/// they had: every request's greedy tokens equal its tokens alone, for
-/// every method and schedule.
+/// they had: every request's tokens (greedy, and one seeded sampler) equal
+/// its tokens alone, for every method and schedule.
 #[test]
 fn preemption_gives_each_request_its_tokens_alone_for_every_method() {
     let Some(ctx) = gpu() else { return };
@@ -604,12 +604,26 @@ fn preemption_gives_each_request_its_tokens_alone_for_every_method() {
     // a slot per token), and short ones for the decode schedule (growing up
     // to budget + buffer and compressed every 8 tokens): either way the
     // sequences outgrow the pool after admission.
-    let long: Vec<Request> = (0..4)
+    // One request samples (seeded, with a repetition penalty): its draws
+    // and its seen-token mask survive a preemption too.
+    let sampled = |mut r: Request| {
+        r.sampling = SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            repetition_penalty: 1.3,
+            seed: 11,
+            ..SamplingParams::greedy()
+        };
+        r
+    };
+    let mut long: Vec<Request> = (0..4)
         .map(|i| greedy(prompt(60 + i, 10 + 4 * i as usize), 28))
         .collect();
-    let short: Vec<Request> = (0..4)
+    let mut short: Vec<Request> = (0..4)
         .map(|i| greedy(prompt(60 + i, 2 + i as usize), 40))
         .collect();
+    long[3] = sampled(long[3].clone());
+    short[3] = sampled(short[3].clone());
     for compression in every_method(12) {
         let decode_time =
             compression.method != Method::None && compression.schedule == Schedule::Decode;
