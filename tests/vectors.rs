@@ -1,4 +1,4 @@
-//! Every case in tests/vectors (copied from shared/vectors, produced by an
+//! Every case in tests/vectors (copied from ../shared/vectors, produced by an
 //! independent implementation of the contract) through the CPU selection,
 //! including the R-KV decode streams replayed round by round.
 
@@ -539,4 +539,42 @@ fn every_method_replays_through_the_engine_like_the_cpu() {
     }
     eprintln!("{checked} method runs replayed through the engine");
     assert!(checked >= 60);
+}
+
+/// The committed vectors and contract are copies of `../shared`: when that
+/// folder sits beside the repository, they must not have drifted from it.
+#[test]
+fn committed_vectors_and_contract_match_the_shared_ones() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let shared = root.join("../shared");
+    if !shared.join("vectors").is_dir() {
+        eprintln!("skipped: no ../shared/vectors beside the repository");
+        return;
+    }
+    let names = |d: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let ours = names(&dir());
+    assert_eq!(ours, names(&shared.join("vectors")), "vector files differ");
+    for n in &ours {
+        let a = std::fs::read(dir().join(n)).unwrap();
+        let b = std::fs::read(shared.join("vectors").join(n)).unwrap();
+        assert!(
+            a == b,
+            "tests/vectors/{n} differs from ../shared/vectors/{n}"
+        );
+    }
+    let spec = shared.join("specs/kv-compression.md");
+    if spec.is_file() {
+        assert_eq!(
+            std::fs::read_to_string(root.join("docs/kv-compression.md")).unwrap(),
+            std::fs::read_to_string(spec).unwrap(),
+            "docs/kv-compression.md differs from ../shared/specs/kv-compression.md"
+        );
+    }
 }

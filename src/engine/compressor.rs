@@ -309,6 +309,8 @@ impl Compressor {
         tables: &mut SeqTables,
     ) -> Result<bool> {
         let before = kv.usage().bytes_in_use;
+        let started = std::time::Instant::now();
+        let slots_before: usize = tables.slots_per_layer().iter().sum();
         kv.set_row(0, lane, tables, None);
         kv.upload_rows(ctx)?;
         let (w, hq, d) = (self.cfg.window, self.n_q_heads, kv.layout.head_dim);
@@ -391,6 +393,11 @@ impl Compressor {
                 tables.truncate(layer, h, new, &mut kv.alloc);
             }
         }
+        log::debug!(
+            "compression pass on lane {lane}: {slots_before} -> {} slots, {:.2} ms",
+            slots_before as u64 - dropped,
+            started.elapsed().as_secs_f64() * 1e3
+        );
         self.stats.passes += 1;
         self.stats.slots_dropped += dropped;
         self.stats.bytes_before_last = before;

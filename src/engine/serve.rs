@@ -776,10 +776,23 @@ impl<'c> Engine<'c> {
                 if let (Some(c), Some(state)) = (&self.compressor, &sw.lane) {
                     c.restore_lane(self.ctx, s.lane, state)?;
                 }
+                log::debug!(
+                    "request {} swapped in: {} pages, lane {}",
+                    s.id,
+                    new.len(),
+                    s.lane
+                );
                 Ok(Started::Resumed)
             }
             Parked::Replay { held } => {
+                let t = Instant::now();
                 if self.replay(s)? {
+                    log::debug!(
+                        "request {} replayed: {} tokens in {:.1} ms",
+                        s.id,
+                        s.tokens.len() - 1,
+                        t.elapsed().as_secs_f64() * 1e3
+                    );
                     Ok(Started::Resumed)
                 } else {
                     s.parked = Parked::Replay { held };
@@ -1116,20 +1129,35 @@ impl<'c> Engine<'c> {
                 }
             }
         }
+        let pages = s.tables.pages_in_use();
         let parked = match self.config.on_exhaustion {
             Exhaustion::Swap => match self.swap_out(&s) {
-                Ok(sw) => Parked::Swapped(Box::new(sw)),
+                Ok(sw) => {
+                    log::info!(
+                        "request {} preempted: {pages} pages swapped out ({} bytes on the host)",
+                        s.id,
+                        sw.bytes()
+                    );
+                    Parked::Swapped(Box::new(sw))
+                }
                 Err(e) => return self.fail(s, &e, events),
             },
-            _ => Parked::Replay {
-                held: (0..s.tables.n_layers)
-                    .map(|l| {
-                        (0..s.tables.n_heads)
-                            .map(|h| s.tables.head(l, h).pages.len())
-                            .sum()
-                    })
-                    .collect(),
-            },
+            _ => {
+                log::info!(
+                    "request {} preempted: {pages} pages freed, to be replayed ({} tokens)",
+                    s.id,
+                    s.tokens.len()
+                );
+                Parked::Replay {
+                    held: (0..s.tables.n_layers)
+                        .map(|l| {
+                            (0..s.tables.n_heads)
+                                .map(|h| s.tables.head(l, h).pages.len())
+                                .sum()
+                        })
+                        .collect(),
+                }
+            }
         };
         s.tables.release(&mut self.kv.alloc);
         self.free_lanes.push(s.lane);

@@ -1,4 +1,4 @@
-//! Building blocks shared by the methods (`shared/specs/kv-compression.md`,
+//! Building blocks shared by the methods (`docs/kv-compression.md`,
 //! "Shared building blocks"), on the CPU: window attention probabilities, the
 //! row and GQA-group reductions, pooling, and top-k with ties to the lower
 //! slot index. Scores are computed in f64 and rounded to f32 before

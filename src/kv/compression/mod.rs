@@ -1,5 +1,5 @@
 //! KV-cache compression methods: each a scorer plus a budget rule, following
-//! `shared/specs/kv-compression.md` (the contract). This module is policy: it
+//! `docs/kv-compression.md` (the contract). This module is policy: it
 //! validates the settings and, on the CPU, selects the slots to keep from
 //! captured keys and queries (`kvsift select --cpu`, and the reference the
 //! GPU passes are held against).
