@@ -76,7 +76,7 @@ struct Params {
     stat_splits: u32,      // score_stats: slot ranges of STAT_SPLIT per (row, unit)
     slots: u32,            // the longest head's length this pass covers (compaction's scratch layout)
     row_lanes: u32,        // score_stats: threads per (row, unit, split) (power of two <= SG)
-    _pad2: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -165,3 +165,43 @@ fn every_kernel_file_in_shaders_is_used() {
         );
     }
 }
+
+/// Every `#[repr(C)]` struct the host writes for a kernel has the layout of
+/// the WGSL struct the kernel reads (size, and each member's name and
+/// offset, by naga's layouter), in every kernel that declares it.
+#[test]
+fn host_structs_match_their_wgsl_structs() {
+    let layouts = kvsift::ops::host_layouts();
+    assert!(layouts.len() >= 18, "{} layouts", layouts.len());
+    for l in &layouts {
+        for kernel in &l.kernels {
+            let source = kernel.source();
+            let module = naga::front::wgsl::parse_str(&source)
+                .unwrap_or_else(|e| panic!("{}: {}", kernel.name, e.emit_to_string(&source)));
+            let (_, ty) = module
+                .types
+                .iter()
+                .find(|(_, t)| t.name.as_deref() == Some(l.wgsl))
+                .unwrap_or_else(|| panic!("{}: no WGSL struct {}", kernel.name, l.wgsl));
+            let naga::TypeInner::Struct { members, span } = &ty.inner else {
+                panic!("{}: {} is not a struct", kernel.name, l.wgsl);
+            };
+            let wgsl: Vec<(String, usize)> = members
+                .iter()
+                .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize))
+                .collect();
+            let rust: Vec<(String, usize)> =
+                l.fields.iter().map(|(n, o)| (n.to_string(), *o)).collect();
+            assert_eq!(
+                rust, wgsl,
+                "{} against {}'s {} (name, offset)",
+                l.rust, kernel.name, l.wgsl
+            );
+            assert_eq!(
+                l.size, *span as usize,
+                "{}: {} bytes, {}'s {} {span}",
+                l.rust, kernel.name, l.wgsl, l.size
+            );
+        }
+    }
+}

@@ -3,6 +3,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::ensure;
+use super::host_layout;
 use super::{NO_FEATURES, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -49,6 +50,12 @@ pub fn add_cpu(acc: &mut [f32], x: &[f32]) {
     for (a, b) in acc.iter_mut().zip(x) {
         *a += *b;
     }
+}
+
+/// The structs this module's kernels read (checked against the WGSL in
+/// tests/shader_portability.rs).
+pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
+    vec![host_layout!(Params in [&ADD] as "Params" { n })]
 }
 
 #[cfg(test)]

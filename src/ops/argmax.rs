@@ -4,6 +4,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::host_layout;
 use super::{NO_FEATURES, u32_of};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -70,6 +71,12 @@ pub fn argmax_cpu(row: &[f32]) -> u32 {
         }
     }
     best.map_or(NO_INDEX, |(_, i)| i as u32)
+}
+
+/// The structs this module's kernels read (checked against the WGSL in
+/// tests/shader_portability.rs).
+pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
+    vec![host_layout!(Params in [&ARGMAX] as "Params" { rows, n })]
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::ensure;
+use super::host_layout;
 use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -316,6 +317,15 @@ pub fn attention_cpu(
         }
     }
     out
+}
+
+/// The structs this module's kernels read (checked against the WGSL in
+/// tests/shader_portability.rs).
+pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
+    vec![
+        host_layout!(KvStoreParams in [&KV_STORE] as "Params" { n_tokens, n_kv_heads, head_dim, qkv_stride, k_offset, v_offset, capacity }),
+        host_layout!(AttentionParams in [&ATTENTION.workgroup, &ATTENTION.subgroup] as "Params" { n_tokens, n_heads, n_kv_heads, head_dim, q_stride, q_offset, capacity, window, out_stride, scale }),
+    ]
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::ensure;
+use super::host_layout;
 use super::{NO_FEATURES, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -771,6 +772,14 @@ pub fn pool_from_keys(
         }
     }
     (pool, desc, tables)
+}
+
+/// The structs this module's kernels read (checked against the WGSL in
+/// tests/shader_portability.rs).
+pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
+    vec![
+        host_layout!(CompressParams in [&COMPRESS] as "Params" { n_heads, units, units_per_head, group, head_dim, dw, page_size, page_words, n_rows, rows_per_group, q_base, q_row_stride, qpos_base, desc_base, acc_base, acc_lane_stride, t_stride, window, kernel, rkv, mean, agg, pooling, accumulate, k_stride, acc_units, ring_lane_rows, scale, lambda, threshold, eps, stat_splits, slots, row_lanes, _pad }),
+    ]
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::ensure;
+use super::host_layout;
 use super::{NO_FEATURES, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -48,6 +49,12 @@ pub fn copy_vec4(
 /// CPU twin.
 pub fn copy_cpu(dst: &mut [u32], src: &[u32]) {
     dst.copy_from_slice(&src[..dst.len()]);
+}
+
+/// The structs this module's kernels read (checked against the WGSL in
+/// tests/shader_portability.rs).
+pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
+    vec![host_layout!(Params in [&COPY] as "Params" { n })]
 }
 
 #[cfg(test)]

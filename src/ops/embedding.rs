@@ -5,6 +5,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::ensure;
+use super::host_layout;
 use super::{NO_FEATURES, u32_of};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, GpuMatrix, Kernel, WeightDtype};
@@ -95,6 +96,14 @@ pub fn embed_cpu(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
                 .copied()
         })
         .collect()
+}
+
+/// The structs this module's kernels read (checked against the WGSL in
+/// tests/shader_portability.rs).
+pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
+    vec![
+        host_layout!(Params in [&EMBEDDING] as "Params" { n_tokens, dim, row_words, first_row, part_rows }),
+    ]
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::ensure;
+use super::host_layout;
 use super::rmsnorm::{NormShape, rmsnorm};
 use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
 use crate::error::Result;
@@ -530,6 +531,15 @@ pub fn linear_cpu(
             *out = if accumulate { *out + s } else { s };
         }
     }
+}
+
+/// The structs this module's kernels read (checked against the WGSL in
+/// tests/shader_portability.rs).
+pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
+    vec![
+        host_layout!(MatvecParams in [&MATVEC.workgroup, &MATVEC.subgroup, &MATVEC_ROWS, &MATVEC_VEC4] as "Params" { rows, cols, row_words, n_vecs, x_stride, y_stride, y_offset, flags, row_blocks, eps }),
+        host_layout!(MatmulParams in [&MATMUL] as "Params" { m, n, k, row_words, a_stride, c_stride, c_offset, flags }),
+    ]
 }
 
 #[cfg(test)]

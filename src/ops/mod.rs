@@ -120,6 +120,59 @@ macro_rules! ensure {
 }
 pub(crate) use ensure;
 
+/// A `#[repr(C)]` struct that kernels read as a WGSL struct: its size and
+/// its fields' offsets by name. `tests/shader_portability.rs` checks each
+/// against the WGSL struct's layout as naga computes it, so the two sides of
+/// the protocol cannot drift apart unnoticed.
+#[doc(hidden)]
+pub struct HostLayout {
+    pub rust: &'static str,
+    /// Kernels whose source declares the struct.
+    pub kernels: Vec<&'static Kernel>,
+    /// The WGSL struct's name.
+    pub wgsl: &'static str,
+    pub size: usize,
+    pub fields: Vec<(&'static str, usize)>,
+}
+
+/// `host_layout!(Type in [&KERNEL, ...] as "WgslName" { field, ... })`.
+macro_rules! host_layout {
+    ($ty:ident in [$($k:expr),+ $(,)?] as $wgsl:literal { $($f:ident),* $(,)? }) => {
+        $crate::ops::HostLayout {
+            rust: stringify!($ty),
+            kernels: vec![$($k),+],
+            wgsl: $wgsl,
+            size: std::mem::size_of::<$ty>(),
+            fields: vec![$((stringify!($f), std::mem::offset_of!($ty, $f))),*],
+        }
+    };
+}
+pub(crate) use host_layout;
+
+/// Every struct shared between Rust and WGSL (for the layout test).
+#[doc(hidden)]
+pub fn host_layouts() -> Vec<HostLayout> {
+    [
+        add::host_layouts(),
+        argmax::host_layouts(),
+        attention::host_layouts(),
+        compress::host_layouts(),
+        copy::host_layouts(),
+        embedding::host_layouts(),
+        linear::host_layouts(),
+        nll::host_layouts(),
+        paged_attention::host_layouts(),
+        rmsnorm::host_layouts(),
+        rope::host_layouts(),
+        sample::host_layouts(),
+        silu_mul::host_layouts(),
+        softmax::host_layouts(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -4,6 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::ensure;
+use super::host_layout;
 use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -75,6 +76,14 @@ pub fn nll_cpu(row: &[f32], target: u32) -> f64 {
     let m = row.iter().fold(f64::NEG_INFINITY, |a, v| a.max(*v as f64));
     let z: f64 = row.iter().map(|v| (*v as f64 - m).exp()).sum();
     z.ln() + m - row[target as usize] as f64
+}
+
+/// The structs this module's kernels read (checked against the WGSL in
+/// tests/shader_portability.rs).
+pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
+    vec![
+        host_layout!(NllParams in [&NLL.workgroup, &NLL.subgroup] as "Params" { rows, n, row_offset }),
+    ]
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use bytemuck::{Pod, Zeroable};
 use half::f16;
 
 use super::ensure;
+use super::host_layout;
 use super::{NO_FEATURES, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -549,6 +550,15 @@ pub fn paged_attention_cpu(
         }
     }
     out
+}
+
+/// The structs this module's kernels read (checked against the WGSL in
+/// tests/shader_portability.rs).
+pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
+    vec![
+        host_layout!(StoreParams in [&PAGED_KV_STORE] as "Params" { n_tokens, tokens_per_row, n_heads, heads_per_kv, head_dim, dw, page_size, page_words, qkv_stride, k_offset, v_offset, desc_base }),
+        host_layout!(AttentionParams in [&PAGED_ATTENTION] as "Params" { n_rows, n_heads, group, head_dim, dw, page_size, page_words, q_stride, desc_base, n_splits, split_pages, window, scale }),
+    ]
 }
 
 #[cfg(test)]

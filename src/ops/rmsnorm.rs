@@ -5,6 +5,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::ensure;
+use super::host_layout;
 use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -232,6 +233,14 @@ pub fn rmsnorm_cpu(s: &NormShape, x: &[f64], w: &[f32], out: &mut [f64]) {
             out[base + i] = w[i] as f64 * (row[i] * scale);
         }
     }
+}
+
+/// The structs this module's kernels read (checked against the WGSL in
+/// tests/shader_portability.rs).
+pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
+    vec![
+        host_layout!(Params in [&RMSNORM.workgroup, &RMSNORM.subgroup] as "Params" { rows, dim, eps, heads, token_stride, offset }),
+    ]
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::ensure;
+use super::host_layout;
 use super::{NO_FEATURES, u32_of};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -258,6 +259,14 @@ pub fn rope_cpu(s: RopeShape, cos: &[f32], sin: &[f32], x: &mut [f64]) {
             }
         }
     }
+}
+
+/// The structs this module's kernels read (checked against the WGSL in
+/// tests/shader_portability.rs).
+pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
+    vec![
+        host_layout!(Params in [&ROPE] as "Params" { n_tokens, n_heads, half, token_stride, head_offset }),
+    ]
 }
 
 #[cfg(test)]

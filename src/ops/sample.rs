@@ -10,6 +10,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::host_layout;
 use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel, Op, StagedInput};
@@ -434,6 +435,15 @@ pub fn kept_distribution(logits: &[f32], seen: &[u32], params: &SamplingParams) 
         })
         .collect();
     Distribution::Kept { weights, scores: s }
+}
+
+/// The structs this module's kernels read (checked against the WGSL in
+/// tests/shader_portability.rs).
+pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
+    vec![
+        host_layout!(SampleParams in [&SAMPLE.workgroup, &SAMPLE.subgroup] as "Params" { n, seen_words, n_rows }),
+        host_layout!(RowParams in [&SAMPLE.workgroup, &SAMPLE.subgroup] as "Row" { top_k, greedy, lane, temperature, top_p, min_p, penalty, u }),
+    ]
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::ensure;
+use super::host_layout;
 use super::{NO_FEATURES, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -63,6 +64,12 @@ pub fn silu_mul_cpu(gate_up: &[f32], dim: usize) -> Vec<f64> {
             })
         })
         .collect()
+}
+
+/// The structs this module's kernels read (checked against the WGSL in
+/// tests/shader_portability.rs).
+pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
+    vec![host_layout!(Params in [&SILU_MUL] as "Params" { n_tokens, dim })]
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::ensure;
+use super::host_layout;
 use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
@@ -75,6 +76,12 @@ pub fn softmax_cpu(x: &[f32], rows: usize, n: usize) -> Vec<f64> {
         }
     }
     out
+}
+
+/// The structs this module's kernels read (checked against the WGSL in
+/// tests/shader_portability.rs).
+pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
+    vec![host_layout!(Params in [&SOFTMAX.workgroup, &SOFTMAX.subgroup] as "Params" { rows, n })]
 }
 
 #[cfg(test)]
