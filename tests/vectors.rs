@@ -343,7 +343,12 @@ fn replay_on_the_engine(
         page_size: 16,
         kv_f16,
     };
-    let mut kv = PagedKv::new(ctx, &model, &pool, 1, n, n, 1).unwrap();
+    let shape = kvsift::kv::paged::KvShape {
+        n_layers: model.n_layers,
+        n_kv_heads: model.n_kv_heads,
+        head_dim: model.head_dim,
+    };
+    let mut kv = PagedKv::new(ctx, shape, &pool, 1, n, n, 1).unwrap();
     let mut comp = Compressor::new(ctx, cfg.clone(), &model, &kv, 1, n, n).unwrap();
     let mut tables = kv.new_tables();
     let qkv_dim = (hq + 2 * hkv) * d;

@@ -31,12 +31,12 @@ use crate::error::{Error, Result};
 use crate::gpu::buffer::ReadbackSlot;
 use crate::gpu::{GpuBuffer, GpuContext, Op};
 use crate::kv::compression::{CompressConfig, Method};
-use crate::kv::paged::{HostKv, PagedKv, PoolConfig, PoolUsage};
+use crate::kv::paged::{HostKv, KvShape, PagedKv, PoolConfig, PoolUsage};
 use crate::kv::{Exhausted, SeqTables};
 use crate::model::config::ModelConfig;
 use crate::model::llama::{
     Activations, LlamaWeights, body, check_ids, final_norm, push_lm_head, push_nll_head,
-    push_norm_lm_head, read_rows,
+    push_norm_lm_head,
 };
 use crate::model::runner::{
     MAX_CONTEXT, ScoreOutput, check_score_args, context_capacity, score_targets, set_nll_row,
@@ -349,9 +349,14 @@ impl<'c> Engine<'c> {
         }
         config.compression.validate()?;
         let hpk = Compressor::heads_per_kv(&config.compression, &cfg);
+        let shape = KvShape {
+            n_layers: cfg.n_layers,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+        };
         let mut kv = PagedKv::new(
             ctx,
-            &cfg,
+            shape,
             &config.pool,
             config.max_batch,
             rows,
@@ -761,7 +766,10 @@ impl<'c> Engine<'c> {
                 self.grow_tables(s, s.tokens.len())?;
                 let token = self.prefill(s)?;
                 if self.capture_logits {
-                    let logits = read_rows(self.ctx, &self.acts.logits, self.cfg.vocab_size)?;
+                    let logits = self
+                        .acts
+                        .logits
+                        .read_range(self.ctx, 0, self.cfg.vocab_size)?;
                     events.push(Event::Logits { id: s.id, logits });
                 }
                 Ok(Started::Token(token))
@@ -1220,7 +1228,7 @@ impl<'c> Engine<'c> {
         }
         if self.capture_logits {
             let v = self.cfg.vocab_size;
-            let all = read_rows(self.ctx, &self.acts.logits, b * v)?;
+            let all = self.acts.logits.read_range(self.ctx, 0, b * v)?;
             for (s, row) in self.running.iter().zip(all.chunks_exact(v)) {
                 events.push(Event::Logits {
                     id: s.id,
@@ -1557,7 +1565,7 @@ impl<'c> Engine<'c> {
                     )?;
                     self.ctx.run_ops("kvsift.score.head", &[&head])?;
                     if let Some(l) = logits.as_mut() {
-                        l.extend(read_rows(self.ctx, &self.acts.logits, rows * v)?);
+                        l.extend(self.acts.logits.read_range(self.ctx, 0, rows * v)?);
                     }
                 }
             }
@@ -1591,7 +1599,7 @@ impl<'c> Engine<'c> {
                     set_nll_row(self.ctx, &head, v, row)?;
                     self.ctx.run_ops("kvsift.score.decode", &[&body, &head])?;
                     if let Some(l) = logits.as_mut() {
-                        l.extend(read_rows(self.ctx, &self.acts.logits, v)?);
+                        l.extend(self.acts.logits.read_range(self.ctx, 0, v)?);
                     }
                     if self
                         .compressor
@@ -1608,7 +1616,7 @@ impl<'c> Engine<'c> {
         tables.release(&mut self.kv.alloc);
         self.free_lanes.push(lane);
         result?;
-        let nll = read_rows(self.ctx, &nll_out, t)?;
+        let nll = nll_out.read_range(self.ctx, 0, t)?;
         Ok(ScoreOutput {
             nll: nll[..t - 1].to_vec(),
             logits,

@@ -13,7 +13,6 @@
 use crate::error::{Error, Result};
 use crate::gpu::buffer::checked_len;
 use crate::gpu::{GpuBuffer, GpuContext, Op, StagedInput};
-use crate::model::config::ModelConfig;
 use crate::ops::paged_attention::{LayerKv, PoolLayout};
 
 use super::pool::PageAllocator;
@@ -42,6 +41,14 @@ impl Default for PoolConfig {
             kv_f16: true,
         }
     }
+}
+
+/// What the pool stores per layer: the model's KV heads and their size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvShape {
+    pub n_layers: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
 }
 
 /// A sequence's KV held in host memory while it is swapped out.
@@ -93,7 +100,7 @@ impl PagedKv {
     /// per head, steps of up to `max_rows` rows.
     pub fn new(
         ctx: &GpuContext,
-        cfg: &ModelConfig,
+        cfg: KvShape,
         pc: &PoolConfig,
         lanes: usize,
         max_rows: usize,

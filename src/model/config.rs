@@ -40,7 +40,7 @@ pub const MAX_WIDTH: usize = 1 << 20;
 pub const MAX_HEADS: usize = 1 << 12;
 pub const MAX_LAYERS: usize = 1 << 12;
 /// The sampler's token indices are exact in f32 below 2^24.
-pub const MAX_VOCAB: usize = (1 << 24) - 1;
+pub const MAX_VOCAB: usize = crate::ops::sample::MAX_VOCAB;
 
 /// Everything the forward pass needs, validated.
 #[derive(Clone, Debug)]

@@ -27,7 +27,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::gpu::buffer::{ReadbackSlot, checked_len};
+use crate::gpu::buffer::checked_len;
 use crate::gpu::{
     BufferCopy, Dispatch, GpuBuffer, GpuContext, GpuMatrix, Op, StagedInput, WeightDtype,
 };
@@ -735,15 +735,6 @@ pub fn load_weights(
     let cfg = ModelConfig::load(dir)?;
     let store = WeightStore::open(dir)?;
     LlamaWeights::load(ctx, cfg, &store, dtype, progress)
-}
-
-pub fn read_rows(ctx: &GpuContext, buf: &GpuBuffer<f32>, n: usize) -> Result<Vec<f32>> {
-    let slot = ReadbackSlot::new(ctx, "readback.rows", (n * 4) as u64)?;
-    ctx.run_ops(
-        "kvsift.readback",
-        &[&[slot.copy_from(buf.raw(), 0, (n * 4) as u64)?]],
-    )?;
-    slot.read(ctx, n)
 }
 
 pub fn copy(

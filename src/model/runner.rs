@@ -11,7 +11,7 @@ use crate::gpu::{GpuBuffer, GpuContext, Op, WeightDtype};
 use crate::model::config::ModelConfig;
 use crate::model::llama::{
     Activations, LlamaWeights, body, check_ids, final_norm, load_weights, push_lm_head,
-    push_nll_head, read_rows,
+    push_nll_head,
 };
 use crate::ops::attention::{AttentionShape, attention, kv_store};
 use crate::ops::sample::{Sampler, SamplingParams, mark_seen, seen_words};
@@ -430,7 +430,7 @@ impl<'c> Model<'c> {
                 let head = self.nll_head(r0, rows, start + r0)?;
                 self.ctx.run_ops("kvsift.score.head", &[&head])?;
                 if let Some(l) = logits.as_mut() {
-                    l.extend(read_rows(self.ctx, &self.acts.logits, rows * v)?);
+                    l.extend(self.acts.logits.read_range(self.ctx, 0, rows * v)?);
                 }
             }
         }
@@ -446,11 +446,11 @@ impl<'c> Model<'c> {
                     .run_ops("kvsift.score.decode", &[&self.decode_body, &head])?;
                 self.position += 1;
                 if let Some(l) = logits.as_mut() {
-                    l.extend(read_rows(self.ctx, &self.acts.logits, v)?);
+                    l.extend(self.acts.logits.read_range(self.ctx, 0, v)?);
                 }
             }
         }
-        let nll = read_rows(self.ctx, &self.nll, t)?;
+        let nll = self.nll.read_range(self.ctx, 0, t)?;
         Ok(ScoreOutput {
             nll: nll[..t - 1].to_vec(),
             logits,

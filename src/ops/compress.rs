@@ -15,8 +15,23 @@ use super::host_layout;
 use super::{NO_FEATURES, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
-use crate::kv::compression::{GqaAgg, Pooling};
 use crate::ops::paged_attention::{LayerKv, PoolLayout};
+
+/// How a GQA group's per-query-head scores combine into one score per
+/// stored (KV) head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GqaAgg {
+    Mean,
+    Max,
+    Sum,
+}
+
+/// The 1-D pooling over slots that smooths scores before selection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooling {
+    Max,
+    Avg,
+}
 
 pub static COMPRESS: Kernel = Kernel {
     name: "compress",

@@ -32,6 +32,10 @@ pub static SAMPLE: ReducingKernel = ReducingKernel {
     },
 };
 
+/// Largest vocabulary the sampler serves: token indices are exact in f32
+/// below 2^24.
+pub const MAX_VOCAB: usize = (1 << 24) - 1;
+
 /// What the sampler returns for a row with a NaN or infinite score (never
 /// a token id: vocabularies are below 2^24).
 pub const NO_TOKEN: u32 = u32::MAX;
@@ -183,12 +187,12 @@ impl Sampler {
         n: usize,
         max_rows: usize,
     ) -> Result<Self> {
-        if n == 0 || n > crate::model::config::MAX_VOCAB {
+        if n == 0 || n > MAX_VOCAB {
             return Err(Error::invalid(
                 "sampler",
                 format!(
                     "vocabulary of {n}: must be 1 to {} (exact f32 indices)",
-                    crate::model::config::MAX_VOCAB
+                    MAX_VOCAB
                 ),
             ));
         }

@@ -9,7 +9,6 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext};
-use crate::model::llama::read_rows;
 use crate::ops::compress::{self, CompressBuffers, ScoreQueries, ScoreSpec};
 use crate::ops::paged_attention::{LayerKv, PoolLayout};
 
@@ -197,7 +196,9 @@ pub fn select_layer(
             }
             let refs: Vec<&Dispatch> = ds.iter().collect();
             ctx.run("kvsift.compress.adakv.scores", &refs)?;
-            let all = read_rows(ctx, &bufs.scores, job.kv.n_heads * bufs.t_max)?;
+            let all = bufs
+                .scores
+                .read_range(ctx, 0, job.kv.n_heads * bufs.t_max)?;
             let scores: Vec<Vec<f32>> = cands
                 .iter()
                 .enumerate()

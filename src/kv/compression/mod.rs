@@ -55,18 +55,8 @@ pub enum Granularity {
     QueryHead,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GqaAgg {
-    Mean,
-    Max,
-    Sum,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pooling {
-    Max,
-    Avg,
-}
+// The score kernels' own knobs; the policy picks them.
+pub use crate::ops::compress::{GqaAgg, Pooling};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum H2oVersion {
