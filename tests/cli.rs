@@ -745,7 +745,10 @@ fn bench_prints_pp_tg_roofline_profile_and_throughput() {
             vec!["bench", "--model", TINY, "-p", "0", "-n", "0"],
             "nothing to measure",
         ),
-        (vec!["bench", "sideways"], "roofline, throughput or soak"),
+        (
+            vec!["bench", "sideways"],
+            "possible values: roofline, throughput, soak",
+        ),
         (
             vec!["bench", "throughput", "--kv", "rkv", "--budget", "16"],
             "--kv-pool-mb",
@@ -1127,7 +1130,10 @@ fn edge_values_of_flags_do_what_they_say() {
     expect_generate_error(&["--batch", "9223372036854775808"], "--batch");
     expect_generate_error(&["--batch", "18446744073709551615"], "--batch");
     expect_generate_error(&["--max-context", "18446744073709551615"], "--max-context");
-    expect_generate_error(&["--on-exhaustion", "swapp"], "swap, recompute or reject");
+    expect_generate_error(
+        &["--on-exhaustion", "swapp"],
+        "possible values: swap, recompute, reject",
+    );
     // A binding cap too small to plan with is refused where it is set.
     let out = Command::new(env!("CARGO_BIN_EXE_kvsift"))
         .args([

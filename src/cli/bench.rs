@@ -15,6 +15,7 @@ use kvsift::ops::sample::SamplingParams;
 use serde_json::json;
 
 use super::common::ModelArgs;
+use super::compress::KvMethod;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -22,7 +23,8 @@ pub struct BenchArgs {
     /// bandwidth), `throughput` (concurrent sequences in a fixed pool,
     /// full cache against --kv) or `soak` (one long generation, or --batch
     /// of them: KV pages, bytes and host memory over time).
-    pub mode: Option<String>,
+    #[arg(value_enum)]
+    pub mode: Option<BenchMode>,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Prompt tokens of the pp test (0: skip it).
@@ -58,6 +60,14 @@ pub struct BenchArgs {
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `kvsift bench <mode>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchMode {
+    Roofline,
+    Throughput,
+    Soak,
 }
 
 /// Mean and sample standard deviation.
@@ -147,9 +157,9 @@ pub fn roofline(ctx: &GpuContext) -> anyhow::Result<f64> {
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let ctx = GpuContext::from_env()?;
-    match a.mode.as_deref() {
+    match a.mode {
         None => pp_tg(&ctx, &a),
-        Some("roofline") => {
+        Some(BenchMode::Roofline) => {
             let gbs = roofline(&ctx)?;
             if a.json {
                 outln!(
@@ -164,11 +174,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Some("throughput") => throughput(&ctx, &a),
-        Some("soak") => super::soak::run(&ctx, &a),
-        Some(other) => {
-            anyhow::bail!("kvsift bench {other:?}: expected roofline, throughput or soak")
-        }
+        Some(BenchMode::Throughput) => throughput(&ctx, &a),
+        Some(BenchMode::Soak) => super::soak::run(&ctx, &a),
     }
 }
 
@@ -433,7 +440,7 @@ fn throughput(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
         let mut args = a.model.clone();
         args.kv_pool_mb = Some(mb);
         if !compressed {
-            args.compress.kv = "none".into();
+            args.compress.kv = KvMethod::None;
         }
         // One sequence alone: its peak pages.
         let mut probe = args.engine(ctx, 1)?;
@@ -467,7 +474,7 @@ fn throughput(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
         let s = t.elapsed().as_secs_f64();
         let st = e.stats();
         results.push(json!({
-            "kv": if compressed { args.compress.kv.clone() } else { "none".into() },
+            "kv": if compressed { args.compress.kv.name() } else { "none" },
             "budget": if compressed { args.compress.budget } else { None },
             "pages_per_sequence": one,
             "max_concurrent": most,

@@ -10,6 +10,35 @@ use kvsift::model::llama::load_weights;
 
 use super::compress::CompressArgs;
 
+/// `--weights-dtype`, `--kv-dtype`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DtypeArg {
+    #[value(alias = "float16", alias = "half")]
+    F16,
+    #[value(alias = "float32")]
+    F32,
+}
+
+impl DtypeArg {
+    pub fn weights(self) -> WeightDtype {
+        match self {
+            DtypeArg::F16 => WeightDtype::F16,
+            DtypeArg::F32 => WeightDtype::F32,
+        }
+    }
+}
+
+/// `--on-exhaustion`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExhaustionArg {
+    Swap,
+    /// Free the pages; replay the cache when readmitted.
+    #[value(alias = "preempt")]
+    Recompute,
+    Reject,
+}
+
 /// The model shipped in models/ that runs when no --model is given.
 pub const DEFAULT_MODEL: &str = "tiny-reasoner";
 
@@ -21,8 +50,8 @@ pub struct ModelArgs {
     #[arg(long, env = "KVSIFT_MODEL")]
     pub model: Option<PathBuf>,
     /// Storage of the weight matrices on the GPU: f16 (packed, half the memory) or f32.
-    #[arg(long, default_value = "f16")]
-    pub weights_dtype: String,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
+    pub weights_dtype: DtypeArg,
     /// KV positions per sequence (default: max_position_embeddings, at most 4096).
     #[arg(long)]
     pub max_context: Option<usize>,
@@ -38,16 +67,16 @@ pub struct ModelArgs {
     #[arg(long, visible_alias = "pool-mb")]
     pub kv_pool_mb: Option<f64>,
     /// KV storage: f16 (packed) or f32.
-    #[arg(long, default_value = "f16")]
-    pub kv_dtype: String,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
+    pub kv_dtype: DtypeArg,
     /// Slots per KV page.
     #[arg(long, default_value_t = 16)]
     pub page_size: usize,
-    /// When the pool runs out: swap (move the newest other sequence's pages
-    /// to host memory, restore them later), recompute (free them, replay its
-    /// cache later) or reject (fail the sequence that cannot grow).
-    #[arg(long, default_value = "swap")]
-    pub on_exhaustion: String,
+    /// When the pool runs out: swap (move the latest-arrived other sequence's
+    /// pages to host memory, restore them later), recompute (free them,
+    /// replay its cache later) or reject (fail the sequence that cannot grow).
+    #[arg(long, value_enum, default_value_t = ExhaustionArg::Swap)]
+    pub on_exhaustion: ExhaustionArg,
     #[command(flatten)]
     pub compress: CompressArgs,
 }
@@ -98,22 +127,19 @@ impl ModelArgs {
 
     /// The engine for `max_batch` concurrent sequences.
     pub fn engine<'c>(&self, ctx: &'c GpuContext, max_batch: usize) -> anyhow::Result<Engine<'c>> {
-        let dtype: WeightDtype = self
-            .weights_dtype
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--weights-dtype {e}"))?;
-        let kv_f16 = match self.kv_dtype.as_str() {
-            "f16" => true,
-            "f32" => false,
-            other => anyhow::bail!("--kv-dtype {other:?}: expected f16 or f32"),
-        };
+        let dtype = self.weights_dtype.weights();
+        let kv_f16 = self.kv_dtype == DtypeArg::F16;
         let bytes = match self.kv_pool_mb {
             None => None,
             // Values past u64 saturate; the pool then refuses them by the device's limits.
             Some(mb) if mb.is_finite() && mb > 0.0 => Some((mb * 1024.0 * 1024.0) as u64),
             Some(mb) => anyhow::bail!("--kv-pool-mb {mb}: must be a positive number of MiB"),
         };
-        let on_exhaustion: Exhaustion = self.on_exhaustion.parse()?;
+        let on_exhaustion = match self.on_exhaustion {
+            ExhaustionArg::Swap => Exhaustion::Swap,
+            ExhaustionArg::Recompute => Exhaustion::Recompute,
+            ExhaustionArg::Reject => Exhaustion::Reject,
+        };
         let config = EngineConfig {
             max_batch,
             max_context: self.max_context,

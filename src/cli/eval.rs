@@ -16,15 +16,16 @@ use kvsift::ops::sample::SamplingParams;
 use serde_json::json;
 
 use super::common::ModelArgs;
+use super::compress::KvMethod;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// needle (retrieval from a long filler text) or reasoning (a worked
-    /// chain whose answer needs the first lines).
-    #[arg(long, default_value = "needle")]
-    pub task: String,
+    /// needle (retrieval from a long filler text), reasoning (a worked
+    /// chain whose answer needs the first lines), or all (with --sweep).
+    #[arg(long, value_enum, default_value_t = TaskArg::Needle)]
+    pub task: TaskArg,
     /// Examples to run (the first n of the set).
     #[arg(long, default_value_t = 200)]
     pub n: usize,
@@ -48,6 +49,25 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
+/// `--task`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TaskArg {
+    Needle,
+    #[value(alias = "chain")]
+    Reasoning,
+    All,
+}
+
+impl TaskArg {
+    fn name(self) -> &'static str {
+        match self {
+            TaskArg::Needle => "needle",
+            TaskArg::Reasoning => "reasoning",
+            TaskArg::All => "all",
+        }
+    }
+}
+
 struct Item {
     prompt: String,
     answer: String,
@@ -57,7 +77,7 @@ fn file_of(task: &str) -> anyhow::Result<&'static str> {
     match task {
         "needle" => Ok("needle"),
         "reasoning" | "chain" => Ok("chain"),
-        other => anyhow::bail!("--task {other:?}: expected needle or reasoning"),
+        other => anyhow::bail!("--task {other}: runs with --sweep only (one task otherwise)"),
     }
 }
 
@@ -173,7 +193,7 @@ fn run_one(ctx: &GpuContext, model: &ModelArgs, task: &str, a: &EvalArgs) -> any
             "reasoning"
         }
         .into(),
-        kv: model.compress.kv.clone(),
+        kv: model.compress.kv.name().to_string(),
         budget: (cfg.method != kvsift::kv::compression::Method::None).then_some(cfg.budget),
         n: items.len(),
         accuracy: correct as f64 / items.len() as f64,
@@ -191,8 +211,8 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let ctx = GpuContext::from_env()?;
     let mut stdout = std::io::stdout().lock();
     if !a.sweep {
-        file_of(&a.task)?;
-        let s = run_one(&ctx, &a.model, &a.task, &a)?;
+        file_of(a.task.name())?;
+        let s = run_one(&ctx, &a.model, a.task.name(), &a)?;
         if a.json {
             writeln!(stdout, "{}", serde_json::to_string_pretty(&s)?)?;
         } else {
@@ -211,17 +231,16 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let tasks: Vec<&str> = if a.task == "all" {
+    let tasks: Vec<&str> = if a.task == TaskArg::All {
         vec!["needle", "reasoning"]
     } else {
-        file_of(&a.task)?;
-        vec![a.task.as_str()]
+        vec![a.task.name()]
     };
-    let methods = ["streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "rkv"];
+    let methods = KvMethod::COMPRESSING;
     let mut scores = vec![];
     for task in &tasks {
         let mut full = a.model.clone();
-        full.compress.kv = "none".into();
+        full.compress.kv = KvMethod::None;
         full.compress.budget = None;
         scores.push(run_one(&ctx, &full, task, &a)?);
         note!(
@@ -231,11 +250,12 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         for &b in &a.budgets {
             for m in methods {
                 let mut args = a.model.clone();
-                args.compress.kv = m.into();
+                args.compress.kv = m;
                 args.compress.budget = Some(b);
                 scores.push(run_one(&ctx, &args, task, &a)?);
                 note!(
-                    "{task} {m} {b}: {:.3}",
+                    "{task} {} {b}: {:.3}",
+                    m.name(),
                     scores.last().map_or(0.0, |s| s.accuracy)
                 );
             }
@@ -284,11 +304,11 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             .find(|s| s.task == label && s.budget.is_none())
             .map_or(0.0, |s| s.accuracy);
         for m in methods {
-            write!(stdout, "{m} | {full:.3}")?;
+            write!(stdout, "{} | {full:.3}", m.name())?;
             for b in &a.budgets {
                 let acc = scores
                     .iter()
-                    .find(|s| s.task == label && s.kv == m && s.budget == Some(*b))
+                    .find(|s| s.task == label && s.kv == m.name() && s.budget == Some(*b))
                     .map_or(0.0, |s| s.accuracy);
                 write!(stdout, " | {acc:.3}")?;
             }

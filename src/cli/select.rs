@@ -10,13 +10,13 @@ use clap::Args;
 use kvsift::kv::compression::{Captured, Method, SlotOrder, gpu, select_cpu};
 use safetensors::SafeTensors;
 
-use super::compress::CompressArgs;
+use super::compress::{CompressArgs, KvMethod};
 
 #[derive(Args, Debug)]
 pub struct SelectArgs {
     /// Method (same values as --kv of generate).
-    #[arg(long)]
-    pub method: String,
+    #[arg(long, value_enum)]
+    pub method: KvMethod,
     /// safetensors file with `keys` and `queries`.
     #[arg(long)]
     pub input: PathBuf,
@@ -58,7 +58,7 @@ fn tensor(
 }
 
 pub fn run(mut a: SelectArgs) -> anyhow::Result<()> {
-    a.flags.kv = a.method.clone();
+    a.flags.kv = a.method;
     let cfg = a.flags.config()?;
     if cfg.method == Method::None {
         anyhow::bail!("--method none selects nothing; pick a compression method");

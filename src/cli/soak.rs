@@ -99,7 +99,7 @@ pub fn run(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
     let summary = json!({
         "model": a.model.dir()?.display().to_string(),
         "adapter": ctx.adapter_summary.name,
-        "kv": a.model.compress.kv,
+        "kv": a.model.compress.kv.name(),
         "budget": compress.budget,
         "buffer": compress.buffer,
         "sequences": a.batch,
@@ -122,7 +122,7 @@ pub fn run(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
         "soak: {} sequence(s) x {} tokens, --kv {} (budget {}, buffer {}) on {}",
         a.batch,
         generated / a.batch,
-        a.model.compress.kv,
+        a.model.compress.kv.name(),
         compress.budget,
         compress.buffer,
         ctx.adapter_summary.name
