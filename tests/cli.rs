@@ -754,6 +754,13 @@ fn bench_prints_pp_tg_roofline_profile_and_throughput() {
             "--kv-pool-mb",
         ),
         (vec!["bench", "throughput", "--pool-mb", "1"], "--kv"),
+        (vec!["bench", "soak", "--tokens", "0"], "--tokens"),
+        (vec!["bench", "soak", "--samples", "0"], "--samples"),
+        (
+            vec!["bench", "soak", "--model", TINY, "--prompt-len", "600"],
+            "--prompt-len",
+        ),
+        (vec!["bench", "soak", "--kv", "rkv"], "--budget"),
     ] {
         expect_error(&kvsift(&args), &[needle]);
     }

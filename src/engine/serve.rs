@@ -276,8 +276,6 @@ pub struct Engine<'c> {
     decode_timing: DecodeTiming,
     /// One decode step's body for a single row (replays), built on first use.
     replay_body: Option<Vec<Op>>,
-    /// Why the pages of the next chain could not be set up.
-    chain_error: Option<Error>,
 }
 
 /// Where decode steps spent their wall time, summed since the last
@@ -440,7 +438,6 @@ impl<'c> Engine<'c> {
             last_profile: None,
             decode_timing: DecodeTiming::default(),
             replay_body: None,
-            chain_error: None,
             cfg,
             weights,
             acts,
@@ -652,13 +649,17 @@ impl<'c> Engine<'c> {
         // Sequences admitted this step already produced their first token.
         if decoders > 0 {
             let k = self.chain_len();
-            if k > 1 && self.grow_chain(k) {
-                self.decode_chain(k, &mut events);
-            } else {
-                self.grow(&mut events);
-                if !self.running.is_empty() {
-                    self.decode(&mut events);
+            match if k > 1 { self.grow_chain(k) } else { Ok(false) } {
+                Ok(true) => self.decode_chain(k, &mut events),
+                Ok(false) => {
+                    self.grow(&mut events);
+                    if !self.running.is_empty() {
+                        self.decode(&mut events);
+                    }
                 }
+                // A table the chain could not write: every running
+                // sequence fails and returns its pages.
+                Err(e) => self.fail_running(&e, &mut events),
             }
         }
         self.peak_pages = self.peak_pages.max(self.kv.alloc.pages_in_use());
@@ -1379,7 +1380,7 @@ impl<'c> Engine<'c> {
 
     /// `k` more slots for every running sequence if the pool holds them all
     /// (else nothing changes: the caller falls back to one step).
-    fn grow_chain(&mut self, k: usize) -> bool {
+    fn grow_chain(&mut self, k: usize) -> Result<bool> {
         let running = &self.running;
         let fits = self.kv.alloc.fits(|l| {
             running
@@ -1388,33 +1389,22 @@ impl<'c> Engine<'c> {
                 .sum::<usize>()
         });
         if !fits {
-            return false;
+            return Ok(false);
         }
-        let mut failed = None;
         for s in self.running.iter_mut() {
             // fits() above counted every page.
-            let written = s
+            let new = s
                 .tables
                 .append(k, &mut self.kv.alloc)
-                .map_err(|_| Error::invalid("KV pool", "a chain's pages ran out"))
-                .and_then(|new| self.kv.write_pages(self.ctx, s.lane, &new));
-            if let Err(e) = written {
-                failed = Some(e);
-                break;
-            }
+                .map_err(|_| Error::invalid("KV pool", "a chain's pages ran out"))?;
+            self.kv.write_pages(self.ctx, s.lane, &new)?;
         }
-        // A table that could not be written fails the whole chain:
-        // decode_chain then fails every running sequence, returning its pages.
-        self.chain_error = failed;
-        true
+        Ok(true)
     }
 
     /// The GPU half of `k` chained decode steps: staged inputs, one
     /// submission, every step's tokens back (`[step][row]`).
     fn chain_tokens(&mut self, k: usize) -> Result<Vec<u32>> {
-        if let Some(e) = self.chain_error.take() {
-            return Err(e);
-        }
         let start = Instant::now();
         let b = self.running.len();
         for (row, s) in self.running.iter().enumerate() {
