@@ -16,26 +16,7 @@ pub struct GenerateOptions {
     pub stop_ids: Vec<u32>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StopReason {
-    Eos,
-    MaxTokens,
-    /// The KV cache is full.
-    Context,
-    /// The token callback asked to stop.
-    Cancelled,
-}
-
-impl StopReason {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            StopReason::Eos => "eos",
-            StopReason::MaxTokens => "max_tokens",
-            StopReason::Context => "context_full",
-            StopReason::Cancelled => "cancelled",
-        }
-    }
-}
+pub use crate::engine::sequence::StopReason;
 
 #[derive(Clone, Debug)]
 pub struct Generation {

@@ -1,8 +1,24 @@
-//! Generation on top of the model: prompts in, streamed tokens out.
+//! Generation on top of the model: requests in, events out.
+//!
+//! - `sequence`: a request's data (`Request`, `Event`, per-sequence state);
+//! - `scheduler`: host-only decisions (admission, growth, preemption,
+//!   chaining, stopping), unit-tested without a GPU;
+//! - `plans`: the op lists of a prefill chunk, a decode step, a chain;
+//! - `executor`: submits them, reads tokens back, swaps, replays, compresses;
+//! - `serve`: the [`Engine`] that ties them together, and its public API;
+//! - `score`: teacher-forced scoring; `compressor`: the forward's records
+//!   and the compression pass of one sequence.
 
 pub mod compressor;
+mod executor;
 pub mod generate;
+mod plans;
+pub mod scheduler;
+mod score;
+pub mod sequence;
 pub mod serve;
 
-pub use generate::{GenerateOptions, Generation, StopReason, TextStream, generate};
-pub use serve::{Engine, EngineConfig, EngineStats, Event, Exhaustion, Request, RequestId};
+pub use generate::{GenerateOptions, Generation, TextStream, generate};
+pub use scheduler::Exhaustion;
+pub use sequence::{Event, Request, RequestId, StopReason};
+pub use serve::{DecodeTiming, Engine, EngineConfig, EngineStats};
