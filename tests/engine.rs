@@ -1,5 +1,5 @@
-//! The paged, batched engine: the same logits as the contiguous runner and as
-//! transformers, batched sequences as if alone, page reuse, fragmentation,
+//! The paged, batched engine: the same logits as the CPU reference forward
+//! (itself held to transformers by tests/golden.rs), batched sequences as if alone, page reuse, fragmentation,
 //! pool exhaustion (swap and replay exact for every method), and failures
 //! (non-finite logits, a GPU error at any point) that end requests cleanly.
 
@@ -11,7 +11,7 @@ use kvsift::gpu::{GpuContext, WeightDtype};
 use kvsift::kv::compression::{CompressConfig, Method};
 use kvsift::kv::paged::PoolConfig;
 use kvsift::model::llama::load_weights;
-use kvsift::model::{LoadOptions, Model};
+use kvsift::model::reference::Reference;
 use kvsift::ops::sample::SamplingParams;
 use kvsift::testing::gpu;
 
@@ -42,22 +42,13 @@ fn prompt(seed: u32, len: usize) -> Vec<u32> {
 }
 
 #[test]
-fn paged_scores_match_the_contiguous_runner() {
+fn paged_scores_match_the_cpu_reference() {
     let Some(ctx) = gpu() else { return };
     for name in ["tiny-llama", "tiny-qwen3", "tiny-mistral"] {
         let tokens = prompt(3, 90);
-        let mut m = Model::load(
-            ctx,
-            &dir(name),
-            &LoadOptions {
-                weights_dtype: WeightDtype::F32,
-                max_batch_tokens: 32,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let want_prefill = m.score(&tokens, 90, true).unwrap().logits.unwrap();
-        let want_decode = m.score(&tokens, 7, true).unwrap().logits.unwrap();
+        let mut r = Reference::load(&dir(name), WeightDtype::F32).unwrap();
+        let want: Vec<f32> = tokens.iter().flat_map(|&t| r.forward(t)).collect();
+        let (want_prefill, want_decode) = (&want, &want);
         for (kv_f16, tol) in [(false, 1e-4f32), (true, 2e-2)] {
             let config = EngineConfig {
                 prefill_chunk: 32,
@@ -70,14 +61,14 @@ fn paged_scores_match_the_contiguous_runner() {
             };
             let mut e = engine(ctx, name, config);
             let got = e.score(&tokens, 90, true).unwrap().logits.unwrap();
-            let d = max_diff(&got, &want_prefill);
+            let d = max_diff(&got, want_prefill);
             eprintln!("{name} kv_f16={kv_f16} prefill: max |diff| {d:.2e}");
             assert!(
                 d <= tol,
                 "{name} kv_f16={kv_f16} prefill logits differ by {d}"
             );
             let got = e.score(&tokens, 7, true).unwrap().logits.unwrap();
-            let d = max_diff(&got, &want_decode);
+            let d = max_diff(&got, want_decode);
             eprintln!("{name} kv_f16={kv_f16} decode: max |diff| {d:.2e}");
             assert!(
                 d <= tol,
@@ -687,15 +678,6 @@ fn zero_max_tokens_finishes_at_once_without_tokens() {
         }]
     ));
     assert_eq!(e.stats().pool.pages_in_use, 0);
-    // The single-sequence loop gives the same: nothing.
-    let mut m = Model::load(ctx, &dir("tiny-llama"), &LoadOptions::default()).unwrap();
-    let opts = kvsift::engine::GenerateOptions {
-        max_tokens: 0,
-        sampling: SamplingParams::greedy(),
-        stop_ids: vec![],
-    };
-    let g = kvsift::engine::generate(&mut m, &prompt(3, 9), &opts, |_| true).unwrap();
-    assert!(g.tokens.is_empty());
 }
 
 /// A copy of tiny-llama whose final norm weight is finite but so large that
@@ -762,25 +744,6 @@ fn non_finite_logits_fail_the_request_not_the_engine() {
         }
     }
     drop(w);
-    // The single-sequence runner: an error, not a token.
-    let mut m = Model::load(
-        ctx,
-        &bad,
-        &LoadOptions {
-            weights_dtype: WeightDtype::F32,
-            ..LoadOptions::default()
-        },
-    )
-    .unwrap();
-    let opts = kvsift::engine::GenerateOptions {
-        max_tokens: 3,
-        sampling: SamplingParams::greedy(),
-        stop_ids: vec![],
-    };
-    let e = kvsift::engine::generate(&mut m, &prompt(5, 7), &opts, |_| true)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("NaN or infinity"), "{e}");
 }
 
 /// Requests after `n` GPU calls of a run: for every fault point, each

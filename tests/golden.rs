@@ -1,13 +1,16 @@
 //! The tiny checkpoints in models/ against the outputs transformers computed
 //! for them (tools/make_test_models.py): logits for the whole prompt as one
-//! prefill and token by token as decode steps, the CPU reference, and greedy
-//! generation.
+//! prefill and token by token as decode steps (through the engine, as every
+//! command runs), the CPU reference, and greedy generation.
 
 use std::path::{Path, PathBuf};
 
+use kvsift::engine::{Engine, EngineConfig, Event, Request};
+use kvsift::gpu::GpuContext;
 use kvsift::gpu::WeightDtype;
+use kvsift::kv::paged::PoolConfig;
+use kvsift::model::llama::load_weights;
 use kvsift::model::reference::Reference;
-use kvsift::model::{LoadOptions, Model, Readout};
 use kvsift::testing::gpu;
 use safetensors::SafeTensors;
 
@@ -26,6 +29,27 @@ struct Golden {
     logits: Vec<f32>,
     greedy_ids: Vec<u32>,
     greedy_gap: Vec<f32>,
+}
+
+/// An engine on a test model; `prefill_chunk` tokens per prefill step.
+fn engine<'c>(
+    ctx: &'c GpuContext,
+    name: &str,
+    dtype: WeightDtype,
+    prefill_chunk: usize,
+) -> Engine<'c> {
+    let w = load_weights(ctx, &model_dir(name), dtype, false).unwrap();
+    // An f32 cache: the comparison is of the model, not of f16 rounding.
+    let config = EngineConfig {
+        prefill_chunk,
+        max_batch: 1,
+        pool: PoolConfig {
+            kv_f16: false,
+            ..PoolConfig::default()
+        },
+        ..EngineConfig::default()
+    };
+    Engine::new(ctx, w, config).unwrap()
 }
 
 fn model_dir(name: &str) -> PathBuf {
@@ -103,12 +127,8 @@ fn gpu_logits_match_transformers_prefill_and_decode() {
             if dtype == WeightDtype::F16 && *name == "tiny-llama" {
                 continue;
             }
-            let opts = LoadOptions {
-                weights_dtype: dtype,
-                max_batch_tokens: 48, // the 119-token prompt runs as 3 prefill chunks
-                ..LoadOptions::default()
-            };
-            let mut m = Model::load(ctx, &model_dir(name), &opts).unwrap();
+            // The 119-token prompt runs as 3 prefill chunks.
+            let mut m = engine(ctx, name, dtype, 48);
             let v = m.cfg.vocab_size;
             let t = g.prompt_ids.len();
             let prefill = m.score(&g.prompt_ids, t, true).unwrap();
@@ -172,11 +192,7 @@ fn f16_weights_match_the_reference_with_the_same_weights() {
     // the reference rounded the same way.
     let name = "tiny-llama";
     let g = golden(name);
-    let opts = LoadOptions {
-        weights_dtype: WeightDtype::F16,
-        ..LoadOptions::default()
-    };
-    let mut m = Model::load(ctx, &model_dir(name), &opts).unwrap();
+    let mut m = engine(ctx, name, WeightDtype::F16, 256);
     let got = m
         .score(&g.prompt_ids, g.prompt_ids.len(), true)
         .unwrap()
@@ -204,14 +220,27 @@ fn greedy_generation_matches_transformers_while_the_top2_gap_is_clear() {
     let Some(ctx) = gpu() else { return };
     for name in MODELS {
         let g = golden(name);
-        let mut m = Model::load(ctx, &model_dir(name), &LoadOptions::default()).unwrap();
-        let mut tok = m
-            .forward(&g.prompt_ids, Readout::Argmax)
-            .unwrap()
-            .token
+        let mut m = engine(ctx, name, WeightDtype::F16, 256);
+        m.add_request(Request::greedy(g.prompt_ids.clone(), g.greedy_ids.len()))
             .unwrap();
+        let mut tokens = vec![];
+        while m.has_work() {
+            for ev in m.step().unwrap() {
+                match ev {
+                    Event::Token { token, .. } => tokens.push(token),
+                    Event::Failed { error, .. } => panic!("{name}: {error}"),
+                    _ => {}
+                }
+            }
+        }
         let mut compared = 0;
-        for (step, (&want, &gap)) in g.greedy_ids.iter().zip(&g.greedy_gap).enumerate() {
+        for (step, ((&want, &gap), &tok)) in g
+            .greedy_ids
+            .iter()
+            .zip(&g.greedy_gap)
+            .zip(&tokens)
+            .enumerate()
+        {
             // A near tie (100x our measured logit error of ~5e-6, doubled): the
             // sequences may diverge legitimately from here.
             if gap < 1e-3 {
@@ -222,7 +251,6 @@ fn greedy_generation_matches_transformers_while_the_top2_gap_is_clear() {
                 "{name}: greedy token {step} differs (transformers' top-2 gap {gap})"
             );
             compared += 1;
-            tok = m.forward(&[tok], Readout::Argmax).unwrap().token.unwrap();
         }
         eprintln!("{name}: {compared} greedy tokens compared");
         assert!(

@@ -11,10 +11,11 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use kvsift::Error;
-use kvsift::engine::{GenerateOptions, generate};
+use kvsift::engine::{Engine, EngineConfig, Event, Request};
+use kvsift::gpu::WeightDtype;
 use kvsift::model::config::{GenerationDefaults, ModelConfig};
-use kvsift::model::{LoadOptions, Message, Model, Readout, TextTokenizer};
-use kvsift::ops::sample::SamplingParams;
+use kvsift::model::llama::load_weights;
+use kvsift::model::{Message, TextTokenizer};
 use kvsift::rng::Rng;
 use kvsift::testing::gpu;
 use serde_json::Value;
@@ -350,31 +351,35 @@ fn load_and_run(dir: &Path) -> Result<Outcome, Error> {
         ids = tokenizer.encode(&text, false)?;
     }
     tokenizer.decode(&ids, true)?;
-    let opts = LoadOptions {
+    let weights = load_weights(ctx, dir, WeightDtype::F16, false)?;
+    let config = EngineConfig {
         max_context: Some(64),
-        ..LoadOptions::default()
+        max_batch: 1,
+        ..EngineConfig::default()
     };
-    let mut model = Model::load(ctx, dir, &opts)?;
+    let mut engine = Engine::new(ctx, weights, config)?;
+    engine.capture_logits(true);
     let prompt: Vec<u32> = ids.into_iter().take(32).collect();
     if prompt.is_empty() {
         return Ok(Outcome::Refused("empty prompt".into()));
     }
-    model.reset();
-    let logits = model
-        .forward(&prompt, Readout::Logits)?
-        .logits
-        .unwrap_or_default();
-    if logits.iter().all(|v| v.is_finite()) {
-        return Ok(Outcome::Ran);
+    engine.add_request(Request::greedy(prompt, 2))?;
+    let (mut logits, mut failed) = (None, None);
+    while engine.has_work() {
+        for ev in engine.step()? {
+            match ev {
+                Event::Logits { logits: l, .. } if logits.is_none() => logits = Some(l),
+                Event::Failed { error, .. } => failed = Some(error),
+                _ => {}
+            }
+        }
     }
-    let options = GenerateOptions {
-        max_tokens: 2,
-        sampling: SamplingParams::greedy(),
-        stop_ids: vec![],
-    };
-    match generate(&mut model, &prompt, &options, |_| true) {
-        Err(Error::NonFiniteLogits { .. }) => Ok(Outcome::NonFiniteReported),
-        other => panic!("non-finite logits, but generate gave {other:?}"),
+    let finite = logits.is_some_and(|l| l.iter().all(|v| v.is_finite()));
+    match failed {
+        None if finite => Ok(Outcome::Ran),
+        Some(e) if !finite && e.contains("NaN or infinity") => Ok(Outcome::NonFiniteReported),
+        Some(e) if finite => Err(Error::invalid("request", e)),
+        other => panic!("finite logits: {finite}, but the request ended with {other:?}"),
     }
 }
 

@@ -6,8 +6,9 @@ use std::io::Write;
 use std::time::Instant;
 
 use clap::Args;
-use kvsift::engine::{Event, Request, TextStream};
+use kvsift::engine::{Event, Request};
 use kvsift::gpu::GpuContext;
+use kvsift::model::TextStream;
 use kvsift::model::config::GenerationDefaults;
 use kvsift::model::{Message, TextTokenizer};
 use serde_json::json;

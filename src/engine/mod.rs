@@ -11,14 +11,13 @@
 
 pub mod compressor;
 mod executor;
-pub mod generate;
 mod plans;
 pub mod scheduler;
 mod score;
 pub mod sequence;
 pub mod serve;
 
-pub use generate::{GenerateOptions, Generation, TextStream, generate};
 pub use scheduler::Exhaustion;
+pub use score::ScoreOutput;
 pub use sequence::{Event, Request, RequestId, StopReason};
 pub use serve::{DecodeTiming, Engine, EngineConfig, EngineStats};

@@ -469,7 +469,7 @@ impl Scheduler {
 
     /// Whether `s` can take no further token.
     fn context_full(&self, s: &Sequence, ahead: usize) -> bool {
-        if s.tokens.len() == self.cfg.max_position_embeddings + 1 {
+        if s.tokens.len() == self.cfg.max_position_embeddings.saturating_add(1) {
             log::warn!(
                 "request {} passes the model's max_position_embeddings ({}): positions run on \
                  under compression; what the model makes of them is the model's",

@@ -3,12 +3,23 @@
 //! the same kernels, chunks and compression schedule as generation.
 
 use crate::engine::serve::Engine;
+use crate::engine::serve::too_long;
 use crate::error::{Error, Result};
+use crate::gpu::Op;
 use crate::gpu::{GpuBuffer, GpuContext};
 use crate::kv::SeqTables;
 use crate::kv::paged::PagedKv;
 use crate::model::llama::{check_ids, final_norm, push_nll_head};
-use crate::model::runner::{ScoreOutput, check_score_args, score_targets, set_nll_row, too_long};
+use crate::ops::nll;
+
+/// Result of teacher-forced scoring.
+#[derive(Clone, Debug)]
+pub struct ScoreOutput {
+    /// NLL of tokens 1..T, each under the logits after the previous token.
+    pub nll: Vec<f32>,
+    /// `[T, vocab]` logits after each token, when asked for.
+    pub logits: Option<Vec<f32>>,
+}
 
 impl Engine<'_> {
     /// Teacher-forced scoring through the paged cache,
@@ -144,5 +155,47 @@ impl Engine<'_> {
             nll: nll[..t - 1].to_vec(),
             logits,
         })
+    }
+}
+
+/// Validates the scoring arguments (user errors, naming the flag).
+fn check_score_args(t: usize, prefill: usize) -> Result<()> {
+    if t < 2 {
+        return Err(Error::invalid(
+            "tokens",
+            format!("scoring needs at least 2 tokens, got {t}"),
+        ));
+    }
+    if prefill == 0 || prefill > t {
+        return Err(Error::invalid(
+            "--prefill",
+            format!("{prefill}: must be between 1 and the token count {t}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Token i+1 is scored under the logits after token i (the last row has no target).
+fn score_targets(tokens: &[u32]) -> Vec<u32> {
+    let mut targets: Vec<u32> = tokens[1..].to_vec();
+    targets.push(0);
+    targets
+}
+
+/// Points the nll dispatch at the end of `head` at row `row` of the targets.
+fn set_nll_row(ctx: &GpuContext, head: &[Op], vocab: usize, row: usize) -> Result<()> {
+    match head.last() {
+        Some(Op::Dispatch(d)) => d.write_params(
+            ctx,
+            &nll::NllParams {
+                rows: 1,
+                n: vocab as u32,
+                row_offset: row as u32,
+            },
+        ),
+        _ => Err(Error::invalid(
+            "scoring head",
+            "does not end with the nll dispatch",
+        )),
     }
 }

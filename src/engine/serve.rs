@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::compressor::{CompressionStats, Compressor};
 use crate::engine::executor::Started;
-use crate::engine::scheduler::{Exhaustion, Scheduler, SchedulerConfig};
+use crate::engine::scheduler::{Exhaustion, MAX_CONTEXT, Scheduler, SchedulerConfig};
 use crate::engine::sequence::{Event, Parked, Request, RequestId};
 use crate::error::{Error, Result};
 use crate::gpu::buffer::ReadbackSlot;
@@ -40,7 +40,6 @@ use crate::kv::compression::{CompressConfig, Method};
 use crate::kv::paged::{KvShape, PagedKv, PoolConfig, PoolUsage};
 use crate::model::config::ModelConfig;
 use crate::model::llama::{Activations, LlamaWeights, check_ids};
-use crate::model::runner::{context_capacity, too_long};
 use crate::ops::paged_attention::{partials_len, prefill_splits};
 use crate::ops::sample::{Sampler, seen_words};
 
@@ -56,7 +55,7 @@ pub struct EngineConfig {
     /// Sequences decoded together (lanes).
     pub max_batch: usize,
     /// KV slots per head of a sequence (default: max_position_embeddings,
-    /// at most 4096).
+    /// at most [`DEFAULT_MAX_CONTEXT`]).
     pub max_context: Option<usize>,
     /// Tokens per prefill step.
     pub prefill_chunk: usize,
@@ -84,6 +83,47 @@ impl Default for EngineConfig {
             compression: CompressConfig::new(Method::None, 0),
             decode_chain: 1,
         }
+    }
+}
+
+/// Default KV positions when the user gives none.
+pub const DEFAULT_MAX_CONTEXT: usize = 4096;
+
+/// The KV positions to allocate: the user's, or the default; never more than
+/// the model's `max_position_embeddings`.
+pub fn context_capacity(cfg: &ModelConfig, asked: Option<usize>) -> Result<usize> {
+    let capacity = asked.unwrap_or(cfg.max_position_embeddings.min(DEFAULT_MAX_CONTEXT));
+    if capacity > MAX_CONTEXT {
+        return Err(Error::invalid(
+            "--max-context",
+            format!("{capacity}: kvsift holds at most {MAX_CONTEXT} positions per sequence"),
+        ));
+    }
+    if capacity == 0 || capacity > cfg.max_position_embeddings {
+        return Err(Error::invalid(
+            "--max-context",
+            format!(
+                "{capacity}: must be between 1 and the model's max_position_embeddings ({})",
+                cfg.max_position_embeddings
+            ),
+        ));
+    }
+    Ok(capacity)
+}
+
+/// The error for a sequence that would outgrow `capacity` positions.
+pub fn too_long(cfg: &ModelConfig, tokens: usize, capacity: usize) -> Error {
+    Error::TooManyTokens {
+        what: format!(
+            "context ({capacity} positions{})",
+            if capacity < cfg.max_position_embeddings {
+                "; raise --max-context"
+            } else {
+                ", the model's max_position_embeddings"
+            }
+        ),
+        tokens,
+        limit: capacity,
     }
 }
 

@@ -20,9 +20,8 @@
 //! builders that record a step as a list of [`Op`]s. For one token (decode)
 //! the norms and the SwiGLU product run inside the projections that read them
 //! (`norm_linear`, `swiglu_linear`): a layer is 8 dispatches, not 11. The KV cache is the
-//! caller's: [`body`] asks it for each layer's store-and-attend ops, so the
-//! contiguous single-sequence runner (`runner.rs`) and the paged batched
-//! engine (`engine/`) share everything else.
+//! caller's: [`body`] asks it for each layer's store-and-attend ops (the
+//! engine's paged kernels, `engine/plans.rs`).
 
 use std::path::Path;
 
@@ -701,7 +700,7 @@ pub fn push_lm_head(
 
 /// lm_head over `rows` rows of `a.normed` from `first`, then the NLL of
 /// `targets[row_offset..]` into `nll[row_offset..]`; the nll dispatch is the
-/// last op (see `runner::set_nll_row`).
+/// last op (the engine's scoring points it at a row).
 #[allow(clippy::too_many_arguments)]
 pub fn push_nll_head(
     ops: &mut Vec<Op>,

@@ -4,10 +4,8 @@
 pub mod config;
 pub mod llama;
 pub mod reference;
-pub mod runner;
 pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
-pub use runner::{LoadOptions, Model, Readout, ScoreOutput, StepOutput};
-pub use tokenizer::{Message, TextTokenizer};
+pub use tokenizer::{Message, TextStream, TextTokenizer};

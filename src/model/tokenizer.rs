@@ -412,3 +412,47 @@ mod template_tests {
         }
     }
 }
+
+/// Turns a growing token list into text increments, holding back bytes of
+/// an incomplete UTF-8 character.
+pub struct TextStream<'t> {
+    tokenizer: &'t TextTokenizer,
+    tokens: Vec<u32>,
+    printed: usize,
+}
+
+impl<'t> TextStream<'t> {
+    pub fn new(tokenizer: &'t TextTokenizer) -> Self {
+        Self {
+            tokenizer,
+            tokens: vec![],
+            printed: 0,
+        }
+    }
+
+    /// The new text after `token`, if any is complete.
+    pub fn push(&mut self, token: u32) -> Result<String> {
+        self.tokens.push(token);
+        let text = self.tokenizer.decode(&self.tokens, true)?;
+        if text.ends_with('\u{FFFD}') || !text.is_char_boundary(self.printed) {
+            return Ok(String::new());
+        }
+        let new = text[self.printed..].to_string();
+        self.printed = text.len();
+        Ok(new)
+    }
+
+    /// The text held back at the end (an incomplete character decodes as
+    /// U+FFFD, as in the whole decode): after it, the printed text equals
+    /// `decode(tokens)`.
+    pub fn finish(&mut self) -> Result<String> {
+        let text = self.tokenizer.decode(&self.tokens, true)?;
+        let rest = if text.is_char_boundary(self.printed) {
+            text[self.printed..].to_string()
+        } else {
+            String::new()
+        };
+        self.printed = text.len();
+        Ok(rest)
+    }
+}

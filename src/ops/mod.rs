@@ -4,7 +4,6 @@
 //! both on seeded random inputs with a stated tolerance.
 
 pub mod add;
-pub mod argmax;
 pub mod attention;
 pub mod compress;
 pub mod copy;
@@ -67,9 +66,6 @@ pub fn all_kernels() -> Vec<&'static Kernel> {
         &rmsnorm::RMSNORM.subgroup,
         &softmax::SOFTMAX.workgroup,
         &softmax::SOFTMAX.subgroup,
-        &attention::KV_STORE,
-        &attention::ATTENTION.workgroup,
-        &attention::ATTENTION.subgroup,
         &paged_attention::PAGED_KV_STORE,
         &paged_attention::PAGED_ATTENTION,
         &compress::COMPRESS,
@@ -78,7 +74,6 @@ pub fn all_kernels() -> Vec<&'static Kernel> {
         &silu_mul::SILU_MUL,
         &add::ADD,
         &embedding::EMBEDDING,
-        &argmax::ARGMAX,
         &sample::SAMPLE.workgroup,
         &sample::SAMPLE.subgroup,
         &nll::NLL.workgroup,
@@ -154,8 +149,6 @@ pub(crate) use host_layout;
 pub fn host_layouts() -> Vec<HostLayout> {
     [
         add::host_layouts(),
-        argmax::host_layouts(),
-        attention::host_layouts(),
         compress::host_layouts(),
         copy::host_layouts(),
         embedding::host_layouts(),
