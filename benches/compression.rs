@@ -20,7 +20,7 @@
 use std::time::Instant;
 
 use kvsift::gpu::{Dispatch, GpuBuffer, GpuContext, Op};
-use kvsift::kv::compression::gpu::{ScratchPool, heads_per_kv, select_layer};
+use kvsift::kv::compression::gpu::{ScratchPool, select_layer};
 use kvsift::kv::compression::{Captured, CompressConfig, Method};
 use kvsift::ops::compress;
 use kvsift::ops::paged_attention::{QkvRows, paged_decode, paged_kv_store, partials_len};
@@ -86,9 +86,11 @@ fn main() {
         let mut decode_ms = 0.0;
         for method in [Method::SnapKv, Method::Rkv] {
             let cfg = CompressConfig::new(method, budget);
-            let sp = ScratchPool::upload(ctx, &x, heads_per_kv(&cfg, g), true, None, t).unwrap();
+            let sp = ScratchPool::upload(ctx, &x, cfg.heads_per_kv(g), true, None, t, 1).unwrap();
             let job = sp.job(&x, 0, 1);
-            let keep = select_layer(ctx, &cfg, &job, &sp.bufs).unwrap().unwrap();
+            let keep = select_layer(ctx, &cfg, &job, &sp.bufs, &mut vec![])
+                .unwrap()
+                .unwrap();
             let mut ds: Vec<Dispatch> = keep.dispatches.clone();
             ds.extend(
                 compress::compact(
@@ -96,7 +98,7 @@ fn main() {
                     &job.kv,
                     w,
                     &sp.bufs,
-                    &keep.kvec,
+                    keep.kvec_base,
                     keep.list(&sp.bufs),
                     &sp.bufs.acc,
                     0,

@@ -19,6 +19,8 @@
 //   score_reduce          per (stored head, candidate): row mean (optional) and
 //                         GQA reduction (mean / max / sum) over the head's units
 //   score_pool            per (stored head, candidate): max or avg pooling
+//   fill_scores           per (stored head, candidate): a constant (rules that
+//                         keep the first slots: top-k breaks ties to the lower)
 //   key_norms             per (stored head, slot): 1 / (||k|| + eps)
 //   redundancy_rows       per (stored head, row i): sum of cosine similarities
 //                         to the other slots, last(i) and S[i, last(i)]
@@ -76,7 +78,7 @@ struct Params {
     stat_splits: u32,      // score_stats: slot ranges of STAT_SPLIT per (row, unit)
     slots: u32,            // the longest head's length this pass covers (compaction's scratch layout)
     row_lanes: u32,        // score_stats: threads per (row, unit, split) (power of two <= SG)
-    _pad: u32,
+    kvec_base: u32,        // topk_select, rank_reference, compaction: this layer's kvec entries
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -358,6 +360,17 @@ fn score_pool(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) 
         v = v / f32(p.kernel);
     }
     scores[base + t] = v;
+}
+
+@compute @workgroup_size(WG)
+fn fill_scores(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let t = wg.x * WG + lid;
+    let s = wg.y;
+    let len = head_len(s);
+    if t >= len - min(len, p.window) {
+        return;
+    }
+    scores[s * p.t_stride + t] = p.lambda;
 }
 
 @compute @workgroup_size(WG)
@@ -653,7 +666,7 @@ fn topk_select(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
         let c = len - min(len, p.window);
         sel[0] = 0u;
         sel[1] = 0u;
-        sel[2] = min(kvec[s], c);
+        sel[2] = min(kvec[p.kvec_base + s], c);
         sel[3] = c;
     }
     let c = workgroupUniformLoad(&sel[3]);
@@ -741,7 +754,7 @@ fn rank_reference(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
     let s = wg.y;
     let len = head_len(s);
     let c = len - min(len, p.window);
-    let k = min(kvec[s], c);
+    let k = min(kvec[p.kvec_base + s], c);
     let out = s * p.k_stride;
     if n < k {
         let me = kept[out + n];
@@ -776,7 +789,7 @@ fn compact_gather(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
     }
     let n = (idx % per_head) / sw;
     let w = idx % sw;
-    if n >= kvec[s] + p.window {
+    if n >= kvec[p.kvec_base + s] + p.window {
         return;
     }
     let d = p.desc_base + s;
@@ -807,7 +820,7 @@ fn compact_scatter(@builtin(local_invocation_index) lid: u32, @builtin(workgroup
     let n = (idx % per_head) / sw;
     let w = idx % sw;
     let d = p.desc_base + s;
-    if n >= kvec[s] + p.window {
+    if n >= kvec[p.kvec_base + s] + p.window {
         // Slots past the new length start again from zero accumulators.
         if w > 2u * p.dw && n < desc[d * 2u + 1u] {
             acc[p.acc_base + (s * p.acc_units + w - 2u * p.dw - 1u) * p.t_stride + n] = 0.0;

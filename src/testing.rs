@@ -56,7 +56,7 @@ pub fn rewrite_safetensors(
     safetensors::serialize_to_file(views, None, path).expect("the rewritten file");
 }
 
-/// Every method and schedule the engine runs, with budget `budget` and
+/// Every registered method and schedule the engine runs, with budget `budget` and
 /// observation window `window` (decode-schedule buffer 8): each method at
 /// prefill and at decode, H2O v1, SnapKV per query head, R-KV in the
 /// reference slot order.
@@ -75,14 +75,7 @@ pub fn compression_configs(
         c
     };
     let mut out = vec![];
-    for method in [
-        Method::StreamingLlm,
-        Method::H2o,
-        Method::SnapKv,
-        Method::PyramidKv,
-        Method::AdaKv,
-        Method::Rkv,
-    ] {
+    for method in Method::compressing() {
         for schedule in [Schedule::Prefill, Schedule::Decode] {
             out.push(with(method, &|c| c.schedule = schedule));
         }

@@ -561,6 +561,15 @@ fn select_reproduces_a_vector_and_rejects_bad_settings() {
         ),
         // H2O v3 needs all T queries.
         (vec!["--method", "h2o", "--budget", "42"], "all T queries"),
+        // A setting of another method.
+        (
+            vec!["--method", "snapkv", "--budget", "42", "--lambda", "0.3"],
+            "does not apply to --kv snapkv",
+        ),
+        (
+            vec!["--method", "h2o", "--budget", "42", "--sinks", "4"],
+            "it is a setting of streamingllm",
+        ),
     ] {
         for path in [&["--cpu"][..], &[]] {
             let mut args = vec!["select", "--input", snap];

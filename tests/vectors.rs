@@ -477,14 +477,7 @@ fn every_method_replays_through_the_engine_like_the_cpu() {
     for c in &cases("rkv_stream") {
         let base = config(c);
         let mut runs = vec![];
-        for method in [
-            Method::StreamingLlm,
-            Method::SnapKv,
-            Method::PyramidKv,
-            Method::H2o,
-            Method::Rkv,
-            Method::AdaKv,
-        ] {
+        for method in Method::compressing() {
             for schedule in [Schedule::Prefill, Schedule::Decode] {
                 if method == Method::AdaKv && schedule == Schedule::Decode {
                     continue;

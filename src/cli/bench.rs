@@ -9,13 +9,13 @@ use std::time::Instant;
 use clap::Args;
 use kvsift::engine::{Engine, Event, Request};
 use kvsift::gpu::{Dispatch, GpuBuffer, GpuContext};
+use kvsift::kv::compression::{CompressConfig, Method};
 use kvsift::model::config::ModelConfig;
 use kvsift::ops::copy::copy_vec4;
 use kvsift::ops::sample::SamplingParams;
 use serde_json::json;
 
 use super::common::ModelArgs;
-use super::compress::KvMethod;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -430,7 +430,7 @@ fn throughput(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
         anyhow::bail!("--prompt-len and --gen-len must be positive");
     }
     let method = a.model.compress.config()?;
-    if method.method == kvsift::kv::compression::Method::None {
+    if !method.method.policy().compresses() {
         anyhow::bail!(
             "bench throughput compares the full cache with a method: pass --kv METHOD --budget B"
         );
@@ -439,11 +439,13 @@ fn throughput(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
     for compressed in [false, true] {
         let mut args = a.model.clone();
         args.kv_pool_mb = Some(mb);
-        if !compressed {
-            args.compress.kv = KvMethod::None;
-        }
+        let compression = if compressed {
+            method.clone()
+        } else {
+            CompressConfig::new(Method::None, 0)
+        };
         // One sequence alone: its peak pages.
-        let mut probe = args.engine(ctx, 1)?;
+        let mut probe = args.engine_with(ctx, 1, compression.clone())?;
         let vocab = probe.cfg.vocab_size;
         if a.prompt_len + a.gen_len >= probe.capacity() {
             anyhow::bail!(
@@ -462,7 +464,7 @@ fn throughput(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
         if n == 0 {
             anyhow::bail!("one sequence needs {one} pages; the pool holds {total}");
         }
-        let mut e = args.engine(ctx, n)?;
+        let mut e = args.engine_with(ctx, n, compression.clone())?;
         for i in 0..n {
             e.add_request(request(
                 tokens(i as u64 + 1, a.prompt_len, vocab),
@@ -474,8 +476,8 @@ fn throughput(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
         let s = t.elapsed().as_secs_f64();
         let st = e.stats();
         results.push(json!({
-            "kv": if compressed { args.compress.kv.name() } else { "none" },
-            "budget": if compressed { args.compress.budget } else { None },
+            "kv": compression.method.name(),
+            "budget": compressed.then_some(compression.budget),
             "pages_per_sequence": one,
             "max_concurrent": most,
             "sequences": n,

@@ -125,8 +125,19 @@ impl ModelArgs {
             .min(usize::try_from(by_logits).unwrap_or(usize::MAX)))
     }
 
-    /// The engine for `max_batch` concurrent sequences.
+    /// The engine for `max_batch` concurrent sequences, compressing as the flags say.
     pub fn engine<'c>(&self, ctx: &'c GpuContext, max_batch: usize) -> anyhow::Result<Engine<'c>> {
+        self.engine_with(ctx, max_batch, self.compress.config()?)
+    }
+
+    /// The engine for `max_batch` concurrent sequences with `compression`
+    /// (a sweep's method, a baseline's full cache).
+    pub fn engine_with<'c>(
+        &self,
+        ctx: &'c GpuContext,
+        max_batch: usize,
+        compression: kvsift::kv::compression::CompressConfig,
+    ) -> anyhow::Result<Engine<'c>> {
         let dtype = self.weights_dtype.weights();
         let kv_f16 = self.kv_dtype == DtypeArg::F16;
         let bytes = match self.kv_pool_mb {
@@ -150,7 +161,7 @@ impl ModelArgs {
                 kv_f16,
             },
             on_exhaustion,
-            compression: self.compress.config()?,
+            compression,
             decode_chain: self.steps_per_submit,
         };
         let weights = load_weights(ctx, &self.dir()?, dtype, true)?;

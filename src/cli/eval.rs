@@ -16,7 +16,7 @@ use kvsift::ops::sample::SamplingParams;
 use serde_json::json;
 
 use super::common::ModelArgs;
-use super::compress::KvMethod;
+use kvsift::kv::compression::{CompressConfig, Method};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -140,12 +140,18 @@ struct Score {
     tok_s: f64,
 }
 
-fn run_one(ctx: &GpuContext, model: &ModelArgs, task: &str, a: &EvalArgs) -> anyhow::Result<Score> {
+fn run_one(
+    ctx: &GpuContext,
+    model: &ModelArgs,
+    compression: &CompressConfig,
+    task: &str,
+    a: &EvalArgs,
+) -> anyhow::Result<Score> {
     let dir = model.dir()?;
     let tokenizer = TextTokenizer::load(&dir)?;
     let defaults = GenerationDefaults::load(&dir)?;
     let items = load_set(&dir, task, a.n)?;
-    let mut engine = model.engine(ctx, a.batch.max(1))?;
+    let mut engine = model.engine_with(ctx, a.batch.max(1), compression.clone())?;
     let mut stop_ids = defaults.eos_token_ids.clone();
     stop_ids.extend(tokenizer.eos_id());
     let max_tokens = a
@@ -184,7 +190,7 @@ fn run_one(ctx: &GpuContext, model: &ModelArgs, task: &str, a: &EvalArgs) -> any
         slots += held as f64 / heads_layers;
     }
     let stats = engine.stats();
-    let cfg = model.compress.config()?;
+    let cfg = compression;
     let generated: usize = out.iter().map(Vec::len).sum();
     Ok(Score {
         task: if task == "needle" {
@@ -193,8 +199,8 @@ fn run_one(ctx: &GpuContext, model: &ModelArgs, task: &str, a: &EvalArgs) -> any
             "reasoning"
         }
         .into(),
-        kv: model.compress.kv.name().to_string(),
-        budget: (cfg.method != kvsift::kv::compression::Method::None).then_some(cfg.budget),
+        kv: cfg.method.name().to_string(),
+        budget: cfg.method.policy().compresses().then_some(cfg.budget),
         n: items.len(),
         accuracy: correct as f64 / items.len() as f64,
         mean_slots_per_head: slots / items.len() as f64,
@@ -212,7 +218,13 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     if !a.sweep {
         file_of(a.task.name())?;
-        let s = run_one(&ctx, &a.model, a.task.name(), &a)?;
+        let s = run_one(
+            &ctx,
+            &a.model,
+            &a.model.compress.config()?,
+            a.task.name(),
+            &a,
+        )?;
         if a.json {
             writeln!(stdout, "{}", serde_json::to_string_pretty(&s)?)?;
         } else {
@@ -236,23 +248,18 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     } else {
         vec![a.task.name()]
     };
-    let methods = KvMethod::COMPRESSING;
     let mut scores = vec![];
     for task in &tasks {
-        let mut full = a.model.clone();
-        full.compress.kv = KvMethod::None;
-        full.compress.budget = None;
-        scores.push(run_one(&ctx, &full, task, &a)?);
+        let full = CompressConfig::new(Method::None, 0);
+        scores.push(run_one(&ctx, &a.model, &full, task, &a)?);
         note!(
             "{task} none: {:.3}",
             scores.last().map_or(0.0, |s| s.accuracy)
         );
         for &b in &a.budgets {
-            for m in methods {
-                let mut args = a.model.clone();
-                args.compress.kv = m;
-                args.compress.budget = Some(b);
-                scores.push(run_one(&ctx, &args, task, &a)?);
+            for m in Method::compressing() {
+                let cfg = a.model.compress.config_for(m, Some(b))?;
+                scores.push(run_one(&ctx, &a.model, &cfg, task, &a)?);
                 note!(
                     "{task} {} {b}: {:.3}",
                     m.name(),
@@ -303,7 +310,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             .iter()
             .find(|s| s.task == label && s.budget.is_none())
             .map_or(0.0, |s| s.accuracy);
-        for m in methods {
+        for m in Method::compressing() {
             write!(stdout, "{} | {full:.3}", m.name())?;
             for b in &a.budgets {
                 let acc = scores

@@ -10,13 +10,13 @@ use clap::Args;
 use kvsift::kv::compression::{Captured, Method, SlotOrder, gpu, select_cpu};
 use safetensors::SafeTensors;
 
-use super::compress::{CompressArgs, KvMethod};
+use super::compress::CompressArgs;
 
 #[derive(Args, Debug)]
 pub struct SelectArgs {
     /// Method (same values as --kv of generate).
-    #[arg(long, value_enum)]
-    pub method: KvMethod,
+    #[arg(long, value_parser = super::compress::method_parser())]
+    pub method: Method,
     /// safetensors file with `keys` and `queries`.
     #[arg(long)]
     pub input: PathBuf,
@@ -60,7 +60,7 @@ fn tensor(
 pub fn run(mut a: SelectArgs) -> anyhow::Result<()> {
     a.flags.kv = a.method;
     let cfg = a.flags.config()?;
-    if cfg.method == Method::None {
+    if !cfg.method.policy().compresses() {
         anyhow::bail!("--method none selects nothing; pick a compression method");
     }
     if a.num_layers == 0 || a.layer >= a.num_layers {

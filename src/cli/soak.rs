@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use kvsift::engine::{Event, StopReason};
 use kvsift::gpu::GpuContext;
-use kvsift::kv::compression::{Method, Schedule};
+use kvsift::kv::compression::Schedule;
 use serde_json::json;
 
 use super::bench::{BenchArgs, human, request, tokens};
@@ -40,8 +40,8 @@ pub fn run(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
         engine.add_request(request(tokens(b as u64, a.prompt_len, vocab), a.tokens))?;
     }
     // Under the decode schedule a head holds at most budget + buffer slots.
-    let bound =
-        (compress.method != Method::None && compress.schedule == Schedule::Decode).then(|| {
+    let bound = (compress.method.policy().compresses() && compress.schedule == Schedule::Decode)
+        .then(|| {
             let slots = compress.budget + compress.buffer;
             (slots, a.batch as u64 * engine.kv_bytes_for_slots(slots))
         });

@@ -9,8 +9,8 @@ use crate::error::{Error, Result};
 use crate::gpu::buffer::checked_len;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Op};
 use crate::kv::SeqTables;
-use crate::kv::compression::gpu::{LayerJob, ScoreSource, heads_per_kv, select_layer};
-use crate::kv::compression::{CompressConfig, H2oVersion, Method, Schedule};
+use crate::kv::compression::gpu::select_layer;
+use crate::kv::compression::{CompressConfig, LayerJob, Records, Schedule, ScoreSource};
 use crate::kv::paged::PagedKv;
 use crate::model::config::ModelConfig;
 use crate::ops::compress::{self, CompressBuffers, ScoreQueries, ScoreSpec};
@@ -46,6 +46,8 @@ pub struct CompressionStats {
 pub struct Compressor {
     pub cfg: CompressConfig,
     bufs: CompressBuffers,
+    /// What the forward records for the method.
+    records: Records,
     /// `[lane][layer][window][Hq * D]` and `[lane][window]`.
     ring: GpuBuffer<f32>,
     ring_pos: GpuBuffer<u32>,
@@ -65,7 +67,7 @@ pub struct Compressor {
 impl Compressor {
     /// Stored heads per KV head the pool needs for `cfg`.
     pub fn heads_per_kv(cfg: &CompressConfig, model: &ModelConfig) -> usize {
-        heads_per_kv(cfg, model.n_heads / model.n_kv_heads)
+        cfg.heads_per_kv(model.n_heads / model.n_kv_heads)
     }
 
     pub fn new(
@@ -80,7 +82,8 @@ impl Compressor {
         cfg.validate()?;
         let hq = model.n_heads;
         let w = cfg.window;
-        let accumulates = cfg.method == Method::H2o && cfg.h2o_version == H2oVersion::V3;
+        let records = cfg.method.policy().records(&cfg);
+        let accumulates = records == Records::AttentionSums;
         let acc_units = if accumulates { hq / kv.n_heads } else { 0 };
         let h2o = if accumulates {
             let words = checked_len("H2O sums", &[lanes, model.n_layers, hq, capacity, 4])? / 4;
@@ -100,7 +103,17 @@ impl Compressor {
             None
         };
         Ok(Self {
-            bufs: CompressBuffers::new(ctx, kv.layout, kv.n_heads, hq, w, capacity, acc_units)?,
+            bufs: CompressBuffers::new(
+                ctx,
+                kv.layout,
+                kv.n_heads,
+                hq,
+                w,
+                capacity,
+                acc_units,
+                model.n_layers,
+            )?,
+            records,
             ring: GpuBuffer::zeros(
                 ctx,
                 "compress.ring",
@@ -132,7 +145,7 @@ impl Compressor {
     }
 
     fn needs_queries(&self) -> bool {
-        !matches!(self.cfg.method, Method::None | Method::StreamingLlm) && self.h2o.is_none()
+        self.records == Records::WindowQueries
     }
 
     /// Which lane each row group of the next step belongs to.
@@ -278,7 +291,7 @@ impl Compressor {
     /// Whether the decode schedule compresses after the step whose token
     /// has position `pos`.
     pub fn after_decode(&self, pos: usize) -> bool {
-        self.cfg.method != Method::None
+        self.cfg.method.policy().compresses()
             && self.cfg.schedule == Schedule::Decode
             && pos.is_multiple_of(self.cfg.buffer)
     }
@@ -286,7 +299,7 @@ impl Compressor {
     /// Decode steps from the step whose token has position `pos` to the
     /// next step that compresses (0: this one); None without a decode schedule.
     pub fn steps_to_trigger(&self, pos: usize) -> Option<usize> {
-        if self.cfg.method == Method::None || self.cfg.schedule != Schedule::Decode {
+        if !self.cfg.method.policy().compresses() || self.cfg.schedule != Schedule::Decode {
             return None;
         }
         let b = self.cfg.buffer;
@@ -295,7 +308,7 @@ impl Compressor {
 
     /// Whether a prompt of `len` tokens is compressed after its prefill.
     pub fn after_prefill(&self, len: usize) -> bool {
-        self.cfg.method != Method::None && len >= self.cfg.budget
+        self.cfg.method.policy().compresses() && len >= self.cfg.budget
     }
 
     /// Compresses the sequence in `lane` (every layer), frees the pages past
@@ -316,7 +329,8 @@ impl Compressor {
         let (w, hq, d) = (self.cfg.window, self.n_q_heads, kv.layout.head_dim);
         let mut dropped = 0u64;
         // One submission for all layers (they share the scratch buffers, in
-        // order); AdaKV submits per layer since it reads its scores back.
+        // order); a method that reads its scores back runs what is pending
+        // first.
         let mut pending: Vec<Dispatch> = vec![];
         let mut truncations: Vec<(usize, Vec<usize>)> = vec![];
         for layer in 0..self.n_layers {
@@ -351,7 +365,7 @@ impl Compressor {
                 group: self.group,
                 rank_reference: false,
             };
-            let Some(keep) = select_layer(ctx, &self.cfg, &job, &self.bufs)? else {
+            let Some(keep) = select_layer(ctx, &self.cfg, &job, &self.bufs, &mut pending)? else {
                 continue;
             };
             if keep.new_lens == lens && !keep.reference {
@@ -368,7 +382,7 @@ impl Compressor {
                 &job.kv,
                 w,
                 &self.bufs,
-                &keep.kvec,
+                keep.kvec_base,
                 keep.list(&self.bufs),
                 acc,
                 acc_base,
@@ -380,10 +394,6 @@ impl Compressor {
                 dropped += (old - new) as u64;
             }
             truncations.push((layer, keep.new_lens.clone()));
-            if self.cfg.method == Method::AdaKv {
-                ctx.run("kvsift.compress", &pending.iter().collect::<Vec<_>>())?;
-                pending.clear();
-            }
         }
         if !pending.is_empty() {
             ctx.run("kvsift.compress", &pending.iter().collect::<Vec<_>>())?;

@@ -42,6 +42,7 @@ pub static COMPRESS: Kernel = Kernel {
         "score_accumulate",
         "score_reduce",
         "score_pool",
+        "fill_scores",
         "key_norms",
         "redundancy_rows",
         "redundancy_cols",
@@ -107,7 +108,8 @@ pub struct CompressParams {
     pub slots: u32,
     /// score_stats: threads per (row, unit, split) (a power of two <= WG).
     pub row_lanes: u32,
-    pub _pad: u32,
+    /// This layer's entries in `kvec` (top-k and compaction).
+    pub kvec_base: u32,
 }
 
 impl CompressParams {
@@ -182,11 +184,17 @@ pub struct CompressBuffers {
     pub order: GpuBuffer<u32>,
     pub lane0: GpuBuffer<u32>,
     pub scratch: GpuBuffer<u32>,
+    /// Kept prefix slots per stored head, one region per layer (the layers
+    /// of one submission each read their own).
+    pub kvec: GpuBuffer<u32>,
+    pub layers: usize,
 }
 
 impl CompressBuffers {
     /// `units`: score units (query heads); `rows`: window query rows;
-    /// `acc_units`: accumulator units a compaction moves per stored head.
+    /// `acc_units`: accumulator units a compaction moves per stored head;
+    /// `layers`: the layers whose selections may share a submission.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ctx: &GpuContext,
         layout: PoolLayout,
@@ -195,6 +203,7 @@ impl CompressBuffers {
         rows: usize,
         t_max: usize,
         acc_units: usize,
+        layers: usize,
     ) -> Result<Self> {
         let t = t_max.max(1);
         let z = |label: &str, n: usize| GpuBuffer::<f32>::zeros(ctx, label, n.max(1));
@@ -214,7 +223,28 @@ impl CompressBuffers {
             order: zu("compress.order", heads * t)?,
             lane0: zu("compress.lane0", 1)?,
             scratch: zu("compress.scratch", heads * t * slot_words)?,
+            kvec: zu("compress.kvec", heads * layers.max(1))?,
+            layers: layers.max(1),
         })
+    }
+
+    /// Writes layer `layer`'s kept prefix counts (one per stored head) into
+    /// its region of `kvec`; returns the region's start.
+    pub fn write_kvec(&self, ctx: &GpuContext, layer: usize, kvec: &[usize]) -> Result<usize> {
+        ensure!(
+            layer < self.layers && kvec.len() <= self.heads,
+            "kvec of layer {layer} ({} heads) in scratch for {} layers of {} heads",
+            kvec.len(),
+            self.layers,
+            self.heads
+        );
+        let words = kvec
+            .iter()
+            .map(|&k| u32_of("kept slots", k))
+            .collect::<Result<Vec<u32>>>()?;
+        let base = layer * self.heads;
+        self.kvec.write(ctx, base, &words)?;
+        Ok(base)
     }
 }
 
@@ -498,6 +528,37 @@ pub fn reduce_and_pool(
     ])
 }
 
+/// Every candidate of every stored head scores `value` (in `bufs.scores`),
+/// over heads of at most `slots` slots.
+pub fn fill_scores(
+    ctx: &GpuContext,
+    kv: &LayerKv,
+    window: usize,
+    value: f32,
+    bufs: &CompressBuffers,
+    slots: usize,
+) -> Result<Dispatch> {
+    ensure!(
+        slots <= bufs.t_max,
+        "fill_scores: {slots} slots, scratch for {}",
+        bufs.t_max
+    );
+    let p = CompressParams {
+        t_stride: u32_of("t stride", bufs.t_max)?,
+        window: u32_of("window", window)?,
+        lambda: value,
+        ..CompressParams::for_kv(kv)?
+    };
+    dispatch(
+        ctx,
+        kv,
+        "fill_scores",
+        &p,
+        &[(3, kv.desc.binding()), (10, bufs.scores.binding())],
+        [blocks(slots)?, u32_of("heads", kv.n_heads)?, 1],
+    )
+}
+
 /// Window scores of one sequence: stats, unit sums (scratch `bufs.acc`),
 /// reduction and pooling into `bufs.scores`, over heads of at most `slots` slots.
 pub fn window_scores(
@@ -628,8 +689,9 @@ pub fn rkv_redundancy(
     ])
 }
 
-/// Exact top-`kvec[s]` of each stored head's candidate scores, ties to the
-/// lower slot: `bufs.kept[s]` = the kept slots ascending, then the window.
+/// Exact top-`kvec[kvec_base + s]` of each stored head's candidate scores
+/// (`bufs.kvec`, see [`CompressBuffers::write_kvec`]), ties to the lower
+/// slot: `bufs.kept[s]` = the kept slots ascending, then the window.
 /// With `reference_order`, `bufs.order[s]` = the same slots in R-KV's layout
 /// (selected by descending score, then the window). Heads hold at most `slots`.
 pub fn topk(
@@ -637,10 +699,11 @@ pub fn topk(
     kv: &LayerKv,
     window: usize,
     bufs: &CompressBuffers,
-    kvec: &GpuBuffer<u32>,
+    kvec_base: usize,
     reference_order: bool,
     slots: usize,
 ) -> Result<Vec<Dispatch>> {
+    let kvec = &bufs.kvec;
     ensure!(
         slots <= bufs.t_max,
         "topk: {slots} slots, scratch for {}",
@@ -651,6 +714,7 @@ pub fn topk(
         k_stride: u32_of("k stride", bufs.t_max)?,
         window: u32_of("window", window)?,
         slots: u32_of("slots", slots)?,
+        kvec_base: u32_of("kvec base", kvec_base)?,
         ..CompressParams::for_kv(kv)?
     };
     let mut out = vec![dispatch(
@@ -686,7 +750,8 @@ pub fn topk(
 }
 
 /// Moves slot `list[s][n]` of every stored head to slot `n`, for
-/// `n < kvec[s] + window` (the list from `bufs.kept` or `bufs.order`), with
+/// `n < kvec[kvec_base + s] + window` (the list from `bufs.kept` or
+/// `bufs.order`; the counts in `bufs.kvec`), with
 /// `acc_units` accumulator rows per head (H2O) at `acc_base` moving along.
 /// `slots`: the longest head's length before compaction (sizes the grid).
 #[allow(clippy::too_many_arguments)]
@@ -695,7 +760,7 @@ pub fn compact(
     kv: &LayerKv,
     window: usize,
     bufs: &CompressBuffers,
-    kvec: &GpuBuffer<u32>,
+    kvec_base: usize,
     list: &GpuBuffer<u32>,
     acc: &GpuBuffer<f32>,
     acc_base: usize,
@@ -715,8 +780,10 @@ pub fn compact(
         acc_base: u32_of("acc base", acc_base)?,
         acc_units: u32_of("acc units", acc_units)?,
         slots: u32_of("slots", slots)?,
+        kvec_base: u32_of("kvec base", kvec_base)?,
         ..CompressParams::for_kv(kv)?
     };
+    let kvec = &bufs.kvec;
     let words = kv.n_heads * slots * (2 * kv.layout.dw() + 1 + acc_units);
     ensure!(words <= bufs.scratch.len(), "compaction scratch too small");
     let grid = ctx.grid(blocks(words)?);
@@ -793,14 +860,14 @@ pub fn pool_from_keys(
 /// tests/shader_portability.rs).
 pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
     vec![
-        host_layout!(CompressParams in [&COMPRESS] as "Params" { n_heads, units, units_per_head, group, head_dim, dw, page_size, page_words, n_rows, rows_per_group, q_base, q_row_stride, qpos_base, desc_base, acc_base, acc_lane_stride, t_stride, window, kernel, rkv, mean, agg, pooling, accumulate, k_stride, acc_units, ring_lane_rows, scale, lambda, threshold, eps, stat_splits, slots, row_lanes, _pad }),
+        host_layout!(CompressParams in [&COMPRESS] as "Params" { n_heads, units, units_per_head, group, head_dim, dw, page_size, page_words, n_rows, rows_per_group, q_base, q_row_stride, qpos_base, desc_base, acc_base, acc_lane_stride, t_stride, window, kernel, rkv, mean, agg, pooling, accumulate, k_stride, acc_units, ring_lane_rows, scale, lambda, threshold, eps, stat_splits, slots, row_lanes, kvec_base }),
     ]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::compression::gpu::{ScratchPool, heads_per_kv};
+    use crate::kv::compression::gpu::ScratchPool;
     use crate::kv::compression::{
         Captured, CompressConfig, Granularity, H2oVersion, Method, common, rkv, snapkv,
     };
@@ -899,13 +966,16 @@ mod tests {
                 cfg.pooling = pooling;
                 cfg.h2o_version = H2oVersion::V1;
                 cfg.lambda = LAMBDA;
-                let want: Vec<Vec<f32>> = match method {
-                    Method::Rkv => rkv::scores(&cfg, &xc),
-                    Method::H2o => snapkv::scores(&cfg, &xc, false, false),
-                    Method::AdaKv => snapkv::scores(&cfg, &xc, true, true),
-                    _ => snapkv::scores(&cfg, &xc, false, true),
+                let want: Vec<Vec<f32>> = if method == Method::Rkv {
+                    rkv::scores(&cfg, &xc)
+                } else if method == Method::H2o {
+                    snapkv::scores(&cfg, &xc, false, false)
+                } else if method == Method::AdaKv {
+                    snapkv::scores(&cfg, &xc, true, true)
+                } else {
+                    snapkv::scores(&cfg, &xc, false, true)
                 };
-                let hpk = heads_per_kv(&cfg, g);
+                let hpk = cfg.heads_per_kv(g);
                 let order: Vec<usize> = {
                     let n = hkv * hpk * t.div_ceil(16);
                     let mut o: Vec<usize> = (0..n).collect();
@@ -915,11 +985,12 @@ mod tests {
                     o
                 };
                 // Scratch longer than the heads: grids follow the heads, strides the scratch.
-                let sp = ScratchPool::upload(ctx, &x, hpk, kv_f16, Some(&order), t + 37).unwrap();
+                let sp =
+                    ScratchPool::upload(ctx, &x, hpk, kv_f16, Some(&order), t + 37, 1).unwrap();
                 let job = sp.job(&x, 0, 1);
                 let spec = ScoreSpec {
                     rkv: method == Method::Rkv,
-                    mean: matches!(method, Method::AdaKv | Method::Rkv),
+                    mean: method == Method::AdaKv || method == Method::Rkv,
                     agg,
                     kernel: if method == Method::H2o { 1 } else { cfg.kernel },
                     pooling: if method == Method::Rkv {
@@ -930,7 +1001,7 @@ mod tests {
                     window: w,
                     group: g,
                 };
-                let crate::kv::compression::gpu::ScoreSource::Queries(q) = &job.source else {
+                let crate::kv::compression::ScoreSource::Queries(q) = &job.source else {
                     unreachable!()
                 };
                 let mut ds = window_scores(ctx, &job.kv, q, &spec, &sp.bufs, t).unwrap();
@@ -1011,7 +1082,7 @@ mod tests {
             let bare = Bare::new(ctx, &vec![t; heads]);
             // Scratch longer than the heads: grids follow the heads, strides the scratch.
             let cap = t + 37;
-            let bufs = CompressBuffers::new(ctx, bare.layout, heads, 1, 1, cap, 0).unwrap();
+            let bufs = CompressBuffers::new(ctx, bare.layout, heads, 1, 1, cap, 0, 2).unwrap();
             let mut scores = vec![0f32; heads * cap];
             for v in scores.iter_mut() {
                 *v = (rng.below(distinct) as f32 - distinct as f32 / 3.0) * 0.125;
@@ -1023,9 +1094,10 @@ mod tests {
                 vec![0, 1, c / 3, c - 1, c]
             };
             for &k in &ks {
-                let kvec = GpuBuffer::from_slice(ctx, "kvec", &[k as u32, (c - k) as u32]).unwrap();
+                // Layer 1's region: the base reaches the kernels.
+                let base = bufs.write_kvec(ctx, 1, &[k, c - k]).unwrap();
                 let ranked = c <= 1000;
-                let ds = topk(ctx, &bare.kv(), w, &bufs, &kvec, ranked, t).unwrap();
+                let ds = topk(ctx, &bare.kv(), w, &bufs, base, ranked, t).unwrap();
                 ctx.run("test.topk", &ds.iter().collect::<Vec<_>>())
                     .unwrap();
                 let kept = bufs.kept.read(ctx).unwrap();
@@ -1093,7 +1165,7 @@ mod tests {
             };
             // Scratch longer than the heads: the grid follows the heads, list strides the scratch.
             let cap = t + 37;
-            let bufs = CompressBuffers::new(ctx, layout, heads, 1, 1, cap, acc_units).unwrap();
+            let bufs = CompressBuffers::new(ctx, layout, heads, 1, 1, cap, acc_units, 3).unwrap();
             // Per head: a random subset of the candidates (shuffled for one head) plus the window.
             let c = t - w;
             let ks = [0usize, 17, c];
@@ -1115,13 +1187,8 @@ mod tests {
                 want_lists.push(pick);
             }
             let list = GpuBuffer::from_slice(ctx, "list", &lists).unwrap();
-            let kvec = GpuBuffer::from_slice(
-                ctx,
-                "kvec",
-                &ks.iter().map(|&k| k as u32).collect::<Vec<_>>(),
-            )
-            .unwrap();
-            let ds = compact(ctx, &kv, w, &bufs, &kvec, &list, &g_acc, 0, t, acc_units, t).unwrap();
+            let base = bufs.write_kvec(ctx, 2, &ks).unwrap();
+            let ds = compact(ctx, &kv, w, &bufs, base, &list, &g_acc, 0, t, acc_units, t).unwrap();
             ctx.run("test.compact", &ds.iter().collect::<Vec<_>>())
                 .unwrap();
             let after = g_pool.read(ctx).unwrap();

@@ -3,7 +3,52 @@
 //! heads share `H * (budget - window)` prefix slots by score, with a floor.
 //! Contract section "AdaKV".
 
-use super::{Captured, CompressConfig, Selection, common, snapkv};
+use super::{Captured, CompressConfig, LayerCx, Policy, Selection, Setting, common, snapkv};
+use crate::error::{Error, Result};
+
+pub struct AdaKv;
+
+impl Policy for AdaKv {
+    fn name(&self) -> &'static str {
+        "adakv"
+    }
+
+    fn settings(&self) -> &'static [Setting] {
+        &[
+            Setting::Kernel,
+            Setting::Pooling,
+            Setting::Granularity,
+            Setting::GqaAgg,
+            Setting::Floor,
+        ]
+    }
+
+    fn validate(&self, cfg: &CompressConfig) -> Result<()> {
+        if !(0.0..=1.0).contains(&cfg.floor) {
+            return Err(Error::invalid(
+                "--floor",
+                format!("{} must be in [0, 1]", cfg.floor),
+            ));
+        }
+        Ok(())
+    }
+
+    fn select_cpu(&self, cfg: &CompressConfig, x: &Captured, _: usize, _: usize) -> Option<Selection> {
+        Some(select(cfg, x))
+    }
+
+    /// SnapKV's scores with the row mean, read back once per layer: the
+    /// heads share the budget on the host.
+    fn select_gpu(&self, cx: &mut LayerCx) -> Result<Option<Vec<usize>>> {
+        let base = cx.cfg.budget - cx.cfg.window;
+        if cx.candidates().iter().all(|&c| base > c) {
+            return Ok(None);
+        }
+        cx.attention_scores(&snapkv::spec(cx, true, true))?;
+        let scores = cx.read_scores()?;
+        Ok(Some(head_caps(&scores, base, cx.cfg.floor).0))
+    }
+}
 
 /// Round half to even, as numpy and torch round.
 fn round_half_even(x: f64) -> f64 {

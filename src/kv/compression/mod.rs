@@ -4,47 +4,104 @@
 //! captured keys and queries (`kvsift select --cpu`, and the reference the
 //! GPU passes are held against).
 
-pub mod adakv;
 pub mod common;
 pub mod gpu;
-pub mod h2o;
-pub mod pyramidkv;
-pub mod rkv;
-pub mod snapkv;
-pub mod streamingllm;
+mod policy;
+
+pub use policy::{LayerCx, LayerJob, Policy, Records, ScoreSource, Setting};
 
 use crate::error::{Error, Result};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Method {
-    None,
-    StreamingLlm,
-    H2o,
-    SnapKv,
-    PyramidKv,
-    AdaKv,
-    Rkv,
+/// A compression method: a handle to its registered [`Policy`]. Compare,
+/// print and parse it by name; `Method::ALL` lists every method.
+#[derive(Clone, Copy)]
+pub struct Method(&'static dyn Policy);
+
+/// The registry: `Name => module::Type,` declares `pub mod module;` and the
+/// constant `Method::Name` and lists it in `Method::ALL`. Adding a method is
+/// its file plus one line here.
+macro_rules! methods {
+    ($($name:ident => $module:ident :: $ty:ident,)*) => {
+        $(pub mod $module;)*
+        #[allow(non_upper_case_globals)]
+        impl Method {
+            $(pub const $name: Method = Method(&$module::$ty);)*
+            /// Every registered method, the full cache first.
+            pub const ALL: &'static [Method] = &[$(Method::$name),*];
+        }
+    };
+}
+
+methods! {
+    None => fullcache::FullCache,
+    StreamingLlm => streamingllm::StreamingLlm,
+    H2o => h2o::H2o,
+    SnapKv => snapkv::SnapKv,
+    PyramidKv => pyramidkv::PyramidKv,
+    AdaKv => adakv::AdaKv,
+    Rkv => rkv::Rkv,
+}
+
+impl Method {
+    pub fn policy(self) -> &'static dyn Policy {
+        self.0
+    }
+
+    /// The `--kv` value.
+    pub fn name(self) -> &'static str {
+        self.0.name()
+    }
+
+    /// Every method that compresses, in registration order.
+    pub fn compressing() -> impl Iterator<Item = Method> {
+        Method::ALL.iter().copied().filter(|m| m.0.compresses())
+    }
+
+    /// The method named `name` (or one of its aliases), any case.
+    pub fn from_name(name: &str) -> Option<Method> {
+        let name = name.to_ascii_lowercase();
+        Method::ALL
+            .iter()
+            .copied()
+            .find(|m| m.name() == name || m.0.aliases().contains(&name.as_str()))
+    }
+}
+
+impl PartialEq for Method {
+    fn eq(&self, other: &Self) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl Eq for Method {}
+
+impl std::hash::Hash for Method {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name().hash(state)
+    }
+}
+
+impl std::fmt::Debug for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl std::str::FromStr for Method {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s.to_ascii_lowercase().as_str() {
-            "none" | "fullkv" | "full" => Method::None,
-            "streamingllm" => Method::StreamingLlm,
-            "h2o" => Method::H2o,
-            "snapkv" => Method::SnapKv,
-            "pyramidkv" => Method::PyramidKv,
-            "adakv" => Method::AdaKv,
-            "rkv" | "r-kv" => Method::Rkv,
-            _ => {
-                return Err(Error::invalid(
-                    "--kv",
-                    format!(
-                        "unknown method {s:?}; expected none, streamingllm, h2o, snapkv, pyramidkv, adakv or rkv"
-                    ),
-                ));
-            }
+        Method::from_name(s).ok_or_else(|| {
+            let names: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
+            Error::invalid(
+                "--kv",
+                format!("unknown method {s:?}; expected one of {}", names.join(", ")),
+            )
         })
     }
 }
@@ -108,7 +165,6 @@ pub struct CompressConfig {
 impl CompressConfig {
     /// The contract's defaults for `method` with `budget`.
     pub fn new(method: Method, budget: usize) -> Self {
-        let rkv = method == Method::Rkv;
         Self {
             method,
             budget,
@@ -119,11 +175,7 @@ impl CompressConfig {
             lambda: 0.1,
             granularity: Granularity::KvHead,
             gqa_agg: GqaAgg::Mean,
-            schedule: if rkv {
-                Schedule::Decode
-            } else {
-                Schedule::Prefill
-            },
+            schedule: method.policy().default_schedule(),
             h2o_version: H2oVersion::V3,
             sinks: None,
             slot_order: SlotOrder::Position,
@@ -142,7 +194,8 @@ impl CompressConfig {
 
     /// Rejects settings the methods cannot run with, naming the flag.
     pub fn validate(&self) -> Result<()> {
-        if self.method == Method::None {
+        let policy = self.method.policy();
+        if !policy.compresses() {
             return Ok(());
         }
         let bad = |flag: &str, why: String| Err(Error::invalid(flag, why));
@@ -167,27 +220,38 @@ impl CompressConfig {
         if self.buffer == 0 {
             return bad("--buffer", "must be at least 1".into());
         }
-        if self.method == Method::StreamingLlm && self.sinks() + self.window > self.budget {
-            return bad(
-                "--sinks",
-                format!(
-                    "{} sinks + window {} exceed the budget {}",
-                    self.sinks(),
-                    self.window,
-                    self.budget
-                ),
-            );
-        }
-        if self.sinks.is_some_and(|s| s >= self.budget) {
-            return bad(
-                "--sinks",
-                format!("{} must be below the budget {}", self.sinks(), self.budget),
-            );
-        }
-        if self.method == Method::PyramidKv && self.beta == 0 {
-            return bad("--beta", "must be positive".into());
+        policy.validate(self)?;
+        Ok(())
+    }
+
+    /// Refuses settings the user gave (`given`) that the method does not
+    /// read: the error names the flag, the method, and the methods it is for.
+    pub fn check_given(&self, given: &[Setting]) -> Result<()> {
+        let policy = self.method.policy();
+        for &s in given {
+            let reads = policy.compresses()
+                && (Setting::COMMON.contains(&s) || policy.settings().contains(&s));
+            if !reads {
+                let users: Vec<&str> = Method::compressing()
+                    .filter(|m| Setting::COMMON.contains(&s) || m.policy().settings().contains(&s))
+                    .map(|m| m.name())
+                    .collect();
+                return Err(Error::invalid(
+                    s.flag(),
+                    format!(
+                        "does not apply to --kv {} (it is a setting of {})",
+                        self.method,
+                        users.join(", ")
+                    ),
+                ));
+            }
         }
         Ok(())
+    }
+
+    /// Stored heads per KV head the pool needs for these settings.
+    pub fn heads_per_kv(&self, group: usize) -> usize {
+        self.method.policy().heads_per_kv(self, group)
     }
 }
 
@@ -246,13 +310,7 @@ impl Captured<'_> {
                 self.hq, self.hkv
             ));
         }
-        let want_rows = if cfg.method == Method::H2o && cfg.h2o_version == H2oVersion::V3 {
-            self.t
-        } else {
-            cfg.window
-        };
-        if cfg.method != Method::None
-            && cfg.method != Method::StreamingLlm
+        if let Some(want_rows) = cfg.method.policy().query_rows(cfg, self.t)
             && self.q_rows != want_rows
         {
             return bad(format!(
@@ -271,11 +329,11 @@ impl Captured<'_> {
         Ok(())
     }
 
-    fn key_head(&self, h: usize) -> &[f32] {
+    pub fn key_head(&self, h: usize) -> &[f32] {
         &self.keys[h * self.t * self.d..][..self.t * self.d]
     }
 
-    fn query_head(&self, h: usize) -> &[f32] {
+    pub fn query_head(&self, h: usize) -> &[f32] {
         &self.queries[h * self.q_rows * self.d..][..self.q_rows * self.d]
     }
 }
@@ -297,31 +355,20 @@ pub fn select_cpu(
 ) -> Result<Selection> {
     cfg.validate()?;
     x.check(cfg)?;
-    let heads_out = match (cfg.method, cfg.granularity) {
-        (Method::Rkv, _) | (_, Granularity::KvHead) => x.hkv,
-        (_, Granularity::QueryHead) => x.hq,
-    };
+    let policy = cfg.method.policy();
+    let heads_out = x.hkv * cfg.heads_per_kv(x.hq / x.hkv);
     let all = || Selection {
         kept: vec![(0..x.t).collect(); heads_out],
-        reference: (cfg.method == Method::Rkv).then(|| vec![(0..x.t).collect(); heads_out]),
+        reference: policy
+            .ranks_reference()
+            .then(|| vec![(0..x.t).collect(); heads_out]),
     };
-    if cfg.method == Method::None || x.t < cfg.budget {
+    if !policy.compresses() || x.t < cfg.budget {
         return Ok(all());
     }
-    Ok(match cfg.method {
-        Method::None => unreachable!(),
-        Method::StreamingLlm => streamingllm::select(cfg, x.t, heads_out),
-        Method::H2o => h2o::select(cfg, x),
-        Method::SnapKv => snapkv::select(cfg, x, cfg.budget - cfg.window),
-        Method::PyramidKv => {
-            match pyramidkv::layer_topk(cfg.budget, cfg.window, x.t, n_layers, layer, cfg.beta) {
-                Some(k) => snapkv::select(cfg, x, k),
-                None => all(),
-            }
-        }
-        Method::AdaKv => adakv::select(cfg, x),
-        Method::Rkv => rkv::select(cfg, x),
-    })
+    Ok(policy
+        .select_cpu(cfg, x, layer, n_layers)
+        .unwrap_or_else(all))
 }
 
 /// Per-query-head window scores of the SnapKV family: probabilities of the

@@ -3,6 +3,56 @@
 //! in lower layers and fewer in upper ones. Contract section "PyramidKV":
 //! integer arithmetic, floor division.
 
+use super::{Captured, CompressConfig, LayerCx, Policy, Selection, Setting, snapkv};
+use crate::error::{Error, Result};
+
+pub struct PyramidKv;
+
+impl Policy for PyramidKv {
+    fn name(&self) -> &'static str {
+        "pyramidkv"
+    }
+
+    fn settings(&self) -> &'static [Setting] {
+        &[
+            Setting::Kernel,
+            Setting::Pooling,
+            Setting::Granularity,
+            Setting::GqaAgg,
+            Setting::Beta,
+        ]
+    }
+
+    fn validate(&self, cfg: &CompressConfig) -> Result<()> {
+        if cfg.beta == 0 {
+            return Err(Error::invalid("--beta", "must be positive"));
+        }
+        Ok(())
+    }
+
+    fn select_cpu(
+        &self,
+        cfg: &CompressConfig,
+        x: &Captured,
+        layer: usize,
+        n_layers: usize,
+    ) -> Option<Selection> {
+        let k = layer_topk(cfg.budget, cfg.window, x.t, n_layers, layer, cfg.beta)?;
+        Some(snapkv::select(cfg, x, k))
+    }
+
+    /// The schedule is per layer; heads of a layer have one length here.
+    fn select_gpu(&self, cx: &mut LayerCx) -> Result<Option<Vec<usize>>> {
+        let (cfg, job) = (cx.cfg, cx.job);
+        let Some(k) = layer_topk(cfg.budget, cfg.window, cx.slots(), job.n_layers, job.layer, cfg.beta)
+        else {
+            return Ok(None);
+        };
+        cx.attention_scores(&snapkv::spec(cx, false, true))?;
+        Ok(Some(cx.uniform(k)))
+    }
+}
+
 /// Prefix slots layer `layer` of `n_layers` keeps (the window comes on top),
 /// or `None` when nothing is compressed (`t < budget`).
 pub fn layer_topk(

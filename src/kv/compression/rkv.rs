@@ -4,7 +4,73 @@
 //! the window. Contract section "R-KV"; the slots are taken in the order
 //! they are given (position order, or the reference layout order).
 
-use super::{Captured, CompressConfig, Pooling, Selection, common};
+use super::{Captured, CompressConfig, LayerCx, Policy, Pooling, Schedule, Selection, Setting, common};
+use crate::error::{Error, Result};
+use crate::ops::compress::ScoreSpec;
+
+pub struct Rkv;
+
+impl Policy for Rkv {
+    fn name(&self) -> &'static str {
+        "rkv"
+    }
+
+    fn aliases(&self) -> &'static [&'static str] {
+        &["r-kv"]
+    }
+
+    fn settings(&self) -> &'static [Setting] {
+        &[
+            Setting::Kernel,
+            Setting::Lambda,
+            Setting::SlotOrder,
+            Setting::SimThreshold,
+            Setting::Eps,
+        ]
+    }
+
+    fn default_schedule(&self) -> Schedule {
+        Schedule::Decode
+    }
+
+    fn validate(&self, cfg: &CompressConfig) -> Result<()> {
+        if !(cfg.eps > 0.0 && cfg.eps.is_finite()) {
+            return Err(Error::invalid("--eps", format!("{} must be positive", cfg.eps)));
+        }
+        if !cfg.sim_threshold.is_finite() {
+            return Err(Error::invalid(
+                "--sim-threshold",
+                format!("{} must be finite", cfg.sim_threshold),
+            ));
+        }
+        Ok(())
+    }
+
+    fn ranks_reference(&self) -> bool {
+        true
+    }
+
+    fn select_cpu(&self, cfg: &CompressConfig, x: &Captured, _: usize, _: usize) -> Option<Selection> {
+        Some(select(cfg, x))
+    }
+
+    /// Importance (group max of raw logits, softmax over the candidates,
+    /// row mean, max pooling), then the redundancy mixed in.
+    fn select_gpu(&self, cx: &mut LayerCx) -> Result<Option<Vec<usize>>> {
+        let cfg = cx.cfg;
+        cx.attention_scores(&ScoreSpec {
+            rkv: true,
+            mean: true,
+            agg: cfg.gqa_agg,
+            kernel: cfg.kernel,
+            pooling: Pooling::Max,
+            window: cfg.window,
+            group: cx.job.group,
+        })?;
+        cx.redundancy(cfg.lambda, cfg.sim_threshold, cfg.eps)?;
+        Ok(Some(cx.uniform(cfg.budget - cfg.window)))
+    }
+}
 
 /// The R-KV scores of the `t - w` candidate slots of every KV head.
 pub fn scores(cfg: &CompressConfig, x: &Captured) -> Vec<Vec<f32>> {
