@@ -1,7 +1,7 @@
 // compress.wgsl: KV-cache compression passes over the paged pool
 // (shared/specs/kv-compression.md). Keys are read through the block tables
 // (desc entry per stored head: {table offset, len}); every slot's position
-// sits in its page (layout as in paged_kv_store.wgsl).
+// sits in its page (the layout is pages.wgsl's, joined in front).
 //
 // Score units: in the SnapKV family a unit is a query head (U = Hq) feeding
 // stored head u / units_per_head; in R-KV mode (RKV = 1) a unit is a KV head
@@ -113,13 +113,13 @@ fn head_len(s: u32) -> u32 {
 
 // Word index in the pool of slot t's key of stored head s, for the desc entry `d`.
 fn slot_base(d: u32, t: u32) -> u32 {
-    let off = desc[d * 2u];
-    return tables[off + t / p.page_size] * p.page_words + (t % p.page_size) * p.dw;
+    let g = geom();
+    return slot_page(g, desc[d * 2u], t) + key_at(g, t % g.page_size);
 }
 
 fn slot_pos(d: u32, t: u32) -> u32 {
-    let off = desc[d * 2u];
-    return pool[tables[off + t / p.page_size] * p.page_words + 2u * p.page_size * p.dw + t % p.page_size];
+    let g = geom();
+    return pool[slot_page(g, desc[d * 2u], t) + position_at(g, t % g.page_size)];
 }
 
 // q (queries[qoff..]) . key at word `kb`.
@@ -799,7 +799,7 @@ fn compact_gather(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
     if w < p.dw {
         v = pool[kb + w];
     } else if w < 2u * p.dw {
-        v = pool[kb + p.page_size * p.dw + w - p.dw];
+        v = pool[kb + value_offset(geom()) + w - p.dw];
     } else if w == 2u * p.dw {
         v = slot_pos(d, src);
     } else {
@@ -832,10 +832,10 @@ fn compact_scatter(@builtin(local_invocation_index) lid: u32, @builtin(workgroup
     if w < p.dw {
         pool[kb + w] = v;
     } else if w < 2u * p.dw {
-        pool[kb + p.page_size * p.dw + w - p.dw] = v;
+        pool[kb + value_offset(geom()) + w - p.dw] = v;
     } else if w == 2u * p.dw {
-        let off = desc[d * 2u];
-        pool[tables[off + n / p.page_size] * p.page_words + 2u * p.page_size * p.dw + n % p.page_size] = v;
+        let g = geom();
+        pool[slot_page(g, desc[d * 2u], n) + position_at(g, n % g.page_size)] = v;
     } else {
         acc[p.acc_base + (s * p.acc_units + w - 2u * p.dw - 1u) * p.t_stride + n] = bitcast<f32>(v);
     }

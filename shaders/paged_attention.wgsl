@@ -156,6 +156,7 @@ fn softmax_rows(lid: u32, n_rows: u32, cols: u32) {
 
 @compute @workgroup_size(WG)
 fn attend_decode(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let pg_geom = geom();
     let item = wg.x + wg.y * nwg.x;
     if item >= p.n_rows * p.n_heads * p.n_splits {
         return;
@@ -196,17 +197,17 @@ fn attend_decode(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
         let np = min(chunk_pages, p1 - pg);
         let n_slots = np * p.page_size;
         if lid < np {
-            page_sh[lid] = tables[bd.x + pg + lid] * p.page_words;
+            page_sh[lid] = slot_page(pg_geom, bd.x, (pg + lid) * pg_geom.page_size);
         }
         for (var idx = lid; idx < p.group * n_slots; idx = idx + WG) {
             let g = idx / n_slots;
             let i = idx - g * n_slots;
             let q = i / p.page_size;
             let slot = i - q * p.page_size;
-            let base = tables[bd.x + pg + q] * p.page_words;
+            let base = slot_page(pg_geom, bd.x, (pg + q) * pg_geom.page_size);
             var score = NEG;
-            if pg * p.page_size + i < bd.y && visible(pool[base + 2u * p.page_size * p.dw + slot], bd.z) {
-                score = k_dot(base + slot * p.dw, g * dim) * p.scale;
+            if pg * p.page_size + i < bd.y && visible(pool[base + position_at(pg_geom, slot)], bd.z) {
+                score = k_dot(base + key_at(pg_geom, slot), g * dim) * p.scale;
             }
             sc_sh[g * n_slots + i] = score;
         }
@@ -222,7 +223,7 @@ fn attend_decode(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
                 var a = acc[k] * corr_sh[r];
                 var wi = r * n_slots;
                 for (var q = 0u; q < np; q = q + 1u) {
-                    var v = page_sh[q] + p.page_size * p.dw;
+                    var v = page_sh[q] + value_offset(pg_geom);
                     for (var slot = 0u; slot < p.page_size; slot = slot + 1u) {
                         let w = sc_sh[wi];
                         if w > 0.0 {
@@ -301,6 +302,7 @@ var<workgroup> kpos_sh: array<u32, PK>;          // its position
 
 @compute @workgroup_size(WG)
 fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let pg_geom = geom();
     let hq_count = p.n_heads * p.group;
     let tiles = (p.n_rows + BQ - 1u) / BQ;
     let item = wg.x + wg.y * nwg.x;
@@ -350,9 +352,9 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
         workgroupBarrier();
         if lid < PK && lid < n_cols {
             let t = ts + lid;
-            let page = tables[bd.x + t / p.page_size] * p.page_words;
-            kb_sh[lid] = page + (t % p.page_size) * p.dw;
-            kpos_sh[lid] = pool[page + 2u * p.page_size * p.dw + t % p.page_size];
+            let page = slot_page(pg_geom, bd.x, t);
+            kb_sh[lid] = page + key_at(pg_geom, t % pg_geom.page_size);
+            kpos_sh[lid] = pool[page + position_at(pg_geom, t % pg_geom.page_size)];
         }
         var s_0 = vec4<f32>(0.0);
         var s_1 = vec4<f32>(0.0);
@@ -432,7 +434,7 @@ fn attend_prefill(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
                 let q = e % dv;
                 var v = vec4<f32>(0.0);
                 if v0 + i < n_cols {
-                    v = v4_at(kb_sh[v0 + i] + p.page_size * p.dw, q);
+                    v = v4_at(kb_sh[v0 + i] + value_offset(pg_geom), q);
                 }
                 tile_sh[i * dv + q] = v;
             }

@@ -4,9 +4,7 @@
 // the last `tokens_per_row` slots of each head (the host has already grown
 // the tables, so `len` counts them).
 //
-// Pool page layout (u32 words; dw = head_dim, or head_dim / 2 with KV_F16
-// where two f16 share a word, low half first):
-//   [page_size][dw] keys, [page_size][dw] values, [page_size] positions
+// The page layout is pages.wgsl's (joined in front of this file).
 //
 // Dispatch: one invocation per (token, stored head, word), grid folded into x/y.
 //
@@ -63,13 +61,14 @@ fn paged_kv_store(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
     let row = t / p.tokens_per_row;
     let d = (p.desc_base + row * p.n_heads + s) * 2u;
     let slot = desc[d + 1u] - p.tokens_per_row + t % p.tokens_per_row;
-    let base = tables[desc[d] + slot / p.page_size] * p.page_words;
+    let g = geom();
+    let base = slot_page(g, desc[d], slot);
     let i = slot % p.page_size;
     let kv_head = s / p.heads_per_kv;
     let src = t * p.qkv_stride + kv_head * p.head_dim;
-    pool[base + i * p.dw + w] = pack(src + p.k_offset, w);
-    pool[base + (p.page_size + i) * p.dw + w] = pack(src + p.v_offset, w);
+    pool[base + key_at(g, i) + w] = pack(src + p.k_offset, w);
+    pool[base + value_at(g, i) + w] = pack(src + p.v_offset, w);
     if w == 0u {
-        pool[base + 2u * p.page_size * p.dw + i] = positions[t];
+        pool[base + position_at(g, i)] = positions[t];
     }
 }

@@ -17,3 +17,28 @@ pub mod rng;
 pub mod testing;
 
 pub use error::{Error, Result};
+
+/// Every kernel: the ops' and those the compression methods bring (for the
+/// portability tests).
+pub fn kernels() -> Vec<&'static gpu::Kernel> {
+    let mut all = ops::all_kernels();
+    all.extend(
+        kv::compression::Method::ALL
+            .iter()
+            .flat_map(|m| m.policy().kernels()),
+    );
+    all
+}
+
+/// Every parameter struct shared between Rust and WGSL, the methods' too
+/// (for the layout test).
+#[doc(hidden)]
+pub fn host_layouts() -> Vec<ops::HostLayout> {
+    let mut all = ops::host_layouts();
+    all.extend(
+        kv::compression::Method::ALL
+            .iter()
+            .flat_map(|m| m.policy().host_layouts()),
+    );
+    all
+}

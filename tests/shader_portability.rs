@@ -4,7 +4,7 @@
 //! portability is checked on every run.
 
 use kvsift::gpu::Kernel;
-use kvsift::ops::all_kernels;
+use kvsift::kernels as all_kernels;
 use naga::back::{hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 
@@ -160,7 +160,7 @@ fn every_kernel_file_in_shaders_is_used() {
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(
             sources.iter().any(|s| s.contains(text.trim())),
-            "{} is not part of any kernel in ops::all_kernels()",
+            "{} is not part of any kernel in kvsift::kernels()",
             path.display()
         );
     }
@@ -171,7 +171,7 @@ fn every_kernel_file_in_shaders_is_used() {
 /// offset, by naga's layouter), in every kernel that declares it.
 #[test]
 fn host_structs_match_their_wgsl_structs() {
-    let layouts = kvsift::ops::host_layouts();
+    let layouts = kvsift::host_layouts();
     assert!(layouts.len() >= 15, "{} layouts", layouts.len());
     for l in &layouts {
         for kernel in &l.kernels {

@@ -425,7 +425,7 @@ fn replay_on_the_engine(
             (0..t.len)
                 .map(|s| {
                     let page = t.pages[s / 16].index as usize;
-                    words[page * layout.page_words() + 2 * 16 * layout.dw() + s % 16] as usize
+                    words[layout.page_start(page) + layout.position_at(s % 16)] as usize
                 })
                 .collect()
         })

@@ -35,7 +35,10 @@ pub enum Pooling {
 
 pub static COMPRESS: Kernel = Kernel {
     name: "compress",
-    sources: &[include_str!("../../shaders/compress.wgsl")],
+    sources: &[
+        super::pages::PAGES_WGSL,
+        include_str!("../../shaders/compress.wgsl"),
+    ],
     entries: &[
         "store_window_queries",
         "score_stats",
@@ -837,7 +840,7 @@ pub fn pool_from_keys(
         }
         for s in 0..t {
             let page = order[h * per_head + s / ps];
-            let base = page * layout.page_words() + (s % ps) * layout.dw();
+            let base = layout.page_start(page) + layout.key_at(s % ps);
             let k = &keys[(h * t + s) * d..][..d];
             if layout.kv_f16 {
                 for w in 0..d / 2 {
@@ -850,7 +853,7 @@ pub fn pool_from_keys(
                     pool[base + w] = v.to_bits();
                 }
             }
-            pool[page * layout.page_words() + 2 * ps * layout.dw() + s % ps] = s as u32;
+            pool[layout.page_start(page) + layout.position_at(s % ps)] = s as u32;
         }
     }
     (pool, desc, tables)
@@ -1197,9 +1200,9 @@ mod tests {
             let slot = |s: usize, n: usize| {
                 let page = tables[s * per_head + n / 16] as usize;
                 (
-                    page * layout.page_words() + (n % 16) * dw,
-                    page * layout.page_words() + 16 * dw + (n % 16) * dw,
-                    page * layout.page_words() + 32 * dw + n % 16,
+                    layout.page_start(page) + layout.key_at(n % 16),
+                    layout.page_start(page) + layout.value_at(n % 16),
+                    layout.page_start(page) + layout.position_at(n % 16),
                 )
             };
             for (s, list) in want_lists.iter().enumerate() {

@@ -11,6 +11,7 @@ pub mod embedding;
 pub mod linear;
 pub mod nll;
 pub mod paged_attention;
+pub mod pages;
 pub mod rmsnorm;
 pub mod rope;
 pub mod sample;

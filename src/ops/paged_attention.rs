@@ -10,20 +10,27 @@ use half::f16;
 
 use super::ensure;
 use super::host_layout;
+pub use super::pages::{LayerKv, PoolLayout};
 use super::{NO_FEATURES, u32_of};
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
 
 pub static PAGED_KV_STORE: Kernel = Kernel {
     name: "paged_kv_store",
-    sources: &[include_str!("../../shaders/paged_kv_store.wgsl")],
+    sources: &[
+        super::pages::PAGES_WGSL,
+        include_str!("../../shaders/paged_kv_store.wgsl"),
+    ],
     entries: &["paged_kv_store"],
     needs: NO_FEATURES,
 };
 
 pub static PAGED_ATTENTION: Kernel = Kernel {
     name: "paged_attention",
-    sources: &[include_str!("../../shaders/paged_attention.wgsl")],
+    sources: &[
+        super::pages::PAGES_WGSL,
+        include_str!("../../shaders/paged_attention.wgsl"),
+    ],
     entries: &["attend_decode", "merge_splits", "attend_prefill"],
     needs: NO_FEATURES,
 };
@@ -44,51 +51,6 @@ fn prefill_rows(l: PoolLayout) -> usize {
 /// Workgroup size of the attention kernels (attend_prefill's 8 x 8 layout of
 /// its S tile needs 64).
 const ATTENTION_WG: f64 = 64.0;
-
-/// How slots are laid out in a page of the pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PoolLayout {
-    pub page_size: usize,
-    pub head_dim: usize,
-    /// K and V stored as f16 pairs in `u32` words (else f32).
-    pub kv_f16: bool,
-}
-
-impl PoolLayout {
-    /// Words per stored K (or V) row.
-    pub fn dw(&self) -> usize {
-        if self.kv_f16 {
-            self.head_dim / 2
-        } else {
-            self.head_dim
-        }
-    }
-    /// Words per page: keys, values, positions.
-    pub fn page_words(&self) -> usize {
-        2 * self.page_size * self.dw() + self.page_size
-    }
-    pub fn page_bytes(&self) -> usize {
-        self.page_words() * 4
-    }
-    fn constants(&self, wg: f64) -> [(&'static str, f64); 2] {
-        [("WG", wg), ("KV_F16", if self.kv_f16 { 1.0 } else { 0.0 })]
-    }
-}
-
-/// One layer's view of the paged cache: the shard holding its pages, the
-/// per-(row, stored head) descriptors `{table offset, len}` and the tables.
-pub struct LayerKv<'a> {
-    pub layout: PoolLayout,
-    pub pool: &'a GpuBuffer<u32>,
-    pub desc: &'a GpuBuffer<u32>,
-    pub tables: &'a GpuBuffer<u32>,
-    /// Descriptor index of (row 0, stored head 0) of this layer.
-    pub desc_base: usize,
-    /// Stored heads per layer.
-    pub n_heads: usize,
-    /// Stored heads per model KV head (1; or the GQA group with query-head granularity).
-    pub heads_per_kv: usize,
-}
 
 /// Where the rows' q, k and v sit.
 pub struct QkvRows<'a> {
@@ -463,7 +425,7 @@ impl HostKv<'_> {
     fn slot_base(&self, offset: usize, slot: usize) -> (usize, usize) {
         let l = self.layout;
         (
-            self.tables[offset + slot / l.page_size] as usize * l.page_words(),
+            l.page_start(self.tables[offset + slot / l.page_size] as usize),
             slot % l.page_size,
         )
     }
@@ -475,13 +437,13 @@ impl HostKv<'_> {
         (0..len)
             .map(|slot| {
                 let (base, i) = self.slot_base(offset, slot);
-                let k = unpack(l.kv_f16, &pool[base + i * l.dw()..][..l.dw()], l.head_dim);
+                let k = unpack(l.kv_f16, &pool[base + l.key_at(i)..][..l.dw()], l.head_dim);
                 let v = unpack(
                     l.kv_f16,
-                    &pool[base + (l.page_size + i) * l.dw()..][..l.dw()],
+                    &pool[base + l.value_at(i)..][..l.dw()],
                     l.head_dim,
                 );
-                (pool[base + 2 * l.page_size * l.dw() + i], k, v)
+                (pool[base + l.position_at(i)], k, v)
             })
             .collect()
     }
@@ -509,13 +471,9 @@ pub fn paged_kv_store_cpu(kv: &HostKv, q: &HostQkv, tokens_per_row: usize, pool:
             let src = t * qkv_stride + (s / kv.heads_per_kv) * d;
             let k = &qkv[src + n_q_heads * d..][..d];
             let v = &qkv[src + (n_q_heads + n_kv_heads) * d..][..d];
-            pack(l.kv_f16, k, &mut pool[base + slot * l.dw()..][..l.dw()]);
-            pack(
-                l.kv_f16,
-                v,
-                &mut pool[base + (l.page_size + slot) * l.dw()..][..l.dw()],
-            );
-            pool[base + 2 * l.page_size * l.dw() + slot] = pos;
+            pack(l.kv_f16, k, &mut pool[base + l.key_at(slot)..][..l.dw()]);
+            pack(l.kv_f16, v, &mut pool[base + l.value_at(slot)..][..l.dw()]);
+            pool[base + l.position_at(slot)] = pos;
         }
     }
 }
