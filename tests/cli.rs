@@ -834,7 +834,9 @@ fn eval_runs_a_held_out_set_and_sweeps() {
         r.stdout
     );
     let csv = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 1 + 1 + 2 * 6, "{csv}");
+    // A header, the full cache, then every registered method at both budgets.
+    let methods = kvsift::kv::compression::Method::compressing().count();
+    assert_eq!(csv.lines().count(), 1 + 1 + 2 * methods, "{csv}");
 
     expect_error(
         &kvsift(&["eval", "--model", d, "--task", "reasoning", "--n", "1"]),
