@@ -40,6 +40,7 @@ methods! {
     PyramidKv => pyramidkv::PyramidKv,
     AdaKv => adakv::AdaKv,
     Rkv => rkv::Rkv,
+    KNorm => knorm::KNorm,
 }
 
 impl Method {
