@@ -135,6 +135,7 @@ fn pages_during(e: &mut Engine, prompt: Vec<u32>, max_tokens: usize) -> Vec<(usi
         max_tokens,
         sampling: SamplingParams::greedy(),
         stop_ids: vec![],
+        compression: None,
     })
     .unwrap();
     let mut seen = vec![];

@@ -406,14 +406,14 @@ fn replay_on_the_engine(
         );
     }
     peak_pages = peak_pages.max(kv.alloc.pages_in_use());
-    if comp.after_prefill(p_len) {
-        comp.compress(ctx, &mut kv, 0, &mut tables).unwrap();
+    if cfg.compresses_after_prefill(p_len) {
+        comp.compress(ctx, &mut kv, 0, &mut tables, cfg).unwrap();
     }
     for p in p_len..n {
         step(&mut kv, &comp, &mut tables, p, p + 1);
         peak_pages = peak_pages.max(kv.alloc.pages_in_use());
-        if comp.after_decode(p) {
-            comp.compress(ctx, &mut kv, 0, &mut tables).unwrap();
+        if cfg.compresses_after_decode(p) {
+            comp.compress(ctx, &mut kv, 0, &mut tables, cfg).unwrap();
         }
     }
     // Positions per head in slot order, from the pool through the tables.

@@ -114,6 +114,7 @@ pub(super) fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
         max_tokens,
         sampling: SamplingParams::greedy(),
         stop_ids: vec![],
+        compression: None,
     }
 }
 

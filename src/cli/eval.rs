@@ -164,6 +164,7 @@ fn run_one(
             max_tokens,
             sampling: SamplingParams::greedy(),
             stop_ids: stop_ids.clone(),
+            compression: None,
         })?);
     }
     let mut out: Vec<Vec<u32>> = vec![vec![]; items.len()];

@@ -133,6 +133,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                 max_tokens: a.max_tokens,
                 sampling: s,
                 stop_ids: stop_ids.clone(),
+                compression: None,
             })?;
             by_id.insert(id, outcomes.len());
             outcomes.push(Outcome {

@@ -10,7 +10,7 @@ use crate::gpu::buffer::checked_len;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Op};
 use crate::kv::SeqTables;
 use crate::kv::compression::gpu::select_layer;
-use crate::kv::compression::{CompressConfig, LayerJob, Records, Schedule, ScoreSource};
+use crate::kv::compression::{CompressConfig, LayerJob, Records, ScoreSource};
 use crate::kv::paged::PagedKv;
 use crate::model::config::ModelConfig;
 use crate::ops::compress::{self, CompressBuffers, ScoreQueries, ScoreSpec};
@@ -48,6 +48,8 @@ pub struct Compressor {
     bufs: CompressBuffers,
     /// What the forward records for the method.
     records: Records,
+    /// Stored heads per KV head of the pool.
+    heads_per_kv: usize,
     /// `[lane][layer][window][Hq * D]` and `[lane][window]`.
     ring: GpuBuffer<f32>,
     ring_pos: GpuBuffer<u32>,
@@ -114,6 +116,7 @@ impl Compressor {
                 model.n_layers,
             )?,
             records,
+            heads_per_kv: kv.heads_per_kv,
             ring: GpuBuffer::zeros(
                 ctx,
                 "compress.ring",
@@ -288,27 +291,27 @@ impl Compressor {
         }
     }
 
-    /// Whether the decode schedule compresses after the step whose token
-    /// has position `pos`.
-    pub fn after_decode(&self, pos: usize) -> bool {
-        self.cfg.method.policy().compresses()
-            && self.cfg.schedule == Schedule::Decode
-            && pos.is_multiple_of(self.cfg.buffer)
-    }
-
-    /// Decode steps from the step whose token has position `pos` to the
-    /// next step that compresses (0: this one); None without a decode schedule.
-    pub fn steps_to_trigger(&self, pos: usize) -> Option<usize> {
-        if !self.cfg.method.policy().compresses() || self.cfg.schedule != Schedule::Decode {
-            return None;
+    /// Whether a request may compress with `cfg` in this engine: the same
+    /// stored heads per KV head (the pool's layout), and what its method
+    /// scores from is what the forward records (the same window).
+    pub fn accepts(&self, cfg: &CompressConfig) -> Result<()> {
+        cfg.validate()?;
+        let bad = |why: String| Err(Error::invalid("request compression", why));
+        let hpk = cfg.heads_per_kv(self.group);
+        if hpk != self.heads_per_kv {
+            return bad(format!(
+                "--kv {} stores {hpk} heads per KV head; this engine's pool stores {}                  (build the engine with the same --granularity)",
+                cfg.method, self.heads_per_kv
+            ));
         }
-        let b = self.cfg.buffer;
-        Some((b - pos % b) % b)
-    }
-
-    /// Whether a prompt of `len` tokens is compressed after its prefill.
-    pub fn after_prefill(&self, len: usize) -> bool {
-        self.cfg.method.policy().compresses() && len >= self.cfg.budget
+        let needs = cfg.method.policy().records(cfg);
+        if needs != Records::Nothing && (needs != self.records || cfg.window != self.cfg.window) {
+            return bad(format!(
+                "--kv {} scores from {needs:?} of window {}; this engine's forward records                  {:?} of window {} (build the engine with a method that records what it needs)",
+                cfg.method, cfg.window, self.records, self.cfg.window
+            ));
+        }
+        Ok(())
     }
 
     /// Compresses the sequence in `lane` (every layer), frees the pages past
@@ -320,13 +323,14 @@ impl Compressor {
         kv: &mut PagedKv,
         lane: usize,
         tables: &mut SeqTables,
+        cfg: &CompressConfig,
     ) -> Result<bool> {
         let before = kv.usage().bytes_in_use;
         let started = std::time::Instant::now();
         let slots_before: usize = tables.slots_per_layer().iter().sum();
         kv.set_row(0, lane, tables, None);
         kv.upload_rows(ctx)?;
-        let (w, hq, d) = (self.cfg.window, self.n_q_heads, kv.layout.head_dim);
+        let (w, hq, d) = (cfg.window, self.n_q_heads, kv.layout.head_dim);
         let mut dropped = 0u64;
         // One submission for all layers (they share the scratch buffers, in
         // order); a method that reads its scores back runs what is pending
@@ -365,7 +369,7 @@ impl Compressor {
                 group: self.group,
                 rank_reference: false,
             };
-            let Some(keep) = select_layer(ctx, &self.cfg, &job, &self.bufs, &mut pending)? else {
+            let Some(keep) = select_layer(ctx, cfg, &job, &self.bufs, &mut pending)? else {
                 continue;
             };
             if keep.new_lens == lens && !keep.reference {

@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::engine::sequence::{Event, Outcome, Parked, Sequence, Swapped};
 use crate::engine::serve::Engine;
 use crate::error::Result;
+use crate::kv::compression::CompressConfig;
 use crate::kv::{Exhausted, SeqTables};
 use crate::model::llama::{final_norm, push_lm_head};
 use crate::ops::sample::{NO_TOKEN, mark_seen, seen_words};
@@ -170,12 +171,8 @@ impl Engine<'_> {
         if profiled {
             self.last_profile = Some(profile);
         }
-        if self
-            .compressor
-            .as_ref()
-            .is_some_and(|c| c.after_prefill(upto))
-        {
-            self.compress(s.lane, &mut s.tables)?;
+        if self.compressor.is_some() && s.compression.compresses_after_prefill(upto) {
+            self.compress(s.lane, &mut s.tables, &s.compression)?;
         }
         Ok(token)
     }
@@ -210,22 +207,23 @@ impl Engine<'_> {
         Ok(true)
     }
 
-    /// Runs the compression pass over the sequence in `lane`.
-    pub(super) fn compress(&mut self, lane: usize, tables: &mut SeqTables) -> Result<()> {
+    /// Runs the compression pass over the sequence in `lane`, as `cfg` says.
+    pub(super) fn compress(
+        &mut self,
+        lane: usize,
+        tables: &mut SeqTables,
+        cfg: &CompressConfig,
+    ) -> Result<()> {
         if let Some(c) = self.compressor.as_mut() {
-            c.compress(self.ctx, &mut self.kv, lane, tables)?;
+            c.compress(self.ctx, &mut self.kv, lane, tables, cfg)?;
         }
         Ok(())
     }
 
     /// The decode schedule's compression after the step that fed position `pos`.
     fn compress_after_decode(&mut self, s: &mut Sequence, pos: usize) -> Result<()> {
-        if self
-            .compressor
-            .as_ref()
-            .is_some_and(|c| c.after_decode(pos))
-        {
-            self.compress(s.lane, &mut s.tables)?;
+        if self.compressor.is_some() && s.compression.compresses_after_decode(pos) {
+            self.compress(s.lane, &mut s.tables, &s.compression)?;
         }
         Ok(())
     }

@@ -16,6 +16,7 @@ use crate::engine::sequence::{
     Event, NO_LANE, Outcome, Parked, Request, RequestId, Sequence, StopReason,
 };
 use crate::error::{Error, Result};
+use crate::kv::compression::CompressConfig;
 use crate::kv::pool::PageAllocator;
 use crate::kv::{NewPage, SeqTables};
 
@@ -118,12 +119,13 @@ impl Scheduler {
         }
     }
 
-    /// Queues a request (already validated) and names it.
-    pub fn enqueue(&mut self, req: Request) -> RequestId {
+    /// Queues a request (already validated) with its compression and names it.
+    pub fn enqueue(&mut self, req: Request, compression: CompressConfig) -> RequestId {
         let id = self.next_id;
         self.next_id += 1;
         let tables = SeqTables::new(self.cfg.n_layers, self.cfg.n_heads, self.cfg.page_size);
-        self.waiting.push_back(Sequence::new(id, req, tables));
+        self.waiting
+            .push_back(Sequence::new(id, req, tables, compression));
         id
     }
 
@@ -438,7 +440,7 @@ impl Scheduler {
     pub fn chain_len(
         &self,
         single: bool,
-        steps_to_trigger: impl Fn(usize) -> Option<usize>,
+        steps_to_trigger: impl Fn(&Sequence) -> Option<usize>,
     ) -> usize {
         let mut k = self.cfg.decode_chain;
         if k == 1 || single || !self.waiting.is_empty() {
@@ -449,7 +451,7 @@ impl Scheduler {
                 .min(s.req.max_tokens.saturating_sub(s.generated))
                 .min(self.slots_left(s, 0));
             // The chain's first step feeds the pending token's position.
-            if let Some(d) = steps_to_trigger(s.pending_pos()) {
+            if let Some(d) = steps_to_trigger(s) {
                 k = k.min(d + 1);
             }
         }
@@ -569,6 +571,18 @@ mod tests {
 
     const PAGE: usize = 4;
 
+    use crate::kv::compression::Method;
+
+    fn none() -> CompressConfig {
+        CompressConfig::new(Method::None, 0)
+    }
+
+    impl Scheduler {
+        fn enqueue_plain(&mut self, req: Request) -> RequestId {
+            self.enqueue(req, none())
+        }
+    }
+
     /// A scheduler over one layer with one stored head, pages of 4 slots.
     fn scheduler(lanes: usize, on_exhaustion: Exhaustion, chain: usize) -> Scheduler {
         Scheduler::new(SchedulerConfig {
@@ -613,7 +627,7 @@ mod tests {
         let mut alloc = pool(100);
         let mut ev = vec![];
         for _ in 0..3 {
-            s.enqueue(request(5, 10));
+            s.enqueue_plain(request(5, 10));
         }
         admit_all(&mut s, &mut alloc, &mut ev);
         assert_eq!(ids(&s), [0, 1]);
@@ -633,14 +647,14 @@ mod tests {
         // 1 page plus 1 for request 0's next slot plus one of headroom: waits.
         let mut alloc = pool(3);
         let mut ev = vec![];
-        s.enqueue(request(8, 10));
-        s.enqueue(request(2, 10));
+        s.enqueue_plain(request(8, 10));
+        s.enqueue_plain(request(2, 10));
         admit_all(&mut s, &mut alloc, &mut ev);
         assert_eq!(ids(&s), [0]);
         assert_eq!(s.waiting.len(), 1);
         // Alone, the same request would start.
         let mut alone = scheduler(4, Exhaustion::Swap, 1);
-        alone.enqueue(request(2, 10));
+        alone.enqueue_plain(request(2, 10));
         admit_all(&mut alone, &mut pool(1), &mut ev);
         assert_eq!(ids(&alone), [0]);
     }
@@ -650,9 +664,9 @@ mod tests {
         let mut s = scheduler(2, Exhaustion::Swap, 1);
         let mut alloc = pool(2);
         let mut ev = vec![];
-        s.enqueue(request(9, 10)); // 3 pages of 4 > 2
-        s.enqueue(request(3, 0));
-        s.enqueue(request(3, 10));
+        s.enqueue_plain(request(9, 10)); // 3 pages of 4 > 2
+        s.enqueue_plain(request(3, 0));
+        s.enqueue_plain(request(3, 10));
         admit_all(&mut s, &mut alloc, &mut ev);
         assert!(
             matches!(&ev[0], Event::Failed { id: 0, error } if error.contains("3 KV pages") && error.contains("--kv-pool-mb")),
@@ -676,7 +690,7 @@ mod tests {
             let mut alloc = pool(6);
             let mut ev = vec![];
             for _ in 0..3 {
-                s.enqueue(request(4, 50));
+                s.enqueue_plain(request(4, 50));
             }
             admit_all(&mut s, &mut alloc, &mut ev);
             assert_eq!(ids(&s), [0, 1, 2]);
@@ -721,8 +735,8 @@ mod tests {
         let mut s = scheduler(2, Exhaustion::Swap, 1);
         let mut alloc = pool(4);
         let mut ev = vec![];
-        s.enqueue(request(4, 50)); // id 0
-        s.enqueue(request(3, 50)); // id 1
+        s.enqueue_plain(request(4, 50)); // id 0
+        s.enqueue_plain(request(3, 50)); // id 1
         admit_all(&mut s, &mut alloc, &mut ev);
         assert_eq!(ids(&s), [0, 1]);
         // Put the later arrival first in the rows: it grows (in its page),
@@ -754,8 +768,8 @@ mod tests {
         let mut s = scheduler(2, Exhaustion::Reject, 1);
         let mut alloc = pool(4);
         let mut ev = vec![];
-        s.enqueue(request(4, 50));
-        s.enqueue(request(3, 50));
+        s.enqueue_plain(request(4, 50));
+        s.enqueue_plain(request(3, 50));
         admit_all(&mut s, &mut alloc, &mut ev);
         assert_eq!(ids(&s), [0, 1]);
         s.running[0].tables.append(4, &mut alloc).unwrap(); // 8 slots, 2 pages
@@ -773,7 +787,7 @@ mod tests {
         // Alone, swap has nobody to preempt: it fails too.
         let mut s = scheduler(1, Exhaustion::Swap, 1);
         let mut alloc = pool(1);
-        s.enqueue(request(4, 50));
+        s.enqueue_plain(request(4, 50));
         admit_all(&mut s, &mut alloc, &mut ev);
         ev.clear();
         s.grow(&mut alloc, &mut ev);
@@ -790,8 +804,8 @@ mod tests {
         let mut s = scheduler(2, Exhaustion::Swap, 1);
         let mut alloc = pool(10);
         let mut ev = vec![];
-        s.enqueue(request(2, 50));
-        let mut seq = Sequence::new(9, request(2, 50), SeqTables::new(1, 1, PAGE));
+        s.enqueue_plain(request(2, 50));
+        let mut seq = Sequence::new(9, request(2, 50), SeqTables::new(1, 1, PAGE), none());
         seq.parked = Parked::Swapped(Box::new(Swapped {
             kv: HostKv {
                 lens: vec![13],
@@ -809,7 +823,7 @@ mod tests {
     fn tokens_end_a_sequence_at_a_stop_id_max_tokens_or_the_context() {
         let s = scheduler(1, Exhaustion::Swap, 1);
         let mut ev = vec![];
-        let mut seq = Sequence::new(0, request(3, 2), SeqTables::new(1, 1, PAGE));
+        let mut seq = Sequence::new(0, request(3, 2), SeqTables::new(1, 1, PAGE), none());
         seq.req.stop_ids = vec![42];
         assert!(matches!(
             s.record(&mut seq, 5, 0, &mut ev),
@@ -823,13 +837,13 @@ mod tests {
                 reason: StopReason::MaxTokens
             })
         );
-        let mut seq = Sequence::new(1, request(3, 9), SeqTables::new(1, 1, PAGE));
+        let mut seq = Sequence::new(1, request(3, 9), SeqTables::new(1, 1, PAGE), none());
         seq.req.stop_ids = vec![42];
         assert!(matches!(s.record(&mut seq, 42, 0, &mut ev), Outcome::Done));
         assert_eq!(seq.tokens.last(), Some(&42), "the stop token is kept");
         // A head at capacity - 1 slots: the next token has no slot.
         let mut alloc = pool(100);
-        let mut seq = Sequence::new(2, request(3, 99), SeqTables::new(1, 1, PAGE));
+        let mut seq = Sequence::new(2, request(3, 99), SeqTables::new(1, 1, PAGE), none());
         seq.tables.append(62, &mut alloc).unwrap();
         assert!(matches!(
             s.record(&mut seq, 1, 0, &mut ev),
@@ -858,17 +872,17 @@ mod tests {
         let mut s = scheduler(4, Exhaustion::Swap, 16);
         let mut alloc = pool(100);
         let mut ev = vec![];
-        s.enqueue(request(5, 40));
-        s.enqueue(request(5, 6));
+        s.enqueue_plain(request(5, 40));
+        s.enqueue_plain(request(5, 6));
         admit_all(&mut s, &mut alloc, &mut ev);
-        let none = |_| None;
+        let none = |_: &Sequence| None;
         // Request 1 has 5 tokens left (one generated at admission).
         assert_eq!(s.chain_len(false, none), 5);
         assert_eq!(s.chain_len(true, none), 1, "capturing or profiling");
         // A trigger 2 steps after the pending token's: the chain ends on it.
         assert_eq!(s.chain_len(false, |_| Some(2)), 3);
         assert_eq!(s.chain_len(false, |_| Some(0)), 1);
-        s.enqueue(request(5, 6));
+        s.enqueue_plain(request(5, 6));
         assert_eq!(s.chain_len(false, none), 1, "someone waits");
         // Growing a chain takes k slots from everyone, or nothing.
         s.waiting.clear();
@@ -879,7 +893,7 @@ mod tests {
         assert_eq!(alloc.pages_in_use(), before + 2);
         let mut tight = pool(2);
         let mut t = scheduler(2, Exhaustion::Swap, 16);
-        t.enqueue(request(4, 40));
+        t.enqueue_plain(request(4, 40));
         admit_all(&mut t, &mut tight, &mut ev);
         assert!(t.grow_chain(8, &mut tight).unwrap().is_none());
         assert_eq!(t.running[0].tables.max_len(), 4, "nothing changed");

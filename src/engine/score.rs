@@ -103,12 +103,9 @@ impl Engine<'_> {
                     }
                 }
             }
-            if self
-                .compressor
-                .as_ref()
-                .is_some_and(|c| c.after_prefill(prefill))
-            {
-                self.compress(lane, &mut tables)?;
+            let cfg = self.config.compression.clone();
+            if self.compressor.is_some() && cfg.compresses_after_prefill(prefill) {
+                self.compress(lane, &mut tables, &cfg)?;
             }
             if prefill < t {
                 let mut head = vec![final_norm(self.ctx, &self.weights, &self.acts, 0, 1)?];
@@ -135,12 +132,8 @@ impl Engine<'_> {
                     if let Some(l) = logits.as_mut() {
                         l.extend(self.acts.logits.read_range(self.ctx, 0, v)?);
                     }
-                    if self
-                        .compressor
-                        .as_ref()
-                        .is_some_and(|c| c.after_decode(row))
-                    {
-                        self.compress(lane, &mut tables)?;
+                    if self.compressor.is_some() && cfg.compresses_after_decode(row) {
+                        self.compress(lane, &mut tables, &cfg)?;
                     }
                 }
             }

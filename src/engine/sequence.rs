@@ -5,6 +5,7 @@
 
 use crate::engine::compressor::LaneState;
 use crate::kv::SeqTables;
+use crate::kv::compression::CompressConfig;
 use crate::kv::paged::HostKv;
 use crate::ops::sample::SamplingParams;
 use crate::rng::Rng;
@@ -19,6 +20,11 @@ pub struct Request {
     pub sampling: SamplingParams,
     /// Generation stops after any of these (the token is kept).
     pub stop_ids: Vec<u32>,
+    /// Its own KV compression (None: the engine's). It must fit the
+    /// engine: the same stored heads per KV head, and a method that scores
+    /// from what the engine's forward records (see
+    /// [`crate::engine::Engine::add_request`]).
+    pub compression: Option<CompressConfig>,
 }
 
 impl Request {
@@ -29,6 +35,7 @@ impl Request {
             max_tokens,
             sampling: SamplingParams::greedy(),
             stop_ids: vec![],
+            compression: None,
         }
     }
 }
@@ -102,13 +109,21 @@ pub(crate) struct Sequence {
     pub rng: Rng,
     /// Where its cache is while it waits.
     pub parked: Parked,
+    /// How its cache is compressed (the request's or the engine's).
+    pub compression: CompressConfig,
 }
 
 pub(crate) const NO_LANE: usize = usize::MAX;
 
 impl Sequence {
-    pub fn new(id: RequestId, req: Request, tables: SeqTables) -> Self {
+    pub fn new(
+        id: RequestId,
+        req: Request,
+        tables: SeqTables,
+        compression: CompressConfig,
+    ) -> Self {
         Self {
+            compression,
             id,
             rng: Rng::new(req.sampling.seed),
             tokens: req.prompt.clone(),

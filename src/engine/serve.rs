@@ -447,8 +447,16 @@ impl<'c> Engine<'c> {
     }
 
     /// Queues a request; invalid ones (empty prompt, ids outside the
-    /// vocabulary, a prompt the context cannot hold, bad sampling settings)
-    /// are an error right away.
+    /// vocabulary, a prompt the context cannot hold, bad sampling settings,
+    /// a compression the engine cannot run) are an error right away.
+    ///
+    /// A request's own compression ([`Request::compression`]) may use any
+    /// method and budget whose scores come from what this engine's forward
+    /// records for its configured method (the window queries: every method
+    /// but H2O v3, with the same window; the attention sums: H2O v3; nothing:
+    /// StreamingLLM, KNorm) and whose stored heads per KV head match the
+    /// pool's (the granularity). An engine built without compression serves
+    /// only uncompressed requests.
     pub fn add_request(&mut self, req: Request) -> Result<RequestId> {
         if req.prompt.is_empty() {
             return Err(Error::invalid("prompt", "is empty"));
@@ -458,7 +466,25 @@ impl<'c> Engine<'c> {
             return Err(too_long(&self.cfg, req.prompt.len() + 1, self.capacity));
         }
         req.sampling.validate()?;
-        Ok(self.sched.enqueue(req))
+        let compression = match (&req.compression, &self.compressor) {
+            (None, _) => self.config.compression.clone(),
+            (Some(c), Some(compressor)) => {
+                compressor.accepts(c)?;
+                c.clone()
+            }
+            (Some(c), None) if !c.method.policy().compresses() => c.clone(),
+            (Some(c), None) => {
+                return Err(Error::invalid(
+                    "request compression",
+                    format!(
+                        "--kv {}: this engine was built without compression (its forward \
+                         records nothing to score from); build it with a method",
+                        c.method
+                    ),
+                ));
+            }
+        };
+        Ok(self.sched.enqueue(req, compression))
     }
 
     /// Stops a request; its pages return to the pool. False if unknown or done.
@@ -507,10 +533,12 @@ impl<'c> Engine<'c> {
         // Sequences admitted this step already produced their first token.
         if decoders > 0 {
             let single = self.capture_logits || self.profile_next;
-            let k = match &self.compressor {
-                Some(c) => self.sched.chain_len(single, |pos| c.steps_to_trigger(pos)),
-                None => self.sched.chain_len(single, |_| None),
-            };
+            let compressing = self.compressor.is_some();
+            let k = self.sched.chain_len(single, |s| {
+                compressing
+                    .then(|| s.compression.steps_to_trigger(s.pending_pos()))
+                    .flatten()
+            });
             match if k > 1 { self.grow_chain(k) } else { Ok(false) } {
                 Ok(true) => self.decode_chain(k, &mut events),
                 Ok(false) => {

@@ -250,6 +250,29 @@ impl CompressConfig {
         Ok(())
     }
 
+    /// Whether the decode schedule compresses after the step whose token
+    /// has position `pos`.
+    pub fn compresses_after_decode(&self, pos: usize) -> bool {
+        self.method.policy().compresses()
+            && self.schedule == Schedule::Decode
+            && pos.is_multiple_of(self.buffer)
+    }
+
+    /// Decode steps from the step whose token has position `pos` to the
+    /// next step that compresses (0: this one); None without a decode schedule.
+    pub fn steps_to_trigger(&self, pos: usize) -> Option<usize> {
+        if !self.method.policy().compresses() || self.schedule != Schedule::Decode {
+            return None;
+        }
+        let b = self.buffer;
+        Some((b - pos % b) % b)
+    }
+
+    /// Whether a prompt of `len` tokens is compressed after its prefill.
+    pub fn compresses_after_prefill(&self, len: usize) -> bool {
+        self.method.policy().compresses() && len >= self.budget
+    }
+
     /// Stored heads per KV head the pool needs for these settings.
     pub fn heads_per_kv(&self, group: usize) -> usize {
         self.method.policy().heads_per_kv(self, group)
