@@ -20,4 +20,4 @@ pub mod serve;
 pub use scheduler::Exhaustion;
 pub use score::ScoreOutput;
 pub use sequence::{Event, Request, RequestId, StopReason};
-pub use serve::{DecodeTiming, Engine, EngineConfig, EngineStats};
+pub use serve::{DecodeTiming, Engine, EngineBuilder, EngineConfig, EngineStats};

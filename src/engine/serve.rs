@@ -35,11 +35,11 @@ use crate::engine::scheduler::{Exhaustion, MAX_CONTEXT, Scheduler, SchedulerConf
 use crate::engine::sequence::{Event, Parked, Request, RequestId};
 use crate::error::{Error, Result};
 use crate::gpu::buffer::ReadbackSlot;
-use crate::gpu::{GpuBuffer, GpuContext, Op};
+use crate::gpu::{GpuBuffer, GpuContext, Op, WeightDtype};
 use crate::kv::compression::{CompressConfig, Method};
 use crate::kv::paged::{KvShape, PagedKv, PoolConfig, PoolUsage};
 use crate::model::config::ModelConfig;
-use crate::model::llama::{Activations, LlamaWeights, check_ids};
+use crate::model::llama::{Activations, LlamaWeights, check_ids, load_weights};
 use crate::ops::paged_attention::{partials_len, prefill_splits};
 use crate::ops::sample::{Sampler, seen_words};
 
@@ -173,14 +173,18 @@ impl DecodeTiming {
 
 /// Serves generation requests on one model: [`Engine::add_request`], then
 /// [`Engine::step`] until [`Engine::has_work`] is false, reading the events.
+/// Build one with [`Engine::builder`] (or [`Engine::new`] from loaded
+/// weights and an [`EngineConfig`]); `examples/embed.rs` is a whole program.
 ///
 /// ```no_run
 /// # fn main() -> kvsift::Result<()> {
-/// use kvsift::engine::{Engine, EngineConfig, Event, Request};
-/// let ctx = kvsift::gpu::GpuContext::new(&Default::default())?;
-/// let dir = std::path::Path::new("models/tiny-llama");
-/// let weights = kvsift::model::llama::load_weights(&ctx, dir, kvsift::gpu::WeightDtype::F16, false)?;
-/// let mut engine = Engine::new(&ctx, weights, EngineConfig::default())?;
+/// use kvsift::engine::{Engine, Event, Request};
+/// use kvsift::kv::compression::{CompressConfig, Method};
+/// let ctx = kvsift::gpu::GpuContext::from_env()?;
+/// let mut engine = Engine::builder(&ctx)
+///     .max_batch(4)
+///     .compression(CompressConfig::new(Method::Rkv, 128))
+///     .load("models/tiny-llama".as_ref())?;
 /// engine.add_request(Request::greedy(vec![1, 2, 3], 8))?;
 /// while engine.has_work() {
 ///     for event in engine.step()? {
@@ -227,7 +231,77 @@ pub struct Engine<'c> {
     pub(super) decode_timing: DecodeTiming,
 }
 
+/// Builds an [`Engine`]: the [`EngineConfig`] defaults, changed setting
+/// by setting, then [`EngineBuilder::load`] (a model directory) or
+/// [`EngineBuilder::build`] (weights already loaded).
+pub struct EngineBuilder<'c> {
+    ctx: &'c GpuContext,
+    config: EngineConfig,
+    weights_dtype: WeightDtype,
+}
+
+impl<'c> EngineBuilder<'c> {
+    /// Sequences decoded together (default 8).
+    pub fn max_batch(mut self, n: usize) -> Self {
+        self.config.max_batch = n;
+        self
+    }
+    /// KV slots per head of a sequence (default: the model's positions, at most 4096).
+    pub fn max_context(mut self, n: usize) -> Self {
+        self.config.max_context = Some(n);
+        self
+    }
+    /// Tokens per prefill step (default 256).
+    pub fn prefill_chunk(mut self, n: usize) -> Self {
+        self.config.prefill_chunk = n;
+        self
+    }
+    /// The KV pool: its size, page size and slot type.
+    pub fn pool(mut self, pool: PoolConfig) -> Self {
+        self.config.pool = pool;
+        self
+    }
+    /// What a full pool does (default: swap).
+    pub fn on_exhaustion(mut self, e: Exhaustion) -> Self {
+        self.config.on_exhaustion = e;
+        self
+    }
+    /// The engine's KV compression: every request's unless it brings its own.
+    pub fn compression(mut self, c: CompressConfig) -> Self {
+        self.config.compression = c;
+        self
+    }
+    /// Decode steps per submission (default 1).
+    pub fn decode_chain(mut self, k: usize) -> Self {
+        self.config.decode_chain = k;
+        self
+    }
+    /// How [`EngineBuilder::load`] stores the weights (default f16).
+    pub fn weights_dtype(mut self, d: WeightDtype) -> Self {
+        self.weights_dtype = d;
+        self
+    }
+    /// Loads the Hugging Face model in `dir` and builds the engine.
+    pub fn load(self, dir: &std::path::Path) -> Result<Engine<'c>> {
+        let weights = load_weights(self.ctx, dir, self.weights_dtype, false)?;
+        self.build(weights)
+    }
+    /// Builds the engine on loaded weights.
+    pub fn build(self, weights: LlamaWeights) -> Result<Engine<'c>> {
+        Engine::new(self.ctx, weights, self.config)
+    }
+}
+
 impl<'c> Engine<'c> {
+    /// A builder with the default configuration.
+    pub fn builder(ctx: &'c GpuContext) -> EngineBuilder<'c> {
+        EngineBuilder {
+            ctx,
+            config: EngineConfig::default(),
+            weights_dtype: WeightDtype::F16,
+        }
+    }
+
     /// An engine for `weights` (see [`crate::model::load_weights`]); checks
     /// the configuration against the model and the device, allocates the
     /// pool and every buffer, and compiles the pipelines.
