@@ -719,9 +719,9 @@ fn bench_prints_pp_tg_roofline_profile_and_throughput() {
     // Fixed memory: R-KV at budget 32 fits more sequences than the full cache.
     let r = kvsift(&[
         "bench",
+        "throughput",
         "--model",
         TINY,
-        "throughput",
         "--pool-mb",
         "0.25",
         "--prompt-len",
@@ -756,7 +756,7 @@ fn bench_prints_pp_tg_roofline_profile_and_throughput() {
         ),
         (
             vec!["bench", "sideways"],
-            "possible values: roofline, throughput, soak",
+            "unrecognized subcommand 'sideways'",
         ),
         (
             vec!["bench", "throughput", "--kv", "rkv", "--budget", "16"],

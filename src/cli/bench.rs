@@ -17,14 +17,30 @@ use serde_json::json;
 
 use super::common::ModelArgs;
 
+/// `kvsift bench`: pp and tg figures, or one of the other measurements.
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
-    /// What to measure: nothing (pp and tg), `roofline` (the device's copy
-    /// bandwidth), `throughput` (concurrent sequences in a fixed pool,
-    /// full cache against --kv) or `soak` (one long generation, or --batch
-    /// of them: KV pages, bytes and host memory over time).
-    #[arg(value_enum)]
+    #[command(subcommand)]
     pub mode: Option<BenchMode>,
+    #[command(flatten)]
+    pub pp_tg: PpTgArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchMode {
+    /// The device's copy bandwidth (the decode roofline).
+    Roofline(RooflineArgs),
+    /// Concurrent sequences in a fixed KV pool: the full cache against --kv.
+    Throughput(ThroughputArgs),
+    /// One long generation (or --batch of them): KV pages, bytes and host
+    /// memory over time.
+    Soak(SoakArgs),
+}
+
+/// llama-bench's pp (prompt processing) and tg (token generation) tests.
+#[derive(Args, Debug)]
+pub struct PpTgArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Prompt tokens of the pp test (0: skip it).
@@ -42,32 +58,55 @@ pub struct BenchArgs {
     /// Per-kernel GPU time of one decode step (at the end of a tg run).
     #[arg(long)]
     pub profile: bool,
-    /// Throughput: prompt tokens per sequence.
-    #[arg(long, default_value_t = 64)]
-    pub prompt_len: usize,
-    /// Throughput: generated tokens per sequence.
-    #[arg(long, default_value_t = 256)]
-    pub gen_len: usize,
-    /// Throughput: most concurrent sequences tried.
-    #[arg(long, default_value_t = 256)]
-    pub max_sequences: usize,
-    /// Soak: tokens each sequence generates.
-    #[arg(long, default_value_t = 100_000)]
-    pub tokens: usize,
-    /// Soak: samples taken over the run.
-    #[arg(long, default_value_t = 20)]
-    pub samples: usize,
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
 }
 
-/// `kvsift bench <mode>`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum BenchMode {
-    Roofline,
-    Throughput,
-    Soak,
+#[derive(Args, Debug)]
+pub struct RooflineArgs {
+    /// Print JSON instead of the line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ThroughputArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    /// Generated tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub gen_len: usize,
+    /// Most concurrent sequences tried.
+    #[arg(long, default_value_t = 256)]
+    pub max_sequences: usize,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SoakArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Tokens each sequence generates.
+    #[arg(long, default_value_t = 100_000)]
+    pub tokens: usize,
+    /// Samples taken over the run.
+    #[arg(long, default_value_t = 20)]
+    pub samples: usize,
+    /// Sequences generated together.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Mean and sample standard deviation.
@@ -159,8 +198,8 @@ pub fn roofline(ctx: &GpuContext) -> anyhow::Result<f64> {
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let ctx = GpuContext::from_env()?;
     match a.mode {
-        None => pp_tg(&ctx, &a),
-        Some(BenchMode::Roofline) => {
+        None => pp_tg(&ctx, &a.pp_tg),
+        Some(BenchMode::Roofline(a)) => {
             let gbs = roofline(&ctx)?;
             if a.json {
                 outln!(
@@ -175,12 +214,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Some(BenchMode::Throughput) => throughput(&ctx, &a),
-        Some(BenchMode::Soak) => super::soak::run(&ctx, &a),
+        Some(BenchMode::Throughput(a)) => throughput(&ctx, &a),
+        Some(BenchMode::Soak(a)) => super::soak::run(&ctx, &a),
     }
 }
 
-fn pp_tg(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
+fn pp_tg(ctx: &GpuContext, a: &PpTgArgs) -> anyhow::Result<()> {
     if a.repetitions == 0 || a.batch == 0 {
         anyhow::bail!("-r and --batch must be at least 1");
     }
@@ -423,7 +462,7 @@ fn print_profile(
     Ok(())
 }
 
-fn throughput(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
+fn throughput(ctx: &GpuContext, a: &ThroughputArgs) -> anyhow::Result<()> {
     let Some(mb) = a.model.kv_pool_mb else {
         anyhow::bail!("bench throughput needs --kv-pool-mb M (the fixed KV memory)");
     };

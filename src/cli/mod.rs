@@ -54,7 +54,7 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Which KV slots a compression method keeps, from captured keys and queries.
     Select(select::SelectArgs),
-    /// llama-bench-style pp/tg figures; `bench roofline`; `bench throughput`.
+    /// llama-bench-style pp/tg figures; `bench roofline`, `bench throughput`, `bench soak`.
     Bench(bench::BenchArgs),
     /// Accuracy on a model's held-out task set under KV compression; --sweep for every method.
     Eval(eval::EvalArgs),

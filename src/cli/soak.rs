@@ -11,7 +11,7 @@ use kvsift::gpu::GpuContext;
 use kvsift::kv::compression::Schedule;
 use serde_json::json;
 
-use super::bench::{BenchArgs, human, request, tokens};
+use super::bench::{SoakArgs, human, request, tokens};
 
 /// The process's resident set, from /proc (None where there is no /proc).
 fn rss_bytes() -> Option<u64> {
@@ -21,7 +21,7 @@ fn rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-pub fn run(ctx: &GpuContext, a: &BenchArgs) -> anyhow::Result<()> {
+pub fn run(ctx: &GpuContext, a: &SoakArgs) -> anyhow::Result<()> {
     if a.tokens == 0 || a.samples == 0 || a.batch == 0 || a.prompt_len == 0 {
         anyhow::bail!("--tokens, --samples, --batch and --prompt-len must be at least 1");
     }
