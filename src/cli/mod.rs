@@ -55,7 +55,7 @@ pub enum Command {
     /// Which KV slots a compression method keeps, from captured keys and queries.
     Select(select::SelectArgs),
     /// llama-bench-style pp/tg figures; `bench roofline`, `bench throughput`, `bench soak`.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Accuracy on a model's held-out task set under KV compression; --sweep for every method.
     Eval(eval::EvalArgs),
 }
@@ -66,7 +66,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
         Command::Select(a) => select::run(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Bench(a) => bench::run(*a),
         Command::Eval(a) => eval::run(a),
     }
 }
