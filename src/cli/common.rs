@@ -121,7 +121,7 @@ impl ModelArgs {
         let cfg = kvsift::model::config::ModelConfig::load(dir)?;
         let by_logits = (ctx.caps.max_binding_bytes / (cfg.vocab_size as u64 * 4)).max(1);
         Ok(requests
-            .min(kvsift::engine::serve::MAX_LANES)
+            .min(kvsift::engine::config::MAX_LANES)
             .min(usize::try_from(by_logits).unwrap_or(usize::MAX)))
     }
 

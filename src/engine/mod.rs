@@ -5,11 +5,13 @@
 //!   chaining, stopping), unit-tested without a GPU;
 //! - `plans`: the op lists of a prefill chunk, a decode step, a chain;
 //! - `executor`: submits them, reads tokens back, swaps, replays, compresses;
+//! - `config`: [`EngineConfig`], [`EngineBuilder`], the context rules;
 //! - `serve`: the [`Engine`] that ties them together, and its public API;
 //! - `score`: teacher-forced scoring; `compressor`: the forward's records
 //!   and the compression pass of one sequence.
 
 pub mod compressor;
+pub mod config;
 mod executor;
 mod plans;
 pub mod scheduler;
@@ -17,7 +19,8 @@ mod score;
 pub mod sequence;
 pub mod serve;
 
+pub use config::{EngineBuilder, EngineConfig};
 pub use scheduler::Exhaustion;
 pub use score::ScoreOutput;
 pub use sequence::{Event, Request, RequestId, StopReason};
-pub use serve::{DecodeTiming, Engine, EngineBuilder, EngineConfig, EngineStats};
+pub use serve::{DecodeTiming, Engine, EngineStats};

@@ -2,8 +2,8 @@
 //! log-likelihoods (and logits when asked) of a given token sequence, with
 //! the same kernels, chunks and compression schedule as generation.
 
+use crate::engine::config::too_long;
 use crate::engine::serve::Engine;
-use crate::engine::serve::too_long;
 use crate::error::{Error, Result};
 use crate::gpu::Op;
 use crate::gpu::{GpuBuffer, GpuContext};
