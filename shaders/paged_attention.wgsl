@@ -197,14 +197,14 @@ fn attend_decode(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
         let np = min(chunk_pages, p1 - pg);
         let n_slots = np * p.page_size;
         if lid < np {
-            page_sh[lid] = slot_page(pg_geom, bd.x, (pg + lid) * pg_geom.page_size);
+            page_sh[lid] = page_start(pg_geom, tables[bd.x + pg + lid]);
         }
         for (var idx = lid; idx < p.group * n_slots; idx = idx + WG) {
             let g = idx / n_slots;
             let i = idx - g * n_slots;
             let q = i / p.page_size;
             let slot = i - q * p.page_size;
-            let base = slot_page(pg_geom, bd.x, (pg + q) * pg_geom.page_size);
+            let base = page_start(pg_geom, tables[bd.x + pg + q]);
             var score = NEG;
             if pg * p.page_size + i < bd.y && visible(pool[base + position_at(pg_geom, slot)], bd.z) {
                 score = k_dot(base + key_at(pg_geom, slot), g * dim) * p.scale;

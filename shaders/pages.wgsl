@@ -21,9 +21,14 @@ fn geom() -> PageGeom {
     return PageGeom(p.page_size, p.page_words, p.dw);
 }
 
+// First word of pool page `page`.
+fn page_start(g: PageGeom, page: u32) -> u32 {
+    return page * g.page_words;
+}
+
 // First word of the page that holds slot t of the block table at `table`.
 fn slot_page(g: PageGeom, table: u32, t: u32) -> u32 {
-    return tables[table + t / g.page_size] * g.page_words;
+    return page_start(g, tables[table + t / g.page_size]);
 }
 
 // Within a page: slot i's key, value (dw words each) and position word.
