@@ -145,6 +145,9 @@ fn several_prompts_and_batches_run_concurrently() {
 
 #[test]
 fn generate_with_compression_reports_slots_and_pool_bytes() {
+    if !gpu_available() {
+        return;
+    }
     let r = kvsift(&[
         "generate",
         "--model",

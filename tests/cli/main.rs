@@ -9,6 +9,8 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Whether the binary can open a GPU: without one a test returns early
+/// ("skipped: no GPU adapter" on stderr), and under `CI` it fails instead.
 fn gpu_available() -> bool {
     kvsift::testing::gpu().is_some()
 }

@@ -4,6 +4,9 @@ use super::*;
 
 #[test]
 fn bench_prints_pp_tg_roofline_profile_and_throughput() {
+    if !gpu_available() {
+        return;
+    }
     let r = kvsift(&[
         "bench",
         "--model",
@@ -126,6 +129,9 @@ fn bench_prints_pp_tg_roofline_profile_and_throughput() {
 
 #[test]
 fn eval_runs_a_held_out_set_and_sweeps() {
+    if !gpu_available() {
+        return;
+    }
     // tiny-llama plus a two-example needle set (its answers are not expected
     // to be right: this checks the plumbing, not the model).
     let dir = std::env::temp_dir().join(format!("kvsift-eval-{}", std::process::id()));

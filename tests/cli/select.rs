@@ -4,6 +4,9 @@ use super::*;
 
 #[test]
 fn select_reproduces_a_vector_and_rejects_bad_settings() {
+    if !gpu_available() {
+        return;
+    }
     let v = repo().join("tests/vectors/rkv_004.safetensors");
     let v = v.to_str().unwrap();
     let bytes = std::fs::read(v).unwrap();
