@@ -576,3 +576,7 @@ fn committed_vectors_and_contract_match_the_shared_ones() {
         );
     }
 }
+
+/// AdaKV and H2O v3 on the decode schedule (ragged heads, running sums).
+#[path = "replay/decode.rs"]
+mod decode;
