@@ -7,6 +7,7 @@
 use super::{Captured, CompressConfig, LayerCx, Policy, Pooling, Schedule, Selection, Setting, common};
 use crate::error::{Error, Result};
 use crate::ops::compress::ScoreSpec;
+use crate::ops::compress::cpu::redundancy_cpu;
 
 pub struct Rkv;
 
@@ -107,44 +108,20 @@ pub fn scores(cfg: &CompressConfig, x: &Captured) -> Vec<Vec<f32>> {
             }
             let importance = common::pool(&importance, cfg.kernel, Pooling::Max);
 
-            // Redundancy: cosine similarity of normalised keys, the last(i) rule, column means.
-            let kn: Vec<Vec<f64>> = (0..t)
-                .map(|s| {
-                    let k = &keys[s * d..][..d];
-                    let norm =
-                        k.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt() + cfg.eps as f64;
-                    k.iter().map(|v| *v as f64 / norm).collect()
-                })
-                .collect();
-            let mut colsum = vec![0.0f64; t];
-            for i in 0..t {
-                let row: Vec<f64> = (0..t)
-                    .map(|j| {
-                        if i == j {
-                            0.0
-                        } else {
-                            kn[i].iter().zip(&kn[j]).map(|(a, b)| a * b).sum()
-                        }
-                    })
-                    .collect();
-                let last = (0..t)
-                    .rev()
-                    .find(|&j| row[j] > cfg.sim_threshold as f64)
-                    .unwrap_or(0);
-                for (j, v) in row.iter().enumerate() {
-                    if j != last {
-                        colsum[j] += v;
-                    }
-                }
-            }
-            let colmean: Vec<f64> = colsum.iter().map(|v| v / t as f64).collect();
-            let m = colmean.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = colmean.iter().map(|v| (v - m).exp()).collect();
-            let z: f64 = e.iter().sum();
-            let lambda = cfg.lambda as f64;
-            (0..c)
-                .map(|s| (lambda * importance[s] - (1.0 - lambda) * e[s] / z) as f32)
-                .collect()
+            // Redundancy: cosine similarity of normalised keys, the last(i)
+            // rule, column means, mixed in (the redundancy stage's twin).
+            redundancy_cpu(
+                &keys[..t * d],
+                d,
+                w,
+                cfg.lambda as f64,
+                cfg.sim_threshold as f64,
+                cfg.eps as f64,
+                &importance,
+            )
+            .into_iter()
+            .map(|v| v as f32)
+            .collect()
         })
         .collect()
 }
