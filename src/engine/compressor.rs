@@ -117,18 +117,27 @@ impl Compressor {
             )?,
             records,
             heads_per_kv: kv.heads_per_kv,
+            // Only a method that scores from the window queries needs them.
             ring: GpuBuffer::zeros(
                 ctx,
                 "compress.ring",
-                checked_len(
-                    "compression window queries",
-                    &[lanes, model.n_layers, w, hq, model.head_dim],
-                )?,
+                if records == Records::WindowQueries {
+                    checked_len(
+                        "compression window queries",
+                        &[lanes, model.n_layers, w, hq, model.head_dim],
+                    )?
+                } else {
+                    1
+                },
             )?,
             ring_pos: GpuBuffer::zeros(
                 ctx,
                 "compress.ring_pos",
-                checked_len("compression window", &[lanes, w])?,
+                if records == Records::WindowQueries {
+                    checked_len("compression window", &[lanes, w])?
+                } else {
+                    1
+                },
             )?,
             lanes: GpuBuffer::zeros(ctx, "compress.lanes", rows.max(1))?,
             h2o,
@@ -173,9 +182,16 @@ impl Compressor {
     /// queries, H2O's sums), copied to the host when it is swapped out.
     pub fn save_lane(&self, ctx: &GpuContext, lane: usize) -> Result<LaneState> {
         let (rw, w) = (self.ring_words(), self.cfg.window);
+        let rings = self.needs_queries();
         Ok(LaneState {
-            ring: self.ring.read_range(ctx, lane * rw, rw)?,
-            ring_pos: self.ring_pos.read_range(ctx, lane * w, w)?,
+            ring: match rings {
+                true => self.ring.read_range(ctx, lane * rw, rw)?,
+                false => vec![],
+            },
+            ring_pos: match rings {
+                true => self.ring_pos.read_range(ctx, lane * w, w)?,
+                false => vec![],
+            },
             h2o: match &self.h2o {
                 Some(h2o) => h2o.read_range(ctx, lane * self.h2o_words(), self.h2o_words())?,
                 None => vec![],
@@ -185,10 +201,12 @@ impl Compressor {
 
     /// Puts a swapped-out sequence's state back, in its new `lane`.
     pub fn restore_lane(&self, ctx: &GpuContext, lane: usize, state: &LaneState) -> Result<()> {
-        self.ring
-            .write(ctx, lane * self.ring_words(), &state.ring)?;
-        self.ring_pos
-            .write(ctx, lane * self.cfg.window, &state.ring_pos)?;
+        if self.needs_queries() {
+            self.ring
+                .write(ctx, lane * self.ring_words(), &state.ring)?;
+            self.ring_pos
+                .write(ctx, lane * self.cfg.window, &state.ring_pos)?;
+        }
         if let Some(h2o) = &self.h2o {
             h2o.write(ctx, lane * self.h2o_words(), &state.h2o)?;
         }
