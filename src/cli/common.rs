@@ -138,7 +138,19 @@ impl ModelArgs {
         max_batch: usize,
         compression: kvsift::kv::compression::CompressConfig,
     ) -> anyhow::Result<Engine<'c>> {
+        let config = self.engine_config(max_batch, compression)?;
         let dtype = self.weights_dtype.weights();
+        let weights = load_weights(ctx, &self.dir()?, dtype, true)?;
+        Ok(Engine::new(ctx, weights, config)?)
+    }
+
+    /// The engine's configuration from the flags, for `max_batch` sequences
+    /// with `compression`.
+    pub fn engine_config(
+        &self,
+        max_batch: usize,
+        compression: kvsift::kv::compression::CompressConfig,
+    ) -> anyhow::Result<EngineConfig> {
         let kv_f16 = self.kv_dtype == DtypeArg::F16;
         let bytes = match self.kv_pool_mb {
             None => None,
@@ -164,7 +176,6 @@ impl ModelArgs {
             compression,
             decode_chain: self.steps_per_submit,
         };
-        let weights = load_weights(ctx, &self.dir()?, dtype, true)?;
-        Ok(Engine::new(ctx, weights, config)?)
+        Ok(config)
     }
 }

@@ -26,6 +26,7 @@ mod generate;
 mod info;
 mod score;
 mod select;
+mod serve;
 mod soak;
 
 use clap::{Parser, Subcommand};
@@ -58,6 +59,9 @@ pub enum Command {
     Bench(Box<bench::BenchArgs>),
     /// Accuracy on a model's held-out task set under KV compression; --sweep for every method.
     Eval(eval::EvalArgs),
+    /// An OpenAI-compatible HTTP server (chat and text completions, streaming,
+    /// per-request KV compression in the `kv` field).
+    Serve(Box<serve::ServeArgs>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -68,5 +72,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Select(a) => select::run(a),
         Command::Bench(a) => bench::run(*a),
         Command::Eval(a) => eval::run(a),
+        Command::Serve(a) => serve::run(*a),
     }
 }

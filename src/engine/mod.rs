@@ -7,6 +7,8 @@
 //! - `executor`: submits them, reads tokens back, swaps, replays, compresses;
 //! - `config`: [`EngineConfig`], [`EngineBuilder`], the context rules;
 //! - `serve`: the [`Engine`] that ties them together, and its public API;
+//! - `service`: the engine on a thread of its own, fed through a channel
+//!   (the server, the C API);
 //! - `score`: teacher-forced scoring; `compressor`: the forward's records
 //!   and the compression pass of one sequence.
 
@@ -18,6 +20,7 @@ pub mod scheduler;
 mod score;
 pub mod sequence;
 pub mod serve;
+pub mod service;
 
 pub use config::{EngineBuilder, EngineConfig};
 pub use scheduler::Exhaustion;

@@ -1,0 +1,534 @@
+//! The OpenAI-shaped endpoints: parsing a request into an engine request,
+//! and answering from its events, whole or streamed (server-sent events).
+
+// Parsing helpers fail with the HTTP response itself (once per request).
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use kvsift::engine::service::ServiceState;
+use kvsift::engine::{Event, Request};
+use kvsift::kv::compression::CompressConfig;
+use kvsift::model::Message;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::App;
+use super::respond::{stream, whole};
+
+pub(super) fn error(
+    status: StatusCode,
+    kind: &str,
+    code: &str,
+    message: impl Into<String>,
+) -> Response {
+    let body = json!({"error": {"message": message.into(), "type": kind, "code": code}});
+    (status, Json(body)).into_response()
+}
+
+fn bad(message: impl Into<String>) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "invalid_request",
+        message,
+    )
+}
+
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(key) = &app.api_key else {
+        return Ok(());
+    };
+    let got = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if got == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            "missing or wrong API key (send Authorization: Bearer KEY)",
+        ))
+    }
+}
+
+/// 200 when the model is loaded, 503 while it loads.
+pub async fn health(State(app): State<Arc<App>>) -> Response {
+    match app.svc.state() {
+        ServiceState::Ready => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        ServiceState::Loading => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "loading"})),
+        )
+            .into_response(),
+        state => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "engine_unavailable",
+            format!(
+                "the engine is {state:?}: {}",
+                app.svc.failure().unwrap_or_default()
+            ),
+        ),
+    }
+}
+
+pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&app, &headers) {
+        return r;
+    }
+    Json(json!({
+        "object": "list",
+        "data": [{"id": app.model_name, "object": "model", "created": app.created, "owned_by": "kvsift"}],
+    }))
+    .into_response()
+}
+
+/// Prometheus text: the engine's requests, pool pages, compression and
+/// preemptions, and the server's requests in flight.
+pub async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let a = app.clone();
+    let stats = match tokio::task::spawn_blocking(move || a.svc.stats()).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "engine_unavailable",
+                "the engine is not running",
+            );
+        }
+    };
+    let c = stats.compression.clone().unwrap_or_default();
+    let mut out = String::new();
+    for (name, kind, help, value) in [
+        (
+            "kvsift_requests_in_flight",
+            "gauge",
+            "HTTP generation requests being served",
+            app.in_flight.load(Ordering::SeqCst) as f64,
+        ),
+        (
+            "kvsift_requests_running",
+            "gauge",
+            "sequences in the engine's lanes",
+            stats.running as f64,
+        ),
+        (
+            "kvsift_requests_waiting",
+            "gauge",
+            "sequences waiting for a lane or pages",
+            stats.waiting as f64,
+        ),
+        (
+            "kvsift_kv_pages_total",
+            "gauge",
+            "KV pool pages",
+            stats.pool.pages_total as f64,
+        ),
+        (
+            "kvsift_kv_pages_in_use",
+            "gauge",
+            "KV pool pages held by sequences",
+            stats.pool.pages_in_use as f64,
+        ),
+        (
+            "kvsift_kv_pages_peak",
+            "gauge",
+            "most KV pool pages held at once",
+            stats.peak_pages_in_use as f64,
+        ),
+        (
+            "kvsift_kv_bytes_in_use",
+            "gauge",
+            "KV pool bytes held by sequences",
+            stats.pool.bytes_in_use as f64,
+        ),
+        (
+            "kvsift_preemptions_total",
+            "counter",
+            "sequences preempted by a full pool",
+            stats.preemptions as f64,
+        ),
+        (
+            "kvsift_compression_passes_total",
+            "counter",
+            "KV compression passes",
+            c.passes as f64,
+        ),
+        (
+            "kvsift_compression_slots_dropped_total",
+            "counter",
+            "KV slots dropped by compression",
+            c.slots_dropped as f64,
+        ),
+    ] {
+        out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+pub async fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "not_found",
+        "no such endpoint",
+    )
+}
+
+fn parse(body: &Bytes) -> Result<Value, Response> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(bad("the body must be a JSON object"));
+    }
+    Ok(v)
+}
+
+pub async fn tokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = authorize(&app, &headers) {
+        return r;
+    }
+    let v = match parse(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let Some(text) = v.get("content").and_then(Value::as_str) else {
+        return bad("content: a string is required");
+    };
+    let special = v
+        .get("add_special")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    match app.tokenizer.encode(text, special) {
+        Ok(ids) => Json(json!({"tokens": ids})).into_response(),
+        Err(e) => bad(e.to_string()),
+    }
+}
+
+pub async fn detokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = authorize(&app, &headers) {
+        return r;
+    }
+    let v = match parse(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let ids: Option<Vec<u32>> = v.get("tokens").and_then(Value::as_array).and_then(|a| {
+        a.iter()
+            .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+            .collect()
+    });
+    let Some(ids) = ids else {
+        return bad("tokens: a list of token ids is required");
+    };
+    match app.tokenizer.decode(&ids, true) {
+        Ok(text) => Json(json!({"content": text})).into_response(),
+        Err(e) => bad(e.to_string()),
+    }
+}
+
+/// A parsed generation request.
+pub(super) struct Job {
+    pub(super) prompt: Vec<u32>,
+    pub(super) max_tokens: usize,
+    pub(super) sampling: kvsift::ops::sample::SamplingParams,
+    pub(super) stop: Vec<String>,
+    pub(super) compression: Option<CompressConfig>,
+    pub(super) stream: bool,
+    pub(super) include_usage: bool,
+}
+
+fn field_f64(v: &Value, k: &str) -> Result<Option<f64>, Response> {
+    match v.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| bad(format!("{k}: must be a number"))),
+    }
+}
+
+fn field_u64(v: &Value, k: &str) -> Result<Option<u64>, Response> {
+    match v.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| bad(format!("{k}: must be a non-negative integer"))),
+    }
+}
+
+fn field_bool(v: &Value, k: &str) -> Result<Option<bool>, Response> {
+    match v.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| bad(format!("{k}: must be true or false"))),
+    }
+}
+
+/// The text of a chat message's content (a string, or a list of text parts).
+fn content_text(c: &Value, i: usize) -> Result<String, Response> {
+    match c {
+        Value::String(s) => Ok(s.clone()),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => parts
+            .iter()
+            .map(
+                |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => Ok(t.clone()),
+                    _ => Err(bad(format!(
+                        "messages[{i}].content: only text parts are supported"
+                    ))),
+                },
+            )
+            .collect(),
+        _ => Err(bad(format!(
+            "messages[{i}].content: must be a string or a list of text parts"
+        ))),
+    }
+}
+
+fn job(app: &App, v: &Value, chat: bool) -> Result<Job, Response> {
+    let prompt = if chat {
+        let msgs = v
+            .get("messages")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("messages: a list of messages is required"))?;
+        if msgs.is_empty() {
+            return Err(bad("messages: must not be empty"));
+        }
+        let mut messages = vec![];
+        for (i, m) in msgs.iter().enumerate() {
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(format!("messages[{i}].role: a string is required")))?;
+            let content = content_text(m.get("content").unwrap_or(&Value::Null), i)?;
+            messages.push(Message {
+                role: role.to_string(),
+                content,
+            });
+        }
+        let text = app
+            .tokenizer
+            .apply_chat_template(&messages, true)
+            .map_err(|e| bad(format!("messages: {e}")))?;
+        app.tokenizer
+            .encode(&text, false)
+            .map_err(|e| bad(format!("messages: {e}")))?
+    } else {
+        match v.get("prompt") {
+            Some(Value::String(s)) => app
+                .tokenizer
+                .encode(s, true)
+                .map_err(|e| bad(format!("prompt: {e}")))?,
+            Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => app
+                .tokenizer
+                .encode(a[0].as_str().unwrap_or_default(), true)
+                .map_err(|e| bad(format!("prompt: {e}")))?,
+            Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_u64) => a
+                .iter()
+                .map(|x| {
+                    x.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .unwrap_or(u32::MAX)
+                })
+                .collect(),
+            _ => {
+                return Err(bad(
+                    "prompt: a string (or one string in a list, or a list of token ids) is required",
+                ));
+            }
+        }
+    };
+    if prompt.is_empty() {
+        return Err(bad("prompt: empty after tokenization"));
+    }
+    if field_u64(v, "n")?.is_some_and(|n| n != 1) {
+        return Err(bad("n: only 1 completion per request is supported"));
+    }
+    if field_bool(v, "logprobs")? == Some(true)
+        || v.get("logprobs").is_some_and(Value::is_u64)
+        || v.get("top_logprobs").is_some_and(|x| !x.is_null())
+    {
+        return Err(bad("logprobs: not supported yet"));
+    }
+    let max_tokens = field_u64(v, "max_completion_tokens")?
+        .or(field_u64(v, "max_tokens")?)
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let max_tokens = max_tokens.unwrap_or(if chat { usize::MAX } else { 16 });
+    let mut sampling = app.defaults.sampling;
+    if let Some(t) = field_f64(v, "temperature")? {
+        sampling.temperature = t as f32;
+    }
+    if let Some(p) = field_f64(v, "top_p")? {
+        sampling.top_p = p as f32;
+    }
+    if let Some(p) = field_f64(v, "min_p")? {
+        sampling.min_p = p as f32;
+    }
+    if let Some(k) = field_u64(v, "top_k")? {
+        sampling.top_k = usize::try_from(k).unwrap_or(usize::MAX);
+    }
+    if let Some(p) = field_f64(v, "repetition_penalty")? {
+        sampling.repetition_penalty = p as f32;
+    }
+    if let Some(s) = field_u64(v, "seed")? {
+        sampling.seed = s;
+    }
+    let stop = match v.get("stop") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("stop: must be a string or a list of strings"))?,
+        _ => return Err(bad("stop: must be a string or a list of strings")),
+    };
+    if stop.iter().any(String::is_empty) {
+        return Err(bad("stop: strings must not be empty"));
+    }
+    let compression = match v.get("kv") {
+        None | Some(Value::Null) => None,
+        Some(kv) => Some(super::kv::compression(kv, &app.compression).map_err(bad)?),
+    };
+    let stream = field_bool(v, "stream")?.unwrap_or(false);
+    let include_usage = v
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(Job {
+        prompt,
+        max_tokens,
+        sampling,
+        stop,
+        compression,
+        stream,
+        include_usage,
+    })
+}
+
+/// Counts a request in flight until dropped.
+pub(super) struct InFlight(pub(super) Arc<App>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pub(super) type Events = mpsc::UnboundedReceiver<(Event, Option<Vec<usize>>)>;
+
+/// Queues the job on the engine; its events and the request id.
+async fn submit(app: &Arc<App>, job: &Job) -> Result<(u64, Events), Response> {
+    if app.svc.state() != ServiceState::Ready {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "loading",
+            "the model is not loaded yet",
+        ));
+    }
+    let context = app
+        .svc
+        .model()
+        .map_or(usize::MAX, |m| m.max_position_embeddings);
+    let req = Request {
+        prompt: job.prompt.clone(),
+        max_tokens: job.max_tokens.min(context),
+        sampling: job.sampling,
+        stop_ids: app.stop_ids.clone(),
+        compression: job.compression.clone(),
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let sink: kvsift::engine::service::Sink = Box::new(move |ev, slots: Option<&[usize]>| {
+        let _ = tx.send((ev, slots.map(<[usize]>::to_vec)));
+    });
+    let a = app.clone();
+    let id = tokio::task::spawn_blocking(move || a.svc.add(req, sink))
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal",
+                e.to_string(),
+            )
+        })?
+        .map_err(|e| bad(e.to_string()))?;
+    Ok((id, rx))
+}
+
+pub async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    generate(app, headers, body, false).await
+}
+
+pub async fn chat_completions(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    generate(app, headers, body, true).await
+}
+
+async fn generate(app: Arc<App>, headers: HeaderMap, body: Bytes, chat: bool) -> Response {
+    if let Err(r) = authorize(&app, &headers) {
+        return r;
+    }
+    let v = match parse(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let job = match job(&app, &v, chat) {
+        Ok(j) => j,
+        Err(r) => return r,
+    };
+    if app.in_flight.fetch_add(1, Ordering::SeqCst) >= app.max_queue {
+        app.in_flight.fetch_sub(1, Ordering::SeqCst);
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "queue_full",
+            format!(
+                "the queue is full ({} requests); retry later",
+                app.max_queue
+            ),
+        );
+    }
+    let guard = InFlight(app.clone());
+    let (id, rx) = match submit(&app, &job).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let rid = format!("{}-{id}", if chat { "chatcmpl" } else { "cmpl" });
+    if job.stream {
+        stream(app, job, id, rx, rid, created, chat, guard)
+    } else {
+        whole(app, job, id, rx, rid, created, chat, guard).await
+    }
+}

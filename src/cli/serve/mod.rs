@@ -1,0 +1,158 @@
+//! `kvsift serve`: an OpenAI-compatible HTTP server on axum + tokio. The
+//! engine runs on its own thread (`engine::service`); handlers tokenize,
+//! queue a request with a sink that feeds a tokio channel, and answer from
+//! its events (whole, or as server-sent events). A request may carry its own
+//! KV compression in the extension field `kv`.
+
+mod api;
+mod kv;
+mod respond;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use axum::Router;
+use axum::routing::{get, post};
+use clap::Args;
+use kvsift::engine::service::EngineService;
+use kvsift::kv::compression::CompressConfig;
+use kvsift::model::TextTokenizer;
+use kvsift::model::config::GenerationDefaults;
+
+use super::common::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Requests must send `Authorization: Bearer KEY`.
+    #[arg(long, env = "KVSIFT_API_KEY", conflicts_with = "api_key_file")]
+    pub api_key: Option<String>,
+    /// Read the API key from a file (its first line).
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Requests running and waiting at most; more get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
+}
+
+/// What every handler shares.
+pub(crate) struct App {
+    pub svc: EngineService,
+    pub tokenizer: TextTokenizer,
+    pub defaults: GenerationDefaults,
+    pub stop_ids: Vec<u32>,
+    pub model_name: String,
+    pub api_key: Option<String>,
+    pub compression: CompressConfig,
+    pub in_flight: AtomicUsize,
+    pub max_queue: usize,
+    pub created: u64,
+}
+
+pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    let dir = a.model.dir()?;
+    let api_key = match (&a.api_key, &a.api_key_file) {
+        (Some(k), _) => Some(k.clone()),
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| anyhow::anyhow!("--api-key-file {}: {e}", f.display()))?;
+            let key = text.lines().next().unwrap_or("").trim().to_string();
+            if key.is_empty() {
+                anyhow::bail!("--api-key-file {}: the first line is empty", f.display());
+            }
+            Some(key)
+        }
+        (None, None) => None,
+    };
+    if a.max_queue == 0 {
+        anyhow::bail!("--max-queue must be at least 1");
+    }
+    let compression = a.model.compress.config()?;
+    let config = a.model.engine_config(a.parallel, compression.clone())?;
+    let tokenizer = TextTokenizer::load(&dir)?;
+    let defaults = GenerationDefaults::load(&dir)?;
+    let mut stop_ids = defaults.eos_token_ids.clone();
+    stop_ids.extend(tokenizer.eos_id());
+    let svc = EngineService::start(dir.clone(), a.model.weights_dtype.weights(), config);
+    let app = Arc::new(App {
+        svc,
+        tokenizer,
+        defaults,
+        stop_ids,
+        model_name: dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into()),
+        api_key,
+        compression,
+        in_flight: AtomicUsize::new(0),
+        max_queue: a.max_queue,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    });
+    let router = Router::new()
+        .route("/health", get(api::health))
+        .route("/v1/models", get(api::models))
+        .route("/v1/completions", post(api::completions))
+        .route("/v1/chat/completions", post(api::chat_completions))
+        .route("/tokenize", post(api::tokenize))
+        .route("/detokenize", post(api::detokenize))
+        .route("/metrics", get(api::metrics))
+        .fallback(api::not_found)
+        .with_state(app.clone());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr: SocketAddr = format!("{}:{}", a.host, a.port)
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--host {} --port {}: {e}", a.host, a.port))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("listening on {addr}: {e}"))?;
+        let local = listener.local_addr()?;
+        note!(
+            "kvsift serve: listening on http://{local} (model {})",
+            app.model_name
+        );
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+        anyhow::Ok(())
+    })?;
+    note!("kvsift serve: stopped");
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,393 @@
+//! `kvsift serve` end to end over loopback HTTP (ureq as the client): the
+//! same tokens as `kvsift generate`, whole and streamed, per-request `kv`
+//! settings, stop strings, concurrent streams, a client that leaves
+//! mid-stream, and bad requests with OpenAI-shaped errors.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const TINY: &str = "models/tiny-llama";
+const PROMPT: &str = "the quiet grey cat sat on the mat near the river";
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `kvsift serve` on a free loopback port and waits for /health.
+fn server(extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvsift"))
+        .args(["serve", "--model", TINY, "--port", "0"])
+        .args(extra)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = lines
+            .next()
+            .expect("serve exited before listening")
+            .unwrap();
+        if let Some(at) = line.find("http://") {
+            let url = line[at..].split_whitespace().next().unwrap().to_string();
+            break url;
+        }
+    };
+    // Keep draining stderr so the server never blocks on it.
+    std::thread::spawn(move || for _ in lines {});
+    let s = Server { child, base };
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = ureq::get(&format!("{}/health", s.base)).call()
+            && r.status() == 200
+        {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the model never loaded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
+    let mut r = agent()
+        .post(&format!("{}{path}", s.base))
+        .send_json(&body)
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// A streamed completion: each data chunk's JSON, up to `[DONE]`.
+fn stream(s: &Server, path: &str, body: Value) -> Vec<Value> {
+    let r = agent()
+        .post(&format!("{}{path}", s.base))
+        .send_json(&body)
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut out = vec![];
+    let mut done = false;
+    for line in BufReader::new(r.into_body().into_reader()).lines() {
+        let line = line.unwrap();
+        if let Some(data) = line.strip_prefix("data: ") {
+            if data == "[DONE]" {
+                done = true;
+                break;
+            }
+            out.push(serde_json::from_str(data).unwrap());
+        }
+    }
+    assert!(done, "no [DONE]");
+    out
+}
+
+/// `kvsift generate`'s greedy text for the prompt, with extra flags.
+fn generate(flags: &[&str], max_tokens: usize) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvsift"))
+        .args([
+            "generate",
+            "--model",
+            TINY,
+            "--prompt",
+            PROMPT,
+            "--temperature",
+            "0",
+        ])
+        .args(["--max-tokens", &max_tokens.to_string(), "--json"])
+        .args(flags)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    j["text"].as_str().unwrap().to_string()
+}
+
+fn metric(s: &Server, name: &str) -> f64 {
+    let mut r = ureq::get(&format!("{}/metrics", s.base)).call().unwrap();
+    let text = r.body_mut().read_to_string().unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn completions_whole_and_streamed_equal_generate() {
+    if kvsift::testing::gpu().is_none() {
+        return;
+    }
+    let s = server(&[]);
+    let want = generate(&[], 24);
+    let body = json!({"prompt": PROMPT, "max_tokens": 24, "temperature": 0});
+    let (status, j) = post(&s, "/v1/completions", body.clone());
+    assert_eq!(status, 200, "{j}");
+    assert_eq!(j["choices"][0]["text"], want.as_str());
+    assert_eq!(j["choices"][0]["finish_reason"], "length");
+    assert_eq!(j["usage"]["completion_tokens"], 24);
+    assert_eq!(j["object"], "text_completion");
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let chunks = stream(&s, "/v1/completions", streamed);
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, want);
+    let last_choice = chunks
+        .iter()
+        .rev()
+        .find(|c| c["choices"][0]["finish_reason"].is_string());
+    assert_eq!(
+        last_choice.unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 24);
+
+    // A stop string is matched across tokens and never emitted.
+    let stop: String = want.chars().skip(6).take(3).collect();
+    let mut with_stop = body.clone();
+    with_stop["stop"] = json!([stop]);
+    let (_, j) = post(&s, "/v1/completions", with_stop.clone());
+    let cut = &want[..want.find(&stop).unwrap()];
+    assert_eq!(j["choices"][0]["text"], cut);
+    assert_eq!(j["choices"][0]["finish_reason"], "stop");
+    with_stop["stream"] = json!(true);
+    let text: String = stream(&s, "/v1/completions", with_stop)
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, cut);
+}
+
+#[test]
+fn per_request_kv_equals_generate_with_the_same_flags() {
+    if kvsift::testing::gpu().is_none() {
+        return;
+    }
+    // The server records window queries (R-KV's), so any window-4 method fits.
+    let s = server(&[
+        "--kv", "rkv", "--budget", "24", "--window", "4", "--buffer", "8",
+    ]);
+    for (kv, flags) in [
+        (
+            json!({"method": "snapkv", "budget": 16, "window": 4}),
+            vec!["--kv", "snapkv", "--budget", "16", "--window", "4"],
+        ),
+        (
+            json!({"budget": 20}),
+            vec![
+                "--kv", "rkv", "--budget", "20", "--window", "4", "--buffer", "8",
+            ],
+        ),
+        (json!({"method": "none"}), vec![]),
+    ] {
+        let want = generate(&flags, 40);
+        let body = json!({"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "kv": kv});
+        let (status, j) = post(&s, "/v1/completions", body);
+        assert_eq!(status, 200, "{j}");
+        assert_eq!(j["choices"][0]["text"], want.as_str(), "kv {kv}");
+        assert!(j["kvsift"]["kv_slots_per_layer"].is_array(), "{j}");
+    }
+    assert!(metric(&s, "kvsift_compression_passes_total") > 0.0);
+}
+
+#[test]
+fn concurrent_streams_complete_and_a_client_that_leaves_frees_its_pages() {
+    if kvsift::testing::gpu().is_none() {
+        return;
+    }
+    let s = server(&["--parallel", "4"]);
+    let prompts: Vec<String> = (0..8).map(|i| format!("{PROMPT} {i}")).collect();
+    let whole: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let (_, j) = post(
+                &s,
+                "/v1/completions",
+                json!({"prompt": p, "max_tokens": 16, "temperature": 0}),
+            );
+            j["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let s = &s;
+                scope.spawn(move || {
+                    let body =
+                        json!({"prompt": p, "max_tokens": 16, "temperature": 0, "stream": true});
+                    stream(s, "/v1/completions", body)
+                        .iter()
+                        .filter_map(|c| c["choices"][0]["text"].as_str())
+                        .collect::<String>()
+                })
+            })
+            .collect();
+        for (h, want) in handles.into_iter().zip(&whole) {
+            assert_eq!(&h.join().unwrap(), want);
+        }
+    });
+    // Leave a long stream after its first chunk.
+    let r = agent()
+        .post(&format!("{}/v1/completions", s.base))
+        .send_json(json!({"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": true}))
+        .unwrap();
+    let mut reader = r.into_body().into_reader();
+    let mut first = [0u8; 16];
+    reader.read_exact(&mut first).unwrap();
+    drop(reader);
+    let start = Instant::now();
+    while metric(&s, "kvsift_kv_pages_in_use") > 0.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "pages never came back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(metric(&s, "kvsift_kv_pages_peak") > 0.0);
+}
+
+#[test]
+fn bad_requests_get_openai_shaped_errors() {
+    if kvsift::testing::gpu().is_none() {
+        return;
+    }
+    let s = server(&["--api-key", "sekrit"]);
+    let send = |body: &str, key: Option<&str>| -> (u16, Value) {
+        let mut req = agent().post(&format!("{}/v1/completions", s.base));
+        if let Some(k) = key {
+            req = req.header("Authorization", &format!("Bearer {k}"));
+        }
+        let mut r = req.content_type("application/json").send(body).unwrap();
+        let status = r.status().as_u16();
+        (
+            status,
+            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap(),
+        )
+    };
+    let ok = Some("sekrit");
+    let long = format!("{{\"prompt\": \"{}\"}}", "x ".repeat(3000));
+    for (body, key, status, needle) in [
+        (r#"{"prompt": "hi"}"#, None, 401, "API key"),
+        (r#"{"prompt": "hi"}"#, Some("wrong"), 401, "API key"),
+        ("{not json", ok, 400, "not JSON"),
+        (r#"{"prompt": 3}"#, ok, 400, "prompt"),
+        (
+            r#"{"prompt": "hi", "max_tokens": -1}"#,
+            ok,
+            400,
+            "max_tokens",
+        ),
+        (
+            r#"{"prompt": "hi", "temperature": "hot"}"#,
+            ok,
+            400,
+            "temperature",
+        ),
+        (
+            r#"{"prompt": "hi", "kv": {"method": "lru"}}"#,
+            ok,
+            400,
+            "kv.method",
+        ),
+        (
+            r#"{"prompt": "hi", "kv": {"method": "snapkv", "budget": 4}}"#,
+            ok,
+            400,
+            "kv.budget",
+        ),
+        (
+            r#"{"prompt": "hi", "kv": {"method": "snapkv", "budget": 32, "lambda": 0.2}}"#,
+            ok,
+            400,
+            "kv.lambda",
+        ),
+        (
+            r#"{"prompt": "hi", "kv": {"method": "rkv"}}"#,
+            ok,
+            400,
+            "kv.budget",
+        ),
+        (r#"{"prompt": "hi", "stop": 7}"#, ok, 400, "stop"),
+        (&long, ok, 400, "exceed"),
+    ] {
+        let (got, j) = send(body, key);
+        assert_eq!(got, status, "{body}: {j}");
+        let msg = j["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{body}: {msg}");
+        assert!(j["error"]["type"].is_string(), "{j}");
+    }
+    // The server goes on serving.
+    let (got, _) = send(r#"{"prompt": "hi", "max_tokens": 2}"#, ok);
+    assert_eq!(got, 200);
+}
+
+#[test]
+fn chat_completions_whole_and_streamed_agree() {
+    if kvsift::testing::gpu().is_none() {
+        return;
+    }
+    let s = server(&[]);
+    let body = json!({
+        "model": "tiny-llama",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}],
+        "max_completion_tokens": 20,
+        "temperature": 0,
+    });
+    let (status, j) = post(&s, "/v1/chat/completions", body.clone());
+    assert_eq!(status, 200, "{j}");
+    assert_eq!(j["object"], "chat.completion");
+    assert_eq!(j["choices"][0]["message"]["role"], "assistant");
+    let whole = j["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(j["usage"]["completion_tokens"], 20);
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let chunks = stream(&s, "/v1/chat/completions", streamed);
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, whole);
+    let (status, j) = post(&s, "/v1/chat/completions", json!({"messages": []}));
+    assert_eq!(status, 400, "{j}");
+}
