@@ -391,3 +391,43 @@ fn chat_completions_whole_and_streamed_agree() {
     let (status, j) = post(&s, "/v1/chat/completions", json!({"messages": []}));
     assert_eq!(status, 400, "{j}");
 }
+
+/// `n` choices are n requests with seeds seed, seed + 1, ...: each equals
+/// the single request with its seed, whole and streamed.
+#[test]
+fn n_choices_are_the_requests_with_consecutive_seeds() {
+    if kvsift::testing::gpu().is_none() {
+        return;
+    }
+    let s = server(&[]);
+    let body = |n: u64, seed: u64| json!({"prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": seed, "n": n});
+    let (status, j) = post(&s, "/v1/completions", body(3, 5));
+    assert_eq!(status, 200, "{j}");
+    let choices = j["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let mut texts = vec![];
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let (_, one) = post(&s, "/v1/completions", body(1, 5 + i as u64));
+        assert_eq!(c["text"], one["choices"][0]["text"], "choice {i}");
+        texts.push(c["text"].as_str().unwrap().to_string());
+    }
+    assert_eq!(j["usage"]["completion_tokens"], 36);
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "seeds made no difference"
+    );
+    let mut streamed = body(3, 5);
+    streamed["stream"] = json!(true);
+    let chunks = stream(&s, "/v1/completions", streamed);
+    for (i, want) in texts.iter().enumerate() {
+        let got: String = chunks
+            .iter()
+            .filter(|c| c["choices"][0]["index"] == i)
+            .filter_map(|c| c["choices"][0]["text"].as_str())
+            .collect();
+        assert_eq!(&got, want, "streamed choice {i}");
+    }
+    let (status, _) = post(&s, "/v1/completions", body(0, 5));
+    assert_eq!(status, 400);
+}

@@ -246,7 +246,12 @@ pub async fn detokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: B
 }
 
 /// A parsed generation request.
+/// Most choices (`n`) one request may ask for.
+const MAX_CHOICES: usize = 16;
+
 pub(super) struct Job {
+    /// Choices to generate (each its own engine request; seeds seed, seed + 1, ...).
+    pub(super) n: usize,
     pub(super) prompt: Vec<u32>,
     pub(super) max_tokens: usize,
     pub(super) sampling: kvsift::ops::sample::SamplingParams,
@@ -364,8 +369,9 @@ fn job(app: &App, v: &Value, chat: bool) -> Result<Job, Response> {
     if prompt.is_empty() {
         return Err(bad("prompt: empty after tokenization"));
     }
-    if field_u64(v, "n")?.is_some_and(|n| n != 1) {
-        return Err(bad("n: only 1 completion per request is supported"));
+    let n = field_u64(v, "n")?.unwrap_or(1);
+    if !(1..=MAX_CHOICES as u64).contains(&n) {
+        return Err(bad(format!("n: {n}, expected 1 to {MAX_CHOICES}")));
     }
     if field_bool(v, "logprobs")? == Some(true)
         || v.get("logprobs").is_some_and(Value::is_u64)
@@ -420,6 +426,7 @@ fn job(app: &App, v: &Value, chat: bool) -> Result<Job, Response> {
         .and_then(Value::as_bool)
         .unwrap_or(false);
     Ok(Job {
+        n: n as usize,
         prompt,
         max_tokens,
         sampling,
@@ -439,10 +446,11 @@ impl Drop for InFlight {
     }
 }
 
-pub(super) type Events = mpsc::UnboundedReceiver<(Event, Option<Vec<usize>>)>;
+/// Each choice's events: (choice index, event, KV slots per layer at its end).
+pub(super) type Events = mpsc::UnboundedReceiver<(usize, Event, Option<Vec<usize>>)>;
 
-/// Queues the job on the engine; its events and the request id.
-async fn submit(app: &Arc<App>, job: &Job) -> Result<(u64, Events), Response> {
+/// Queues the job's choices on the engine; their ids and events.
+async fn submit(app: &Arc<App>, job: &Job) -> Result<(Vec<u64>, Events), Response> {
     if app.svc.state() != ServiceState::Ready {
         return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -455,30 +463,45 @@ async fn submit(app: &Arc<App>, job: &Job) -> Result<(u64, Events), Response> {
         .svc
         .model()
         .map_or(usize::MAX, |m| m.max_position_embeddings);
-    let req = Request {
-        prompt: job.prompt.clone(),
-        max_tokens: job.max_tokens.min(context),
-        sampling: job.sampling,
-        stop_ids: app.stop_ids.clone(),
-        compression: job.compression.clone(),
-    };
     let (tx, rx) = mpsc::unbounded_channel();
-    let sink: kvsift::engine::service::Sink = Box::new(move |ev, slots: Option<&[usize]>| {
-        let _ = tx.send((ev, slots.map(<[usize]>::to_vec)));
-    });
-    let a = app.clone();
-    let id = tokio::task::spawn_blocking(move || a.svc.add(req, sink))
-        .await
-        .map_err(|e| {
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "internal",
-                e.to_string(),
-            )
-        })?
-        .map_err(|e| bad(e.to_string()))?;
-    Ok((id, rx))
+    let mut ids = vec![];
+    for i in 0..job.n {
+        let mut sampling = job.sampling;
+        sampling.seed = sampling.seed.wrapping_add(i as u64);
+        let req = Request {
+            prompt: job.prompt.clone(),
+            max_tokens: job.max_tokens.min(context),
+            sampling,
+            stop_ids: app.stop_ids.clone(),
+            compression: job.compression.clone(),
+        };
+        let tx = tx.clone();
+        let sink: kvsift::engine::service::Sink = Box::new(move |ev, slots: Option<&[usize]>| {
+            let _ = tx.send((i, ev, slots.map(<[usize]>::to_vec)));
+        });
+        let a = app.clone();
+        let added = tokio::task::spawn_blocking(move || a.svc.add(req, sink))
+            .await
+            .map_err(|e| {
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "internal",
+                    e.to_string(),
+                )
+            })
+            .and_then(|r| r.map_err(|e| bad(e.to_string())));
+        match added {
+            Ok(id) => ids.push(id),
+            Err(r) => {
+                for &id in &ids {
+                    app.svc.cancel(id);
+                }
+                return Err(r);
+            }
+        }
+    }
+    Ok((ids, rx))
 }
 
 pub async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -518,17 +541,18 @@ async fn generate(app: Arc<App>, headers: HeaderMap, body: Bytes, chat: bool) ->
         );
     }
     let guard = InFlight(app.clone());
-    let (id, rx) = match submit(&app, &job).await {
+    let (ids, rx) = match submit(&app, &job).await {
         Ok(x) => x,
         Err(r) => return r,
     };
+    let id = ids[0];
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let rid = format!("{}-{id}", if chat { "chatcmpl" } else { "cmpl" });
     if job.stream {
-        stream(app, job, id, rx, rid, created, chat, guard)
+        stream(app, job, ids, rx, rid, created, chat, guard)
     } else {
-        whole(app, job, id, rx, rid, created, chat, guard).await
+        whole(app, job, ids, rx, rid, created, chat, guard).await
     }
 }

@@ -77,67 +77,126 @@ fn finish_reason(r: StopReason) -> &'static str {
     }
 }
 
-/// The extension object: what compression did to this request.
-fn kv_report(app: &App, job: &Job, slots: &Option<Vec<usize>>) -> Value {
+/// The extension object: what compression did to this request (its
+/// choices' slots when it has several).
+fn kv_report(app: &App, job: &Job, slots: &[Option<Vec<usize>>]) -> Value {
     let cfg = job.compression.as_ref().unwrap_or(&app.compression);
-    let layers = slots.as_ref().map_or(0, Vec::len).max(1);
-    json!({
+    let first = slots.first().cloned().flatten();
+    let layers = first.as_ref().map_or(0, Vec::len).max(1);
+    let mut v = json!({
         "kv": {
             "method": cfg.method.name(),
             "budget": cfg.method.policy().compresses().then_some(cfg.budget),
         },
-        "kv_slots_per_layer": slots,
-        "kv_slots_total": slots.as_ref().map(|s| s.iter().sum::<usize>()),
-        "kv_slots_per_layer_mean": slots.as_ref().map(|s| s.iter().sum::<usize>() as f64 / layers as f64),
-    })
+        "kv_slots_per_layer": first,
+        "kv_slots_total": first.as_ref().map(|s| s.iter().sum::<usize>()),
+        "kv_slots_per_layer_mean": first.as_ref().map(|s| s.iter().sum::<usize>() as f64 / layers as f64),
+    });
+    if slots.len() > 1 {
+        v["kv_slots_per_layer_by_choice"] = json!(slots);
+    }
+    v
+}
+
+/// One choice (one engine request) as its events arrive.
+struct Choice<'t> {
+    text: Text<'t>,
+    tokens: usize,
+    reason: &'static str,
+    slots: Option<Vec<usize>>,
+    /// A stop string ended it; the engine's confirmation is awaited.
+    stopping: bool,
+    done: bool,
+}
+
+impl<'t> Choice<'t> {
+    fn new(app: &'t App, stop: &'t [String]) -> Self {
+        Self {
+            text: Text {
+                stream: TextStream::new(&app.tokenizer),
+                stop,
+                held: String::new(),
+            },
+            tokens: 0,
+            reason: "stop",
+            slots: None,
+            stopping: false,
+            done: false,
+        }
+    }
+
+    /// What an event adds to the shown text (None: nothing new), and
+    /// whether it failed the request (its message).
+    fn on(
+        &mut self,
+        ev: Event,
+        slots: Option<Vec<usize>>,
+        cancel: impl FnOnce(),
+    ) -> Result<Option<String>, String> {
+        match ev {
+            Event::Token { token, .. } if !self.stopping => {
+                self.tokens += 1;
+                match self.text.push(token) {
+                    Ok(t) => Ok((!t.is_empty()).then_some(t)),
+                    Err(t) => {
+                        cancel();
+                        self.stopping = true;
+                        self.reason = "stop";
+                        Ok((!t.is_empty()).then_some(t))
+                    }
+                }
+            }
+            Event::Finished { reason, .. } => {
+                self.done = true;
+                self.slots = slots;
+                if self.stopping {
+                    return Ok(None);
+                }
+                self.reason = finish_reason(reason);
+                let rest = self.text.finish();
+                Ok((!rest.is_empty()).then_some(rest))
+            }
+            Event::Failed { error, .. } => {
+                self.done = true;
+                self.slots = slots;
+                self.reason = "error";
+                Err(error)
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+fn usage(job: &Job, choices: &[Choice]) -> Value {
+    let n: usize = choices.iter().map(|c| c.tokens).sum();
+    json!({"prompt_tokens": job.prompt.len(), "completion_tokens": n, "total_tokens": job.prompt.len() + n})
 }
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn whole(
     app: Arc<App>,
     job: Job,
-    id: u64,
+    ids: Vec<u64>,
     mut rx: Events,
     rid: String,
     created: u64,
     chat: bool,
     _guard: InFlight,
 ) -> Response {
-    let mut text = Text {
-        stream: TextStream::new(&app.tokenizer),
-        stop: &job.stop,
-        held: String::new(),
-    };
-    let (mut out, mut n, mut reason, mut slots) = (String::new(), 0usize, "stop", None);
-    while let Some((ev, s)) = rx.recv().await {
-        match ev {
-            Event::Token { token, .. } => {
-                n += 1;
-                match text.push(token) {
-                    Ok(t) => out.push_str(&t),
-                    Err(t) => {
-                        out.push_str(&t);
-                        app.svc.cancel(id);
-                        reason = "stop";
-                        slots = s;
-                        // Drain until the engine confirms.
-                        while let Some((ev, s)) = rx.recv().await {
-                            if matches!(ev, Event::Finished { .. } | Event::Failed { .. }) {
-                                slots = s.or(slots);
-                                break;
-                            }
-                        }
-                        break;
-                    }
+    let mut choices: Vec<Choice> = ids.iter().map(|_| Choice::new(&app, &job.stop)).collect();
+    let mut outs = vec![String::new(); ids.len()];
+    while choices.iter().any(|c| !c.done) {
+        let Some((i, ev, s)) = rx.recv().await else {
+            break;
+        };
+        let id = ids[i];
+        match choices[i].on(ev, s, || app.svc.cancel(id)) {
+            Ok(Some(t)) => outs[i].push_str(&t),
+            Ok(None) => {}
+            Err(e) => {
+                for &other in &ids {
+                    app.svc.cancel(other);
                 }
-            }
-            Event::Finished { reason: r, .. } => {
-                out.push_str(&text.finish());
-                reason = finish_reason(r);
-                slots = s;
-                break;
-            }
-            Event::Failed { error: e, .. } => {
                 return error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "server_error",
@@ -145,22 +204,28 @@ pub(super) async fn whole(
                     e,
                 );
             }
-            _ => {}
         }
     }
-    let usage = json!({"prompt_tokens": job.prompt.len(), "completion_tokens": n, "total_tokens": job.prompt.len() + n});
-    let choice = if chat {
-        json!({"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": reason, "logprobs": null})
-    } else {
-        json!({"index": 0, "text": out, "finish_reason": reason, "logprobs": null})
-    };
+    let list: Vec<Value> = choices
+        .iter()
+        .zip(&outs)
+        .enumerate()
+        .map(|(i, (c, out))| {
+            if chat {
+                json!({"index": i, "message": {"role": "assistant", "content": out}, "finish_reason": c.reason, "logprobs": null})
+            } else {
+                json!({"index": i, "text": out, "finish_reason": c.reason, "logprobs": null})
+            }
+        })
+        .collect();
+    let slots: Vec<Option<Vec<usize>>> = choices.iter().map(|c| c.slots.clone()).collect();
     Json(json!({
         "id": rid,
         "object": if chat { "chat.completion" } else { "text_completion" },
         "created": created,
         "model": app.model_name,
-        "choices": [choice],
-        "usage": usage,
+        "choices": list,
+        "usage": usage(&job, &choices),
         "kvsift": kv_report(&app, &job, &slots),
     }))
     .into_response()
@@ -170,7 +235,7 @@ pub(super) async fn whole(
 pub(super) fn stream(
     app: Arc<App>,
     job: Job,
-    id: u64,
+    ids: Vec<u64>,
     mut rx: Events,
     rid: String,
     created: u64,
@@ -180,7 +245,7 @@ pub(super) fn stream(
     let (tx, out) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
         let _guard = guard;
-        let chunk = |delta: Option<&str>, reason: Option<&str>, first: bool| -> Value {
+        let chunk = |i: usize, delta: Option<&str>, reason: Option<&str>, first: bool| -> Value {
             let choice = if chat {
                 let mut d = serde_json::Map::new();
                 if first {
@@ -189,9 +254,9 @@ pub(super) fn stream(
                 if let Some(t) = delta {
                     d.insert("content".into(), t.into());
                 }
-                json!({"index": 0, "delta": d, "finish_reason": reason, "logprobs": null})
+                json!({"index": i, "delta": d, "finish_reason": reason, "logprobs": null})
             } else {
-                json!({"index": 0, "text": delta.unwrap_or(""), "finish_reason": reason, "logprobs": null})
+                json!({"index": i, "text": delta.unwrap_or(""), "finish_reason": reason, "logprobs": null})
             };
             json!({
                 "id": rid,
@@ -209,71 +274,43 @@ pub(super) fn stream(
                     .is_ok()
             }
         };
-        let mut text = Text {
-            stream: TextStream::new(&app.tokenizer),
-            stop: &job.stop,
-            held: String::new(),
-        };
-        let mut n = 0usize;
-        let mut alive = !chat || send(chunk(Some(""), None, true)).await;
-        let mut slots = None;
-        let mut reason = "stop";
-        while alive {
-            let Some((ev, s)) = rx.recv().await else {
+        let mut choices: Vec<Choice> = ids.iter().map(|_| Choice::new(&app, &job.stop)).collect();
+        let mut alive = true;
+        if chat {
+            for i in 0..ids.len() {
+                alive = alive && send(chunk(i, Some(""), None, true)).await;
+            }
+        }
+        while alive && choices.iter().any(|c| !c.done) {
+            let Some((i, ev, s)) = rx.recv().await else {
                 break;
             };
-            match ev {
-                Event::Token { token, .. } => {
-                    n += 1;
-                    match text.push(token) {
-                        Ok(t) if t.is_empty() => {}
-                        Ok(t) => alive = send(chunk(Some(&t), None, false)).await,
-                        Err(t) => {
-                            if !t.is_empty() {
-                                alive = send(chunk(Some(&t), None, false)).await;
-                            }
-                            app.svc.cancel(id);
-                            reason = "stop";
-                            while let Some((ev, s)) = rx.recv().await {
-                                if matches!(ev, Event::Finished { .. } | Event::Failed { .. }) {
-                                    slots = s;
-                                    break;
-                                }
-                            }
-                            break;
-                        }
-                    }
-                }
-                Event::Finished { reason: r, .. } => {
-                    let rest = text.finish();
-                    if !rest.is_empty() {
-                        alive = send(chunk(Some(&rest), None, false)).await;
-                    }
-                    reason = finish_reason(r);
-                    slots = s;
-                    break;
-                }
-                Event::Failed { error: e, .. } => {
+            let id = ids[i];
+            match choices[i].on(ev, s, || app.svc.cancel(id)) {
+                Ok(Some(t)) => alive = send(chunk(i, Some(&t), None, false)).await,
+                Ok(None) => {}
+                Err(e) => {
                     let body = json!({"error": {"message": e, "type": "server_error", "code": "generation_failed"}});
-                    let _ = send(body).await;
-                    reason = "error";
-                    slots = s;
-                    break;
+                    alive = send(body).await;
                 }
-                _ => {}
+            }
+            if alive && choices[i].done {
+                let mut last = chunk(i, None, Some(choices[i].reason), false);
+                last["kvsift"] = kv_report(&app, &job, std::slice::from_ref(&choices[i].slots));
+                alive = send(last).await;
             }
         }
         if !alive {
-            // The client went away: its request stops, its pages return.
-            app.svc.cancel(id);
+            // The client went away: its requests stop, their pages return.
+            for &id in &ids {
+                app.svc.cancel(id);
+            }
             return;
         }
-        let mut last = chunk(None, Some(reason), false);
-        last["kvsift"] = kv_report(&app, &job, &slots);
-        if send(last).await && job.include_usage {
-            let mut u = chunk(None, None, false);
+        if job.include_usage {
+            let mut u = chunk(0, None, None, false);
             u["choices"] = json!([]);
-            u["usage"] = json!({"prompt_tokens": job.prompt.len(), "completion_tokens": n, "total_tokens": job.prompt.len() + n});
+            u["usage"] = usage(&job, &choices);
             send(u).await;
         }
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
