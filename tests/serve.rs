@@ -258,6 +258,31 @@ fn concurrent_streams_complete_and_a_client_that_leaves_frees_its_pages() {
             assert_eq!(&h.join().unwrap(), want);
         }
     });
+    // /metrics is Prometheus text: every sample line is a name (with
+    // labels), a number; histogram buckets never decrease.
+    let mut r = ureq::get(&format!("{}/metrics", s.base)).call().unwrap();
+    let text = r.body_mut().read_to_string().unwrap();
+    let mut last_bucket: Option<(String, f64)> = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
+        assert!(name.starts_with("kvsift_"), "{line}");
+        if let Some(base) = name
+            .split("_bucket{")
+            .next()
+            .filter(|_| name.contains("_bucket{"))
+        {
+            if let Some((b, v)) = &last_bucket
+                && b == base
+            {
+                assert!(value >= *v, "{line}");
+            }
+            last_bucket = Some((base.to_string(), value));
+        }
+    }
+    assert!(metric(&s, "kvsift_completion_tokens_total") >= (8 * 16 * 2) as f64);
+    assert!(metric(&s, "kvsift_time_to_first_token_seconds_count") >= 16.0);
+    assert!(metric(&s, "kvsift_inter_token_latency_seconds_count") > 0.0);
     // Leave a long stream after its first chunk.
     let r = agent()
         .post(&format!("{}/v1/completions", s.base))

@@ -174,6 +174,7 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     ] {
         out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
     }
+    app.metrics.render(&mut out);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -546,6 +547,10 @@ async fn generate(app: Arc<App>, headers: HeaderMap, body: Bytes, chat: bool) ->
         Err(r) => return r,
     };
     let id = ids[0];
+    app.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    app.metrics
+        .prompt_tokens
+        .fetch_add((job.prompt.len() * ids.len()) as u64, Ordering::Relaxed);
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

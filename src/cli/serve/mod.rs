@@ -6,6 +6,7 @@
 
 mod api;
 mod kv;
+mod metrics;
 mod respond;
 
 use std::net::SocketAddr;
@@ -59,6 +60,7 @@ pub(crate) struct App {
     pub in_flight: AtomicUsize,
     pub max_queue: usize,
     pub created: u64,
+    pub metrics: metrics::Metrics,
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
@@ -102,6 +104,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        metrics: metrics::Metrics::new(),
     });
     let router = Router::new()
         .route("/health", get(api::health))

@@ -107,6 +107,9 @@ struct Choice<'t> {
     /// A stop string ended it; the engine's confirmation is awaited.
     stopping: bool,
     done: bool,
+    /// When the request was accepted, and when its last token came.
+    start: std::time::Instant,
+    last: Option<std::time::Instant>,
 }
 
 impl<'t> Choice<'t> {
@@ -122,13 +125,29 @@ impl<'t> Choice<'t> {
             slots: None,
             stopping: false,
             done: false,
+            start: std::time::Instant::now(),
+            last: None,
         }
+    }
+
+    /// A token arrived: the latency figures.
+    fn timing(&mut self, metrics: &super::metrics::Metrics) {
+        let now = std::time::Instant::now();
+        match self.last {
+            None => metrics.time_to_first_token.observe(now - self.start),
+            Some(t) => metrics.inter_token.observe(now - t),
+        }
+        self.last = Some(now);
+        metrics
+            .completion_tokens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// What an event adds to the shown text (None: nothing new), and
     /// whether it failed the request (its message).
     fn on(
         &mut self,
+        metrics: &super::metrics::Metrics,
         ev: Event,
         slots: Option<Vec<usize>>,
         cancel: impl FnOnce(),
@@ -136,6 +155,7 @@ impl<'t> Choice<'t> {
         match ev {
             Event::Token { token, .. } if !self.stopping => {
                 self.tokens += 1;
+                self.timing(metrics);
                 match self.text.push(token) {
                     Ok(t) => Ok((!t.is_empty()).then_some(t)),
                     Err(t) => {
@@ -190,7 +210,7 @@ pub(super) async fn whole(
             break;
         };
         let id = ids[i];
-        match choices[i].on(ev, s, || app.svc.cancel(id)) {
+        match choices[i].on(&app.metrics, ev, s, || app.svc.cancel(id)) {
             Ok(Some(t)) => outs[i].push_str(&t),
             Ok(None) => {}
             Err(e) => {
@@ -286,7 +306,7 @@ pub(super) fn stream(
                 break;
             };
             let id = ids[i];
-            match choices[i].on(ev, s, || app.svc.cancel(id)) {
+            match choices[i].on(&app.metrics, ev, s, || app.svc.cancel(id)) {
                 Ok(Some(t)) => alive = send(chunk(i, Some(&t), None, false)).await,
                 Ok(None) => {}
                 Err(e) => {
