@@ -26,8 +26,12 @@ impl Drop for Server {
 
 /// Starts `kvsift serve` on a free loopback port and waits for /health.
 fn server(extra: &[&str]) -> Server {
+    server_for(TINY, extra)
+}
+
+fn server_for(model: &str, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvsift"))
-        .args(["serve", "--model", TINY, "--port", "0"])
+        .args(["serve", "--model", model, "--port", "0"])
         .args(extra)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stderr(Stdio::piped())
@@ -455,4 +459,52 @@ fn n_choices_are_the_requests_with_consecutive_seeds() {
     }
     let (status, _) = post(&s, "/v1/completions", body(0, 5));
     assert_eq!(status, 400);
+}
+
+/// A template whose generation prompt opens `<think>` (as DeepSeek-R1's and
+/// Qwen3's do): the answer goes to `reasoning_content` until `</think>`
+/// (this random model never writes it), whole and streamed alike.
+#[test]
+fn a_think_block_opened_by_the_template_goes_to_reasoning_content() {
+    if kvsift::testing::gpu().is_none() {
+        return;
+    }
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(TINY);
+    let dir = std::env::temp_dir().join(format!("kvsift-think-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let p = f.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = dir.join("tokenizer_config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let t = cfg["chat_template"].as_str().unwrap().to_string();
+    cfg["chat_template"] = json!(format!(
+        "{t}{{% if add_generation_prompt %}}<think>\n{{% endif %}}"
+    ));
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let s = server_for(dir.to_str().unwrap(), &[]);
+    let body = json!({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16, "temperature": 0});
+    let (status, j) = post(&s, "/v1/chat/completions", body.clone());
+    assert_eq!(status, 200, "{j}");
+    let m = &j["choices"][0]["message"];
+    assert_eq!(m["content"], "", "{j}");
+    let reasoning = m["reasoning_content"].as_str().unwrap().to_string();
+    assert!(!reasoning.is_empty());
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let chunks = stream(&s, "/v1/chat/completions", streamed);
+    let r: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str())
+        .collect();
+    let c: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(r, reasoning);
+    assert_eq!(c, "");
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -251,6 +251,8 @@ pub async fn detokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: B
 const MAX_CHOICES: usize = 16;
 
 pub(super) struct Job {
+    /// A chat whose template's generation prompt opens a `<think>` block.
+    pub(super) opens_think: bool,
     /// Choices to generate (each its own engine request; seeds seed, seed + 1, ...).
     pub(super) n: usize,
     pub(super) prompt: Vec<u32>,
@@ -315,6 +317,7 @@ fn content_text(c: &Value, i: usize) -> Result<String, Response> {
 }
 
 fn job(app: &App, v: &Value, chat: bool) -> Result<Job, Response> {
+    let mut opens_think = false;
     let prompt = if chat {
         let msgs = v
             .get("messages")
@@ -339,6 +342,7 @@ fn job(app: &App, v: &Value, chat: bool) -> Result<Job, Response> {
             .tokenizer
             .apply_chat_template(&messages, true)
             .map_err(|e| bad(format!("messages: {e}")))?;
+        opens_think = text.trim_end().ends_with("<think>");
         app.tokenizer
             .encode(&text, false)
             .map_err(|e| bad(format!("messages: {e}")))?
@@ -427,6 +431,7 @@ fn job(app: &App, v: &Value, chat: bool) -> Result<Job, Response> {
         .and_then(Value::as_bool)
         .unwrap_or(false);
     Ok(Job {
+        opens_think,
         n: n as usize,
         prompt,
         max_tokens,

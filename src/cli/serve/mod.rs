@@ -8,6 +8,7 @@ mod api;
 mod kv;
 mod metrics;
 mod respond;
+mod think;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 use super::App;
 use super::api::{Events, InFlight, Job, error};
+use super::think::Think;
 
 /// Text as it grows, held back while it could be the start of a stop string.
 struct Text<'t> {
@@ -205,12 +206,19 @@ pub(super) async fn whole(
 ) -> Response {
     let mut choices: Vec<Choice> = ids.iter().map(|_| Choice::new(&app, &job.stop)).collect();
     let mut outs = vec![String::new(); ids.len()];
+    let mut thinks: Vec<Think> = ids.iter().map(|_| Think::new(job.opens_think)).collect();
+    let mut reasoning = vec![String::new(); ids.len()];
     while choices.iter().any(|c| !c.done) {
         let Some((i, ev, s)) = rx.recv().await else {
             break;
         };
         let id = ids[i];
         match choices[i].on(&app.metrics, ev, s, || app.svc.cancel(id)) {
+            Ok(Some(t)) if chat => {
+                let (r, c) = thinks[i].push(&t);
+                reasoning[i].push_str(&r);
+                outs[i].push_str(&c);
+            }
             Ok(Some(t)) => outs[i].push_str(&t),
             Ok(None) => {}
             Err(e) => {
@@ -226,13 +234,22 @@ pub(super) async fn whole(
             }
         }
     }
+    for (i, t) in thinks.iter_mut().enumerate() {
+        let (r, c) = t.finish();
+        reasoning[i].push_str(&r);
+        outs[i].push_str(&c);
+    }
     let list: Vec<Value> = choices
         .iter()
         .zip(&outs)
         .enumerate()
         .map(|(i, (c, out))| {
             if chat {
-                json!({"index": i, "message": {"role": "assistant", "content": out}, "finish_reason": c.reason, "logprobs": null})
+                let mut message = json!({"role": "assistant", "content": out});
+                if !reasoning[i].is_empty() {
+                    message["reasoning_content"] = json!(reasoning[i]);
+                }
+                json!({"index": i, "message": message, "finish_reason": c.reason, "logprobs": null})
             } else {
                 json!({"index": i, "text": out, "finish_reason": c.reason, "logprobs": null})
             }
@@ -274,6 +291,7 @@ pub(super) fn stream(
                 if let Some(t) = delta {
                     d.insert("content".into(), t.into());
                 }
+
                 json!({"index": i, "delta": d, "finish_reason": reason, "logprobs": null})
             } else {
                 json!({"index": i, "text": delta.unwrap_or(""), "finish_reason": reason, "logprobs": null})
@@ -286,6 +304,15 @@ pub(super) fn stream(
                 "choices": [choice],
             })
         };
+        let reasoning_chunk = |i: usize, r: &str| -> Value {
+            json!({
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": app.model_name,
+                "choices": [{"index": i, "delta": {"reasoning_content": r}, "finish_reason": null, "logprobs": null}],
+            })
+        };
         let send = |v: Value| {
             let tx = tx.clone();
             async move {
@@ -295,6 +322,7 @@ pub(super) fn stream(
             }
         };
         let mut choices: Vec<Choice> = ids.iter().map(|_| Choice::new(&app, &job.stop)).collect();
+        let mut thinks: Vec<Think> = ids.iter().map(|_| Think::new(job.opens_think)).collect();
         let mut alive = true;
         if chat {
             for i in 0..ids.len() {
@@ -307,11 +335,29 @@ pub(super) fn stream(
             };
             let id = ids[i];
             match choices[i].on(&app.metrics, ev, s, || app.svc.cancel(id)) {
+                Ok(Some(t)) if chat => {
+                    let (r, c) = thinks[i].push(&t);
+                    if !r.is_empty() {
+                        alive = send(reasoning_chunk(i, &r)).await;
+                    }
+                    if alive && !c.is_empty() {
+                        alive = send(chunk(i, Some(&c), None, false)).await;
+                    }
+                }
                 Ok(Some(t)) => alive = send(chunk(i, Some(&t), None, false)).await,
                 Ok(None) => {}
                 Err(e) => {
                     let body = json!({"error": {"message": e, "type": "server_error", "code": "generation_failed"}});
                     alive = send(body).await;
+                }
+            }
+            if alive && choices[i].done && chat {
+                let (r, c) = thinks[i].finish();
+                if !r.is_empty() {
+                    alive = send(reasoning_chunk(i, &r)).await;
+                }
+                if alive && !c.is_empty() {
+                    alive = send(chunk(i, Some(&c), None, false)).await;
                 }
             }
             if alive && choices[i].done {
