@@ -480,8 +480,9 @@ fn a_think_block_opened_by_the_template_goes_to_reasoning_content() {
     let mut cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     let t = cfg["chat_template"].as_str().unwrap().to_string();
+    // Qwen3's rule: thinking unless enable_thinking is false.
     cfg["chat_template"] = json!(format!(
-        "{t}{{% if add_generation_prompt %}}<think>\n{{% endif %}}"
+        "{t}{{% if add_generation_prompt and (enable_thinking is not defined or enable_thinking) %}}<think>\n{{% endif %}}"
     ));
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let s = server_for(dir.to_str().unwrap(), &[]);
@@ -505,6 +506,14 @@ fn a_think_block_opened_by_the_template_goes_to_reasoning_content() {
         .collect();
     assert_eq!(r, reasoning);
     assert_eq!(c, "");
+    // chat_template_kwargs reach the template: no thinking, a plain answer.
+    let off = json!({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16,
+        "temperature": 0, "chat_template_kwargs": {"enable_thinking": false}});
+    let (status, j) = post(&s, "/v1/chat/completions", off);
+    assert_eq!(status, 200, "{j}");
+    let m = &j["choices"][0]["message"];
+    assert!(m.get("reasoning_content").is_none(), "{j}");
+    assert!(!m["content"].as_str().unwrap().is_empty(), "{j}");
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -142,6 +142,18 @@ impl TextTokenizer {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.apply_chat_template_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// [`TextTokenizer::apply_chat_template`] with extra template variables
+    /// (`chat_template_kwargs`, e.g. `enable_thinking`); the standard ones
+    /// (`messages`, `add_generation_prompt`, `bos_token`, `eos_token`) win.
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, Value>,
+    ) -> Result<String> {
         let template = self
             .chat_template
             .as_deref()
@@ -174,12 +186,36 @@ impl TextTokenizer {
         env.add_function("strftime_now", strftime_now);
         env.add_template("chat", template)
             .map_err(|e| terr(format!("chat template does not parse: {e}")))?;
-        let ctx = minijinja::context! {
-            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
-        };
+        let mut vars: std::collections::BTreeMap<String, minijinja::Value> = extra
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    minijinja::Value::from(minijinja::value::Serde(v)),
+                )
+            })
+            .collect();
+        for (k, v) in [
+            (
+                "messages",
+                minijinja::Value::from(minijinja::value::Serde(messages)),
+            ),
+            (
+                "add_generation_prompt",
+                minijinja::Value::from(add_generation_prompt),
+            ),
+            (
+                "bos_token",
+                minijinja::Value::from(self.bos_token.clone().unwrap_or_default()),
+            ),
+            (
+                "eos_token",
+                minijinja::Value::from(self.eos_token.clone().unwrap_or_default()),
+            ),
+        ] {
+            vars.insert(k.to_string(), v);
+        }
+        let ctx = minijinja::Value::from(vars);
         let mut out = BoundedText::default();
         let rendered = env
             .get_template("chat")

@@ -338,9 +338,14 @@ fn job(app: &App, v: &Value, chat: bool) -> Result<Job, Response> {
                 content,
             });
         }
+        let kwargs = match v.get("chat_template_kwargs") {
+            None | Some(Value::Null) => serde_json::Map::new(),
+            Some(Value::Object(m)) => m.clone(),
+            Some(_) => return Err(bad("chat_template_kwargs: must be an object")),
+        };
         let text = app
             .tokenizer
-            .apply_chat_template(&messages, true)
+            .apply_chat_template_with(&messages, true, &kwargs)
             .map_err(|e| bad(format!("messages: {e}")))?;
         opens_think = text.trim_end().ends_with("<think>");
         app.tokenizer
