@@ -52,6 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (name, text, compression) in &prompts {
         let id = engine.add_request(Request {
             compression: compression.clone(),
+            logprobs: None,
             ..Request::greedy(tokenizer.encode(text, true)?, 48)
         })?;
         streams.push((id, *name, TextStream::new(&tokenizer)));
@@ -81,7 +82,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Event::Failed { id, error } => {
                     return Err(format!("request {id} failed: {error}").into());
                 }
-                Event::Preempted { .. } | Event::Logits { .. } => {}
+                Event::Preempted { .. } | Event::Logits { .. } | Event::Logprobs { .. } => {}
             }
         }
     }

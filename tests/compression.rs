@@ -136,6 +136,7 @@ fn pages_during(e: &mut Engine, prompt: Vec<u32>, max_tokens: usize) -> Vec<(usi
         sampling: SamplingParams::greedy(),
         stop_ids: vec![],
         compression: None,
+        logprobs: None,
     })
     .unwrap();
     let mut seen = vec![];

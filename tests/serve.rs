@@ -109,6 +109,14 @@ fn stream(s: &Server, path: &str, body: Value) -> Vec<Value> {
 
 /// `kvsift generate`'s greedy text for the prompt, with extra flags.
 fn generate(flags: &[&str], max_tokens: usize) -> String {
+    generate_json(flags, max_tokens)["text"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `kvsift generate --json` for the prompt, greedy, with extra flags.
+fn generate_json(flags: &[&str], max_tokens: usize) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_kvsift"))
         .args([
             "generate",
@@ -129,8 +137,7 @@ fn generate(flags: &[&str], max_tokens: usize) -> String {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
-    j["text"].as_str().unwrap().to_string()
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn metric(s: &Server, name: &str) -> f64 {
@@ -215,12 +222,29 @@ fn per_request_kv_equals_generate_with_the_same_flags() {
         ),
         (json!({"method": "none"}), vec![]),
     ] {
-        let want = generate(&flags, 40);
+        let want = generate_json(&flags, 40);
         let body = json!({"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "kv": kv});
         let (status, j) = post(&s, "/v1/completions", body);
         assert_eq!(status, 200, "{j}");
-        assert_eq!(j["choices"][0]["text"], want.as_str(), "kv {kv}");
-        assert!(j["kvsift"]["kv_slots_per_layer"].is_array(), "{j}");
+        assert_eq!(j["choices"][0]["text"], want["text"], "kv {kv}");
+        // The request's own figures are what the engine counted for it
+        // alone in `generate` (engine-wide there: one request).
+        let ext = &j["kvsift"];
+        assert_eq!(
+            ext["kv_slots_per_layer"], want["kv_slots_per_layer"],
+            "kv {kv}"
+        );
+        let engine = &want["kv"];
+        let passes = engine["compression"]["passes"].as_u64().unwrap_or(0);
+        assert_eq!(ext["compression_passes"], passes, "kv {kv}: {ext}");
+        let dropped = engine["compression"]["slots_dropped"].as_u64().unwrap_or(0);
+        assert_eq!(ext["slots_dropped"], dropped, "kv {kv}: {ext}");
+        let peak = engine["peak_pages_in_use"].as_u64().unwrap()
+            * engine["pool"]["page_bytes"].as_u64().unwrap();
+        assert_eq!(ext["peak_kv_bytes"], peak, "kv {kv}: {ext}");
+        if kv["method"] != "none" {
+            assert!(passes > 0 && dropped > 0, "kv {kv}: {want}");
+        }
     }
     assert!(metric(&s, "kvsift_compression_passes_total") > 0.0);
 }
@@ -516,4 +540,97 @@ fn a_think_block_opened_by_the_template_goes_to_reasoning_content() {
     assert!(!m["content"].as_str().unwrap().is_empty(), "{j}");
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Logprobs in OpenAI's two shapes: completions' parallel lists (one entry
+/// per generated token; greedy picks the most likely, so each token's
+/// logprob is its top alternative's) and chat's entries whose bytes spell
+/// the content, the same whole and streamed.
+#[test]
+fn logprobs_cover_every_token_whole_and_streamed() {
+    if kvsift::testing::gpu().is_none() {
+        return;
+    }
+    let s = server(&[]);
+    let body = json!({"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "logprobs": 3});
+    let (status, j) = post(&s, "/v1/completions", body);
+    assert_eq!(status, 200, "{j}");
+    let lp = &j["choices"][0]["logprobs"];
+    let logprobs = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(logprobs.len(), 12, "{lp}");
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 12);
+    assert_eq!(lp["text_offset"][0], 0);
+    for (got, top) in logprobs.iter().zip(lp["top_logprobs"].as_array().unwrap()) {
+        let best = top
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::NEG_INFINITY, f64::max);
+        let got = got.as_f64().unwrap();
+        assert!(got <= 0.0 && (got - best).abs() < 1e-6, "{got} vs {top}");
+    }
+
+    let chat = json!({
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 10, "temperature": 0, "logprobs": true, "top_logprobs": 2,
+    });
+    let (status, j) = post(&s, "/v1/chat/completions", chat.clone());
+    assert_eq!(status, 200, "{j}");
+    let entries = j["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(entries.len(), 10);
+    let bytes: Vec<u8> = entries
+        .iter()
+        .flat_map(|e| {
+            e["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+        })
+        .collect();
+    assert_eq!(
+        String::from_utf8_lossy(&bytes),
+        j["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["top_logprobs"].as_array().unwrap().len() == 2)
+    );
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let chunks = stream(&s, "/v1/chat/completions", streamed);
+    let streamed_entries: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    assert_eq!(streamed_entries, entries);
+
+    for (bad, field) in [
+        (
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (json!({"top_logprobs": 2}), "top_logprobs"),
+        (json!({"logprobs": "yes"}), "logprobs"),
+    ] {
+        let mut body = chat.clone();
+        body.as_object_mut().unwrap().remove("logprobs");
+        body.as_object_mut().unwrap().remove("top_logprobs");
+        body.as_object_mut()
+            .unwrap()
+            .extend(bad.as_object().unwrap().clone());
+        let (status, j) = post(&s, "/v1/chat/completions", body);
+        assert_eq!(status, 400, "{bad}: {j}");
+        assert!(
+            j["error"]["message"].as_str().unwrap().contains(field),
+            "{j}"
+        );
+    }
 }

@@ -154,6 +154,7 @@ pub(super) fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
         sampling: SamplingParams::greedy(),
         stop_ids: vec![],
         compression: None,
+        logprobs: None,
     }
 }
 

@@ -165,6 +165,7 @@ fn run_one(
             sampling: SamplingParams::greedy(),
             stop_ids: stop_ids.clone(),
             compression: None,
+            logprobs: None,
         })?);
     }
     let mut out: Vec<Vec<u32>> = vec![vec![]; items.len()];

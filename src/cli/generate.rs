@@ -134,6 +134,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                 sampling: s,
                 stop_ids: stop_ids.clone(),
                 compression: None,
+                logprobs: None,
             })?;
             by_id.insert(id, outcomes.len());
             outcomes.push(Outcome {
@@ -177,7 +178,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                     outcomes[by_id[&id]].stop = Some(format!("failed: {error}"));
                     failures.push(error);
                 }
-                Event::Logits { .. } => {}
+                Event::Logits { .. } | Event::Logprobs { .. } => {}
             }
         }
     }

@@ -342,7 +342,7 @@ impl Compressor {
         lane: usize,
         tables: &mut SeqTables,
         cfg: &CompressConfig,
-    ) -> Result<bool> {
+    ) -> Result<u64> {
         let before = kv.usage().bytes_in_use;
         let started = std::time::Instant::now();
         let slots_before: usize = tables.slots_per_layer().iter().sum();
@@ -434,6 +434,6 @@ impl Compressor {
         self.stats.slots_dropped += dropped;
         self.stats.bytes_before_last = before;
         self.stats.bytes_after_last = kv.usage().bytes_in_use;
-        Ok(dropped > 0)
+        Ok(dropped)
     }
 }

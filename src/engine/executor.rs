@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use crate::engine::sequence::{Event, Outcome, Parked, Sequence, Swapped};
+use crate::engine::sequence::{Event, Outcome, Parked, Sequence, Swapped, TokenLogprobs};
 use crate::engine::serve::Engine;
 use crate::error::Result;
 use crate::kv::compression::CompressConfig;
@@ -22,6 +22,26 @@ pub(crate) enum Started {
     Resumed,
     /// A replay ran out of pages; it waits again.
     OutOfPages,
+}
+
+/// The events one sampled token's logits give: the logits themselves when
+/// captured, the request's logprobs when it asked.
+fn report_logits(
+    s: &Sequence,
+    token: u32,
+    logits: Vec<f32>,
+    capture: bool,
+    events: &mut Vec<Event>,
+) {
+    if let Some(k) = s.req.logprobs {
+        events.push(Event::Logprobs {
+            id: s.id,
+            logprobs: TokenLogprobs::from_logits(&logits, token, k),
+        });
+    }
+    if capture {
+        events.push(Event::Logits { id: s.id, logits });
+    }
 }
 
 impl Engine<'_> {
@@ -40,12 +60,12 @@ impl Engine<'_> {
             Parked::Fresh => {
                 self.grow_tables(s, s.tokens.len())?;
                 let token = self.prefill(s)?;
-                if self.capture_logits {
+                if self.capture_logits || s.req.logprobs.is_some() {
                     let logits = self
                         .acts
                         .logits
                         .read_range(self.ctx, 0, self.cfg.vocab_size)?;
-                    events.push(Event::Logits { id: s.id, logits });
+                    report_logits(s, token, logits, self.capture_logits, events);
                 }
                 Ok(Started::Token(token))
             }
@@ -172,7 +192,7 @@ impl Engine<'_> {
             self.last_profile = Some(profile);
         }
         if self.compressor.is_some() && s.compression.compresses_after_prefill(upto) {
-            self.compress(s.lane, &mut s.tables, &s.compression)?;
+            self.compress_sequence(s)?;
         }
         Ok(token)
     }
@@ -207,23 +227,32 @@ impl Engine<'_> {
         Ok(true)
     }
 
-    /// Runs the compression pass over the sequence in `lane`, as `cfg` says.
+    /// Runs the compression pass over the tables in `lane`, as `cfg` says;
+    /// the slots it dropped.
     pub(super) fn compress(
         &mut self,
         lane: usize,
         tables: &mut SeqTables,
         cfg: &CompressConfig,
-    ) -> Result<()> {
-        if let Some(c) = self.compressor.as_mut() {
-            c.compress(self.ctx, &mut self.kv, lane, tables, cfg)?;
+    ) -> Result<u64> {
+        match self.compressor.as_mut() {
+            Some(c) => c.compress(self.ctx, &mut self.kv, lane, tables, cfg),
+            None => Ok(0),
         }
+    }
+
+    /// A compression pass over a running sequence, counted in its report.
+    fn compress_sequence(&mut self, s: &mut Sequence) -> Result<()> {
+        s.note_peak();
+        s.slots_dropped += self.compress(s.lane, &mut s.tables, &s.compression)?;
+        s.passes += 1;
         Ok(())
     }
 
     /// The decode schedule's compression after the step that fed position `pos`.
     fn compress_after_decode(&mut self, s: &mut Sequence, pos: usize) -> Result<()> {
         if self.compressor.is_some() && s.compression.compresses_after_decode(pos) {
-            self.compress(s.lane, &mut s.tables, &s.compression)?;
+            self.compress_sequence(s)?;
         }
         Ok(())
     }
@@ -281,14 +310,29 @@ impl Engine<'_> {
         if !profiled {
             self.decode_timing.record(1, start, submitted);
         }
-        if self.capture_logits {
+        // Logits come back only for the rows that asked (the first to the last).
+        let wants = |s: &Sequence| self.capture_logits || s.req.logprobs.is_some();
+        let running = &self.sched.running;
+        if let (Some(first), Some(last)) = (
+            running.iter().position(wants),
+            running.iter().rposition(wants),
+        ) {
             let v = self.cfg.vocab_size;
-            let all = self.acts.logits.read_range(self.ctx, 0, b * v)?;
-            for (s, row) in self.sched.running.iter().zip(all.chunks_exact(v)) {
-                events.push(Event::Logits {
-                    id: s.id,
-                    logits: row.to_vec(),
-                });
+            let rows = self
+                .acts
+                .logits
+                .read_range(self.ctx, first * v, (last + 1 - first) * v)?;
+            for (row, logits) in rows.chunks_exact(v).enumerate() {
+                let r = first + row;
+                if wants(&running[r]) {
+                    report_logits(
+                        &running[r],
+                        tokens[r],
+                        logits.to_vec(),
+                        self.capture_logits,
+                        events,
+                    );
+                }
             }
         }
         Ok(tokens)

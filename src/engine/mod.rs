@@ -25,5 +25,7 @@ pub mod service;
 pub use config::{EngineBuilder, EngineConfig};
 pub use scheduler::Exhaustion;
 pub use score::ScoreOutput;
-pub use sequence::{Event, Request, RequestId, StopReason};
+pub use sequence::{
+    Event, MAX_TOP_LOGPROBS, Request, RequestId, SequenceReport, StopReason, TokenLogprobs,
+};
 pub use serve::{DecodeTiming, Engine, EngineStats};

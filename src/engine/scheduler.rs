@@ -13,7 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use crate::engine::sequence::{
-    Event, NO_LANE, Outcome, Parked, Request, RequestId, Sequence, StopReason,
+    Event, NO_LANE, Outcome, Parked, Request, RequestId, Sequence, SequenceReport, StopReason,
 };
 use crate::error::{Error, Result};
 use crate::kv::compression::CompressConfig;
@@ -71,6 +71,8 @@ pub(crate) struct SchedulerConfig {
     /// Stored heads per layer.
     pub n_heads: usize,
     pub page_size: usize,
+    /// Bytes of one page (every layer's pages are alike).
+    pub page_bytes: u64,
     /// What to tell a user whose request the pool cannot hold.
     pub pool_advice: String,
 }
@@ -103,7 +105,8 @@ pub(crate) struct Scheduler {
     free_lanes: Vec<usize>,
     next_id: RequestId,
     pub preemptions: u64,
-    final_slots: HashMap<RequestId, Vec<usize>>,
+    /// What each request that left did, until taken.
+    reports: HashMap<RequestId, SequenceReport>,
 }
 
 impl Scheduler {
@@ -115,7 +118,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             next_id: 0,
             preemptions: 0,
-            final_slots: HashMap::new(),
+            reports: HashMap::new(),
         }
     }
 
@@ -160,14 +163,29 @@ impl Scheduler {
         }
     }
 
-    /// KV slots a request held per layer when it left.
-    pub fn final_slots(&self, id: RequestId) -> Option<&[usize]> {
-        self.final_slots.get(&id).map(|v| v.as_slice())
+    /// What a request that left did.
+    pub fn report(&self, id: RequestId) -> Option<&SequenceReport> {
+        self.reports.get(&id)
     }
 
-    /// A sequence leaves: its slots are noted, its pages and lane returned.
+    /// What a request that left did, forgotten here.
+    pub fn take_report(&mut self, id: RequestId) -> Option<SequenceReport> {
+        self.reports.remove(&id)
+    }
+
+    /// A sequence leaves: what it did is noted, its pages and lane returned.
     pub fn retire(&mut self, mut s: Sequence, alloc: &mut PageAllocator) {
-        self.final_slots.insert(s.id, s.tables.slots_per_layer());
+        s.note_peak();
+        self.reports.insert(
+            s.id,
+            SequenceReport {
+                slots_per_layer: s.tables.slots_per_layer(),
+                compression_passes: s.passes,
+                slots_dropped: s.slots_dropped,
+                peak_kv_pages: s.peak_pages,
+                peak_kv_bytes: s.peak_pages as u64 * self.cfg.page_bytes,
+            },
+        );
         s.tables.release(alloc);
         if s.lane != NO_LANE {
             self.free_lanes.push(s.lane);
@@ -284,6 +302,7 @@ impl Scheduler {
     /// An admitted sequence that could not start for want of pages (a
     /// replay that ran short) waits again, first in line.
     pub fn requeue(&mut self, mut s: Sequence, alloc: &mut PageAllocator) {
+        s.note_peak();
         s.tables.release(alloc);
         self.free_lanes.push(s.lane);
         s.lane = NO_LANE;
@@ -396,6 +415,7 @@ impl Scheduler {
                 None
             }
         };
+        s.note_peak();
         s.tables.release(alloc);
         self.free_lanes.push(s.lane);
         s.lane = NO_LANE;

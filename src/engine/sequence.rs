@@ -25,7 +25,14 @@ pub struct Request {
     /// from what the engine's forward records (see
     /// [`crate::engine::Engine::add_request`]).
     pub compression: Option<CompressConfig>,
+    /// Also report each sampled token's log-probability and this many of
+    /// the most likely tokens ([`Event::Logprobs`], at most
+    /// [`MAX_TOP_LOGPROBS`]); None: no logprobs (no readback).
+    pub logprobs: Option<usize>,
 }
+
+/// Most alternatives [`Request::logprobs`] may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl Request {
     /// A greedy request for `max_tokens` tokens, no stop tokens.
@@ -36,6 +43,7 @@ impl Request {
             sampling: SamplingParams::greedy(),
             stop_ids: vec![],
             compression: None,
+            logprobs: None,
         }
     }
 }
@@ -93,6 +101,88 @@ pub enum Event {
         id: RequestId,
         logits: Vec<f32>,
     },
+    /// The sampled token's log-probability and the most likely tokens
+    /// (only for a request with [`Request::logprobs`]); it comes just before
+    /// the [`Event::Token`] it describes.
+    Logprobs {
+        id: RequestId,
+        logprobs: TokenLogprobs,
+    },
+}
+
+impl Event {
+    /// The request the event belongs to.
+    pub fn id(&self) -> RequestId {
+        match self {
+            Event::Token { id, .. }
+            | Event::Finished { id, .. }
+            | Event::Preempted { id }
+            | Event::Failed { id, .. }
+            | Event::Logits { id, .. }
+            | Event::Logprobs { id, .. } => *id,
+        }
+    }
+
+    /// Whether it is the request's last event (`Finished` or `Failed`).
+    pub fn ends_request(&self) -> bool {
+        matches!(self, Event::Finished { .. } | Event::Failed { .. })
+    }
+}
+
+/// Log-probabilities under the model's distribution: the log-softmax of the
+/// raw logits, before temperature, penalties and truncation (what vLLM and
+/// OpenAI report), so they do not depend on the sampling settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// The most likely tokens, most likely first (ties: lower id first).
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// From one row of logits: `token`'s log-probability and the `top` most
+    /// likely (log-sum-exp in f64).
+    pub fn from_logits(logits: &[f32], token: u32, top: usize) -> Self {
+        let max = logits
+            .iter()
+            .copied()
+            .filter(|x| x.is_finite())
+            .fold(f32::NEG_INFINITY, f32::max) as f64;
+        let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
+        let lse = max + sum.ln();
+        let lp = |i: usize| (logits[i] as f64 - lse) as f32;
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        let k = top.min(order.len());
+        if k > 0 && k < order.len() {
+            order.select_nth_unstable_by(k - 1, by_logit);
+        }
+        order.truncate(k);
+        order.sort_by(by_logit);
+        Self {
+            token,
+            logprob: logits
+                .get(token as usize)
+                .map_or(f32::NEG_INFINITY, |_| lp(token as usize)),
+            top: order.into_iter().map(|i| (i as u32, lp(i))).collect(),
+        }
+    }
+}
+
+/// What the engine did with one request, kept when it leaves
+/// ([`crate::engine::Engine::report`]).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct SequenceReport {
+    /// KV slots it held per layer when it left (summed over heads).
+    pub slots_per_layer: Vec<usize>,
+    /// Compression passes over its cache.
+    pub compression_passes: u64,
+    /// Slots those passes dropped (summed over layers and heads).
+    pub slots_dropped: u64,
+    /// Most pool pages it held at once, and their bytes.
+    pub peak_kv_pages: usize,
+    pub peak_kv_bytes: u64,
 }
 
 /// One request inside the engine.
@@ -111,6 +201,11 @@ pub(crate) struct Sequence {
     pub parked: Parked,
     /// How its cache is compressed (the request's or the engine's).
     pub compression: CompressConfig,
+    /// Compression passes over its cache and the slots they dropped.
+    pub passes: u64,
+    pub slots_dropped: u64,
+    /// Most pages it held at once (noted before each pass and at the end).
+    pub peak_pages: usize,
 }
 
 pub(crate) const NO_LANE: usize = usize::MAX;
@@ -132,7 +227,15 @@ impl Sequence {
             tables,
             parked: Parked::Fresh,
             req,
+            passes: 0,
+            slots_dropped: 0,
+            peak_pages: 0,
         }
+    }
+
+    /// Notes the pages it holds now toward its peak.
+    pub fn note_peak(&mut self) {
+        self.peak_pages = self.peak_pages.max(self.tables.pages_in_use());
     }
 
     /// Position of the pending token (the next decode step feeds it).
@@ -179,4 +282,32 @@ pub(crate) enum Outcome {
     /// It finished (the Finished event carries why).
     Done,
     Failed(crate::error::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenLogprobs;
+
+    #[test]
+    fn logprobs_are_the_log_softmax_with_the_most_likely_first() {
+        // Probabilities 0.1, 0.2, 0.3, 0.4 (logits shifted: softmax does not care).
+        let logits: Vec<f32> = [1.0f32, 2.0, 3.0, 4.0]
+            .iter()
+            .map(|p| p.ln() + 7.0)
+            .collect();
+        let lp = TokenLogprobs::from_logits(&logits, 2, 2);
+        assert!((lp.logprob - 0.3f32.ln()).abs() < 1e-6, "{lp:?}");
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), [3, 2]);
+        assert!((lp.top[0].1 - 0.4f32.ln()).abs() < 1e-6);
+        // Ties go to the lower id; asking for more than the vocabulary gives it all.
+        let tied = TokenLogprobs::from_logits(&[0.5, 1.0, 1.0, f32::NEG_INFINITY], 3, 9);
+        assert_eq!(
+            tied.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            [1, 2, 0, 3]
+        );
+        assert_eq!(tied.logprob, f32::NEG_INFINITY);
+        assert!(TokenLogprobs::from_logits(&[0.0; 5], 0, 0).top.is_empty());
+        let sum: f64 = tied.top.iter().map(|t| (t.1 as f64).exp()).sum();
+        assert!((sum - 1.0).abs() < 1e-6, "{sum}");
+    }
 }

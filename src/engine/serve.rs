@@ -35,7 +35,9 @@ use crate::engine::config::{
 };
 use crate::engine::executor::Started;
 use crate::engine::scheduler::{Scheduler, SchedulerConfig};
-use crate::engine::sequence::{Event, Parked, Request, RequestId};
+use crate::engine::sequence::{
+    Event, MAX_TOP_LOGPROBS, Parked, Request, RequestId, SequenceReport,
+};
 use crate::error::{Error, Result};
 use crate::gpu::buffer::ReadbackSlot;
 use crate::gpu::{GpuBuffer, GpuContext, Op};
@@ -255,6 +257,7 @@ impl<'c> Engine<'c> {
             n_layers: cfg.n_layers,
             n_heads: kv.n_heads,
             page_size: kv.layout.page_size,
+            page_bytes: kv.layout.page_bytes() as u64,
             pool_advice: pool_advice(ctx, &kv, cfg.n_layers),
         });
         let mut engine = Engine {
@@ -338,7 +341,20 @@ impl<'c> Engine<'c> {
     /// KV slots a finished (or cancelled) request held per layer when it
     /// left, summed over the layer's heads.
     pub fn final_slots(&self, id: RequestId) -> Option<&[usize]> {
-        self.sched.final_slots(id)
+        self.sched.report(id).map(|r| r.slots_per_layer.as_slice())
+    }
+
+    /// What the engine did with a request that left: its slots at the end,
+    /// its compression passes and the slots they dropped, its peak KV pages
+    /// and bytes. Kept until [`Engine::take_report`] (a long-running caller
+    /// takes each, or they pile up).
+    pub fn report(&self, id: RequestId) -> Option<&SequenceReport> {
+        self.sched.report(id)
+    }
+
+    /// [`Engine::report`], forgotten by the engine.
+    pub fn take_report(&mut self, id: RequestId) -> Option<SequenceReport> {
+        self.sched.take_report(id)
     }
 
     /// KV slots one head of one sequence may hold (`--max-context`): the
@@ -391,6 +407,14 @@ impl<'c> Engine<'c> {
             return Err(too_long(&self.cfg, req.prompt.len() + 1, self.capacity));
         }
         req.sampling.validate()?;
+        if let Some(k) = req.logprobs
+            && k > MAX_TOP_LOGPROBS
+        {
+            return Err(Error::invalid(
+                "logprobs",
+                format!("{k} alternatives: at most {MAX_TOP_LOGPROBS}"),
+            ));
+        }
         let compression = match (&req.compression, &self.compressor) {
             (None, _) => self.config.compression.clone(),
             (Some(c), Some(compressor)) => {
@@ -457,7 +481,9 @@ impl<'c> Engine<'c> {
         self.admit(&mut events);
         // Sequences admitted this step already produced their first token.
         if decoders > 0 {
-            let single = self.capture_logits || self.profile_next;
+            let single = self.capture_logits
+                || self.profile_next
+                || self.sched.running.iter().any(|s| s.req.logprobs.is_some());
             let compressing = self.compressor.is_some();
             let k = self.sched.chain_len(single, |s| {
                 compressing

@@ -10,15 +10,15 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
-use crate::engine::{Engine, EngineConfig, EngineStats, Event, Request, RequestId};
+use crate::engine::{Engine, EngineConfig, EngineStats, Event, Request, RequestId, SequenceReport};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, WeightDtype};
 use crate::model::config::ModelConfig;
 
 /// Where a request's events go (called on the engine's thread; keep it
-/// quick). With the event that ends the request (`Finished`, `Failed`) come
-/// the KV slots it held per layer when it left.
-pub type Sink = Box<dyn FnMut(Event, Option<&[usize]>) + Send>;
+/// quick). With the event that ends the request (`Finished`, `Failed`) comes
+/// its report (slots at the end, compression passes, slots dropped, peak KV).
+pub type Sink = Box<dyn FnMut(Event, Option<SequenceReport>) + Send>;
 
 /// What the service is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,7 +186,7 @@ fn serve(engine: &mut Engine, rx: &mpsc::Receiver<Command>) -> Result<()> {
                             id,
                             reason: crate::engine::StopReason::Cancelled,
                         };
-                        s(ev, engine.final_slots(id));
+                        s(ev, engine.take_report(id));
                     }
                 }
                 Command::Stats(reply) => {
@@ -201,14 +201,10 @@ fn serve(engine: &mut Engine, rx: &mpsc::Receiver<Command>) -> Result<()> {
         }
         if engine.has_work() {
             for ev in engine.step()? {
-                let (id, last) = match &ev {
-                    Event::Token { id, .. }
-                    | Event::Preempted { id }
-                    | Event::Logits { id, .. } => (*id, false),
-                    Event::Finished { id, .. } | Event::Failed { id, .. } => (*id, true),
-                };
+                let (id, last) = (ev.id(), ev.ends_request());
+                let report = if last { engine.take_report(id) } else { None };
                 if let Some(s) = sinks.get_mut(&id) {
-                    s(ev, if last { engine.final_slots(id) } else { None });
+                    s(ev, report);
                 }
                 if last {
                     sinks.remove(&id);

@@ -122,6 +122,33 @@ impl TextTokenizer {
             .map_err(|e| self.err(e))
     }
 
+    /// The bytes token `id` stands for: what it adds to the text, even when
+    /// that is part of a UTF-8 character (a byte-level BPE piece, a
+    /// `<0xHH>` byte-fallback piece); added tokens give their text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let decoded = || self.decode(&[id], false).unwrap_or_default().into_bytes();
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return vec![];
+        };
+        if self.inner.get_added_tokens_decoder().contains_key(&id) {
+            return decoded();
+        }
+        if let Some(hex) = piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>'))
+            && hex.len() == 2
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+        {
+            return vec![b];
+        }
+        if matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        ) && let Some(bytes) = piece.chars().map(byte_of_char).collect::<Option<Vec<u8>>>()
+        {
+            return bytes;
+        }
+        decoded()
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
@@ -318,9 +345,60 @@ fn strftime_now(format: String) -> String {
         .replace("%S", &format!("{:02}", rem % 60))
 }
 
+/// The byte a byte-level BPE character stands for (GPT-2's table: the
+/// printable bytes map to themselves, the other 68 to U+0100 onward, in
+/// byte order). The tokenizers crate keeps its copy private.
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let c = c as u32;
+    if c < 0x100 {
+        return printable(c as u8).then_some(c as u8);
+    }
+    (0..=255u8)
+        .filter(|&b| !printable(b))
+        .nth((c - 0x100) as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_level_table_is_a_bijection_onto_bytes() {
+        let mut seen = [false; 256];
+        for c in (0x21u32..0x1A0).filter_map(char::from_u32) {
+            if let Some(b) = byte_of_char(c) {
+                assert!(!seen[b as usize], "{c:?} maps to {b} twice");
+                seen[b as usize] = true;
+            }
+        }
+        assert!(seen.iter().all(|&s| s), "every byte has a character");
+        assert_eq!(byte_of_char('Ġ'), Some(b' '));
+        assert_eq!(byte_of_char('Ċ'), Some(b'\n'));
+        assert_eq!(byte_of_char('a'), Some(b'a'));
+    }
+
+    #[test]
+    fn token_bytes_rebuild_the_text_byte_for_byte() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        for model in ["tiny-llama", "tiny-qwen3", "tiny-reasoner"] {
+            let t = TextTokenizer::load(&dir.join(model)).unwrap();
+            for text in [
+                "héllo wörld, naïve café",
+                "snow ☃ and crab 🦀!",
+                "a\n\tb  c",
+            ] {
+                let ids = t.encode(text, false).unwrap();
+                let bytes: Vec<u8> = ids.iter().flat_map(|&id| t.token_bytes(id)).collect();
+                let back = t.decode(&ids, false).unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&bytes),
+                    back,
+                    "{model}: {text:?} -> {ids:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn strftime_formats_a_plausible_date() {

@@ -81,6 +81,7 @@ fn requests_with_their_own_compression_generate_as_alone() {
         .enumerate()
         .map(|(i, c)| Request {
             compression: c.clone(),
+            logprobs: None,
             ..greedy(prompt(i as u32 + 1, 20 + 3 * i), 30)
         })
         .collect();
@@ -97,6 +98,7 @@ fn requests_with_their_own_compression_generate_as_alone() {
         let mut alone = engine(ctx, "tiny-llama", config(alone_cfg));
         let single = Request {
             compression: None,
+            logprobs: None,
             ..r.clone()
         };
         let (tokens, _) = run(&mut alone, &[single]);
@@ -117,6 +119,7 @@ fn requests_with_their_own_compression_generate_as_alone() {
     ] {
         let r = Request {
             compression: Some(bad),
+            logprobs: None,
             ..greedy(prompt(1, 9), 3)
         };
         let err = e.add_request(r).unwrap_err().to_string();
@@ -126,6 +129,7 @@ fn requests_with_their_own_compression_generate_as_alone() {
     let mut plain = engine(ctx, "tiny-llama", EngineConfig::default());
     let r = Request {
         compression: Some(base),
+        logprobs: None,
         ..greedy(prompt(1, 9), 3)
     };
     let err = plain.add_request(r).unwrap_err().to_string();

@@ -1,7 +1,8 @@
 //! The paged, batched engine: the same logits as the CPU reference forward
 //! (itself held to transformers by tests/golden.rs), batched sequences as if alone, page reuse, fragmentation,
 //! pool exhaustion (swap and replay exact for every method), and failures
-//! (non-finite logits, a GPU error at any point) that end requests cleanly.
+//! (non-finite logits, a GPU error at any point) that end requests cleanly,
+//! and what a request reports (logprobs, its compression and peak KV).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -82,6 +83,7 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
         sampling: SamplingParams::greedy(),
         stop_ids: vec![],
         compression: None,
+        logprobs: None,
     }
 }
 
@@ -96,16 +98,7 @@ fn pool_of_pages(pages: u64) -> PoolConfig {
 }
 
 fn events_of(events: &[Event], id: u64) -> Vec<&Event> {
-    events
-        .iter()
-        .filter(|e| match e {
-            Event::Token { id: i, .. }
-            | Event::Finished { id: i, .. }
-            | Event::Preempted { id: i }
-            | Event::Failed { id: i, .. }
-            | Event::Logits { id: i, .. } => *i == id,
-        })
-        .collect()
+    events.iter().filter(|e| e.id() == id).collect()
 }
 
 /// The full cache, then every method and schedule the engine runs
@@ -120,3 +113,4 @@ mod batching;
 mod compression;
 mod exhaustion;
 mod failures;
+mod reports;

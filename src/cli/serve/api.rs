@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kvsift::engine::service::ServiceState;
-use kvsift::engine::{Event, Request};
+use kvsift::engine::{Event, Request, SequenceReport};
 use kvsift::kv::compression::CompressConfig;
 use kvsift::model::Message;
 use serde_json::{Value, json};
@@ -262,6 +262,38 @@ pub(super) struct Job {
     pub(super) compression: Option<CompressConfig>,
     pub(super) stream: bool,
     pub(super) include_usage: bool,
+    /// Alternatives per token when logprobs are asked for.
+    pub(super) logprobs: Option<usize>,
+}
+
+/// What logprobs a request asks for: chat's `logprobs: true` with
+/// `top_logprobs` alternatives, or completions' `logprobs: N`.
+fn logprobs(v: &Value, chat: bool) -> Result<Option<usize>, Response> {
+    let most = kvsift::engine::MAX_TOP_LOGPROBS as u64;
+    let check = |k: &str, n: u64| {
+        if n > most {
+            Err(bad(format!("{k}: {n}, expected 0 to {most}")))
+        } else {
+            Ok(n as usize)
+        }
+    };
+    if chat {
+        let on = field_bool(v, "logprobs")?.unwrap_or(false);
+        let top = field_u64(v, "top_logprobs")?;
+        match (on, top) {
+            (false, Some(_)) => Err(bad("top_logprobs: needs logprobs: true")),
+            (false, None) => Ok(None),
+            (true, top) => Ok(Some(check("top_logprobs", top.unwrap_or(0))?)),
+        }
+    } else {
+        match v.get("logprobs") {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => match x.as_u64() {
+                Some(n) => Ok(Some(check("logprobs", n)?)),
+                None => Err(bad("logprobs: must be an integer from 0 to 20")),
+            },
+        }
+    }
 }
 
 fn field_f64(v: &Value, k: &str) -> Result<Option<f64>, Response> {
@@ -383,12 +415,7 @@ fn job(app: &App, v: &Value, chat: bool) -> Result<Job, Response> {
     if !(1..=MAX_CHOICES as u64).contains(&n) {
         return Err(bad(format!("n: {n}, expected 1 to {MAX_CHOICES}")));
     }
-    if field_bool(v, "logprobs")? == Some(true)
-        || v.get("logprobs").is_some_and(Value::is_u64)
-        || v.get("top_logprobs").is_some_and(|x| !x.is_null())
-    {
-        return Err(bad("logprobs: not supported yet"));
-    }
+    let logprobs = logprobs(v, chat)?;
     let max_tokens = field_u64(v, "max_completion_tokens")?
         .or(field_u64(v, "max_tokens")?)
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
@@ -445,6 +472,7 @@ fn job(app: &App, v: &Value, chat: bool) -> Result<Job, Response> {
         compression,
         stream,
         include_usage,
+        logprobs,
     })
 }
 
@@ -457,8 +485,8 @@ impl Drop for InFlight {
     }
 }
 
-/// Each choice's events: (choice index, event, KV slots per layer at its end).
-pub(super) type Events = mpsc::UnboundedReceiver<(usize, Event, Option<Vec<usize>>)>;
+/// Each choice's events: (choice index, event, its report with the last).
+pub(super) type Events = mpsc::UnboundedReceiver<(usize, Event, Option<SequenceReport>)>;
 
 /// Queues the job's choices on the engine; their ids and events.
 async fn submit(app: &Arc<App>, job: &Job) -> Result<(Vec<u64>, Events), Response> {
@@ -485,10 +513,11 @@ async fn submit(app: &Arc<App>, job: &Job) -> Result<(Vec<u64>, Events), Respons
             sampling,
             stop_ids: app.stop_ids.clone(),
             compression: job.compression.clone(),
+            logprobs: job.logprobs,
         };
         let tx = tx.clone();
-        let sink: kvsift::engine::service::Sink = Box::new(move |ev, slots: Option<&[usize]>| {
-            let _ = tx.send((i, ev, slots.map(<[usize]>::to_vec)));
+        let sink: kvsift::engine::service::Sink = Box::new(move |ev, report| {
+            let _ = tx.send((i, ev, report));
         });
         let a = app.clone();
         let added = tokio::task::spawn_blocking(move || a.svc.add(req, sink))

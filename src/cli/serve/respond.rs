@@ -12,7 +12,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use kvsift::engine::{Event, StopReason};
+use kvsift::engine::{Event, SequenceReport, StopReason, TokenLogprobs};
 use kvsift::model::TextStream;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -78,25 +78,73 @@ fn finish_reason(r: StopReason) -> &'static str {
     }
 }
 
-/// The extension object: what compression did to this request (its
-/// choices' slots when it has several).
-fn kv_report(app: &App, job: &Job, slots: &[Option<Vec<usize>>]) -> Value {
+/// The extension object: what compression did to this request (its first
+/// choice's figures; every choice's too when it has several).
+fn kv_report(app: &App, job: &Job, reports: &[Option<SequenceReport>]) -> Value {
     let cfg = job.compression.as_ref().unwrap_or(&app.compression);
-    let first = slots.first().cloned().flatten();
-    let layers = first.as_ref().map_or(0, Vec::len).max(1);
+    let first = reports.first().cloned().flatten();
+    let slots = first.as_ref().map(|r| r.slots_per_layer.clone());
+    let layers = slots.as_ref().map_or(0, Vec::len).max(1);
     let mut v = json!({
         "kv": {
             "method": cfg.method.name(),
             "budget": cfg.method.policy().compresses().then_some(cfg.budget),
         },
-        "kv_slots_per_layer": first,
-        "kv_slots_total": first.as_ref().map(|s| s.iter().sum::<usize>()),
-        "kv_slots_per_layer_mean": first.as_ref().map(|s| s.iter().sum::<usize>() as f64 / layers as f64),
+        "kv_slots_total": slots.as_ref().map(|s| s.iter().sum::<usize>()),
+        "kv_slots_per_layer_mean": slots.as_ref().map(|s| s.iter().sum::<usize>() as f64 / layers as f64),
+        "kv_slots_per_layer": slots,
+        "compression_passes": first.as_ref().map(|r| r.compression_passes),
+        "slots_dropped": first.as_ref().map(|r| r.slots_dropped),
+        "peak_kv_bytes": first.as_ref().map(|r| r.peak_kv_bytes),
+        "peak_kv_pages": first.as_ref().map(|r| r.peak_kv_pages),
     });
-    if slots.len() > 1 {
-        v["kv_slots_per_layer_by_choice"] = json!(slots);
+    if reports.len() > 1 {
+        v["by_choice"] = json!(reports);
     }
     v
+}
+
+/// A token's text as the logprobs show it, and its UTF-8 bytes.
+fn token_text(app: &App, id: u32) -> (String, Vec<u8>) {
+    let bytes = app.tokenizer.token_bytes(id);
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+/// Logprobs in OpenAI's shape: chat's `{"content": [...]}`, or completions'
+/// parallel lists (`text_offset` counts characters from `offset`, which
+/// moves past these tokens).
+fn logprobs_json(app: &App, lps: &[TokenLogprobs], chat: bool, offset: &mut usize) -> Value {
+    if chat {
+        let entry = |id: u32, lp: f32| {
+            let (token, bytes) = token_text(app, id);
+            json!({"token": token, "logprob": lp, "bytes": bytes})
+        };
+        let content: Vec<Value> = lps
+            .iter()
+            .map(|t| {
+                let mut e = entry(t.token, t.logprob);
+                e["top_logprobs"] = t.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+                e
+            })
+            .collect();
+        return json!({"content": content, "refusal": null});
+    }
+    let (mut tokens, mut logprobs, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+    for t in lps {
+        let (text, _) = token_text(app, t.token);
+        offsets.push(*offset);
+        *offset += text.chars().count();
+        tokens.push(text);
+        logprobs.push(t.logprob);
+        // Tokens whose texts coincide (pieces of one character) share a
+        // key: the most likely keeps it.
+        let mut top = serde_json::Map::new();
+        for &(id, lp) in &t.top {
+            top.entry(token_text(app, id).0).or_insert(json!(lp));
+        }
+        tops.push(Value::Object(top));
+    }
+    json!({"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets})
 }
 
 /// One choice (one engine request) as its events arrive.
@@ -104,7 +152,12 @@ struct Choice<'t> {
     text: Text<'t>,
     tokens: usize,
     reason: &'static str,
-    slots: Option<Vec<usize>>,
+    report: Option<SequenceReport>,
+    /// Logprobs of its tokens (when asked), and how many were sent.
+    logprobs: Vec<TokenLogprobs>,
+    logprobs_sent: usize,
+    /// Characters of text the sent logprobs covered (completions' `text_offset`).
+    text_offset: usize,
     /// A stop string ended it; the engine's confirmation is awaited.
     stopping: bool,
     done: bool,
@@ -114,6 +167,11 @@ struct Choice<'t> {
 }
 
 impl<'t> Choice<'t> {
+    /// One per choice of the job.
+    fn all(app: &'t App, job: &'t Job, n: usize) -> Vec<Self> {
+        (0..n).map(|_| Self::new(app, &job.stop)).collect()
+    }
+
     fn new(app: &'t App, stop: &'t [String]) -> Self {
         Self {
             text: Text {
@@ -123,7 +181,10 @@ impl<'t> Choice<'t> {
             },
             tokens: 0,
             reason: "stop",
-            slots: None,
+            report: None,
+            logprobs: vec![],
+            logprobs_sent: 0,
+            text_offset: 0,
             stopping: false,
             done: false,
             start: std::time::Instant::now(),
@@ -150,10 +211,14 @@ impl<'t> Choice<'t> {
         &mut self,
         metrics: &super::metrics::Metrics,
         ev: Event,
-        slots: Option<Vec<usize>>,
+        report: Option<SequenceReport>,
         cancel: impl FnOnce(),
     ) -> Result<Option<String>, String> {
         match ev {
+            Event::Logprobs { logprobs, .. } if !self.stopping => {
+                self.logprobs.push(logprobs);
+                Ok(None)
+            }
             Event::Token { token, .. } if !self.stopping => {
                 self.tokens += 1;
                 self.timing(metrics);
@@ -169,7 +234,7 @@ impl<'t> Choice<'t> {
             }
             Event::Finished { reason, .. } => {
                 self.done = true;
-                self.slots = slots;
+                self.report = report;
                 if self.stopping {
                     return Ok(None);
                 }
@@ -179,12 +244,23 @@ impl<'t> Choice<'t> {
             }
             Event::Failed { error, .. } => {
                 self.done = true;
-                self.slots = slots;
+                self.report = report;
                 self.reason = "error";
                 Err(error)
             }
             _ => Ok(None),
         }
+    }
+}
+
+impl Choice<'_> {
+    /// The logprobs not sent yet, in OpenAI's shape (None: not asked for).
+    fn unsent_logprobs(&mut self, app: &App, job: &Job, chat: bool) -> Value {
+        if job.logprobs.is_none() {
+            return Value::Null;
+        }
+        let from = std::mem::replace(&mut self.logprobs_sent, self.logprobs.len());
+        logprobs_json(app, &self.logprobs[from..], chat, &mut self.text_offset)
     }
 }
 
@@ -204,16 +280,16 @@ pub(super) async fn whole(
     chat: bool,
     _guard: InFlight,
 ) -> Response {
-    let mut choices: Vec<Choice> = ids.iter().map(|_| Choice::new(&app, &job.stop)).collect();
-    let mut outs = vec![String::new(); ids.len()];
+    let mut choices = Choice::all(&app, &job, ids.len());
     let mut thinks: Vec<Think> = ids.iter().map(|_| Think::new(job.opens_think)).collect();
+    let mut outs = vec![String::new(); ids.len()];
     let mut reasoning = vec![String::new(); ids.len()];
     while choices.iter().any(|c| !c.done) {
-        let Some((i, ev, s)) = rx.recv().await else {
+        let Some((i, ev, report)) = rx.recv().await else {
             break;
         };
         let id = ids[i];
-        match choices[i].on(&app.metrics, ev, s, || app.svc.cancel(id)) {
+        match choices[i].on(&app.metrics, ev, report, || app.svc.cancel(id)) {
             Ok(Some(t)) if chat => {
                 let (r, c) = thinks[i].push(&t);
                 reasoning[i].push_str(&r);
@@ -234,28 +310,24 @@ pub(super) async fn whole(
             }
         }
     }
-    for (i, t) in thinks.iter_mut().enumerate() {
-        let (r, c) = t.finish();
+    let mut list = vec![];
+    for (i, c) in choices.iter_mut().enumerate() {
+        let (r, rest) = thinks[i].finish();
         reasoning[i].push_str(&r);
-        outs[i].push_str(&c);
-    }
-    let list: Vec<Value> = choices
-        .iter()
-        .zip(&outs)
-        .enumerate()
-        .map(|(i, (c, out))| {
-            if chat {
-                let mut message = json!({"role": "assistant", "content": out});
-                if !reasoning[i].is_empty() {
-                    message["reasoning_content"] = json!(reasoning[i]);
-                }
-                json!({"index": i, "message": message, "finish_reason": c.reason, "logprobs": null})
-            } else {
-                json!({"index": i, "text": out, "finish_reason": c.reason, "logprobs": null})
+        outs[i].push_str(&rest);
+        let logprobs = c.unsent_logprobs(&app, &job, chat);
+        let out = std::mem::take(&mut outs[i]);
+        list.push(if chat {
+            let mut message = json!({"role": "assistant", "content": out});
+            if !reasoning[i].is_empty() {
+                message["reasoning_content"] = json!(reasoning[i]);
             }
-        })
-        .collect();
-    let slots: Vec<Option<Vec<usize>>> = choices.iter().map(|c| c.slots.clone()).collect();
+            json!({"index": i, "message": message, "finish_reason": c.reason, "logprobs": logprobs})
+        } else {
+            json!({"index": i, "text": out, "finish_reason": c.reason, "logprobs": logprobs})
+        });
+    }
+    let reports: Vec<Option<SequenceReport>> = choices.iter().map(|c| c.report.clone()).collect();
     Json(json!({
         "id": rid,
         "object": if chat { "chat.completion" } else { "text_completion" },
@@ -263,9 +335,20 @@ pub(super) async fn whole(
         "model": app.model_name,
         "choices": list,
         "usage": usage(&job, &choices),
-        "kvsift": kv_report(&app, &job, &slots),
+        "kvsift": kv_report(&app, &job, &reports),
     }))
     .into_response()
+}
+
+/// What one streamed chunk of a choice carries.
+#[derive(Default)]
+struct Delta<'a> {
+    content: Option<&'a str>,
+    reasoning: Option<&'a str>,
+    /// The chunk that opens a chat choice (its role).
+    first: bool,
+    finish_reason: Option<&'a str>,
+    logprobs: Value,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -282,19 +365,21 @@ pub(super) fn stream(
     let (tx, out) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
         let _guard = guard;
-        let chunk = |i: usize, delta: Option<&str>, reason: Option<&str>, first: bool| -> Value {
+        let chunk = |i: usize, d: Delta| -> Value {
             let choice = if chat {
-                let mut d = serde_json::Map::new();
-                if first {
-                    d.insert("role".into(), "assistant".into());
+                let mut delta = serde_json::Map::new();
+                if d.first {
+                    delta.insert("role".into(), "assistant".into());
                 }
-                if let Some(t) = delta {
-                    d.insert("content".into(), t.into());
+                if let Some(t) = d.content {
+                    delta.insert("content".into(), t.into());
                 }
-
-                json!({"index": i, "delta": d, "finish_reason": reason, "logprobs": null})
+                if let Some(r) = d.reasoning {
+                    delta.insert("reasoning_content".into(), r.into());
+                }
+                json!({"index": i, "delta": delta, "finish_reason": d.finish_reason, "logprobs": d.logprobs})
             } else {
-                json!({"index": i, "text": delta.unwrap_or(""), "finish_reason": reason, "logprobs": null})
+                json!({"index": i, "text": d.content.unwrap_or(""), "finish_reason": d.finish_reason, "logprobs": d.logprobs})
             };
             json!({
                 "id": rid,
@@ -302,15 +387,6 @@ pub(super) fn stream(
                 "created": created,
                 "model": app.model_name,
                 "choices": [choice],
-            })
-        };
-        let reasoning_chunk = |i: usize, r: &str| -> Value {
-            json!({
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": app.model_name,
-                "choices": [{"index": i, "delta": {"reasoning_content": r}, "finish_reason": null, "logprobs": null}],
             })
         };
         let send = |v: Value| {
@@ -321,48 +397,71 @@ pub(super) fn stream(
                     .is_ok()
             }
         };
-        let mut choices: Vec<Choice> = ids.iter().map(|_| Choice::new(&app, &job.stop)).collect();
+        let mut choices = Choice::all(&app, &job, ids.len());
         let mut thinks: Vec<Think> = ids.iter().map(|_| Think::new(job.opens_think)).collect();
         let mut alive = true;
         if chat {
             for i in 0..ids.len() {
-                alive = alive && send(chunk(i, Some(""), None, true)).await;
+                let d = Delta {
+                    content: Some(""),
+                    first: true,
+                    ..Delta::default()
+                };
+                alive = alive && send(chunk(i, d)).await;
             }
         }
         while alive && choices.iter().any(|c| !c.done) {
-            let Some((i, ev, s)) = rx.recv().await else {
+            let Some((i, ev, report)) = rx.recv().await else {
                 break;
             };
             let id = ids[i];
-            match choices[i].on(&app.metrics, ev, s, || app.svc.cancel(id)) {
-                Ok(Some(t)) if chat => {
-                    let (r, c) = thinks[i].push(&t);
-                    if !r.is_empty() {
-                        alive = send(reasoning_chunk(i, &r)).await;
-                    }
-                    if alive && !c.is_empty() {
-                        alive = send(chunk(i, Some(&c), None, false)).await;
-                    }
-                }
-                Ok(Some(t)) => alive = send(chunk(i, Some(&t), None, false)).await,
-                Ok(None) => {}
+            let shown = match choices[i].on(&app.metrics, ev, report, || app.svc.cancel(id)) {
+                Ok(shown) => shown,
                 Err(e) => {
                     let body = json!({"error": {"message": e, "type": "server_error", "code": "generation_failed"}});
                     alive = send(body).await;
+                    None
                 }
-            }
-            if alive && choices[i].done && chat {
+            };
+            // What the text adds: thinking and answer apart in a chat; at
+            // the end, whatever a think tag held back.
+            let (mut reasoning, mut content) = match (&shown, chat) {
+                (Some(t), true) => thinks[i].push(t),
+                (Some(t), false) => (String::new(), t.clone()),
+                (None, _) => (String::new(), String::new()),
+            };
+            if choices[i].done && chat {
                 let (r, c) = thinks[i].finish();
-                if !r.is_empty() {
-                    alive = send(reasoning_chunk(i, &r)).await;
-                }
-                if alive && !c.is_empty() {
-                    alive = send(chunk(i, Some(&c), None, false)).await;
+                reasoning.push_str(&r);
+                content.push_str(&c);
+            }
+            // The logprobs of the tokens shown so far ride on the first chunk
+            // that shows text (or on the last chunk).
+            for (r, c) in [(Some(reasoning), None), (None, Some(content))] {
+                let text = r.as_deref().or(c.as_deref()).unwrap_or("");
+                if alive && !text.is_empty() {
+                    let d = Delta {
+                        reasoning: r.as_deref(),
+                        content: c.as_deref(),
+                        logprobs: choices[i].unsent_logprobs(&app, &job, chat),
+                        ..Delta::default()
+                    };
+                    alive = send(chunk(i, d)).await;
                 }
             }
             if alive && choices[i].done {
-                let mut last = chunk(i, None, Some(choices[i].reason), false);
-                last["kvsift"] = kv_report(&app, &job, std::slice::from_ref(&choices[i].slots));
+                let c = &mut choices[i];
+                let d = Delta {
+                    finish_reason: Some(c.reason),
+                    logprobs: if c.logprobs_sent < c.logprobs.len() {
+                        c.unsent_logprobs(&app, &job, chat)
+                    } else {
+                        Value::Null
+                    },
+                    ..Delta::default()
+                };
+                let mut last = chunk(i, d);
+                last["kvsift"] = kv_report(&app, &job, std::slice::from_ref(&choices[i].report));
                 alive = send(last).await;
             }
         }
@@ -374,7 +473,7 @@ pub(super) fn stream(
             return;
         }
         if job.include_usage {
-            let mut u = chunk(0, None, None, false);
+            let mut u = chunk(0, Delta::default());
             u["choices"] = json!([]);
             u["usage"] = usage(&job, &choices);
             send(u).await;

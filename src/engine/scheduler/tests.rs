@@ -30,6 +30,7 @@ fn scheduler(lanes: usize, on_exhaustion: Exhaustion, chain: usize) -> Scheduler
         n_layers: 1,
         n_heads: 1,
         page_size: PAGE,
+        page_bytes: 64,
         pool_advice: "raise --kv-pool-mb".into(),
     })
 }
@@ -332,4 +333,28 @@ fn chains_stop_at_limits_triggers_and_waiting_requests() {
     admit_all(&mut t, &mut tight, &mut ev);
     assert!(t.grow_chain(8, &mut tight).unwrap().is_none());
     assert_eq!(t.running[0].tables.max_len(), 4, "nothing changed");
+}
+
+#[test]
+fn a_report_keeps_the_peak_pages_past_a_truncation_and_is_taken_once() {
+    let mut s = scheduler(1, Exhaustion::Swap, 1);
+    let mut alloc = pool(100);
+    let mut ev = vec![];
+    s.enqueue_plain(request(10, 20)); // 3 pages of 4
+    admit_all(&mut s, &mut alloc, &mut ev);
+    let seq = &mut s.running[0];
+    seq.tables.append(6, &mut alloc).unwrap(); // 16 slots: 4 pages
+    // A "compression pass" notes the peak, then keeps 5 slots (2 pages).
+    seq.note_peak();
+    seq.tables.truncate(0, 0, 5, &mut alloc);
+    seq.passes += 1;
+    seq.slots_dropped += 11;
+    s.cancel(0, &mut alloc);
+    assert_eq!(alloc.pages_in_use(), 0);
+    let r = s.report(0).expect("a report for the cancelled request");
+    assert_eq!(r.slots_per_layer, [5]);
+    assert_eq!((r.compression_passes, r.slots_dropped), (1, 11));
+    assert_eq!((r.peak_kv_pages, r.peak_kv_bytes), (4, 4 * 64));
+    assert!(s.take_report(0).is_some());
+    assert!(s.report(0).is_none(), "taken reports are forgotten");
 }
