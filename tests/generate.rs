@@ -122,6 +122,21 @@ fn a_stream_ends_with_the_text_a_whole_decode_gives() {
     // "a€b" is byte tokens here: the euro sign's three bytes are three tokens.
     let ids = tok.encode("a\u{20ac}b \u{1F600}", false).unwrap();
     assert!(ids.len() >= 8, "{ids:?}");
+    // A longer text through every shipped tokenizer (the stream decodes a
+    // window of tokens, not the whole).
+    let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    for name in ["tiny-qwen3", "tiny-mistral", "tiny-reasoner"] {
+        let t = TextTokenizer::load(&models.join(name)).unwrap();
+        let text = "the quiet grey cat, naïve \u{1F600} café\n\tsat on the mat ".repeat(4);
+        let long = t.encode(&text, false).unwrap();
+        let mut stream = TextStream::new(&t);
+        let mut printed = String::new();
+        for &id in &long {
+            printed += &stream.push(id).unwrap();
+        }
+        printed += &stream.finish().unwrap();
+        assert_eq!(printed, t.decode(&long, true).unwrap(), "{name}");
+    }
     for cut in 1..=ids.len() {
         let mut stream = TextStream::new(&tok);
         let mut printed = String::new();

@@ -33,6 +33,7 @@ pub enum ServiceState {
 enum Command {
     Add(Box<Request>, Sink, mpsc::Sender<Result<RequestId>>),
     Cancel(RequestId),
+    CancelAll,
     Stats(mpsc::Sender<EngineStats>),
     Shutdown,
 }
@@ -133,6 +134,11 @@ impl EngineService {
         let _ = self.commands.send(Command::Cancel(id));
     }
 
+    /// Stops every request; each gets its `Finished` (cancelled) event.
+    pub fn cancel_all(&self) {
+        let _ = self.commands.send(Command::CancelAll);
+    }
+
     /// The engine's figures.
     pub fn stats(&self) -> Result<EngineStats> {
         let (tx, rx) = mpsc::channel();
@@ -148,6 +154,19 @@ impl EngineService {
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
+    }
+}
+
+/// Stops a request and tells its sink.
+fn cancel(engine: &mut Engine, sinks: &mut HashMap<RequestId, Sink>, id: RequestId) {
+    if engine.cancel(id)
+        && let Some(mut s) = sinks.remove(&id)
+    {
+        let ev = Event::Finished {
+            id,
+            reason: crate::engine::StopReason::Cancelled,
+        };
+        s(ev, engine.take_report(id));
     }
 }
 
@@ -178,15 +197,11 @@ fn serve(engine: &mut Engine, rx: &mpsc::Receiver<Command>) -> Result<()> {
                     }
                     let _ = reply.send(r);
                 }
-                Command::Cancel(id) => {
-                    if engine.cancel(id)
-                        && let Some(mut s) = sinks.remove(&id)
-                    {
-                        let ev = Event::Finished {
-                            id,
-                            reason: crate::engine::StopReason::Cancelled,
-                        };
-                        s(ev, engine.take_report(id));
+                Command::Cancel(id) => cancel(engine, &mut sinks, id),
+                Command::CancelAll => {
+                    let ids: Vec<RequestId> = sinks.keys().copied().collect();
+                    for id in ids {
+                        cancel(engine, &mut sinks, id);
                     }
                 }
                 Command::Stats(reply) => {

@@ -532,7 +532,12 @@ mod template_tests {
 pub struct TextStream<'t> {
     tokenizer: &'t TextTokenizer,
     tokens: Vec<u32>,
-    printed: usize,
+    /// `tokens[..read]` are printed; `tokens[prefix..read]`, the last
+    /// printed piece, is decoded again as the context of what follows (a
+    /// decoder may treat a piece's start specially). Each push decodes only
+    /// from `prefix`: a few tokens, not the whole text.
+    prefix: usize,
+    read: usize,
 }
 
 impl<'t> TextStream<'t> {
@@ -540,19 +545,33 @@ impl<'t> TextStream<'t> {
         Self {
             tokenizer,
             tokens: vec![],
-            printed: 0,
+            prefix: 0,
+            read: 0,
         }
+    }
+
+    /// What `tokens[prefix..]` adds to `tokens[prefix..read]`: (text, complete).
+    fn tail(&self) -> Result<(String, bool)> {
+        let before = self
+            .tokenizer
+            .decode(&self.tokens[self.prefix..self.read], true)?;
+        let now = self.tokenizer.decode(&self.tokens[self.prefix..], true)?;
+        if now.len() <= before.len() || !now.is_char_boundary(before.len()) {
+            return Ok((String::new(), false));
+        }
+        let complete = !now.ends_with('\u{FFFD}');
+        Ok((now[before.len()..].to_string(), complete))
     }
 
     /// The new text after `token`, if any is complete.
     pub fn push(&mut self, token: u32) -> Result<String> {
         self.tokens.push(token);
-        let text = self.tokenizer.decode(&self.tokens, true)?;
-        if text.ends_with('\u{FFFD}') || !text.is_char_boundary(self.printed) {
+        let (new, complete) = self.tail()?;
+        if !complete {
             return Ok(String::new());
         }
-        let new = text[self.printed..].to_string();
-        self.printed = text.len();
+        self.prefix = self.read;
+        self.read = self.tokens.len();
         Ok(new)
     }
 
@@ -560,13 +579,9 @@ impl<'t> TextStream<'t> {
     /// U+FFFD, as in the whole decode): after it, the printed text equals
     /// `decode(tokens)`.
     pub fn finish(&mut self) -> Result<String> {
-        let text = self.tokenizer.decode(&self.tokens, true)?;
-        let rest = if text.is_char_boundary(self.printed) {
-            text[self.printed..].to_string()
-        } else {
-            String::new()
-        };
-        self.printed = text.len();
+        let (rest, _) = self.tail()?;
+        self.prefix = self.read;
+        self.read = self.tokens.len();
         Ok(rest)
     }
 }

@@ -490,6 +490,14 @@ pub(super) type Events = mpsc::UnboundedReceiver<(usize, Event, Option<SequenceR
 
 /// Queues the job's choices on the engine; their ids and events.
 async fn submit(app: &Arc<App>, job: &Job) -> Result<(Vec<u64>, Events), Response> {
+    if app.draining.load(Ordering::SeqCst) {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "shutting_down",
+            "the server is shutting down",
+        ));
+    }
     if app.svc.state() != ServiceState::Ready {
         return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -13,7 +13,8 @@ mod think;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
@@ -47,6 +48,10 @@ pub struct ServeArgs {
     /// Sequences decoded together.
     #[arg(long, default_value_t = 8)]
     pub parallel: usize,
+    /// On SIGINT/SIGTERM, seconds the running requests may take to finish
+    /// before they are stopped (their answers end with what they have).
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
 }
 
 /// What every handler shares.
@@ -59,6 +64,8 @@ pub(crate) struct App {
     pub api_key: Option<String>,
     pub compression: CompressConfig,
     pub in_flight: AtomicUsize,
+    /// A signal came: new generation requests get 503.
+    pub draining: AtomicBool,
     pub max_queue: usize,
     pub created: u64,
     pub metrics: metrics::Metrics,
@@ -82,6 +89,13 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     if a.max_queue == 0 {
         anyhow::bail!("--max-queue must be at least 1");
     }
+    if !(a.shutdown_timeout.is_finite() && a.shutdown_timeout >= 0.0) {
+        anyhow::bail!(
+            "--shutdown-timeout {}: expected seconds, 0 or more",
+            a.shutdown_timeout
+        );
+    }
+    let deadline = Duration::from_secs_f64(a.shutdown_timeout.min(1e9));
     let compression = a.model.compress.config()?;
     let config = a.model.engine_config(a.parallel, compression.clone())?;
     let tokenizer = TextTokenizer::load(&dir)?;
@@ -101,6 +115,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         api_key,
         compression,
         in_flight: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
         max_queue: a.max_queue,
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -132,9 +147,41 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             "kvsift serve: listening on http://{local} (model {})",
             app.model_name
         );
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
+        // A signal closes the listener; running requests get `deadline`
+        // to finish, then they are cancelled (their answers end there).
+        let (signalled, mut on_signal) = tokio::sync::watch::channel(false);
+        let a2 = app.clone();
+        let mut server = tokio::spawn(
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    shutdown_signal().await;
+                    a2.draining.store(true, Ordering::SeqCst);
+                    let _ = signalled.send(true);
+                })
+                .into_future(),
+        );
+        tokio::select! {
+            r = &mut server => return Ok(r??),
+            _ = on_signal.changed() => {}
+        }
+        note!(
+            "kvsift serve: stopping; {} requests running may take {:.0} s",
+            app.in_flight.load(Ordering::SeqCst),
+            deadline.as_secs_f64()
+        );
+        if tokio::time::timeout(deadline, &mut server).await.is_err() {
+            note!(
+                "kvsift serve: stopping {} requests past the deadline",
+                app.in_flight.load(Ordering::SeqCst)
+            );
+            app.svc.cancel_all();
+            if tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .is_err()
+            {
+                log::warn!("connections still open 10 s after their requests stopped");
+            }
+        }
         anyhow::Ok(())
     })?;
     note!("kvsift serve: stopped");

@@ -73,8 +73,10 @@ impl Text<'_> {
 
 fn finish_reason(r: StopReason) -> &'static str {
     match r {
-        StopReason::Eos | StopReason::Cancelled => "stop",
+        StopReason::Eos => "stop",
         StopReason::MaxTokens | StopReason::Context => "length",
+        // Stopped by the server (its shutdown deadline), as vLLM says it.
+        StopReason::Cancelled => "abort",
     }
 }
 
