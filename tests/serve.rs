@@ -247,6 +247,33 @@ fn per_request_kv_equals_generate_with_the_same_flags() {
         }
     }
     assert!(metric(&s, "kvsift_compression_passes_total") > 0.0);
+
+    // A server started without compression records window queries: any
+    // method that scores from them may be asked for (at its window, 8 by
+    // default); H2O v3 needs --record-attention-sums.
+    let plain = server(&[]);
+    let rkv = json!({"method": "rkv", "budget": 20, "buffer": 8});
+    let want = generate(&["--kv", "rkv", "--budget", "20", "--buffer", "8"], 40);
+    let body = json!({"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "kv": rkv});
+    let (status, j) = post(&plain, "/v1/completions", body);
+    assert_eq!(status, 200, "{j}");
+    assert_eq!(j["choices"][0]["text"], want.as_str());
+    let h2o = json!({"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "kv": {"method": "h2o", "budget": 20}});
+    let (status, j) = post(&plain, "/v1/completions", h2o.clone());
+    assert_eq!(status, 400, "{j}");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--record-attention-sums"),
+        "{j}"
+    );
+    drop(plain);
+    let sums = server(&["--record-attention-sums"]);
+    let want = generate(&["--kv", "h2o", "--budget", "20"], 40);
+    let (status, j) = post(&sums, "/v1/completions", h2o);
+    assert_eq!(status, 200, "{j}");
+    assert_eq!(j["choices"][0]["text"], want.as_str());
 }
 
 #[test]

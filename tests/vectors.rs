@@ -349,7 +349,8 @@ fn replay_on_the_engine(
         head_dim: model.head_dim,
     };
     let mut kv = PagedKv::new(ctx, shape, &pool, 1, n, n, 1).unwrap();
-    let mut comp = Compressor::new(ctx, cfg.clone(), &model, &kv, 1, n, n).unwrap();
+    let mut comp =
+        Compressor::new(ctx, cfg.clone(), Default::default(), &model, &kv, 1, n, n).unwrap();
     let mut tables = kv.new_tables();
     let qkv_dim = (hq + 2 * hkv) * d;
     // Rows of fused qkv for positions [from, to): queries, keys, zero values.

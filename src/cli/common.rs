@@ -175,6 +175,7 @@ impl ModelArgs {
             on_exhaustion,
             compression,
             decode_chain: self.steps_per_submit,
+            ..EngineConfig::default()
         };
         Ok(config)
     }

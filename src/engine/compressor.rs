@@ -43,11 +43,55 @@ pub struct CompressionStats {
     pub slots_dropped: u64,
 }
 
+/// What the forward records for compression beyond what the engine's own
+/// method needs, so that requests may bring methods that score from
+/// something else ([`crate::engine::EngineConfig::recording`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recording {
+    /// Each sequence's last `window` queries (every method but H2O v3,
+    /// StreamingLLM and KNorm scores from them), at the engine's window.
+    pub window_queries: bool,
+    /// H2O v3's running attention sums: an extra pass over the cache per
+    /// layer and step.
+    pub attention_sums: bool,
+}
+
+impl Recording {
+    /// What a method scores from, as a recording.
+    pub fn of(records: Records) -> Self {
+        Self {
+            window_queries: records == Records::WindowQueries,
+            attention_sums: records == Records::AttentionSums,
+        }
+    }
+
+    pub fn union(self, other: Self) -> Self {
+        Self {
+            window_queries: self.window_queries || other.window_queries,
+            attention_sums: self.attention_sums || other.attention_sums,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.window_queries && !self.attention_sums
+    }
+
+    /// Whether a method that scores from `records` can run on it.
+    pub fn covers(&self, records: Records) -> bool {
+        match records {
+            Records::Nothing => true,
+            Records::WindowQueries => self.window_queries,
+            Records::AttentionSums => self.attention_sums,
+        }
+    }
+}
+
 pub struct Compressor {
+    /// The engine's own compression (its window is the recording's).
     pub cfg: CompressConfig,
     bufs: CompressBuffers,
-    /// What the forward records for the method.
-    records: Records,
+    /// What the forward records: the method's needs and the extra asked for.
+    records: Recording,
     /// Stored heads per KV head of the pool.
     heads_per_kv: usize,
     /// `[lane][layer][window][Hq * D]` and `[lane][window]`.
@@ -72,9 +116,11 @@ impl Compressor {
         cfg.heads_per_kv(model.n_heads / model.n_kv_heads)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ctx: &GpuContext,
         cfg: CompressConfig,
+        extra: Recording,
         model: &ModelConfig,
         kv: &PagedKv,
         lanes: usize,
@@ -84,8 +130,8 @@ impl Compressor {
         cfg.validate()?;
         let hq = model.n_heads;
         let w = cfg.window;
-        let records = cfg.method.policy().records(&cfg);
-        let accumulates = records == Records::AttentionSums;
+        let records = Recording::of(cfg.method.policy().records(&cfg)).union(extra);
+        let accumulates = records.attention_sums;
         let acc_units = if accumulates { hq / kv.n_heads } else { 0 };
         let h2o = if accumulates {
             let words = checked_len("H2O sums", &[lanes, model.n_layers, hq, capacity, 4])? / 4;
@@ -121,7 +167,7 @@ impl Compressor {
             ring: GpuBuffer::zeros(
                 ctx,
                 "compress.ring",
-                if records == Records::WindowQueries {
+                if records.window_queries {
                     checked_len(
                         "compression window queries",
                         &[lanes, model.n_layers, w, hq, model.head_dim],
@@ -133,7 +179,7 @@ impl Compressor {
             ring_pos: GpuBuffer::zeros(
                 ctx,
                 "compress.ring_pos",
-                if records == Records::WindowQueries {
+                if records.window_queries {
                     checked_len("compression window", &[lanes, w])?
                 } else {
                     1
@@ -157,7 +203,7 @@ impl Compressor {
     }
 
     fn needs_queries(&self) -> bool {
-        self.records == Records::WindowQueries
+        self.records.window_queries
     }
 
     /// Which lane each row group of the next step belongs to.
@@ -323,10 +369,21 @@ impl Compressor {
             ));
         }
         let needs = cfg.method.policy().records(cfg);
-        if needs != Records::Nothing && (needs != self.records || cfg.window != self.cfg.window) {
+        if !self.records.covers(needs) {
+            let hint = match needs {
+                Records::AttentionSums => "--record-attention-sums",
+                _ => "a method that scores from them",
+            };
             return bad(format!(
-                "--kv {} scores from {needs:?} of window {}; this engine's forward records                  {:?} of window {} (build the engine with a method that records what it needs)",
-                cfg.method, cfg.window, self.records, self.cfg.window
+                "--kv {} scores from {needs:?}, which this engine's forward does not record \
+                 (build it with {hint})",
+                cfg.method
+            ));
+        }
+        if needs != Records::Nothing && cfg.window != self.cfg.window {
+            return bad(format!(
+                "--kv {}: window {}; this engine records window {}",
+                cfg.method, cfg.window, self.cfg.window
             ));
         }
         Ok(())
@@ -360,13 +417,13 @@ impl Compressor {
             let layer_kv = kv.layer(layer);
             let per_lane = self.n_layers * hq * self.capacity;
             let acc_base = lane * per_lane + layer * hq * self.capacity;
-            let source = match &self.h2o {
-                Some(acc) => ScoreSource::Accumulated {
+            let source = match (cfg.method.policy().records(cfg), &self.h2o) {
+                (Records::AttentionSums, Some(acc)) => ScoreSource::Accumulated {
                     acc,
                     base: acc_base,
                     t_stride: self.capacity,
                 },
-                None => ScoreSource::Queries(ScoreQueries {
+                _ => ScoreSource::Queries(ScoreQueries {
                     queries: &self.ring,
                     positions: &self.ring_pos,
                     base: (lane * self.n_layers + layer) * w * hq * d,

@@ -2,6 +2,7 @@
 //! [`EngineBuilder`], and the context rules (how many positions a sequence
 //! may hold).
 
+use crate::engine::compressor::Recording;
 use crate::engine::scheduler::{Exhaustion, MAX_CONTEXT};
 use crate::engine::serve::Engine;
 use crate::error::{Error, Result};
@@ -36,6 +37,11 @@ pub struct EngineConfig {
     /// token or context limit, and run only when nobody waits for admission
     /// and the pool holds the whole chain's slots.
     pub decode_chain: usize,
+    /// What the forward also records for requests that bring their own
+    /// compression ([`crate::engine::Request::compression`]): window queries
+    /// (at `compression.window`) and H2O v3's attention sums. The engine's
+    /// own method's needs are recorded anyway.
+    pub recording: Recording,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +54,7 @@ impl Default for EngineConfig {
             on_exhaustion: Exhaustion::Swap,
             compression: CompressConfig::new(Method::None, 0),
             decode_chain: 1,
+            recording: Recording::default(),
         }
     }
 }
@@ -131,6 +138,11 @@ impl<'c> EngineBuilder<'c> {
     /// The engine's KV compression: every request's unless it brings its own.
     pub fn compression(mut self, c: CompressConfig) -> Self {
         self.config.compression = c;
+        self
+    }
+    /// What the forward also records, for requests with their own compression.
+    pub fn recording(mut self, r: Recording) -> Self {
+        self.config.recording = r;
         self
     }
     /// Decode steps per submission (default 1).

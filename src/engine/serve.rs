@@ -214,12 +214,14 @@ impl<'c> Engine<'c> {
             capacity,
             hpk,
         )?;
-        let compressor = if config.compression.method == Method::None {
+        let compressor = if config.compression.method == Method::None && config.recording.is_empty()
+        {
             None
         } else {
             Some(Compressor::new(
                 ctx,
                 config.compression.clone(),
+                config.recording,
                 &cfg,
                 &kv,
                 config.max_batch,
@@ -393,11 +395,12 @@ impl<'c> Engine<'c> {
     ///
     /// A request's own compression ([`Request::compression`]) may use any
     /// method and budget whose scores come from what this engine's forward
-    /// records for its configured method (the window queries: every method
-    /// but H2O v3, with the same window; the attention sums: H2O v3; nothing:
-    /// StreamingLLM, KNorm) and whose stored heads per KV head match the
-    /// pool's (the granularity). An engine built without compression serves
-    /// only uncompressed requests.
+    /// records: its own method's needs plus [`EngineConfig::recording`]
+    /// (the window queries, at the engine's window: every method but H2O
+    /// v3; the attention sums: H2O v3; nothing: StreamingLLM, KNorm), and
+    /// whose stored heads per KV head match the pool's (the granularity).
+    /// An engine that neither compresses nor records serves only
+    /// uncompressed requests.
     pub fn add_request(&mut self, req: Request) -> Result<RequestId> {
         if req.prompt.is_empty() {
             return Err(Error::invalid("prompt", "is empty"));
@@ -427,7 +430,7 @@ impl<'c> Engine<'c> {
                     "request compression",
                     format!(
                         "--kv {}: this engine was built without compression (its forward \
-                         records nothing to score from); build it with a method",
+                         records nothing to score from); build it with a method or a recording",
                         c.method
                     ),
                 ));

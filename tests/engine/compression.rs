@@ -81,7 +81,6 @@ fn requests_with_their_own_compression_generate_as_alone() {
         .enumerate()
         .map(|(i, c)| Request {
             compression: c.clone(),
-            logprobs: None,
             ..greedy(prompt(i as u32 + 1, 20 + 3 * i), 30)
         })
         .collect();
@@ -98,7 +97,6 @@ fn requests_with_their_own_compression_generate_as_alone() {
         let mut alone = engine(ctx, "tiny-llama", config(alone_cfg));
         let single = Request {
             compression: None,
-            logprobs: None,
             ..r.clone()
         };
         let (tokens, _) = run(&mut alone, &[single]);
@@ -119,7 +117,6 @@ fn requests_with_their_own_compression_generate_as_alone() {
     ] {
         let r = Request {
             compression: Some(bad),
-            logprobs: None,
             ..greedy(prompt(1, 9), 3)
         };
         let err = e.add_request(r).unwrap_err().to_string();
@@ -129,9 +126,80 @@ fn requests_with_their_own_compression_generate_as_alone() {
     let mut plain = engine(ctx, "tiny-llama", EngineConfig::default());
     let r = Request {
         compression: Some(base),
-        logprobs: None,
         ..greedy(prompt(1, 9), 3)
     };
     let err = plain.add_request(r).unwrap_err().to_string();
     assert!(err.contains("without compression"), "{err}");
+}
+
+/// An engine that compresses nothing itself but records both window queries
+/// and attention sums (as `kvsift serve` does with
+/// `--record-attention-sums`) serves every method per request: each gets
+/// the tokens it gets alone in an engine built with it.
+#[test]
+fn an_engine_recording_everything_serves_every_method_per_request() {
+    let Some(ctx) = gpu() else { return };
+    use kvsift::engine::compressor::Recording;
+    let mut none = CompressConfig::new(Method::None, 0);
+    none.window = 4;
+    // The pool stores one head per KV head: query-head granularity needs
+    // an engine built for it.
+    let configs: Vec<CompressConfig> = kvsift::testing::compression_configs(16, 4)
+        .into_iter()
+        .filter(|c| c.granularity == kvsift::kv::compression::Granularity::KvHead)
+        .collect();
+    assert!(configs.iter().any(|c| c.method == Method::H2o));
+    let reqs: Vec<Request> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Request {
+            compression: Some(c.clone()),
+            ..greedy(prompt(i as u32 + 3, 18 + 2 * i), 24)
+        })
+        .collect();
+    let config = |compression: CompressConfig, recording| EngineConfig {
+        max_batch: 8,
+        compression,
+        recording,
+        ..Default::default()
+    };
+    let everything = Recording {
+        window_queries: true,
+        attention_sums: true,
+    };
+    let mut e = engine(ctx, "tiny-llama", config(none.clone(), everything));
+    let (together, _) = run(&mut e, &reqs);
+    for (i, r) in reqs.iter().enumerate() {
+        let own = r.compression.clone().unwrap();
+        let mut alone = engine(ctx, "tiny-llama", config(own.clone(), Recording::default()));
+        let (tokens, _) = run(
+            &mut alone,
+            &[Request {
+                compression: None,
+                ..r.clone()
+            }],
+        );
+        assert_eq!(together[i], tokens[0], "{own:?}");
+    }
+    // Recording only the queries: H2O v3 is refused, naming the flag.
+    let mut queries = engine(
+        ctx,
+        "tiny-llama",
+        config(
+            none,
+            Recording {
+                window_queries: true,
+                attention_sums: false,
+            },
+        ),
+    );
+    let h2o = configs.iter().find(|c| c.method == Method::H2o).unwrap();
+    let err = queries
+        .add_request(Request {
+            compression: Some(h2o.clone()),
+            ..greedy(prompt(1, 9), 3)
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--record-attention-sums"), "{err}");
 }

@@ -80,26 +80,9 @@ pub fn compression(v: &Value, server: &CompressConfig) -> Result<CompressConfig,
         CompressConfig::new(method, budget)
     };
     let mut given = vec![];
-    let known = [
-        "method",
-        "budget",
-        "window",
-        "buffer",
-        "schedule",
-        "kernel",
-        "pooling",
-        "granularity",
-        "gqa_agg",
-        "lambda",
-        "sim_threshold",
-        "eps",
-        "slot_order",
-        "h2o_version",
-        "sinks",
-        "beta",
-        "floor",
-    ];
-    if let Some(k) = obj.keys().find(|k| !known.contains(&k.as_str())) {
+    let mut known = vec!["method".to_string()];
+    known.extend(Setting::ALL.map(Setting::field));
+    if let Some(k) = obj.keys().find(|k| !known.contains(k)) {
         return Err(format!(
             "kv.{k}: unknown setting; known: {}",
             known.join(", ")
@@ -192,29 +175,14 @@ pub fn compression(v: &Value, server: &CompressConfig) -> Result<CompressConfig,
         };
         given.push(Setting::H2oVersion);
     }
-    // Name the JSON fields rather than the command-line flags.
+    // Name the JSON fields rather than the command-line flags (longest
+    // first: no flag's name is then cut by a shorter one's).
     let named = |e: kvsift::Error| {
-        let mut m = e.to_string();
-        for (flag, field) in [
-            ("--sim-threshold", "kv.sim_threshold"),
-            ("--slot-order", "kv.slot_order"),
-            ("--h2o-version", "kv.h2o_version"),
-            ("--gqa-agg", "kv.gqa_agg"),
-            ("--granularity", "kv.granularity"),
-            ("--schedule", "kv.schedule"),
-            ("--pooling", "kv.pooling"),
-            ("--budget", "kv.budget"),
-            ("--window", "kv.window"),
-            ("--buffer", "kv.buffer"),
-            ("--kernel", "kv.kernel"),
-            ("--lambda", "kv.lambda"),
-            ("--sinks", "kv.sinks"),
-            ("--floor", "kv.floor"),
-            ("--beta", "kv.beta"),
-            ("--eps", "kv.eps"),
-            ("--kv ", "kv.method "),
-        ] {
-            m = m.replace(flag, field);
+        let mut flags = Setting::ALL.to_vec();
+        flags.sort_by_key(|s| std::cmp::Reverse(s.flag().len()));
+        let mut m = e.to_string().replace("--kv ", "kv.method ");
+        for s in flags {
+            m = m.replace(s.flag(), &format!("kv.{}", s.field()));
         }
         m
     };

@@ -19,6 +19,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::{get, post};
 use clap::Args;
+use kvsift::engine::compressor::Recording;
 use kvsift::engine::service::EngineService;
 use kvsift::kv::compression::CompressConfig;
 use kvsift::model::TextTokenizer;
@@ -52,6 +53,11 @@ pub struct ServeArgs {
     /// before they are stopped (their answers end with what they have).
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_timeout: f64,
+    /// Also record H2O's attention sums, so requests may ask for H2O v3 (an
+    /// extra pass over the cache per layer and step). Window queries, which
+    /// every other scoring method uses, are always recorded.
+    #[arg(long)]
+    pub record_attention_sums: bool,
 }
 
 /// What every handler shares.
@@ -97,7 +103,12 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     }
     let deadline = Duration::from_secs_f64(a.shutdown_timeout.min(1e9));
     let compression = a.model.compress.config()?;
-    let config = a.model.engine_config(a.parallel, compression.clone())?;
+    let mut config = a.model.engine_config(a.parallel, compression.clone())?;
+    // Any request may bring its own method (at the server's --window).
+    config.recording = Recording {
+        window_queries: true,
+        attention_sums: a.record_attention_sums,
+    };
     let tokenizer = TextTokenizer::load(&dir)?;
     let defaults = GenerationDefaults::load(&dir)?;
     let mut stop_ids = defaults.eos_token_ids.clone();

@@ -45,6 +45,32 @@ impl Setting {
         Setting::Buffer,
     ];
 
+    /// Every setting.
+    pub const ALL: [Setting; 16] = [
+        Setting::Budget,
+        Setting::Window,
+        Setting::Schedule,
+        Setting::Buffer,
+        Setting::Kernel,
+        Setting::Pooling,
+        Setting::Lambda,
+        Setting::Granularity,
+        Setting::GqaAgg,
+        Setting::H2oVersion,
+        Setting::Sinks,
+        Setting::SlotOrder,
+        Setting::Beta,
+        Setting::Floor,
+        Setting::SimThreshold,
+        Setting::Eps,
+    ];
+
+    /// Its name as a JSON field (the server's `kv` object): the flag in
+    /// snake case, `--gqa-agg` -> `gqa_agg`.
+    pub fn field(self) -> String {
+        self.flag().trim_start_matches("--").replace('-', "_")
+    }
+
     /// The command-line flag that sets it.
     pub fn flag(self) -> &'static str {
         match self {
