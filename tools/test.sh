@@ -2,7 +2,7 @@
 # The test command: every kernel against its CPU twin on a real Vulkan device,
 # lavapipe (Mesa's software Vulkan) when the machine has no GPU.
 #
-#   tools/test.sh [extra cargo test args]
+#   tools/test.sh [cargo test args]    (none: the whole workspace, C API included)
 #
 # Installs lavapipe with apt when no Vulkan driver is present (needs root;
 # otherwise prints the command to run). WGPU_BACKEND defaults to vulkan.
@@ -32,4 +32,8 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
   export XDG_RUNTIME_DIR
 fi
 
-cargo test "$@"
+if [ $# -eq 0 ]; then
+  cargo test --workspace
+else
+  cargo test "$@"
+fi

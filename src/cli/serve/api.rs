@@ -454,7 +454,9 @@ fn job(app: &App, v: &Value, chat: bool) -> Result<Job, Response> {
     }
     let compression = match v.get("kv") {
         None | Some(Value::Null) => None,
-        Some(kv) => Some(super::kv::compression(kv, &app.compression).map_err(bad)?),
+        Some(kv) => {
+            Some(kvsift::kv::compression::json::from_json(kv, &app.compression).map_err(bad)?)
+        }
     };
     let stream = field_bool(v, "stream")?.unwrap_or(false);
     let include_usage = v

@@ -5,7 +5,6 @@
 //! KV compression in the extension field `kv`.
 
 mod api;
-mod kv;
 mod metrics;
 mod respond;
 mod think;

@@ -6,6 +6,7 @@
 
 pub mod common;
 pub mod gpu;
+pub mod json;
 mod policy;
 
 pub use policy::{LayerCx, LayerJob, Policy, Records, ScoreSource, Setting};

@@ -1,16 +1,21 @@
-//! The request extension `kv`: a JSON object with every compression setting
-//! `kvsift generate` has (`method`, `budget`, `window`, `buffer`,
-//! `schedule`, `kernel`, `pooling`, `granularity`, `gqa_agg`, `lambda`,
-//! `sim_threshold`, `eps`, `slot_order`, `h2o_version`, `sinks`, `beta`,
-//! `floor`), over the server's defaults when `method` is the server's.
+//! Compression settings as JSON (the server's `kv` field, the C API): an
+//! object with every setting `kvsift generate` has (`method`, `budget`,
+//! `window`, `buffer`, `schedule`, `kernel`, `pooling`, `granularity`,
+//! `gqa_agg`, `lambda`, `sim_threshold`, `eps`, `slot_order`, `h2o_version`,
+//! `sinks`, `beta`, `floor`: [`Setting::field`]), over a base's settings
+//! when `method` is the base's (another method starts from its defaults
+//! and the base's window).
 
-use kvsift::kv::compression::{
-    CompressConfig, GqaAgg, Granularity, H2oVersion, Method, Pooling, Schedule, Setting, SlotOrder,
-};
 use serde_json::Value;
 
-/// The request's compression, or a message naming the bad field.
-pub fn compression(v: &Value, server: &CompressConfig) -> Result<CompressConfig, String> {
+use super::{
+    CompressConfig, GqaAgg, Granularity, H2oVersion, Method, Pooling, Schedule, Setting, SlotOrder,
+};
+
+/// The settings `v` gives over `base` (checked: a setting the method does
+/// not read, or a bad value, is an error naming the field as `kv.<field>`).
+pub fn from_json(v: &Value, base: &CompressConfig) -> Result<CompressConfig, String> {
+    let server = base;
     let obj = v
         .as_object()
         .ok_or("kv: must be an object such as {\"method\": \"rkv\", \"budget\": 256}")?;
@@ -77,7 +82,12 @@ pub fn compression(v: &Value, server: &CompressConfig) -> Result<CompressConfig,
             ..server.clone()
         }
     } else {
-        CompressConfig::new(method, budget)
+        // Another method keeps the base's window: the engine records
+        // queries at one window.
+        CompressConfig {
+            window: server.window,
+            ..CompressConfig::new(method, budget)
+        }
     };
     let mut given = vec![];
     let mut known = vec!["method".to_string()];
@@ -177,7 +187,7 @@ pub fn compression(v: &Value, server: &CompressConfig) -> Result<CompressConfig,
     }
     // Name the JSON fields rather than the command-line flags (longest
     // first: no flag's name is then cut by a shorter one's).
-    let named = |e: kvsift::Error| {
+    let named = |e: crate::Error| {
         let mut flags = Setting::ALL.to_vec();
         flags.sort_by_key(|s| std::cmp::Reverse(s.flag().len()));
         let mut m = e.to_string().replace("--kv ", "kv.method ");
