@@ -734,3 +734,67 @@ fn sigterm_drains_running_streams_up_to_the_deadline() {
         }
     }
 }
+
+/// `kvsift bench serve` against a server: every request streamed to its
+/// `max_tokens` (stop tokens ignored), per `kv` setting, with latencies and
+/// each request's peak KV (smaller under R-KV than with the full cache).
+#[test]
+fn bench_serve_measures_a_load_with_and_without_kv() {
+    if kvsift::testing::gpu().is_none() {
+        return;
+    }
+    let s = server(&["--parallel", "4"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_kvsift"))
+        .args([
+            "bench",
+            "serve",
+            "--url",
+            &s.base,
+            "--clients",
+            "3",
+            "--requests",
+            "2",
+        ])
+        .args([
+            "--prompt-tokens",
+            "48",
+            "--max-tokens",
+            "40",
+            "--json",
+            "--kv",
+            "default",
+        ])
+        .args(["--kv", r#"{"method": "rkv", "budget": 24, "buffer": 8}"#])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = j["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for r in runs {
+        assert_eq!(r["requests"], 6, "{r}");
+        assert_eq!(r["output_tokens"], 6 * 40, "{r}");
+        for k in [
+            "requests_per_s",
+            "output_tok_per_s",
+            "ttft_ms_p50",
+            "ttft_ms_p99",
+            "itl_ms_p50",
+            "itl_ms_p99",
+        ] {
+            assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+        }
+        assert!(r["ttft_ms_p50"].as_f64() <= r["ttft_ms_p99"].as_f64());
+    }
+    let peak = |i: usize| runs[i]["peak_kv_bytes_mean"].as_f64().unwrap();
+    assert!(
+        peak(1) < peak(0),
+        "R-KV holds less: {} vs {}",
+        peak(1),
+        peak(0)
+    );
+}

@@ -36,6 +36,9 @@ pub enum BenchMode {
     /// One long generation (or --batch of them): KV pages, bytes and host
     /// memory over time.
     Soak(SoakArgs),
+    /// A load test against a running `kvsift serve`: concurrent streamed
+    /// completions, with and without a `kv` per request.
+    Serve(super::bench_serve::ServeBenchArgs),
 }
 
 /// llama-bench's pp (prompt processing) and tg (token generation) tests.
@@ -197,6 +200,10 @@ pub fn roofline(ctx: &GpuContext) -> anyhow::Result<f64> {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    // The load test is a client: it needs no GPU here.
+    if let Some(BenchMode::Serve(s)) = &a.mode {
+        return super::bench_serve::run(s);
+    }
     let ctx = GpuContext::from_env()?;
     match a.mode {
         None => pp_tg(&ctx, &a.pp_tg),
@@ -217,6 +224,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
         Some(BenchMode::Throughput(a)) => throughput(&ctx, &a),
         Some(BenchMode::Soak(a)) => super::soak::run(&ctx, &a),
+        Some(BenchMode::Serve(_)) => Ok(()),
     }
 }
 

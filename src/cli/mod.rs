@@ -19,6 +19,7 @@ macro_rules! note {
 }
 
 mod bench;
+mod bench_serve;
 mod common;
 mod compress;
 mod eval;

@@ -264,6 +264,9 @@ pub(super) struct Job {
     pub(super) include_usage: bool,
     /// Alternatives per token when logprobs are asked for.
     pub(super) logprobs: Option<usize>,
+    /// Generate through the model's stop tokens (vLLM's `ignore_eos`): to
+    /// `max_tokens`, as load tests want.
+    pub(super) ignore_eos: bool,
 }
 
 /// What logprobs a request asks for: chat's `logprobs: true` with
@@ -475,6 +478,7 @@ fn job(app: &App, v: &Value, chat: bool) -> Result<Job, Response> {
         stream,
         include_usage,
         logprobs,
+        ignore_eos: field_bool(v, "ignore_eos")?.unwrap_or(false),
     })
 }
 
@@ -521,7 +525,11 @@ async fn submit(app: &Arc<App>, job: &Job) -> Result<(Vec<u64>, Events), Respons
             prompt: job.prompt.clone(),
             max_tokens: job.max_tokens.min(context),
             sampling,
-            stop_ids: app.stop_ids.clone(),
+            stop_ids: if job.ignore_eos {
+                vec![]
+            } else {
+                app.stop_ids.clone()
+            },
             compression: job.compression.clone(),
             logprobs: job.logprobs,
         };
