@@ -3,6 +3,8 @@
 //! streamed completions each, fixed prompt and output lengths, once per
 //! `--kv` setting; requests/s, output tokens/s, time to first token and
 //! inter-token latency (p50, p99), and the KV each request peaked at.
+//! Latencies are measured on the stream's text chunks: a token that shows
+//! no text (a special token, part of a character) arrives with the next.
 
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
@@ -32,6 +34,10 @@ pub struct ServeBenchArgs {
     /// one run. Default: one run with the server's.
     #[arg(long)]
     pub kv: Vec<String>,
+    /// Sampling temperature (each request its own seed): sampled text keeps
+    /// a random-weight model off the special tokens that show no text.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
     /// Sent as `Authorization: Bearer KEY`.
     #[arg(long, env = "KVSIFT_API_KEY")]
     pub api_key: Option<String>,
@@ -181,7 +187,7 @@ pub fn run(a: &ServeBenchArgs) -> anyhow::Result<()> {
     let mut rows = vec![];
     for kv in &kvs {
         let mut body = json!({
-            "prompt": prompt, "max_tokens": a.max_tokens, "temperature": 0,
+            "prompt": prompt, "max_tokens": a.max_tokens, "temperature": a.temperature,
             "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true},
         });
         if let Some(kv) = kv {
@@ -190,11 +196,17 @@ pub fn run(a: &ServeBenchArgs) -> anyhow::Result<()> {
         let start = Instant::now();
         let results: Vec<anyhow::Result<Vec<Sample>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..a.clients)
-                .map(|_| {
+                .map(|c| {
                     let body = &body;
                     scope.spawn(move || {
                         let agent = agent();
-                        (0..a.requests).map(|_| one(a, &agent, body)).collect()
+                        (0..a.requests)
+                            .map(|r| {
+                                let mut body = body.clone();
+                                body["seed"] = json!(c * a.requests + r);
+                                one(a, &agent, &body)
+                            })
+                            .collect()
                     })
                 })
                 .collect();
