@@ -421,6 +421,38 @@ fn bad_requests_get_openai_shaped_errors() {
         ),
         (r#"{"prompt": "hi", "stop": 7}"#, ok, 400, "stop"),
         (&long, ok, 400, "exceed"),
+        // Sampling errors name the JSON field, not the command-line flag.
+        (
+            r#"{"prompt": "hi", "temperature": -1}"#,
+            ok,
+            400,
+            "for temperature",
+        ),
+        (r#"{"prompt": "hi", "top_p": 0}"#, ok, 400, "for top_p"),
+        // What kvsift does not do is refused, never silently ignored.
+        (
+            r#"{"prompt": "hi", "presence_penalty": 0.5}"#,
+            ok,
+            400,
+            "presence_penalty",
+        ),
+        (
+            r#"{"prompt": "hi", "logit_bias": {"5": 10}}"#,
+            ok,
+            400,
+            "logit_bias",
+        ),
+        (r#"{"prompt": "hi", "suffix": "end"}"#, ok, 400, "suffix"),
+        (r#"{"prompt": "hi", "best_of": 3}"#, ok, 400, "best_of"),
+        (
+            r#"{"prompt": "hi", "echo": true, "logprobs": 1}"#,
+            ok,
+            400,
+            "echo",
+        ),
+        (r#"{"prompt": [[1, 2], "x", 3]}"#, ok, 400, "prompt"),
+        (r#"{"prompt": [999999]}"#, ok, 400, "vocabulary"),
+        (r#"{"prompt": ["a", "b", "c"], "n": 30}"#, ok, 400, "n"),
     ] {
         let (got, j) = send(body, key);
         assert_eq!(got, status, "{body}: {j}");
@@ -428,9 +460,119 @@ fn bad_requests_get_openai_shaped_errors() {
         assert!(msg.contains(needle), "{body}: {msg}");
         assert!(j["error"]["type"].is_string(), "{j}");
     }
+    // The neutral values of what is refused above are accepted.
+    let (got, j) = send(
+        r#"{"prompt": "hi", "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "best_of": 1, "top_k": -1}"#,
+        ok,
+    );
+    assert_eq!(got, 200, "{j}");
+    let chat = |body: &str| -> (u16, Value) {
+        let mut r = agent()
+            .post(&format!("{}/v1/chat/completions", s.base))
+            .header("Authorization", "Bearer sekrit")
+            .content_type("application/json")
+            .send(body)
+            .unwrap();
+        let status = r.status().as_u16();
+        (
+            status,
+            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap(),
+        )
+    };
+    let m = r#""messages": [{"role": "user", "content": "hi"}], "max_tokens": 2"#;
+    for (extra, status, needle) in [
+        (
+            r#""response_format": {"type": "json_object"}"#,
+            400,
+            "response_format",
+        ),
+        (
+            r#""tools": [{"type": "function", "function": {"name": "f"}}]"#,
+            400,
+            "tools",
+        ),
+        (
+            r#""tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none""#,
+            200,
+            "",
+        ),
+        (r#""response_format": {"type": "text"}"#, 200, ""),
+    ] {
+        let (got, j) = chat(&format!("{{{m}, {extra}}}"));
+        assert_eq!(got, status, "{extra}: {j}");
+        assert!(
+            j["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(needle),
+            "{j}"
+        );
+    }
+    let mut r = agent()
+        .post(&format!("{}/detokenize", s.base))
+        .header("Authorization", "Bearer sekrit")
+        .send_json(json!({"tokens": [4000000000u64]}))
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        400,
+        "{}",
+        r.body_mut().read_to_string().unwrap()
+    );
     // The server goes on serving.
     let (got, _) = send(r#"{"prompt": "hi", "max_tokens": 2}"#, ok);
     assert_eq!(got, 200);
+}
+
+/// A completions request with several prompts (strings or token-id lists)
+/// answers each with its `n` choices, indexed prompt by prompt, each what
+/// the prompt alone gets; `echo` puts the prompt before its text.
+#[test]
+fn batched_prompts_and_echo() {
+    if kvsift::testing::gpu().is_none() {
+        return;
+    }
+    let s = server(&[]);
+    let prompts = ["the quiet grey cat", "down by the river"];
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let (_, j) = post(
+                &s,
+                "/v1/completions",
+                json!({"prompt": p, "max_tokens": 8, "temperature": 0}),
+            );
+            j["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let (_, ids) = post(
+        &s,
+        "/tokenize",
+        json!({"content": prompts[1], "add_special": true}),
+    );
+    let body =
+        json!({"prompt": [prompts[0], ids["tokens"]], "max_tokens": 8, "temperature": 0, "n": 2});
+    let (status, j) = post(&s, "/v1/completions", body.clone());
+    assert_eq!(status, 200, "{j}");
+    let choices = j["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    for (k, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], k);
+        assert_eq!(c["text"], alone[k / 2].as_str(), "choice {k}");
+    }
+    assert_eq!(j["usage"]["completion_tokens"], 4 * 8);
+    let mut echo = json!({"prompt": prompts[0], "max_tokens": 8, "temperature": 0, "echo": true});
+    let (_, j) = post(&s, "/v1/completions", echo.clone());
+    assert_eq!(
+        j["choices"][0]["text"],
+        format!("{}{}", prompts[0], alone[0])
+    );
+    echo["stream"] = json!(true);
+    let text: String = stream(&s, "/v1/completions", echo)
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, format!("{}{}", prompts[0], alone[0]));
 }
 
 #[test]

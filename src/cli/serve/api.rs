@@ -240,6 +240,14 @@ pub async fn detokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: B
     let Some(ids) = ids else {
         return bad("tokens: a list of token ids is required");
     };
+    if let Some(m) = app.svc.model()
+        && let Some(&id) = ids.iter().find(|&&id| id as usize >= m.vocab_size)
+    {
+        return bad(format!(
+            "tokens: {id} is outside the vocabulary of {}",
+            m.vocab_size
+        ));
+    }
     match app.tokenizer.decode(&ids, true) {
         Ok(text) => Json(json!({"content": text})).into_response(),
         Err(e) => bad(e.to_string()),
@@ -255,7 +263,11 @@ pub(super) struct Job {
     pub(super) opens_think: bool,
     /// Choices to generate (each its own engine request; seeds seed, seed + 1, ...).
     pub(super) n: usize,
-    pub(super) prompt: Vec<u32>,
+    /// One or more prompts (completions may batch them); choice `p * n + i`
+    /// is prompt p's i-th.
+    pub(super) prompts: Vec<Vec<u32>>,
+    /// `echo`: each prompt's text, put before its choices' text.
+    pub(super) echo: Option<Vec<String>>,
     pub(super) max_tokens: usize,
     pub(super) sampling: kvsift::ops::sample::SamplingParams,
     pub(super) stop: Vec<String>,
@@ -351,9 +363,123 @@ fn content_text(c: &Value, i: usize) -> Result<String, Response> {
     }
 }
 
+/// A prompt's token ids, from a string or a list of ids.
+fn prompt_ids(app: &App, p: &Value, what: &str) -> Result<Option<Vec<u32>>, Response> {
+    match p {
+        Value::String(s) => app
+            .tokenizer
+            .encode(s, true)
+            .map(Some)
+            .map_err(|e| bad(format!("{what}: {e}"))),
+        Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_u64) => Ok(Some(
+            a.iter()
+                .map(|x| {
+                    x.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .unwrap_or(u32::MAX)
+                })
+                .collect(),
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// Most prompts one completions request may carry.
+const MAX_PROMPTS: usize = 64;
+
+/// The prompts of a completions request (a string, a list of ids, or a list
+/// of either) and, for `echo`, their texts.
+fn completion_prompts(app: &App, v: &Value) -> Result<(Vec<Vec<u32>>, Vec<String>), Response> {
+    const SHAPE: &str = "prompt: a string, a list of token ids, or a list of strings or of token-id lists is required";
+    let p = v.get("prompt").ok_or_else(|| bad(SHAPE))?;
+    let items: Vec<&Value> = match p {
+        Value::Array(a) if !a.is_empty() && !a.iter().all(Value::is_u64) => a.iter().collect(),
+        p => vec![p],
+    };
+    if items.len() > MAX_PROMPTS {
+        return Err(bad(format!(
+            "prompt: {} prompts, at most {MAX_PROMPTS}",
+            items.len()
+        )));
+    }
+    let mut ids = vec![];
+    let mut texts = vec![];
+    for (i, item) in items.iter().enumerate() {
+        let what = if items.len() > 1 {
+            format!("prompt[{i}]")
+        } else {
+            "prompt".into()
+        };
+        let p = prompt_ids(app, item, &what)?.ok_or_else(|| bad(SHAPE))?;
+        texts.push(match item {
+            Value::String(s) => s.clone(),
+            _ => app.tokenizer.decode(&p, false).unwrap_or_default(),
+        });
+        ids.push(p);
+    }
+    Ok((ids, texts))
+}
+
+/// OpenAI fields kvsift does not implement: an error when one asks for
+/// something (a value other than the neutral one), never silently ignored.
+fn refuse_unsupported(v: &Value, chat: bool) -> Result<(), Response> {
+    let nonzero = |k: &str| v.get(k).and_then(Value::as_f64).is_some_and(|x| x != 0.0);
+    for k in ["presence_penalty", "frequency_penalty"] {
+        if nonzero(k) {
+            return Err(bad(format!(
+                "{k}: not supported (use repetition_penalty); only 0 is accepted"
+            )));
+        }
+    }
+    if v.get("logit_bias")
+        .is_some_and(|b| b.as_object().is_some_and(|m| !m.is_empty()))
+    {
+        return Err(bad("logit_bias: not supported"));
+    }
+    if v.get("min_tokens")
+        .and_then(Value::as_u64)
+        .is_some_and(|n| n > 0)
+    {
+        return Err(bad("min_tokens: not supported"));
+    }
+    if let Some(f) = v.get("response_format").filter(|f| !f.is_null())
+        && f.get("type").and_then(Value::as_str) != Some("text")
+    {
+        return Err(bad(
+            "response_format: only {\"type\": \"text\"} is supported (no constrained decoding)",
+        ));
+    }
+    if chat
+        && v.get("tools")
+            .is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()))
+        && v.get("tool_choice").and_then(Value::as_str) != Some("none")
+    {
+        return Err(bad(
+            "tools: tool calling is not supported (send no tools, or tool_choice \"none\")",
+        ));
+    }
+    if !chat {
+        if v.get("suffix")
+            .is_some_and(|s| s.as_str().is_some_and(|s| !s.is_empty()))
+        {
+            return Err(bad("suffix: not supported"));
+        }
+        let n = v.get("n").and_then(Value::as_u64).unwrap_or(1);
+        if v.get("best_of")
+            .and_then(Value::as_u64)
+            .is_some_and(|b| b != n)
+        {
+            return Err(bad("best_of: only equal to n is supported"));
+        }
+    }
+    Ok(())
+}
+
 fn job(app: &App, v: &Value, chat: bool) -> Result<Job, Response> {
+    refuse_unsupported(v, chat)?;
     let mut opens_think = false;
-    let prompt = if chat {
+    let mut echo = None;
+    let prompts = if chat {
         let msgs = v
             .get("messages")
             .and_then(Value::as_array)
@@ -383,42 +509,37 @@ fn job(app: &App, v: &Value, chat: bool) -> Result<Job, Response> {
             .apply_chat_template_with(&messages, true, &kwargs)
             .map_err(|e| bad(format!("messages: {e}")))?;
         opens_think = text.trim_end().ends_with("<think>");
-        app.tokenizer
-            .encode(&text, false)
-            .map_err(|e| bad(format!("messages: {e}")))?
+        vec![
+            app.tokenizer
+                .encode(&text, false)
+                .map_err(|e| bad(format!("messages: {e}")))?,
+        ]
     } else {
-        match v.get("prompt") {
-            Some(Value::String(s)) => app
-                .tokenizer
-                .encode(s, true)
-                .map_err(|e| bad(format!("prompt: {e}")))?,
-            Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => app
-                .tokenizer
-                .encode(a[0].as_str().unwrap_or_default(), true)
-                .map_err(|e| bad(format!("prompt: {e}")))?,
-            Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_u64) => a
-                .iter()
-                .map(|x| {
-                    x.as_u64()
-                        .and_then(|n| u32::try_from(n).ok())
-                        .unwrap_or(u32::MAX)
-                })
-                .collect(),
-            _ => {
-                return Err(bad(
-                    "prompt: a string (or one string in a list, or a list of token ids) is required",
-                ));
-            }
+        let (ids, texts) = completion_prompts(app, v)?;
+        if field_bool(v, "echo")?.unwrap_or(false) {
+            echo = Some(texts);
         }
+        ids
     };
-    if prompt.is_empty() {
+    if prompts.iter().any(Vec::is_empty) {
         return Err(bad("prompt: empty after tokenization"));
     }
     let n = field_u64(v, "n")?.unwrap_or(1);
     if !(1..=MAX_CHOICES as u64).contains(&n) {
         return Err(bad(format!("n: {n}, expected 1 to {MAX_CHOICES}")));
     }
+    if prompts.len() * n as usize > MAX_PROMPTS {
+        return Err(bad(format!(
+            "{} prompts x n = {n}: at most {MAX_PROMPTS} choices",
+            prompts.len()
+        )));
+    }
     let logprobs = logprobs(v, chat)?;
+    if echo.is_some() && logprobs.is_some() {
+        return Err(bad(
+            "echo with logprobs: the prompt's logprobs are not supported",
+        ));
+    }
     let max_tokens = field_u64(v, "max_completion_tokens")?
         .or(field_u64(v, "max_tokens")?)
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
@@ -433,7 +554,10 @@ fn job(app: &App, v: &Value, chat: bool) -> Result<Job, Response> {
     if let Some(p) = field_f64(v, "min_p")? {
         sampling.min_p = p as f32;
     }
-    if let Some(k) = field_u64(v, "top_k")? {
+    // vLLM's -1 (and 0) mean no top-k.
+    if v.get("top_k").and_then(Value::as_i64) == Some(-1) {
+        sampling.top_k = 0;
+    } else if let Some(k) = field_u64(v, "top_k")? {
         sampling.top_k = usize::try_from(k).unwrap_or(usize::MAX);
     }
     if let Some(p) = field_f64(v, "repetition_penalty")? {
@@ -470,7 +594,8 @@ fn job(app: &App, v: &Value, chat: bool) -> Result<Job, Response> {
     Ok(Job {
         opens_think,
         n: n as usize,
-        prompt,
+        prompts,
+        echo,
         max_tokens,
         sampling,
         stop,
@@ -493,6 +618,22 @@ impl Drop for InFlight {
 
 /// Each choice's events: (choice index, event, its report with the last).
 pub(super) type Events = mpsc::UnboundedReceiver<(usize, Event, Option<SequenceReport>)>;
+
+/// An engine message with the JSON fields for the command-line flags.
+fn json_names(m: &str) -> String {
+    let mut m = m.to_string();
+    for (flag, field) in [
+        ("--repetition-penalty", "repetition_penalty"),
+        ("--temperature", "temperature"),
+        ("--top-p", "top_p"),
+        ("--top-k", "top_k"),
+        ("--min-p", "min_p"),
+        ("--seed", "seed"),
+    ] {
+        m = m.replace(flag, field);
+    }
+    m
+}
 
 /// Queues the job's choices on the engine; their ids and events.
 async fn submit(app: &Arc<App>, job: &Job) -> Result<(Vec<u64>, Events), Response> {
@@ -518,11 +659,16 @@ async fn submit(app: &Arc<App>, job: &Job) -> Result<(Vec<u64>, Events), Respons
         .map_or(usize::MAX, |m| m.max_position_embeddings);
     let (tx, rx) = mpsc::unbounded_channel();
     let mut ids = vec![];
-    for i in 0..job.n {
+    for (choice, (prompt, i)) in job
+        .prompts
+        .iter()
+        .flat_map(|p| (0..job.n).map(move |i| (p, i)))
+        .enumerate()
+    {
         let mut sampling = job.sampling;
         sampling.seed = sampling.seed.wrapping_add(i as u64);
         let req = Request {
-            prompt: job.prompt.clone(),
+            prompt: prompt.clone(),
             max_tokens: job.max_tokens.min(context),
             sampling,
             stop_ids: if job.ignore_eos {
@@ -533,6 +679,7 @@ async fn submit(app: &Arc<App>, job: &Job) -> Result<(Vec<u64>, Events), Respons
             compression: job.compression.clone(),
             logprobs: job.logprobs,
         };
+        let i = choice;
         let tx = tx.clone();
         let sink: kvsift::engine::service::Sink = Box::new(move |ev, report| {
             let _ = tx.send((i, ev, report));
@@ -548,7 +695,7 @@ async fn submit(app: &Arc<App>, job: &Job) -> Result<(Vec<u64>, Events), Respons
                     e.to_string(),
                 )
             })
-            .and_then(|r| r.map_err(|e| bad(e.to_string())));
+            .and_then(|r| r.map_err(|e| bad(json_names(&e.to_string()))));
         match added {
             Ok(id) => ids.push(id),
             Err(r) => {
@@ -605,9 +752,10 @@ async fn generate(app: Arc<App>, headers: HeaderMap, body: Bytes, chat: bool) ->
     };
     let id = ids[0];
     app.metrics.requests.fetch_add(1, Ordering::Relaxed);
-    app.metrics
-        .prompt_tokens
-        .fetch_add((job.prompt.len() * ids.len()) as u64, Ordering::Relaxed);
+    app.metrics.prompt_tokens.fetch_add(
+        (job.prompts.iter().map(Vec::len).sum::<usize>() * job.n) as u64,
+        Ordering::Relaxed,
+    );
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

@@ -268,7 +268,8 @@ impl Choice<'_> {
 
 fn usage(job: &Job, choices: &[Choice]) -> Value {
     let n: usize = choices.iter().map(|c| c.tokens).sum();
-    json!({"prompt_tokens": job.prompt.len(), "completion_tokens": n, "total_tokens": job.prompt.len() + n})
+    let prompt: usize = job.prompts.iter().map(Vec::len).sum();
+    json!({"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n})
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -326,7 +327,11 @@ pub(super) async fn whole(
             }
             json!({"index": i, "message": message, "finish_reason": c.reason, "logprobs": logprobs})
         } else {
-            json!({"index": i, "text": out, "finish_reason": c.reason, "logprobs": logprobs})
+            let text = match &job.echo {
+                Some(prompts) => format!("{}{out}", prompts[i / job.n]),
+                None => out,
+            };
+            json!({"index": i, "text": text, "finish_reason": c.reason, "logprobs": logprobs})
         });
     }
     let reports: Vec<Option<SequenceReport>> = choices.iter().map(|c| c.report.clone()).collect();
@@ -407,6 +412,15 @@ pub(super) fn stream(
                 let d = Delta {
                     content: Some(""),
                     first: true,
+                    ..Delta::default()
+                };
+                alive = alive && send(chunk(i, d)).await;
+            }
+        }
+        if let Some(prompts) = &job.echo {
+            for i in 0..ids.len() {
+                let d = Delta {
+                    content: Some(&prompts[i / job.n]),
                     ..Delta::default()
                 };
                 alive = alive && send(chunk(i, d)).await;
