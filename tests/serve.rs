@@ -519,6 +519,14 @@ fn bad_requests_get_openai_shaped_errors() {
         "{}",
         r.body_mut().read_to_string().unwrap()
     );
+    for (id, status) in [("tiny-llama", 200), ("gpt-4", 404)] {
+        let r = agent()
+            .get(&format!("{}/v1/models/{id}", s.base))
+            .header("Authorization", "Bearer sekrit")
+            .call()
+            .unwrap();
+        assert_eq!(r.status(), status, "{id}");
+    }
     // The server goes on serving.
     let (got, _) = send(r#"{"prompt": "hi", "max_tokens": 2}"#, ok);
     assert_eq!(got, 200);

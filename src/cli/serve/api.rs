@@ -185,6 +185,27 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
+/// One model by id (`GET /v1/models/{id}`): the served one, or 404.
+pub async fn model(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorize(&app, &headers) {
+        return r;
+    }
+    if id != app.model_name {
+        return error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("model {id:?}: this server serves {:?}", app.model_name),
+        );
+    }
+    Json(json!({"id": app.model_name, "object": "model", "created": app.created, "owned_by": "kvsift"}))
+        .into_response()
+}
+
 pub async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,

@@ -135,6 +135,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let router = Router::new()
         .route("/health", get(api::health))
         .route("/v1/models", get(api::models))
+        .route("/v1/models/{id}", get(api::model))
         .route("/v1/completions", post(api::completions))
         .route("/v1/chat/completions", post(api::chat_completions))
         .route("/tokenize", post(api::tokenize))
