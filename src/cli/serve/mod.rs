@@ -6,6 +6,7 @@
 
 mod api;
 mod metrics;
+mod request;
 mod respond;
 mod think;
 

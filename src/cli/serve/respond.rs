@@ -18,7 +18,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::App;
-use super::api::{Events, InFlight, Job, error};
+use super::api::{Events, InFlight, error};
+use super::request::Job;
 use super::think::Think;
 
 /// Text as it grows, held back while it could be the start of a stop string.
