@@ -180,6 +180,7 @@ impl Scheduler {
             s.id,
             SequenceReport {
                 slots_per_layer: s.tables.slots_per_layer(),
+                slots_per_head: s.tables.slots_per_head(),
                 compression_passes: s.passes,
                 slots_dropped: s.slots_dropped,
                 peak_kv_pages: s.peak_pages,

@@ -176,6 +176,8 @@ impl TokenLogprobs {
 pub struct SequenceReport {
     /// KV slots it held per layer when it left (summed over heads).
     pub slots_per_layer: Vec<usize>,
+    /// KV slots each stored head held when it left, `[layer][head]`.
+    pub slots_per_head: Vec<Vec<usize>>,
     /// Compression passes over its cache.
     pub compression_passes: u64,
     /// Slots those passes dropped (summed over layers and heads).

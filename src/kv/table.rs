@@ -171,6 +171,13 @@ impl SeqTables {
             .map(|l| (0..self.n_heads).map(|h| self.head(l, h).len).sum())
             .collect()
     }
+
+    /// Slots each stored head holds, `[layer][head]`.
+    pub fn slots_per_head(&self) -> Vec<Vec<usize>> {
+        (0..self.n_layers)
+            .map(|l| (0..self.n_heads).map(|h| self.head(l, h).len).collect())
+            .collect()
+    }
 }
 
 #[cfg(test)]

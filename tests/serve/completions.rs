@@ -89,6 +89,17 @@ fn per_request_kv_equals_generate_with_the_same_flags() {
             ext["kv_slots_per_layer"], want["kv_slots_per_layer"],
             "kv {kv}"
         );
+        // Per head: the layer's heads sum to the layer's slots.
+        let heads = ext["kv_slots_per_head"].as_array().unwrap();
+        for (layer, hs) in heads.iter().enumerate() {
+            let sum: u64 = hs
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| h.as_u64().unwrap())
+                .sum();
+            assert_eq!(ext["kv_slots_per_layer"][layer], sum, "kv {kv}");
+        }
         let engine = &want["kv"];
         let passes = engine["compression"]["passes"].as_u64().unwrap_or(0);
         assert_eq!(ext["compression_passes"], passes, "kv {kv}: {ext}");

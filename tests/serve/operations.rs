@@ -252,6 +252,18 @@ fn bad_requests_get_openai_shaped_errors() {
         "{}",
         r.body_mut().read_to_string().unwrap()
     );
+    // A body past the limit and a wrong method: OpenAI-shaped too.
+    let big = format!("{{\"prompt\": \"{}\"}}", "x".repeat(65 << 20));
+    let (got, j) = send(&big, ok);
+    assert_eq!(got, 413, "{j}");
+    assert!(j["error"]["message"].is_string(), "{j}");
+    let mut r = agent()
+        .get(&format!("{}/v1/completions", s.base))
+        .call()
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let j: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert!(j["error"]["message"].is_string(), "{j}");
     for (id, status) in [("tiny-llama", 200), ("gpt-4", 404)] {
         let r = agent()
             .get(&format!("{}/v1/models/{id}", s.base))

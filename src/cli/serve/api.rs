@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kvsift::engine::service::ServiceState;
@@ -206,6 +207,15 @@ pub async fn model(
         .into_response()
 }
 
+pub async fn method_not_allowed() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
+}
+
 pub async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
@@ -215,7 +225,22 @@ pub async fn not_found() -> Response {
     )
 }
 
-fn parse(body: &Bytes) -> Result<Value, Response> {
+/// A request body as it arrived, or why it could not be read (too large,
+/// cut short): answered in OpenAI's shape like any other error.
+pub type Body = Result<Bytes, BytesRejection>;
+
+fn parse(body: &Body) -> Result<Value, Response> {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return Err(error(
+                e.status(),
+                "invalid_request_error",
+                "bad_body",
+                format!("the body could not be read: {}", e.body_text()),
+            ));
+        }
+    };
     let v: Value =
         serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
     if !v.is_object() {
@@ -224,7 +249,7 @@ fn parse(body: &Bytes) -> Result<Value, Response> {
     Ok(v)
 }
 
-pub async fn tokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn tokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
     if let Err(r) = authorize(&app, &headers) {
         return r;
     }
@@ -245,7 +270,7 @@ pub async fn tokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: Byt
     }
 }
 
-pub async fn detokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn detokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
     if let Err(r) = authorize(&app, &headers) {
         return r;
     }
@@ -377,19 +402,19 @@ async fn submit(app: &Arc<App>, job: &Job) -> Result<(Vec<u64>, Events), Respons
     Ok((ids, rx))
 }
 
-pub async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
     generate(app, headers, body, false).await
 }
 
 pub async fn chat_completions(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     generate(app, headers, body, true).await
 }
 
-async fn generate(app: Arc<App>, headers: HeaderMap, body: Bytes, chat: bool) -> Response {
+async fn generate(app: Arc<App>, headers: HeaderMap, body: Body, chat: bool) -> Response {
     if let Err(r) = authorize(&app, &headers) {
         return r;
     }

@@ -143,6 +143,9 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         .route("/detokenize", post(api::detokenize))
         .route("/metrics", get(api::metrics))
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        // Prompts of a long context fit: 64 MiB of JSON.
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(app.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -96,6 +96,7 @@ fn kv_report(app: &App, job: &Job, reports: &[Option<SequenceReport>]) -> Value 
         "kv_slots_total": slots.as_ref().map(|s| s.iter().sum::<usize>()),
         "kv_slots_per_layer_mean": slots.as_ref().map(|s| s.iter().sum::<usize>() as f64 / layers as f64),
         "kv_slots_per_layer": slots,
+        "kv_slots_per_head": first.as_ref().map(|r| &r.slots_per_head),
         "compression_passes": first.as_ref().map(|r| r.compression_passes),
         "slots_dropped": first.as_ref().map(|r| r.slots_dropped),
         "peak_kv_bytes": first.as_ref().map(|r| r.peak_kv_bytes),

@@ -353,6 +353,7 @@ fn a_report_keeps_the_peak_pages_past_a_truncation_and_is_taken_once() {
     assert_eq!(alloc.pages_in_use(), 0);
     let r = s.report(0).expect("a report for the cancelled request");
     assert_eq!(r.slots_per_layer, [5]);
+    assert_eq!(r.slots_per_head, [[5]]);
     assert_eq!((r.compression_passes, r.slots_dropped), (1, 11));
     assert_eq!((r.peak_kv_pages, r.peak_kv_bytes), (4, 4 * 64));
     assert!(s.take_report(0).is_some());
