@@ -15,11 +15,34 @@ use kvsift::model::{Message, TextStream, TextTokenizer};
 use crate::settings;
 use crate::{Failure, KvsiftEvent, KvsiftEventKind, KvsiftFinish, KvsiftStats, KvsiftStatus};
 
+/// A value on the heap at a fixed address, freed when this is dropped;
+/// what borrows it must be dropped first (a raw pointer, not a `Box`, so
+/// moving the owner asserts nothing about the borrows).
+struct Pinned<T>(std::ptr::NonNull<T>);
+
+impl<T> Pinned<T> {
+    fn new(v: T) -> Self {
+        Self(std::ptr::NonNull::from(Box::leak(Box::new(v))))
+    }
+
+    /// SAFETY (the caller's): the reference must not outlive `self`.
+    unsafe fn get(&self) -> &'static T {
+        unsafe { self.0.as_ref() }
+    }
+}
+
+impl<T> Drop for Pinned<T> {
+    fn drop(&mut self) {
+        // SAFETY: made by Box::leak in `new`, freed once, here.
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+    }
+}
+
 /// An engine: a model on the GPU, its requests and their events. Made by
 /// `kvsift_engine_open`, freed by `kvsift_engine_free`.
 // The engine borrows the GPU context and the text streams borrow the
-// tokenizer; both live in boxes this struct owns (their addresses never
-// move) and are declared after their borrowers, so they are dropped last.
+// tokenizer; both are `Pinned` and declared after their borrowers, so they
+// are dropped last.
 pub struct KvsiftEngine {
     engine: Engine<'static>,
     streams: HashMap<RequestId, TextStream<'static>>,
@@ -29,9 +52,9 @@ pub struct KvsiftEngine {
     stop_ids: Vec<u32>,
     defaults: GenerationDefaults,
     compression: CompressConfig,
-    tokenizer: Box<TextTokenizer>,
+    tokenizer: Pinned<TextTokenizer>,
     /// Never read: owned for the engine's borrow.
-    _ctx: Box<GpuContext>,
+    _ctx: Pinned<GpuContext>,
 }
 
 fn event(request: RequestId, kind: KvsiftEventKind) -> KvsiftEvent {
@@ -62,15 +85,16 @@ impl KvsiftEngine {
             ));
         }
         let compression = config.compression.clone();
-        let tokenizer = Box::new(TextTokenizer::load(dir)?);
+        let tokenizer = Pinned::new(TextTokenizer::load(dir)?);
         let defaults = GenerationDefaults::load(dir)?;
         let mut stop_ids = defaults.eos_token_ids.clone();
-        stop_ids.extend(tokenizer.eos_id());
-        let ctx = Box::new(GpuContext::from_env()?);
-        // SAFETY: the context lives in a box owned by the returned struct,
-        // which drops `engine` (declared first) before `ctx`; the box's
-        // contents never move while the engine borrows them.
-        let ctx_ref: &'static GpuContext = unsafe { &*(ctx.as_ref() as *const GpuContext) };
+        // SAFETY: tokenizer outlives this borrow (dropped after `self`'s users).
+        stop_ids.extend(unsafe { tokenizer.get() }.eos_id());
+        let ctx = Pinned::new(GpuContext::from_env()?);
+        // SAFETY: `ctx` moves into the returned struct, which drops `engine`
+        // (declared first) before it; on an error below, the weights and
+        // engine that borrow it are gone before it is.
+        let ctx_ref: &'static GpuContext = unsafe { ctx.get() };
         let weights = load_weights(ctx_ref, dir, weights_dtype, false)?;
         let engine =
             Engine::new(ctx_ref, weights, config).map_err(|e| settings::name_fields(e.into()))?;
@@ -88,9 +112,9 @@ impl KvsiftEngine {
     }
 
     fn tokenizer(&self) -> &'static TextTokenizer {
-        // SAFETY: as for the context in `open`: boxed, owned, dropped after
+        // SAFETY: as for the context in `open`: pinned, owned, dropped after
         // the streams (declared before it) that hold this reference.
-        unsafe { &*(self.tokenizer.as_ref() as *const TextTokenizer) }
+        unsafe { self.tokenizer.get() }
     }
 
     pub(crate) fn add(&mut self, prompt: &str, request: Option<&str>) -> Result<u64, Failure> {
