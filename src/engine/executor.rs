@@ -202,6 +202,14 @@ impl Engine<'_> {
     /// generated token but the pending one, compressing where the decode
     /// schedule did. False if the pool ran out on the way.
     fn replay(&mut self, s: &mut Sequence) -> Result<bool> {
+        // It redoes passes the sequence already had: its report counts them once.
+        let counted = (s.passes, s.slots_dropped);
+        let replayed = self.replay_steps(s);
+        (s.passes, s.slots_dropped) = counted;
+        replayed
+    }
+
+    fn replay_steps(&mut self, s: &mut Sequence) -> Result<bool> {
         let prompt = s.req.prompt.len();
         self.grow_tables(s, prompt)?;
         self.prefill_chunks(s, prompt, false)?;

@@ -164,6 +164,12 @@ fn preemption_gives_each_request_its_tokens_alone_for_every_method() {
             .collect();
         // The same requests together, in a roomy pool: batching alone changes nothing.
         assert_eq!(run(&mut roomy, reqs).0, alone, "{what}: batched");
+        let reports = |e: &Engine| -> Vec<_> {
+            (0..reqs.len() as u64)
+                .map(|id| e.report(id).cloned())
+                .collect()
+        };
+        let unpreempted = reports(&roomy);
         // Room for the largest sequence and about half of the others.
         let biggest = *peaks.iter().max().unwrap();
         let pages = biggest + (peaks.iter().sum::<u64>() - biggest) / 2;
@@ -180,6 +186,9 @@ fn preemption_gives_each_request_its_tokens_alone_for_every_method() {
                 "{what} {mode:?}: {events:?}"
             );
             assert_eq!(got, alone, "{what} {mode:?}: preempted requests differ");
+            // Each request's report (slots, passes, drops, peak) counts its
+            // cache's history once, however often it was swapped or replayed.
+            assert_eq!(reports(&e), unpreempted, "{what} {mode:?}: reports differ");
             assert_eq!(stats.pool.pages_in_use, 0, "{what} {mode:?}");
             assert_eq!(stats.swapped_bytes, 0, "{what} {mode:?}");
             assert!(stats.peak_pages_in_use as u64 <= pages);
