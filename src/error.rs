@@ -82,6 +82,10 @@ pub enum Error {
     #[error("{path}: not a valid safetensors file: {reason}")]
     BadSafetensors { path: PathBuf, reason: String },
 
+    /// A file is not valid GGUF (corrupt, truncated, bad header or metadata).
+    #[error("{path}: not a valid GGUF file: {reason}")]
+    BadGguf { path: PathBuf, reason: String },
+
     /// A tensor is missing, or its shape or dtype disagrees with the config.
     #[error("{path}: tensor {tensor:?}: {reason}")]
     BadTensor {

@@ -136,6 +136,7 @@ impl From<kvsift::Error> for Failure {
             | E::BadConfig { .. }
             | E::UnsupportedModel { .. }
             | E::BadSafetensors { .. }
+            | E::BadGguf { .. }
             | E::BadTensor { .. }
             | E::Tokenizer { .. } => KvsiftStatus::KvsiftModel,
             _ => KvsiftStatus::KvsiftInvalidArgument,

@@ -1,7 +1,9 @@
 //! Hugging Face checkpoints: config, safetensors weights, tokenizer, the GPU
-//! model (one file per architecture family) and the CPU reference forward.
+//! model (one file per architecture family) and the CPU reference forward;
+//! GGUF files (`gguf`).
 
 pub mod config;
+pub mod gguf;
 pub mod llama;
 pub mod reference;
 pub mod tokenizer;
