@@ -12,6 +12,7 @@ pub mod linear;
 pub mod nll;
 pub mod paged_attention;
 pub mod pages;
+pub mod quant;
 pub mod rmsnorm;
 pub mod rope;
 pub mod sample;

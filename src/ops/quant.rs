@@ -1,0 +1,186 @@
+//! Quantized weight blocks exactly as llama.cpp (ggml) lays them out, so
+//! GGUF blocks go to the GPU as they are: the host half (quantizers with
+//! llama.cpp's reference semantics, dequantizers that are the CPU twins of
+//! the kernels that read the blocks).
+//!
+//! - q8_0: 32 weights in 34 bytes: f16 scale `d`, 32 int8 `q`; `x = d * q`.
+//! - q4_0: 32 weights in 18 bytes: f16 `d`, 16 bytes of nibbles (low nibbles
+//!   elements 0-15, high 16-31); `x = d * (q - 8)`.
+//! - q4_K: 256 weights in 144 bytes: f16 `d`, f16 `dmin`, 12 bytes packing
+//!   eight 6-bit scales and mins, 128 bytes of nibbles (each 32 bytes: the
+//!   low nibbles one 32-weight sub-block, the high ones the next);
+//!   `x = d * sc * q - dmin * m`.
+//! - q6_K: 256 weights in 210 bytes: 128 bytes of low nibbles, 64 of high
+//!   2-bit pairs, 16 int8 scales, f16 `d`; `x = d * sc * (q - 32)`.
+//!
+//! Products are formed in the order llama.cpp's `dequantize_row_*` forms
+//! them, in f32, so the twins equal `gguf.quants.dequantize` bit for bit.
+
+use half::f16;
+
+/// A quantized block format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantFormat {
+    Q8_0,
+    Q4_0,
+    Q4K,
+    Q6K,
+}
+
+impl QuantFormat {
+    /// Weights per block.
+    pub fn block_weights(self) -> usize {
+        match self {
+            QuantFormat::Q8_0 | QuantFormat::Q4_0 => 32,
+            QuantFormat::Q4K | QuantFormat::Q6K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QuantFormat::Q8_0 => 34,
+            QuantFormat::Q4_0 => 18,
+            QuantFormat::Q4K => 144,
+            QuantFormat::Q6K => 210,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Q8_0 => "q8_0",
+            QuantFormat::Q4_0 => "q4_0",
+            QuantFormat::Q4K => "q4_K",
+            QuantFormat::Q6K => "q6_K",
+        }
+    }
+
+    /// Bytes of `n` weights (a multiple of the block).
+    pub fn bytes_for(self, n: usize) -> usize {
+        n / self.block_weights() * self.block_bytes()
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// llama.cpp's `quantize_row_q8_0_ref`: per block `d = max|x| / 127`,
+/// `q = round(x / d)` (half away from zero) computed as `x * (1/d)`.
+/// `x.len()` must be a multiple of 32.
+pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
+    assert_eq!(x.len() % 32, 0, "q8_0 rows are whole blocks of 32");
+    let mut out = Vec::with_capacity(x.len() / 32 * 34);
+    for block in x.chunks_exact(32) {
+        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|&v| (v * id).round() as i8 as u8));
+    }
+    out
+}
+
+/// llama.cpp's `quantize_row_q4_0_ref`: per block the value of largest
+/// magnitude (the first such) gives `d = max / -8`; `q = min(15, trunc(x / d
+/// + 8.5))`, element j in the low nibble of byte j, element j + 16 in its
+/// high nibble. `x.len()` must be a multiple of 32.
+pub fn quantize_q4_0(x: &[f32]) -> Vec<u8> {
+    assert_eq!(x.len() % 32, 0, "q4_0 rows are whole blocks of 32");
+    let mut out = Vec::with_capacity(x.len() / 32 * 18);
+    for block in x.chunks_exact(32) {
+        let (mut amax, mut max) = (0.0f32, 0.0f32);
+        for &v in block {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+        for j in 0..16 {
+            out.push(q(block[j]) | (q(block[j + 16]) << 4));
+        }
+    }
+    out
+}
+
+/// A q4_K sub-block's 6-bit scale and min (llama.cpp's `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The weights of whole blocks of `format` (the CPU twin of every kernel
+/// that reads them).
+pub fn dequantize(format: QuantFormat, bytes: &[u8]) -> Vec<f32> {
+    let bb = format.block_bytes();
+    assert_eq!(
+        bytes.len() % bb,
+        0,
+        "{} data is whole blocks",
+        format.name()
+    );
+    let mut out = Vec::with_capacity(bytes.len() / bb * format.block_weights());
+    for b in bytes.chunks_exact(bb) {
+        match format {
+            QuantFormat::Q8_0 => {
+                let d = f16_at(b, 0);
+                out.extend(b[2..34].iter().map(|&q| d * (q as i8) as f32));
+            }
+            QuantFormat::Q4_0 => {
+                let d = f16_at(b, 0);
+                let qs = &b[2..18];
+                out.extend(qs.iter().map(|&q| d * ((q & 0xF) as i32 - 8) as f32));
+                out.extend(qs.iter().map(|&q| d * ((q >> 4) as i32 - 8) as f32));
+            }
+            QuantFormat::Q4K => {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let qs = &b[16..144];
+                for (pair, q) in qs.chunks_exact(32).enumerate() {
+                    let (sc1, m1) = scale_min_k4(2 * pair, scales);
+                    let (sc2, m2) = scale_min_k4(2 * pair + 1, scales);
+                    let (d1, dm1) = (d * sc1 as f32, dmin * m1 as f32);
+                    let (d2, dm2) = (d * sc2 as f32, dmin * m2 as f32);
+                    out.extend(q.iter().map(|&v| d1 * (v & 0xF) as f32 - dm1));
+                    out.extend(q.iter().map(|&v| d2 * (v >> 4) as f32 - dm2));
+                }
+            }
+            QuantFormat::Q6K => {
+                let (ql, qh) = (&b[0..128], &b[128..192]);
+                let sc: Vec<f32> = b[192..208].iter().map(|&s| s as i8 as f32).collect();
+                let d = f16_at(b, 208);
+                let mut y = [0.0f32; 256];
+                for half in 0..2 {
+                    let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
+                    let (y, sc) = (&mut y[128 * half..], &sc[8 * half..]);
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        y[l] = d * sc[is] * q1 as f32;
+                        y[l + 32] = d * sc[is + 2] * q2 as f32;
+                        y[l + 64] = d * sc[is + 4] * q3 as f32;
+                        y[l + 96] = d * sc[is + 6] * q4 as f32;
+                    }
+                }
+                out.extend_from_slice(&y);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
