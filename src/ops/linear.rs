@@ -15,7 +15,7 @@ use crate::gpu::{Dispatch, GpuBuffer, GpuContext, GpuMatrix, Kernel, WeightDtype
 
 const MATVEC_SRC: &str = include_str!("../../shaders/matvec.wgsl");
 /// What every matvec kernel shares (Params, bias / y, row starts, store).
-const MATVEC_COMMON: &str = include_str!("../../shaders/matvec_common.wgsl");
+pub(crate) const MATVEC_COMMON: &str = include_str!("../../shaders/matvec_common.wgsl");
 
 pub static MATVEC: ReducingKernel = ReducingKernel {
     workgroup: Kernel {
@@ -67,14 +67,14 @@ pub static MATMUL: Kernel = Kernel {
 };
 
 /// Rows computed by one matvec workgroup (`ROWS` in matvec.wgsl).
-const MATVEC_BLOCK: usize = 4;
+pub(crate) const MATVEC_BLOCK: usize = 4;
 /// Output tile of one matmul workgroup (`BM`, `BN` in matmul.wgsl).
 const MATMUL_TILE: usize = 64;
 /// Up to this many vectors a projection runs as matvec, beyond it as matmul.
 pub const MATVEC_MAX_VECS: usize = 4;
 
 const FLAG_BIAS: u32 = 1;
-const FLAG_ACCUMULATE: u32 = 2;
+pub(crate) const FLAG_ACCUMULATE: u32 = 2;
 /// What matvec_vec4 does to x before the product (its `PROLOGUE` pipeline
 /// constant: 0, 1, 2).
 #[derive(Clone, Copy)]
@@ -88,18 +88,19 @@ enum Prologue<'a> {
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct MatvecParams {
-    rows: u32,
-    cols: u32,
-    row_words: u32,
-    n_vecs: u32,
-    x_stride: u32,
-    y_stride: u32,
-    y_offset: u32,
-    flags: u32,
-    row_blocks: u32,
+pub(crate) struct MatvecParams {
+    pub rows: u32,
+    pub cols: u32,
+    /// Words per row (bytes per row for the quantized kernels).
+    pub row_words: u32,
+    pub n_vecs: u32,
+    pub x_stride: u32,
+    pub y_stride: u32,
+    pub y_offset: u32,
+    pub flags: u32,
+    pub row_blocks: u32,
     /// RMSNorm epsilon (read by matvec_vec4's norm prologue only).
-    eps: f32,
+    pub eps: f32,
 }
 
 #[repr(C)]
@@ -537,7 +538,7 @@ pub fn linear_cpu(
 /// tests/shader_portability.rs).
 pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
     vec![
-        host_layout!(MatvecParams in [&MATVEC.workgroup, &MATVEC.subgroup, &MATVEC_ROWS, &MATVEC_VEC4] as "Params" { rows, cols, row_words, n_vecs, x_stride, y_stride, y_offset, flags, row_blocks, eps }),
+        host_layout!(MatvecParams in [&MATVEC.workgroup, &MATVEC.subgroup, &MATVEC_ROWS, &MATVEC_VEC4, &super::quant::MATVEC_QUANT.workgroup, &super::quant::MATVEC_QUANT.subgroup] as "Params" { rows, cols, row_words, n_vecs, x_stride, y_stride, y_offset, flags, row_blocks, eps }),
         host_layout!(MatmulParams in [&MATMUL] as "Params" { m, n, k, row_words, a_stride, c_stride, c_offset, flags }),
     ]
 }

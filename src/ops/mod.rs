@@ -64,6 +64,8 @@ pub fn all_kernels() -> Vec<&'static Kernel> {
         &linear::MATVEC_ROWS,
         &linear::MATVEC_VEC4,
         &linear::MATMUL,
+        &quant::MATVEC_QUANT.workgroup,
+        &quant::MATVEC_QUANT.subgroup,
         &rmsnorm::RMSNORM.workgroup,
         &rmsnorm::RMSNORM.subgroup,
         &softmax::SOFTMAX.workgroup,

@@ -15,8 +15,129 @@
 //!
 //! Products are formed in the order llama.cpp's `dequantize_row_*` forms
 //! them, in f32, so the twins equal `gguf.quants.dequantize` bit for bit.
+//!
+//! The GPU half so far: [`matvec_quant`] (`shaders/matvec_quant.wgsl`), the
+//! decode projection over q8_0 / q4_0 blocks, whose twin is [`dequantize`]
+//! then `linear::linear_cpu`.
 
 use half::f16;
+
+use super::linear::{FLAG_ACCUMULATE, MATVEC_BLOCK, MATVEC_COMMON, MatvecParams};
+use super::{
+    NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, ensure, u32_of,
+};
+use crate::error::Result;
+use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
+
+const MATVEC_QUANT_SRC: &str = include_str!("../../shaders/matvec_quant.wgsl");
+
+pub static MATVEC_QUANT: ReducingKernel = ReducingKernel {
+    workgroup: Kernel {
+        name: "matvec_quant",
+        sources: &[REDUCE_WORKGROUP, MATVEC_COMMON, MATVEC_QUANT_SRC],
+        entries: &["matvec_q8_0", "matvec_q4_0"],
+        needs: NO_FEATURES,
+    },
+    subgroup: Kernel {
+        name: "matvec_quant_subgroup",
+        sources: &[REDUCE_SUBGROUP, MATVEC_COMMON, MATVEC_QUANT_SRC],
+        entries: &["matvec_q8_0", "matvec_q4_0"],
+        needs: SUBGROUPS,
+    },
+};
+
+/// A quantized weight matrix on the GPU: `rows` rows of `cols` weights, each
+/// row `cols / block_weights` blocks, rows back to back, padded to a word.
+pub struct QuantMatrix {
+    pub buffer: GpuBuffer<u32>,
+    pub format: QuantFormat,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl QuantMatrix {
+    /// Uploads `rows` rows of blocks as they are (`bytes`: GGUF's layout).
+    pub fn upload(
+        ctx: &GpuContext,
+        label: &str,
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<Self> {
+        ensure!(
+            cols.is_multiple_of(format.block_weights())
+                && bytes.len() == rows * format.bytes_for(cols),
+            "{label}: {} bytes for {rows} rows of {cols} {} weights",
+            bytes.len(),
+            format.name()
+        );
+        let mut words = vec![0u32; bytes.len().div_ceil(4)];
+        bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        Ok(Self {
+            buffer: GpuBuffer::from_slice(ctx, label, &words)?,
+            format,
+            rows,
+            cols,
+        })
+    }
+}
+
+/// `y[v] (+)= W x[v]` for `n_vecs` vectors (`x` `[n_vecs, cols]`, `y`
+/// `[n_vecs, rows]`) over q8_0 or q4_0 blocks: one workgroup per 4 rows.
+pub fn matvec_quant(
+    ctx: &GpuContext,
+    kernel: &'static Kernel,
+    w: &QuantMatrix,
+    x: &GpuBuffer<f32>,
+    y: &GpuBuffer<f32>,
+    n_vecs: usize,
+    accumulate: bool,
+) -> Result<Dispatch> {
+    let entry = match w.format {
+        QuantFormat::Q8_0 => "matvec_q8_0",
+        QuantFormat::Q4_0 => "matvec_q4_0",
+        f => {
+            return Err(crate::error::Error::invalid(
+                "weights",
+                format!("{}: no matvec kernel yet", f.name()),
+            ));
+        }
+    };
+    ensure!(
+        n_vecs > 0 && x.len() >= n_vecs * w.cols && y.len() >= n_vecs * w.rows,
+        "matvec_quant: x has {} values, y {}, for {n_vecs} vectors of [{}, {}]",
+        x.len(),
+        y.len(),
+        w.rows,
+        w.cols
+    );
+    let [wg] = super::wg_constants();
+    let pipeline = ctx.pipeline(kernel, entry, &[wg])?;
+    let row_blocks = u32_of("matvec row blocks", w.rows.div_ceil(MATVEC_BLOCK))?;
+    let params = MatvecParams {
+        rows: u32_of("rows", w.rows)?,
+        cols: u32_of("cols", w.cols)?,
+        row_words: u32_of("row bytes", w.format.bytes_for(w.cols))?,
+        n_vecs: u32_of("vectors", n_vecs)?,
+        x_stride: u32_of("x stride", w.cols)?,
+        y_stride: u32_of("y stride", w.rows)?,
+        y_offset: 0,
+        flags: if accumulate { FLAG_ACCUMULATE } else { 0 },
+        row_blocks,
+        eps: 0.0,
+    };
+    let [gx, gy, _] = ctx.grid(row_blocks);
+    Dispatch::with_params(
+        ctx,
+        pipeline,
+        format!("kvsift.matvec_quant.{}", w.buffer.label()),
+        &params,
+        // Binding 3 (bias) is never read: x stands in.
+        &[w.buffer.binding(), x.binding(), x.binding(), y.binding()],
+        [gx, gy, u32_of("vectors", n_vecs)?],
+    )
+}
 
 /// A quantized block format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
