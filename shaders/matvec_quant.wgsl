@@ -87,8 +87,18 @@ fn dot_q4_0(row: u32, b: u32, xb: u32) -> f32 {
     return half_at(at) * s;
 }
 
-@compute @workgroup_size(WG)
-fn matvec_q8_0(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+const Q8_0: u32 = 0u;
+const Q4_0: u32 = 1u;
+
+fn block_dot(format: u32, row: u32, b: u32, xb: u32) -> f32 {
+    if format == Q8_0 {
+        return dot_q8_0(row, b, xb);
+    }
+    return dot_q4_0(row, b, xb);
+}
+
+// Both entry points: rows r0..r0+3 of vector v against their blocks.
+fn matvec_blocks(format: u32, lane: Lane, wg: vec3<u32>, nwg: vec3<u32>) {
     let block = wg.x + wg.y * nwg.x;
     if block >= p.row_blocks {
         return;
@@ -99,24 +109,22 @@ fn matvec_q8_0(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wo
     let xb = v * p.x_stride;
     var acc = vec4<f32>(0.0);
     for (var b = lane.lid; b < p.cols / 32u; b = b + WG) {
-        acc = acc + vec4<f32>(dot_q8_0(rb.x, b, xb), dot_q8_0(rb.y, b, xb), dot_q8_0(rb.z, b, xb), dot_q8_0(rb.w, b, xb));
+        acc = acc + vec4<f32>(
+            block_dot(format, rb.x, b, xb),
+            block_dot(format, rb.y, b, xb),
+            block_dot(format, rb.z, b, xb),
+            block_dot(format, rb.w, b, xb),
+        );
     }
     store(r0, v, workgroup_sum4(acc, lane), lane.lid);
 }
 
 @compute @workgroup_size(WG)
+fn matvec_q8_0(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    matvec_blocks(Q8_0, lane, wg, nwg);
+}
+
+@compute @workgroup_size(WG)
 fn matvec_q4_0(lane: Lane, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let block = wg.x + wg.y * nwg.x;
-    if block >= p.row_blocks {
-        return;
-    }
-    let v = wg.z;
-    let r0 = block * ROWS;
-    let rb = row_starts(r0, p.row_words);
-    let xb = v * p.x_stride;
-    var acc = vec4<f32>(0.0);
-    for (var b = lane.lid; b < p.cols / 32u; b = b + WG) {
-        acc = acc + vec4<f32>(dot_q4_0(rb.x, b, xb), dot_q4_0(rb.y, b, xb), dot_q4_0(rb.z, b, xb), dot_q4_0(rb.w, b, xb));
-    }
-    store(r0, v, workgroup_sum4(acc, lane), lane.lid);
+    matvec_blocks(Q4_0, lane, wg, nwg);
 }

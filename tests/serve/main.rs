@@ -93,20 +93,24 @@ fn stream(s: &Server, path: &str, body: Value) -> Vec<Value> {
         .send_json(&body)
         .unwrap();
     assert_eq!(r.status(), 200);
+    let (out, done) = sse_chunks(BufReader::new(r.into_body().into_reader()).lines());
+    assert!(done, "no [DONE]");
+    out
+}
+
+/// The JSON of each `data:` line up to `[DONE]`, and whether it came.
+fn sse_chunks(lines: impl Iterator<Item = std::io::Result<String>>) -> (Vec<Value>, bool) {
     let mut out = vec![];
-    let mut done = false;
-    for line in BufReader::new(r.into_body().into_reader()).lines() {
+    for line in lines {
         let line = line.unwrap();
         if let Some(data) = line.strip_prefix("data: ") {
             if data == "[DONE]" {
-                done = true;
-                break;
+                return (out, true);
             }
             out.push(serde_json::from_str(data).unwrap());
         }
     }
-    assert!(done, "no [DONE]");
-    out
+    (out, false)
 }
 
 /// `kvsift generate`'s greedy text for the prompt, with extra flags.

@@ -314,17 +314,8 @@ fn sigterm_drains_running_streams_up_to_the_deadline() {
             .unwrap();
         assert!(term.success());
         let mut chunks: Vec<Value> = vec![serde_json::from_str(&first[6..]).unwrap()];
-        let mut done = false;
-        for line in lines {
-            let line = line.unwrap();
-            if let Some(data) = line.strip_prefix("data: ") {
-                if data == "[DONE]" {
-                    done = true;
-                    break;
-                }
-                chunks.push(serde_json::from_str(data).unwrap());
-            }
-        }
+        let (rest, done) = sse_chunks(lines);
+        chunks.extend(rest);
         assert!(done, "deadline {deadline}: no [DONE]");
         let reason = chunks
             .iter()
