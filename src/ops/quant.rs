@@ -17,8 +17,8 @@
 //! them, in f32, so the twins equal `gguf.quants.dequantize` bit for bit.
 //!
 //! The GPU half so far: [`matvec_quant`] (`shaders/matvec_quant.wgsl`), the
-//! decode projection over q8_0 / q4_0 blocks, whose twin is [`dequantize`]
-//! then `linear::linear_cpu`.
+//! decode projection over blocks of every format, whose twin is
+//! [`dequantize`] then `linear::linear_cpu`.
 
 use half::f16;
 
@@ -35,13 +35,13 @@ pub static MATVEC_QUANT: ReducingKernel = ReducingKernel {
     workgroup: Kernel {
         name: "matvec_quant",
         sources: &[REDUCE_WORKGROUP, MATVEC_COMMON, MATVEC_QUANT_SRC],
-        entries: &["matvec_q8_0", "matvec_q4_0"],
+        entries: &["matvec_q8_0", "matvec_q4_0", "matvec_q4_k", "matvec_q6_k"],
         needs: NO_FEATURES,
     },
     subgroup: Kernel {
         name: "matvec_quant_subgroup",
         sources: &[REDUCE_SUBGROUP, MATVEC_COMMON, MATVEC_QUANT_SRC],
-        entries: &["matvec_q8_0", "matvec_q4_0"],
+        entries: &["matvec_q8_0", "matvec_q4_0", "matvec_q4_k", "matvec_q6_k"],
         needs: SUBGROUPS,
     },
 };
@@ -84,7 +84,7 @@ impl QuantMatrix {
 }
 
 /// `y[v] (+)= W x[v]` for `n_vecs` vectors (`x` `[n_vecs, cols]`, `y`
-/// `[n_vecs, rows]`) over q8_0 or q4_0 blocks: one workgroup per 4 rows.
+/// `[n_vecs, rows]`) over blocks of any format: one workgroup per 4 rows.
 pub fn matvec_quant(
     ctx: &GpuContext,
     kernel: &'static Kernel,
@@ -97,12 +97,8 @@ pub fn matvec_quant(
     let entry = match w.format {
         QuantFormat::Q8_0 => "matvec_q8_0",
         QuantFormat::Q4_0 => "matvec_q4_0",
-        f => {
-            return Err(crate::error::Error::invalid(
-                "weights",
-                format!("{}: no matvec kernel yet", f.name()),
-            ));
-        }
+        QuantFormat::Q4K => "matvec_q4_k",
+        QuantFormat::Q6K => "matvec_q6_k",
     };
     ensure!(
         n_vecs > 0 && x.len() >= n_vecs * w.cols && y.len() >= n_vecs * w.rows,

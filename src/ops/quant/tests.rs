@@ -93,12 +93,33 @@ fn round_trips_stay_within_half_a_step() {
     );
 }
 
+/// `n` random q4_K or q6_K super-blocks whose f16 scales are modest.
+fn random_k_blocks(format: QuantFormat, n: usize, rng: &mut crate::rng::Rng) -> Vec<u8> {
+    let mut out = vec![];
+    for _ in 0..n {
+        let mut b: Vec<u8> = (0..format.block_bytes())
+            .map(|_| (rng.uniform() * 256.0) as u8)
+            .collect();
+        let scale = |v: f32| f16::from_f32(v).to_le_bytes();
+        match format {
+            QuantFormat::Q4K => {
+                b[0..2].copy_from_slice(&scale(0.01 + rng.uniform() * 0.01));
+                b[2..4].copy_from_slice(&scale(0.005 + rng.uniform() * 0.01));
+            }
+            _ => b[208..210].copy_from_slice(&scale(0.002 + rng.uniform() * 0.004)),
+        }
+        out.extend(b);
+    }
+    out
+}
+
 /// The quantized matvec against its twin (the blocks dequantized, then the
 /// f64 projection): sizes of one row and one block, odd block counts (rows
 /// that start mid-word), row counts off the 4-row blocks, many workgroups,
 /// head-sized and wide rows, several vectors, accumulation; both reduction
-/// variants. The kernel scales each block's integer dot product once, the
-/// twin each weight: f32 rounding over k terms, NMSE far below 1e-9.
+/// variants; every format (q4_K and q6_K on 256-weight super-blocks). The
+/// kernel scales each block's integer dot product once, the twin each
+/// weight: f32 rounding over k terms, NMSE far below 1e-9.
 #[test]
 fn matvec_quant_matches_its_twin() {
     use crate::ops::linear::linear_cpu;
@@ -109,20 +130,43 @@ fn matvec_quant_matches_its_twin() {
         kernels.push(&MATVEC_QUANT.subgroup);
     }
     let mut rng = crate::rng::Rng::new(11);
+    let mut rng2 = crate::rng::Rng::new(12);
     let mut normal = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.uniform() * 2.0 - 1.0).collect() };
-    for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
-        for &(rows, cols, n_vecs, accumulate) in &[
-            (1, 32, 1, false),
-            (3, 96, 1, false),
-            (5, 64, 2, true),
-            (13, 32 * 33, 3, false),
-            (67, 128, 1, true),
-            (301, 256, 4, false),
-        ] {
+    let small = [
+        (1, 32, 1, false),
+        (3, 96, 1, false),
+        (5, 64, 2, true),
+        (13, 32 * 33, 3, false),
+        (67, 128, 1, true),
+        (301, 256, 4, false),
+    ];
+    // Super-blocks of 256: one, an odd count (q6_K rows then start
+    // mid-word), rows off the 4-row blocks, several vectors.
+    let large = [
+        (1, 256, 1, false),
+        (3, 256 * 3, 2, true),
+        (13, 512, 1, false),
+        (67, 256, 3, false),
+    ];
+    for format in [
+        QuantFormat::Q8_0,
+        QuantFormat::Q4_0,
+        QuantFormat::Q4K,
+        QuantFormat::Q6K,
+    ] {
+        let shapes: &[(usize, usize, usize, bool)] = if format.block_weights() == 32 {
+            &small
+        } else {
+            &large
+        };
+        for &(rows, cols, n_vecs, accumulate) in shapes {
             let source = normal(rows * cols);
             let blocks = match format {
                 QuantFormat::Q8_0 => quantize_q8_0(&source),
-                _ => quantize_q4_0(&source),
+                QuantFormat::Q4_0 => quantize_q4_0(&source),
+                // No reference quantizer for the K formats (the gguf package
+                // has none either): random blocks with modest f16 scales.
+                k => random_k_blocks(k, rows * cols / 256, &mut rng2),
             };
             let w = QuantMatrix::upload(ctx, "w", format, rows, cols, &blocks).unwrap();
             let x = normal(n_vecs * cols);
