@@ -1,5 +1,5 @@
-//! Kernel throughput: matvec (alone, and after an RMSNorm, fused or not) in
-//! GB/s (weight bytes streamed, decimal GB),
+//! Kernel throughput: matvec (alone, over f32 / f16 / quantized blocks, and
+//! after an RMSNorm, fused or not) in GB/s (weight bytes streamed, decimal GB),
 //! matmul in GFLOP/s (criterion prints it as "Gelem/s": one element = one
 //! flop), paged decode attention in GB/s of KV read. The compression passes
 //! have their own bench (benches/compression.rs).
@@ -15,9 +15,12 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kvsift::gpu::{Dispatch, GpuBuffer, GpuContext, GpuMatrix, WeightDtype};
 use kvsift::ops::compress::pool_from_keys;
-use kvsift::ops::linear::{Linear, PreNorm, fuses_prologue, matmul, matvec, norm_linear_with};
+use kvsift::ops::linear::{
+    Linear, MATVEC, PreNorm, fuses_prologue, matmul, matvec, matvec_with, norm_linear_with,
+};
 use kvsift::ops::paged_attention::{LayerKv, PoolLayout, QkvRows, paged_decode, partials_len};
-use kvsift::testing::{Rng, gpu};
+use kvsift::ops::quant::{MATVEC_QUANT, QuantFormat, QuantMatrix, matvec_quant};
+use kvsift::testing::{Rng, gpu, random_quant_blocks};
 
 const REPS: u32 = 8;
 
@@ -83,6 +86,38 @@ fn bench_matvec(c: &mut Criterion) {
             let ds = matvec(ctx, &case.args()).unwrap();
             g.throughput(Throughput::BytesDecimal(case.bytes() * REPS as u64));
             g.bench_function(format!("{dtype:?} {rows}x{cols}"), |b| {
+                b.iter_custom(|iters| time_reps(ctx, &ds, iters))
+            });
+        }
+    }
+    // The workgroup-per-4-rows kernel the quantized formats use so far,
+    // over f16, to tell the format's cost from the kernel design's.
+    for &(rows, cols) in sizes {
+        let case = MatvecCase::new(ctx, &mut Rng::new(1), rows, cols, WeightDtype::F16);
+        let ds = matvec_with(ctx, MATVEC.pick(ctx), &case.args()).unwrap();
+        g.throughput(Throughput::BytesDecimal(case.bytes() * REPS as u64));
+        g.bench_function(format!("F16 workgroup-kernel {rows}x{cols}"), |b| {
+            b.iter_custom(|iters| time_reps(ctx, &ds, iters))
+        });
+    }
+    // Quantized blocks as GGUF stores them (shaders/matvec_quant.wgsl).
+    for &(rows, cols) in sizes {
+        for format in [
+            QuantFormat::Q8_0,
+            QuantFormat::Q4_0,
+            QuantFormat::Q4K,
+            QuantFormat::Q6K,
+        ] {
+            let mut rng = Rng::new(1);
+            let blocks =
+                random_quant_blocks(format, rows * cols / format.block_weights(), &mut rng);
+            let w = QuantMatrix::upload(ctx, "w", format, rows, cols, &blocks).unwrap();
+            let x = GpuBuffer::from_slice(ctx, "x", &rng.normals(cols)).unwrap();
+            let y = GpuBuffer::<f32>::zeros(ctx, "y", rows).unwrap();
+            let ds = [matvec_quant(ctx, MATVEC_QUANT.pick(ctx), &w, &x, &y, 1, false).unwrap()];
+            let bytes = (blocks.len() + (rows + cols) * 4) as u64;
+            g.throughput(Throughput::BytesDecimal(bytes * REPS as u64));
+            g.bench_function(format!("{} {rows}x{cols}", format.name()), |b| {
                 b.iter_custom(|iters| time_reps(ctx, &ds, iters))
             });
         }

@@ -12,8 +12,9 @@
 // are gathered from the u32 words that hold them (no 8- or 16-bit storage).
 //
 // Dispatch as matvec.wgsl: one workgroup per 4 rows (row blocks folded into
-// x/y), z = vector; each invocation walks a strided set of blocks for all 4
-// rows (x read once for the 4), then one workgroup reduction (prelude:
+// x/y), z = vector; each invocation walks a strided set of block units (a
+// word of a block) for all 4 rows (x read once for the 4), then one
+// workgroup reduction (prelude:
 // reduce_workgroup.wgsl or reduce_subgroup.wgsl; Params, bias, y, row_starts
 // and store from matvec_common.wgsl).
 //
@@ -78,27 +79,44 @@ fn x4(at: u32) -> vec4<f32> {
     return vec4<f32>(x[at], x[at + 1u], x[at + 2u], x[at + 3u]);
 }
 
-// Block `b` of the row starting at byte `row` against x at `xb` (q8_0).
-fn dot_q8_0(row: u32, b: u32, xb: u32) -> f32 {
-    let at = row + b * 34u;
-    var s = 0.0;
-    for (var j = 0u; j < 8u; j = j + 1u) {
-        s = s + dot(i8x4(word_at(at + 2u + 4u * j)), x4(xb + 32u * b + 4u * j));
-    }
-    return half_at(at) * s;
+// Each invocation takes units of a block, not whole blocks, so a row of a
+// few blocks (q4_K: 4 super-blocks in 1024 weights) still keeps the
+// workgroup busy. Unit `u` of the rows, against x at `xb`:
+
+// Each unit is computed for the 4 rows at once (`rb`: their starting
+// bytes), x read once for them.
+
+// q8_0: 8 units a block, one word of 4 int8 each.
+fn unit_q8_0(rb: vec4<u32>, u: u32, xb: u32) -> vec4<f32> {
+    let b = u / 8u;
+    let j = u % 8u;
+    let xv = x4(xb + 32u * b + 4u * j);
+    let at = rb + vec4<u32>(b * 34u);
+    let o = 2u + 4u * j;
+    return vec4<f32>(
+        half_at(at.x) * dot(i8x4(word_at(at.x + o)), xv),
+        half_at(at.y) * dot(i8x4(word_at(at.y + o)), xv),
+        half_at(at.z) * dot(i8x4(word_at(at.z + o)), xv),
+        half_at(at.w) * dot(i8x4(word_at(at.w + o)), xv),
+    );
 }
 
-// The same for q4_0: word j of the nibbles holds weights 4j..4j+3 (low) and
-// 16+4j..16+4j+3 (high).
-fn dot_q4_0(row: u32, b: u32, xb: u32) -> f32 {
-    let at = row + b * 18u;
-    let xk = xb + 32u * b;
-    var s = 0.0;
-    for (var j = 0u; j < 4u; j = j + 1u) {
-        let u = word_at(at + 2u + 4u * j);
-        s = s + dot(nibbles(u, 0u), x4(xk + 4u * j)) + dot(nibbles(u, 4u), x4(xk + 16u + 4u * j));
-    }
-    return half_at(at) * s;
+// q4_0: 4 units a block; word j of the nibbles holds weights 4j..4j+3
+// (low) and 16+4j..16+4j+3 (high).
+fn q4_0_row(at: u32, o: u32, xl: vec4<f32>, xh: vec4<f32>) -> f32 {
+    let q = word_at(at + o);
+    return half_at(at) * (dot(nibbles(q, 0u), xl) + dot(nibbles(q, 4u), xh));
+}
+
+fn unit_q4_0(rb: vec4<u32>, u: u32, xb: u32) -> vec4<f32> {
+    let b = u / 4u;
+    let j = u % 4u;
+    let xk = xb + 32u * b + 4u * j;
+    let xl = x4(xk);
+    let xh = x4(xk + 16u);
+    let at = rb + vec4<u32>(b * 18u);
+    let o = 2u + 4u * j;
+    return vec4<f32>(q4_0_row(at.x, o, xl, xh), q4_0_row(at.y, o, xl, xh), q4_0_row(at.z, o, xl, xh), q4_0_row(at.w, o, xl, xh));
 }
 
 // q4_K sub-block j's 6-bit scale and min, from the 12 scale bytes at `at`
@@ -112,63 +130,77 @@ fn scale_min_k4(at: u32, j: u32) -> vec2<f32> {
     return vec2<f32>(f32(sc), f32(m));
 }
 
-// Super-block `b` (256 weights) of a q4_K row: each 32 nibble bytes hold
-// two 32-weight sub-blocks (low nibbles, then high).
-fn dot_q4_k(row: u32, b: u32, xb: u32) -> f32 {
-    let at = row + b * 144u;
+// q4_K: 32 units a super-block of 256; each 32 nibble bytes hold two
+// 32-weight sub-blocks (low nibbles, then high): a unit is one word of it.
+// `sx`: the sums of xl and xh (for the mins).
+fn q4_k_row(at: u32, pair: u32, j: u32, xl: vec4<f32>, xh: vec4<f32>, sx: vec2<f32>) -> f32 {
     let dm = vec2<f32>(half_at(at), half_at(at + 2u));
-    let xk = xb + 256u * b;
-    var s = 0.0;
-    for (var pair = 0u; pair < 4u; pair = pair + 1u) {
-        let sm_lo = scale_min_k4(at + 4u, 2u * pair);
-        let sm_hi = scale_min_k4(at + 4u, 2u * pair + 1u);
-        var q_lo = 0.0;
-        var q_hi = 0.0;
-        var x_lo = 0.0;
-        var x_hi = 0.0;
-        for (var j = 0u; j < 8u; j = j + 1u) {
-            let u = word_at(at + 16u + 32u * pair + 4u * j);
-            let xl = x4(xk + 64u * pair + 4u * j);
-            let xh = x4(xk + 64u * pair + 32u + 4u * j);
-            q_lo = q_lo + dot(vec4<f32>(bytes4(u) & vec4<u32>(0xfu)), xl);
-            q_hi = q_hi + dot(vec4<f32>(bytes4(u) >> vec4<u32>(4u)), xh);
-            x_lo = x_lo + dot(xl, vec4<f32>(1.0));
-            x_hi = x_hi + dot(xh, vec4<f32>(1.0));
-        }
-        s = s + dm.x * (sm_lo.x * q_lo + sm_hi.x * q_hi) - dm.y * (sm_lo.y * x_lo + sm_hi.y * x_hi);
-    }
-    return s;
+    let lo = scale_min_k4(at + 4u, 2u * pair);
+    let hi = scale_min_k4(at + 4u, 2u * pair + 1u);
+    let q = bytes4(word_at(at + 16u + 32u * pair + 4u * j));
+    return dm.x * (lo.x * dot(vec4<f32>(q & vec4<u32>(0xfu)), xl) + hi.x * dot(vec4<f32>(q >> vec4<u32>(4u)), xh))
+        - dm.y * (lo.y * sx.x + hi.y * sx.y);
 }
 
-// Super-block `b` of a q6_K row: per 128-weight half, ql bytes l and l+32
-// (low and high nibbles) with qh byte l's four 2-bit pairs make weights l,
-// l+32, l+64, l+96 of the half; 16 int8 scales, one per 16 weights.
-fn dot_q6_k(row: u32, b: u32, xb: u32) -> f32 {
-    let at = row + b * 210u;
-    var s = 0.0;
-    for (var h = 0u; h < 2u; h = h + 1u) {
-        let ql = at + 64u * h;
-        let qh = at + 128u + 32u * h;
-        let sc = at + 192u + 8u * h;
-        let xk = xb + 256u * b + 128u * h;
-        for (var l = 0u; l < 32u; l = l + 4u) {
-            let a = bytes4(word_at(ql + l));
-            let c = bytes4(word_at(ql + 32u + l));
-            let hb = bytes4(word_at(qh + l));
-            let q1 = vec4<f32>((a & vec4<u32>(0xfu)) | ((hb & vec4<u32>(3u)) << vec4<u32>(4u))) - 32.0;
-            let q2 = vec4<f32>((c & vec4<u32>(0xfu)) | (((hb >> vec4<u32>(2u)) & vec4<u32>(3u)) << vec4<u32>(4u))) - 32.0;
-            let q3 = vec4<f32>((a >> vec4<u32>(4u)) | (((hb >> vec4<u32>(4u)) & vec4<u32>(3u)) << vec4<u32>(4u))) - 32.0;
-            let q4 = vec4<f32>((c >> vec4<u32>(4u)) | (((hb >> vec4<u32>(6u)) & vec4<u32>(3u)) << vec4<u32>(4u))) - 32.0;
-            let is = l / 16u;
-            let s1 = f32(bitcast<i32>(byte_at(sc + is) << 24u) >> 24u);
-            let s2 = f32(bitcast<i32>(byte_at(sc + is + 2u) << 24u) >> 24u);
-            let s3 = f32(bitcast<i32>(byte_at(sc + is + 4u) << 24u) >> 24u);
-            let s4 = f32(bitcast<i32>(byte_at(sc + is + 6u) << 24u) >> 24u);
-            s = s + s1 * dot(q1, x4(xk + l)) + s2 * dot(q2, x4(xk + 32u + l))
-                + s3 * dot(q3, x4(xk + 64u + l)) + s4 * dot(q4, x4(xk + 96u + l));
-        }
-    }
+fn unit_q4_k(rb: vec4<u32>, u: u32, xb: u32) -> vec4<f32> {
+    let b = u / 32u;
+    let pair = (u % 32u) / 8u;
+    let j = u % 8u;
+    let xk = xb + 256u * b + 64u * pair + 4u * j;
+    let xl = x4(xk);
+    let xh = x4(xk + 32u);
+    let one = vec4<f32>(1.0);
+    let sx = vec2<f32>(dot(xl, one), dot(xh, one));
+    let at = rb + vec4<u32>(b * 144u);
+    return vec4<f32>(
+        q4_k_row(at.x, pair, j, xl, xh, sx),
+        q4_k_row(at.y, pair, j, xl, xh, sx),
+        q4_k_row(at.z, pair, j, xl, xh, sx),
+        q4_k_row(at.w, pair, j, xl, xh, sx),
+    );
+}
+
+fn i8_at(at: u32) -> f32 {
+    return f32(bitcast<i32>(byte_at(at) << 24u) >> 24u);
+}
+
+// q6_K: 16 units a super-block; per 128-weight half, ql bytes l..l+3 and
+// l+32..l+35 (low and high nibbles) with qh bytes l..l+3 (four 2-bit pairs
+// each) make weights l, l+32, l+64, l+96 (and the next 3) of the half; 16
+// int8 scales, one per 16 weights. `xs`: x at l, l+32, l+64, l+96.
+fn q6_k_row(at: u32, h: u32, l: u32, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4v: vec4<f32>) -> f32 {
+    let ql = at + 64u * h;
+    let sc = at + 192u + 8u * h + l / 16u;
+    let a = bytes4(word_at(ql + l));
+    let c = bytes4(word_at(ql + 32u + l));
+    let hb = bytes4(word_at(at + 128u + 32u * h + l));
+    let m4 = vec4<u32>(0xfu);
+    let m2 = vec4<u32>(3u);
+    let q1 = vec4<f32>((a & m4) | ((hb & m2) << vec4<u32>(4u))) - 32.0;
+    let q2 = vec4<f32>((c & m4) | (((hb >> vec4<u32>(2u)) & m2) << vec4<u32>(4u))) - 32.0;
+    let q3 = vec4<f32>((a >> vec4<u32>(4u)) | (((hb >> vec4<u32>(4u)) & m2) << vec4<u32>(4u))) - 32.0;
+    let q4 = vec4<f32>((c >> vec4<u32>(4u)) | (((hb >> vec4<u32>(6u)) & m2) << vec4<u32>(4u))) - 32.0;
+    let s = i8_at(sc) * dot(q1, x1) + i8_at(sc + 2u) * dot(q2, x2)
+        + i8_at(sc + 4u) * dot(q3, x3) + i8_at(sc + 6u) * dot(q4, x4v);
     return half_at(at + 208u) * s;
+}
+
+fn unit_q6_k(rb: vec4<u32>, u: u32, xb: u32) -> vec4<f32> {
+    let b = u / 16u;
+    let h = (u % 16u) / 8u;
+    let l = 4u * (u % 8u);
+    let xk = xb + 256u * b + 128u * h + l;
+    let x1 = x4(xk);
+    let x2 = x4(xk + 32u);
+    let x3 = x4(xk + 64u);
+    let x4v = x4(xk + 96u);
+    let at = rb + vec4<u32>(b * 210u);
+    return vec4<f32>(
+        q6_k_row(at.x, h, l, x1, x2, x3, x4v),
+        q6_k_row(at.y, h, l, x1, x2, x3, x4v),
+        q6_k_row(at.z, h, l, x1, x2, x3, x4v),
+        q6_k_row(at.w, h, l, x1, x2, x3, x4v),
+    );
 }
 
 const Q8_0: u32 = 0u;
@@ -176,17 +208,22 @@ const Q4_0: u32 = 1u;
 const Q4_K: u32 = 2u;
 const Q6_K: u32 = 3u;
 
-// Weights per block of each format.
-fn block_weights(format: u32) -> u32 {
-    return select(32u, 256u, format >= Q4_K);
+// Units in a row of `cols` weights.
+fn row_units(format: u32, cols: u32) -> u32 {
+    switch format {
+        case 0u: { return cols / 4u; }
+        case 1u: { return cols / 8u; }
+        case 2u: { return cols / 8u; }
+        default: { return cols / 16u; }
+    }
 }
 
-fn block_dot(format: u32, row: u32, b: u32, xb: u32) -> f32 {
+fn unit_dot(format: u32, rb: vec4<u32>, u: u32, xb: u32) -> vec4<f32> {
     switch format {
-        case 0u: { return dot_q8_0(row, b, xb); }
-        case 1u: { return dot_q4_0(row, b, xb); }
-        case 2u: { return dot_q4_k(row, b, xb); }
-        default: { return dot_q6_k(row, b, xb); }
+        case 0u: { return unit_q8_0(rb, u, xb); }
+        case 1u: { return unit_q4_0(rb, u, xb); }
+        case 2u: { return unit_q4_k(rb, u, xb); }
+        default: { return unit_q6_k(rb, u, xb); }
     }
 }
 
@@ -201,13 +238,8 @@ fn matvec_blocks(format: u32, lane: Lane, wg: vec3<u32>, nwg: vec3<u32>) {
     let rb = row_starts(r0, p.row_words);
     let xb = v * p.x_stride;
     var acc = vec4<f32>(0.0);
-    for (var b = lane.lid; b < p.cols / block_weights(format); b = b + WG) {
-        acc = acc + vec4<f32>(
-            block_dot(format, rb.x, b, xb),
-            block_dot(format, rb.y, b, xb),
-            block_dot(format, rb.z, b, xb),
-            block_dot(format, rb.w, b, xb),
-        );
+    for (var u = lane.lid; u < row_units(format, p.cols); u = u + WG) {
+        acc = acc + unit_dot(format, rb, u, xb);
     }
     store(r0, v, workgroup_sum4(acc, lane), lane.lid);
 }

@@ -88,6 +88,47 @@ pub fn compression_configs(
     out
 }
 
+/// `n` blocks of `format` for tests and benches: q8_0 / q4_0 quantized from
+/// uniform values in [-1, 1); q4_K / q6_K (which have no reference
+/// quantizer) random bytes with modest f16 scales.
+pub fn random_quant_blocks(
+    format: crate::ops::quant::QuantFormat,
+    n: usize,
+    rng: &mut Rng,
+) -> Vec<u8> {
+    use crate::ops::quant::{QuantFormat, quantize_q4_0, quantize_q8_0};
+    use half::f16;
+    let mut uniform =
+        |k: usize| -> Vec<f32> { (0..k).map(|_| rng.uniform() * 2.0 - 1.0).collect() };
+    match format {
+        QuantFormat::Q8_0 => quantize_q8_0(&uniform(32 * n)),
+        QuantFormat::Q4_0 => quantize_q4_0(&uniform(32 * n)),
+        _ => {
+            let mut out = vec![];
+            for _ in 0..n {
+                let r = uniform(format.block_bytes() + 2);
+                let mut b: Vec<u8> = r[..format.block_bytes()]
+                    .iter()
+                    .map(|v| ((v + 1.0) * 128.0) as u8)
+                    .collect();
+                let scale = |v: f32| f16::from_f32(v).to_le_bytes();
+                let (a, c) = (
+                    r[format.block_bytes()].abs(),
+                    r[format.block_bytes() + 1].abs(),
+                );
+                if format == QuantFormat::Q4K {
+                    b[0..2].copy_from_slice(&scale(0.01 + a * 0.01));
+                    b[2..4].copy_from_slice(&scale(0.005 + c * 0.01));
+                } else {
+                    b[208..210].copy_from_slice(&scale(0.002 + a * 0.004));
+                }
+                out.extend(b);
+            }
+            out
+        }
+    }
+}
+
 /// Normalised mean squared error `sum (got-want)^2 / sum want^2` (the
 /// measure llama.cpp's test-backend-ops uses).
 pub fn nmse(got: &[f32], want: &[f64]) -> f64 {

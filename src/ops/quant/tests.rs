@@ -93,26 +93,6 @@ fn round_trips_stay_within_half_a_step() {
     );
 }
 
-/// `n` random q4_K or q6_K super-blocks whose f16 scales are modest.
-fn random_k_blocks(format: QuantFormat, n: usize, rng: &mut crate::rng::Rng) -> Vec<u8> {
-    let mut out = vec![];
-    for _ in 0..n {
-        let mut b: Vec<u8> = (0..format.block_bytes())
-            .map(|_| (rng.uniform() * 256.0) as u8)
-            .collect();
-        let scale = |v: f32| f16::from_f32(v).to_le_bytes();
-        match format {
-            QuantFormat::Q4K => {
-                b[0..2].copy_from_slice(&scale(0.01 + rng.uniform() * 0.01));
-                b[2..4].copy_from_slice(&scale(0.005 + rng.uniform() * 0.01));
-            }
-            _ => b[208..210].copy_from_slice(&scale(0.002 + rng.uniform() * 0.004)),
-        }
-        out.extend(b);
-    }
-    out
-}
-
 /// The quantized matvec against its twin (the blocks dequantized, then the
 /// f64 projection): sizes of one row and one block, odd block counts (rows
 /// that start mid-word), row counts off the 4-row blocks, many workgroups,
@@ -160,14 +140,11 @@ fn matvec_quant_matches_its_twin() {
             &large
         };
         for &(rows, cols, n_vecs, accumulate) in shapes {
-            let source = normal(rows * cols);
-            let blocks = match format {
-                QuantFormat::Q8_0 => quantize_q8_0(&source),
-                QuantFormat::Q4_0 => quantize_q4_0(&source),
-                // No reference quantizer for the K formats (the gguf package
-                // has none either): random blocks with modest f16 scales.
-                k => random_k_blocks(k, rows * cols / 256, &mut rng2),
-            };
+            // q8_0/q4_0 quantized from random values; the K formats (no
+            // reference quantizer, the gguf package has none either) random
+            // blocks with modest f16 scales.
+            let n_blocks = rows * cols / format.block_weights();
+            let blocks = crate::testing::random_quant_blocks(format, n_blocks, &mut rng2);
             let w = QuantMatrix::upload(ctx, "w", format, rows, cols, &blocks).unwrap();
             let x = normal(n_vecs * cols);
             let y0 = normal(n_vecs * rows);
