@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use super::App;
 use super::request::{Job, job};
-use super::respond::{stream, whole};
+use super::respond::{Reply, stream, whole};
 
 pub(super) fn error(
     status: StatusCode,
@@ -453,9 +453,20 @@ async fn generate(app: Arc<App>, headers: HeaderMap, body: Body, chat: bool) -> 
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let rid = format!("{}-{id}", if chat { "chatcmpl" } else { "cmpl" });
-    if job.stream {
-        stream(app, job, ids, rx, rid, created, chat, guard)
+    let streamed = job.stream;
+    let reply = Reply {
+        app,
+        job,
+        ids,
+        rx,
+        rid,
+        created,
+        chat,
+        guard,
+    };
+    if streamed {
+        stream(reply)
     } else {
-        whole(app, job, ids, rx, rid, created, chat, guard).await
+        whole(reply).await
     }
 }

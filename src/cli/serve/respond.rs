@@ -154,6 +154,8 @@ fn logprobs_json(app: &App, lps: &[TokenLogprobs], chat: bool, offset: &mut usiz
 /// One choice (one engine request) as its events arrive.
 struct Choice<'t> {
     text: Text<'t>,
+    /// Splits a chat's text into reasoning and answer.
+    think: Think,
     tokens: usize,
     reason: &'static str,
     report: Option<SequenceReport>,
@@ -173,16 +175,17 @@ struct Choice<'t> {
 impl<'t> Choice<'t> {
     /// One per choice of the job.
     fn all(app: &'t App, job: &'t Job, n: usize) -> Vec<Self> {
-        (0..n).map(|_| Self::new(app, &job.stop)).collect()
+        (0..n).map(|_| Self::new(app, job)).collect()
     }
 
-    fn new(app: &'t App, stop: &'t [String]) -> Self {
+    fn new(app: &'t App, job: &'t Job) -> Self {
         Self {
             text: Text {
                 stream: TextStream::new(&app.tokenizer),
-                stop,
+                stop: &job.stop,
                 held: String::new(),
             },
+            think: Think::new(job.opens_think),
             tokens: 0,
             reason: "stop",
             report: None,
@@ -268,25 +271,39 @@ impl Choice<'_> {
     }
 }
 
+/// A queued request, to be answered from its choices' events.
+pub(super) struct Reply {
+    pub app: Arc<App>,
+    pub job: Job,
+    /// The engine's ids of its choices, by choice index.
+    pub ids: Vec<u64>,
+    pub rx: Events,
+    /// The response's `id`, and when it was made.
+    pub rid: String,
+    pub created: u64,
+    pub chat: bool,
+    /// Counts it in flight until the answer is done.
+    pub guard: InFlight,
+}
+
 fn usage(job: &Job, choices: &[Choice]) -> Value {
     let n: usize = choices.iter().map(|c| c.tokens).sum();
     let prompt: usize = job.prompts.iter().map(Vec::len).sum();
     json!({"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n})
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn whole(
-    app: Arc<App>,
-    job: Job,
-    ids: Vec<u64>,
-    mut rx: Events,
-    rid: String,
-    created: u64,
-    chat: bool,
-    _guard: InFlight,
-) -> Response {
+pub(super) async fn whole(reply: Reply) -> Response {
+    let Reply {
+        app,
+        job,
+        ids,
+        mut rx,
+        rid,
+        created,
+        chat,
+        guard: _guard,
+    } = reply;
     let mut choices = Choice::all(&app, &job, ids.len());
-    let mut thinks: Vec<Think> = ids.iter().map(|_| Think::new(job.opens_think)).collect();
     let mut outs = vec![String::new(); ids.len()];
     let mut reasoning = vec![String::new(); ids.len()];
     while choices.iter().any(|c| !c.done) {
@@ -296,7 +313,7 @@ pub(super) async fn whole(
         let id = ids[i];
         match choices[i].on(&app.metrics, ev, report, || app.svc.cancel(id)) {
             Ok(Some(t)) if chat => {
-                let (r, c) = thinks[i].push(&t);
+                let (r, c) = choices[i].think.push(&t);
                 reasoning[i].push_str(&r);
                 outs[i].push_str(&c);
             }
@@ -317,7 +334,7 @@ pub(super) async fn whole(
     }
     let mut list = vec![];
     for (i, c) in choices.iter_mut().enumerate() {
-        let (r, rest) = thinks[i].finish();
+        let (r, rest) = c.think.finish();
         reasoning[i].push_str(&r);
         outs[i].push_str(&rest);
         let logprobs = c.unsent_logprobs(&app, &job, chat);
@@ -360,17 +377,17 @@ struct Delta<'a> {
     logprobs: Value,
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn stream(
-    app: Arc<App>,
-    job: Job,
-    ids: Vec<u64>,
-    mut rx: Events,
-    rid: String,
-    created: u64,
-    chat: bool,
-    guard: InFlight,
-) -> Response {
+pub(super) fn stream(reply: Reply) -> Response {
+    let Reply {
+        app,
+        job,
+        ids,
+        mut rx,
+        rid,
+        created,
+        chat,
+        guard,
+    } = reply;
     let (tx, out) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
         let _guard = guard;
@@ -407,7 +424,6 @@ pub(super) fn stream(
             }
         };
         let mut choices = Choice::all(&app, &job, ids.len());
-        let mut thinks: Vec<Think> = ids.iter().map(|_| Think::new(job.opens_think)).collect();
         let mut alive = true;
         if chat {
             for i in 0..ids.len() {
@@ -444,12 +460,12 @@ pub(super) fn stream(
             // What the text adds: thinking and answer apart in a chat; at
             // the end, whatever a think tag held back.
             let (mut reasoning, mut content) = match (&shown, chat) {
-                (Some(t), true) => thinks[i].push(t),
+                (Some(t), true) => choices[i].think.push(t),
                 (Some(t), false) => (String::new(), t.clone()),
                 (None, _) => (String::new(), String::new()),
             };
             if choices[i].done && chat {
-                let (r, c) = thinks[i].finish();
+                let (r, c) = choices[i].think.finish();
                 reasoning.push_str(&r);
                 content.push_str(&c);
             }
