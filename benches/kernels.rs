@@ -19,8 +19,8 @@ use kvsift::ops::linear::{
     Linear, MATVEC, PreNorm, fuses_prologue, matmul, matvec, matvec_with, norm_linear_with,
 };
 use kvsift::ops::paged_attention::{LayerKv, PoolLayout, QkvRows, paged_decode, partials_len};
-use kvsift::ops::quant::{MATVEC_QUANT, QuantFormat, QuantMatrix, matvec_quant};
-use kvsift::testing::{Rng, gpu, random_quant_blocks};
+use kvsift::ops::quant::QuantFormat;
+use kvsift::testing::{Rng, gpu, random_quant_matrix};
 
 const REPS: u32 = 8;
 
@@ -102,20 +102,21 @@ fn bench_matvec(c: &mut Criterion) {
     }
     // Quantized blocks as GGUF stores them (shaders/matvec_quant.wgsl).
     for &(rows, cols) in sizes {
-        for format in [
-            QuantFormat::Q8_0,
-            QuantFormat::Q4_0,
-            QuantFormat::Q4K,
-            QuantFormat::Q6K,
-        ] {
+        for format in QuantFormat::ALL {
             let mut rng = Rng::new(1);
-            let blocks =
-                random_quant_blocks(format, rows * cols / format.block_weights(), &mut rng);
-            let w = QuantMatrix::upload(ctx, "w", format, rows, cols, &blocks).unwrap();
+            let (w, _) = random_quant_matrix(ctx, format, rows, cols, &mut rng);
             let x = GpuBuffer::from_slice(ctx, "x", &rng.normals(cols)).unwrap();
             let y = GpuBuffer::<f32>::zeros(ctx, "y", rows).unwrap();
-            let ds = [matvec_quant(ctx, MATVEC_QUANT.pick(ctx), &w, &x, &y, 1, false).unwrap()];
-            let bytes = (blocks.len() + (rows + cols) * 4) as u64;
+            let args = Linear {
+                weights: &w,
+                bias: None,
+                x: &x,
+                y: &y,
+                n_vecs: 1,
+                accumulate: false,
+            };
+            let ds = matvec(ctx, &args).unwrap();
+            let bytes = (format.bytes_for(rows * cols) + (rows + cols) * 4) as u64;
             g.throughput(Throughput::BytesDecimal(bytes * REPS as u64));
             g.bench_function(format!("{} {rows}x{cols}", format.name()), |b| {
                 b.iter_custom(|iters| time_reps(ctx, &ds, iters))

@@ -10,7 +10,9 @@
 //
 // Bindings (all entry points):
 //   0 params  uniform Params
-//   1 w       storage read  [n, row_words] u32: f32 bits, or two f16 per word
+//   1 w       storage read  [n, row_words] u32: f32 bits, or two f16 per word,
+//             or quantized blocks (row_words then holds BYTES per row;
+//             quant_blocks.wgsl, joined in front, dequantizes them)
 //   2 a       storage read  [m, a_stride] f32
 //   3 bias    storage read  [c_offset + n] f32 (unused unless flags & 1)
 //   4 c       storage rw    [m, c_stride] f32
@@ -127,18 +129,40 @@ fn load_tile_w_f16(n0: u32, k0: u32, lid: u32) {
     }
 }
 
+// One quad of W rows per invocation, dequantized one weight at a time:
+// rows n0 + 4q .. + 3 at column k0 + kk.
+fn load_tile_w_quant(format: u32, n0: u32, k0: u32, lid: u32) {
+    let q = lid / BK;
+    let kk = lid % BK;
+    let gk = k0 + kk;
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i = i + 1u) {
+        let gn = n0 + 4u * q + i;
+        if gn < p.n && gk < p.k {
+            v[i] = weight_at(format, gn * p.row_words, gk);
+        }
+    }
+    tile_w[kk * (BN / 4u) + q] = v;
+}
+
+const KIND_F32: u32 = 100u;
+const KIND_F16: u32 = 101u;
+
 // The tile of C at workgroup `wg`: A and W tiles through workgroup memory,
-// W read as packed f16 pairs or f32 words.
-fn matmul_tile(lid3: vec3<u32>, lid: u32, wg: vec3<u32>, f16: bool) {
+// W read as f32 words, packed f16 pairs, or blocks of quant format `kind`
+// (Q8_0 .. Q6_K of quant_blocks.wgsl).
+fn matmul_tile(lid3: vec3<u32>, lid: u32, wg: vec3<u32>, kind: u32) {
     let n0 = wg.x * BN;
     let m0 = wg.y * BM;
     var acc: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < p.k; k0 = k0 + BK) {
         load_tile_a(m0, k0, lid);
-        if f16 {
+        if kind == KIND_F16 {
             load_tile_w_f16(n0, k0, lid);
-        } else {
+        } else if kind == KIND_F32 {
             load_tile_w_f32(n0, k0, lid);
+        } else {
+            load_tile_w_quant(kind, n0, k0, lid);
         }
         workgroupBarrier();
         multiply_tiles(lid3.x, lid3.y, &acc);
@@ -153,7 +177,7 @@ fn matmul_f32(
     @builtin(local_invocation_index) lid: u32,
     @builtin(workgroup_id) wg: vec3<u32>,
 ) {
-    matmul_tile(lid3, lid, wg, false);
+    matmul_tile(lid3, lid, wg, KIND_F32);
 }
 
 @compute @workgroup_size(16, 16)
@@ -162,5 +186,41 @@ fn matmul_f16(
     @builtin(local_invocation_index) lid: u32,
     @builtin(workgroup_id) wg: vec3<u32>,
 ) {
-    matmul_tile(lid3, lid, wg, true);
+    matmul_tile(lid3, lid, wg, KIND_F16);
+}
+
+@compute @workgroup_size(16, 16)
+fn matmul_q8_0(
+    @builtin(local_invocation_id) lid3: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+) {
+    matmul_tile(lid3, lid, wg, Q8_0);
+}
+
+@compute @workgroup_size(16, 16)
+fn matmul_q4_0(
+    @builtin(local_invocation_id) lid3: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+) {
+    matmul_tile(lid3, lid, wg, Q4_0);
+}
+
+@compute @workgroup_size(16, 16)
+fn matmul_q4_k(
+    @builtin(local_invocation_id) lid3: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+) {
+    matmul_tile(lid3, lid, wg, Q4_K);
+}
+
+@compute @workgroup_size(16, 16)
+fn matmul_q6_k(
+    @builtin(local_invocation_id) lid3: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+) {
+    matmul_tile(lid3, lid, wg, Q6_K);
 }

@@ -1,15 +1,7 @@
 // matvec_quant.wgsl: y[v, r] (+)= sum_k W[r, k] * x[v, k] (+ bias[r]) with W
 // in llama.cpp's quantized blocks, as GGUF stores them (src/ops/quant.rs):
-//   q8_0: 34-byte blocks of 32 weights: f16 d, 32 int8 q;     w = d * q
-//   q4_0: 18-byte blocks of 32 weights: f16 d, 16 nibble bytes (low nibbles
-//         weights 0-15, high 16-31);                          w = d * (q - 8)
-//   q4_K: 144-byte super-blocks of 256: f16 d, f16 dmin, 12 bytes of 6-bit
-//         scales and mins, 128 nibble bytes;                  w = d*sc*q - dmin*m
-//   q6_K: 210-byte super-blocks of 256: 128 bytes of low nibbles, 64 of
-//         2-bit highs, 16 int8 scales, f16 d;                 w = d*sc*(q - 32)
-// Blocks are not word-sized: a row of `row_words` BYTES (Params.row_words
-// holds bytes here) starts at an even byte offset, and each block's bytes
-// are gathered from the u32 words that hold them (no 8- or 16-bit storage).
+// quant_blocks.wgsl, joined in front, reads the blocks (their layouts are
+// there); Params.row_words holds BYTES per row here.
 //
 // Dispatch as matvec.wgsl: one workgroup per 4 rows (row blocks folded into
 // x/y), z = vector; each invocation walks a strided set of block units (a
@@ -27,53 +19,6 @@
 
 @group(0) @binding(1) var<storage, read> w: array<u32>;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
-
-// The 4 bytes at byte offset `at` (even), as one little-endian word.
-fn word_at(at: u32) -> u32 {
-    let i = at >> 2u;
-    if (at & 3u) == 0u {
-        return w[i];
-    }
-    return (w[i] >> 16u) | (w[i + 1u] << 16u);
-}
-
-// The f16 at byte offset `at` (even).
-fn half_at(at: u32) -> f32 {
-    let word = w[at >> 2u];
-    let bits = select(word & 0xffffu, word >> 16u, (at & 2u) != 0u);
-    return unpack2x16float(bits).x;
-}
-
-// The four int8 of a word, in byte order.
-fn i8x4(u: u32) -> vec4<f32> {
-    return vec4<f32>(
-        f32(bitcast<i32>(u << 24u) >> 24u),
-        f32(bitcast<i32>(u << 16u) >> 24u),
-        f32(bitcast<i32>(u << 8u) >> 24u),
-        f32(bitcast<i32>(u) >> 24u),
-    );
-}
-
-// The four nibbles (low, or high with shift 4) of a word, minus 8.
-fn nibbles(u: u32, shift: u32) -> vec4<f32> {
-    let q = (u >> shift) & 0x0f0f0f0fu;
-    return vec4<f32>(
-        f32(q & 0xffu),
-        f32((q >> 8u) & 0xffu),
-        f32((q >> 16u) & 0xffu),
-        f32(q >> 24u),
-    ) - vec4<f32>(8.0);
-}
-
-// The byte at offset `at`.
-fn byte_at(at: u32) -> u32 {
-    return (w[at >> 2u] >> ((at & 3u) * 8u)) & 0xffu;
-}
-
-// The four bytes of a word.
-fn bytes4(u: u32) -> vec4<u32> {
-    return vec4<u32>(u & 0xffu, (u >> 8u) & 0xffu, (u >> 16u) & 0xffu, u >> 24u);
-}
 
 fn x4(at: u32) -> vec4<f32> {
     return vec4<f32>(x[at], x[at + 1u], x[at + 2u], x[at + 3u]);
@@ -119,17 +64,6 @@ fn unit_q4_0(rb: vec4<u32>, u: u32, xb: u32) -> vec4<f32> {
     return vec4<f32>(q4_0_row(at.x, o, xl, xh), q4_0_row(at.y, o, xl, xh), q4_0_row(at.z, o, xl, xh), q4_0_row(at.w, o, xl, xh));
 }
 
-// q4_K sub-block j's 6-bit scale and min, from the 12 scale bytes at `at`
-// (llama.cpp's get_scale_min_k4).
-fn scale_min_k4(at: u32, j: u32) -> vec2<f32> {
-    if j < 4u {
-        return vec2<f32>(f32(byte_at(at + j) & 63u), f32(byte_at(at + j + 4u) & 63u));
-    }
-    let sc = (byte_at(at + j + 4u) & 0xfu) | ((byte_at(at + j - 4u) >> 6u) << 4u);
-    let m = (byte_at(at + j + 4u) >> 4u) | ((byte_at(at + j) >> 6u) << 4u);
-    return vec2<f32>(f32(sc), f32(m));
-}
-
 // q4_K: 32 units a super-block of 256; each 32 nibble bytes hold two
 // 32-weight sub-blocks (low nibbles, then high): a unit is one word of it.
 // `sx`: the sums of xl and xh (for the mins).
@@ -158,10 +92,6 @@ fn unit_q4_k(rb: vec4<u32>, u: u32, xb: u32) -> vec4<f32> {
         q4_k_row(at.z, pair, j, xl, xh, sx),
         q4_k_row(at.w, pair, j, xl, xh, sx),
     );
-}
-
-fn i8_at(at: u32) -> f32 {
-    return f32(bitcast<i32>(byte_at(at) << 24u) >> 24u);
 }
 
 // q6_K: 16 units a super-block; per 128-weight half, ql bytes l..l+3 and
@@ -202,11 +132,6 @@ fn unit_q6_k(rb: vec4<u32>, u: u32, xb: u32) -> vec4<f32> {
         q6_k_row(at.w, h, l, x1, x2, x3, x4v),
     );
 }
-
-const Q8_0: u32 = 0u;
-const Q4_0: u32 = 1u;
-const Q4_K: u32 = 2u;
-const Q6_K: u32 = 3u;
 
 // Units in a row of `cols` weights.
 fn row_units(format: u32, cols: u32) -> u32 {

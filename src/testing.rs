@@ -129,6 +129,21 @@ pub fn random_quant_blocks(
     }
 }
 
+/// A `[rows, cols]` matrix of random blocks of `format` on the GPU (see
+/// [`random_quant_blocks`]) and the weights it holds (the CPU twin's input).
+pub fn random_quant_matrix(
+    ctx: &crate::gpu::GpuContext,
+    format: crate::ops::quant::QuantFormat,
+    rows: usize,
+    cols: usize,
+    rng: &mut Rng,
+) -> (crate::gpu::GpuMatrix, Vec<f32>) {
+    let bytes = random_quant_blocks(format, rows * cols / format.block_weights(), rng);
+    let m = crate::ops::quant::upload_blocks(ctx, "random blocks", format, rows, cols, &bytes)
+        .expect("upload random blocks");
+    (m, crate::ops::quant::dequantize(format, &bytes))
+}
+
 /// Normalised mean squared error `sum (got-want)^2 / sum want^2` (the
 /// measure llama.cpp's test-backend-ops uses).
 pub fn nmse(got: &[f32], want: &[f64]) -> f64 {

@@ -8,5 +8,5 @@ pub mod pipeline;
 
 pub use buffer::{GpuBuffer, StagedInput};
 pub use context::{DeviceCaps, GpuContext, GpuOptions, OptionalFeatures};
-pub use matrix::{GpuMatrix, WeightDtype};
+pub use matrix::{GpuMatrix, QuantFormat, Segment, WeightDtype};
 pub use pipeline::{BufferCopy, Dispatch, Kernel, Op};

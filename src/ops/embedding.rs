@@ -8,12 +8,22 @@ use super::ensure;
 use super::host_layout;
 use super::{NO_FEATURES, u32_of};
 use crate::error::{Error, Result};
-use crate::gpu::{Dispatch, GpuBuffer, GpuContext, GpuMatrix, Kernel, WeightDtype};
+use crate::gpu::{Dispatch, GpuBuffer, GpuContext, GpuMatrix, Kernel};
 
 pub static EMBEDDING: Kernel = Kernel {
     name: "embedding",
-    sources: &[include_str!("../../shaders/embedding.wgsl")],
-    entries: &["embed_f32", "embed_f16"],
+    sources: &[
+        super::quant::QUANT_BLOCKS,
+        include_str!("../../shaders/embedding.wgsl"),
+    ],
+    entries: &[
+        "embed_f32",
+        "embed_f16",
+        "embed_q8_0",
+        "embed_q4_0",
+        "embed_q4_k",
+        "embed_q6_k",
+    ],
     needs: NO_FEATURES,
 };
 
@@ -54,26 +64,23 @@ pub fn embed(
         out.len(),
         table.cols
     );
-    let entry = match table.dtype {
-        WeightDtype::F32 => "embed_f32",
-        WeightDtype::F16 => "embed_f16",
-    };
-    let pipeline = ctx.pipeline(&EMBEDDING, entry, &super::wg_constants())?;
     table
         .parts
         .iter()
         .map(|part| {
+            let entry = format!("embed_{}", part.dtype.entry_suffix());
+            let pipeline = ctx.pipeline(&EMBEDDING, &entry, &super::wg_constants())?;
             let params = Params {
                 n_tokens: u32_of("tokens", n_tokens)?,
                 dim: u32_of("dim", table.cols)?,
-                row_words: u32_of("row words", table.row_words)?,
+                row_words: u32_of("row words", part.dtype.row_stride(table.cols))?,
                 first_row: u32_of("first row", part.first_row)?,
                 part_rows: u32_of("part rows", part.rows)?,
             };
             let label = format!("kvsift.embed.{}", table.label);
             Dispatch::with_params(
                 ctx,
-                pipeline.clone(),
+                pipeline,
                 label,
                 &params,
                 &[
@@ -110,7 +117,8 @@ pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
 mod tests {
     use super::*;
     use crate::gpu::GpuOptions;
-    use crate::testing::{Rng, gpu};
+    use crate::gpu::{QuantFormat, WeightDtype};
+    use crate::testing::{Rng, gpu, random_quant_matrix};
 
     fn check(
         ctx: &GpuContext,
@@ -121,18 +129,24 @@ mod tests {
         dtype: WeightDtype,
     ) -> usize {
         let mut rng = Rng::new(seed);
-        let table = rng.normals(vocab * dim);
+        let (tm, stored) = match dtype.quant() {
+            Some(f) => random_quant_matrix(ctx, f, vocab, dim, &mut rng),
+            None => {
+                let table = rng.normals(vocab * dim);
+                let tm = GpuMatrix::upload(ctx, "embed", vocab, dim, dtype, &table).unwrap();
+                (tm, table.iter().map(|v| dtype.round(*v)).collect())
+            }
+        };
         let ids: Vec<u32> = (0..n_tokens).map(|_| rng.below(vocab) as u32).collect();
         check_ids(&ids, vocab).unwrap();
-        let tm = GpuMatrix::upload(ctx, "embed", vocab, dim, dtype, &table).unwrap();
         let ib = GpuBuffer::from_slice(ctx, "ids", &ids).unwrap();
         let out = GpuBuffer::<f32>::zeros(ctx, "out", n_tokens * dim).unwrap();
         let ds = embed(ctx, n_tokens, &tm, &ib, &out).unwrap();
         ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
-        let stored: Vec<f32> = table.iter().map(|v| dtype.round(*v)).collect();
         let want = embed_cpu(&stored, dim, &ids);
         let got = out.read(ctx).unwrap();
-        // A gather copies bits: exact.
+        // A gather copies bits, and dequantizing forms dequantize's products
+        // in its order: exact.
         if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
             panic!(
                 "embed {dtype:?} [{vocab}, {dim}] x {n_tokens}: first mismatch at {i}: got {}, want {}",
@@ -159,6 +173,17 @@ mod tests {
                 check(ctx, 130 + i as u64, vocab, dim, n, dtype);
             }
         }
+        // Quantized tables: rows of whole blocks.
+        for (i, &(vocab, dim, n)) in [(1, 256, 1), (10, 256, 3), (300, 512, 17)]
+            .iter()
+            .enumerate()
+        {
+            for f in QuantFormat::ALL {
+                check(ctx, 150 + i as u64, vocab, dim, n, WeightDtype::Quant(f));
+            }
+        }
+        check(ctx, 160, 77, 96, 9, WeightDtype::Q8_0);
+        check(ctx, 161, 77, 32, 9, WeightDtype::Q4_0);
     }
 
     #[test]
@@ -173,6 +198,9 @@ mod tests {
         let ctx = GpuContext::new(&opts).unwrap();
         assert!(check(&ctx, 140, 97, 33, 40, WeightDtype::F32) >= 6);
         assert!(check(&ctx, 141, 97, 33, 40, WeightDtype::F16) >= 3);
+        // 60 q8_0 rows of 34 bytes per 2048-byte part (odd rows start mid-word).
+        assert!(check(&ctx, 142, 97, 32, 40, WeightDtype::Q8_0) >= 2);
+        assert!(check(&ctx, 143, 20, 256, 40, WeightDtype::Quant(QuantFormat::Q6K)) >= 2);
     }
 
     #[test]

@@ -61,8 +61,18 @@ pub static MATVEC_VEC4: Kernel = Kernel {
 
 pub static MATMUL: Kernel = Kernel {
     name: "matmul",
-    sources: &[include_str!("../../shaders/matmul.wgsl")],
-    entries: &["matmul_f32", "matmul_f16"],
+    sources: &[
+        super::quant::QUANT_BLOCKS,
+        include_str!("../../shaders/matmul.wgsl"),
+    ],
+    entries: &[
+        "matmul_f32",
+        "matmul_f16",
+        "matmul_q8_0",
+        "matmul_q4_0",
+        "matmul_q4_k",
+        "matmul_q6_k",
+    ],
     needs: NO_FEATURES,
 };
 
@@ -131,7 +141,7 @@ pub struct Linear<'a> {
 }
 
 impl Linear<'_> {
-    fn check(&self, kernel: &str) -> Result<()> {
+    pub(crate) fn check(&self, kernel: &str) -> Result<()> {
         let w = self.weights;
         ensure!(
             self.n_vecs > 0
@@ -157,22 +167,19 @@ impl Linear<'_> {
         Ok(())
     }
 
-    fn flags(&self) -> u32 {
+    pub(crate) fn flags(&self) -> u32 {
         (if self.bias.is_some() { FLAG_BIAS } else { 0 })
             | (if self.accumulate { FLAG_ACCUMULATE } else { 0 })
     }
 
-    fn bias_binding(&self) -> wgpu::BindingResource<'_> {
+    pub(crate) fn bias_binding(&self) -> wgpu::BindingResource<'_> {
         // Without a bias the kernel never reads binding 3; bind x there.
         self.bias.unwrap_or(self.x).binding()
     }
 }
 
 fn entry(kind: &str, dtype: WeightDtype) -> String {
-    match dtype {
-        WeightDtype::F32 => format!("{kind}_f32"),
-        WeightDtype::F16 => format!("{kind}_f16"),
-    }
+    format!("{kind}_{}", dtype.entry_suffix())
 }
 
 /// The projection as matvec for few vectors, matmul for many.
@@ -204,12 +211,13 @@ pub fn matvec_max_vecs(ctx: &GpuContext) -> usize {
     }
 }
 
-/// Whether `matvec_vec4` serves this projection: rows that fill whole vec4s
-/// (4 f32 or 8 f16 weights).
+/// Whether `matvec_vec4` serves this projection: f32 or f16 rows that fill
+/// whole vec4s (4 f32 or 8 f16 weights).
 fn fits_vec4(args: &Linear) -> bool {
-    let per_quad = match args.weights.dtype {
-        WeightDtype::F32 => 4,
-        WeightDtype::F16 => 8,
+    let per_quad = match args.weights.dtype() {
+        Some(WeightDtype::F32) => 4,
+        Some(WeightDtype::F16) => 8,
+        _ => return false,
     };
     args.weights.cols.is_multiple_of(per_quad)
 }
@@ -386,14 +394,16 @@ fn matvec_impl(
     // Both subgroup kernels: vectors per pass, the power of two covering
     // n_vecs (<= 8).
     let rows_nv = args.n_vecs.next_power_of_two().min(MATVEC_ROWS_VECS);
-    let pipeline = if vec4_kernel {
-        let constants = [wg, ("NV", rows_nv as f64), ("PROLOGUE", prologue_id as f64)];
-        ctx.pipeline(kernel, &entry(kind, w.dtype), &constants)?
-    } else if rows_kernel {
-        let constants = [wg, ("NV", rows_nv as f64)];
-        ctx.pipeline(kernel, &entry(kind, w.dtype), &constants)?
-    } else {
-        ctx.pipeline(kernel, &entry(kind, w.dtype), &[wg])?
+    let pipeline = |dtype: WeightDtype| {
+        if vec4_kernel {
+            let constants = [wg, ("NV", rows_nv as f64), ("PROLOGUE", prologue_id as f64)];
+            ctx.pipeline(kernel, &entry(kind, dtype), &constants)
+        } else if rows_kernel {
+            let constants = [wg, ("NV", rows_nv as f64)];
+            ctx.pipeline(kernel, &entry(kind, dtype), &constants)
+        } else {
+            ctx.pipeline(kernel, &entry(kind, dtype), &[wg])
+        }
     };
     let n_vecs = u32_of("matvec vectors", args.n_vecs)?;
     ensure!(
@@ -403,11 +413,17 @@ fn matvec_impl(
     w.parts
         .iter()
         .map(|part| {
+            // Blocks have a kernel of their own (the prologues are
+            // unfused for them: fits_vec4).
+            if let Some(format) = part.dtype.quant() {
+                let kernel = super::quant::MATVEC_QUANT.pick(ctx);
+                return super::quant::matvec_part(ctx, kernel, args, part, format);
+            }
             let row_blocks = u32_of("matvec row blocks", part.rows.div_ceil(MATVEC_BLOCK))?;
             let params = MatvecParams {
                 rows: u32_of("rows", part.rows)?,
                 cols: u32_of("cols", w.cols)?,
-                row_words: u32_of("row words", w.row_words)?,
+                row_words: u32_of("row words", part.dtype.row_words(w.cols))?,
                 n_vecs,
                 // SwiGLU reads gate/up rows of 2 x cols.
                 x_stride: u32_of(
@@ -447,7 +463,7 @@ fn matvec_impl(
             }
             Dispatch::with_params(
                 ctx,
-                pipeline.clone(),
+                pipeline(part.dtype)?,
                 label,
                 &params,
                 &bindings,
@@ -460,7 +476,6 @@ fn matvec_impl(
 pub fn matmul(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
     args.check("matmul")?;
     let w = args.weights;
-    let pipeline = ctx.pipeline(&MATMUL, &entry("matmul", w.dtype), &[])?;
     let tiles_m = u32_of("matmul row tiles", args.n_vecs.div_ceil(MATMUL_TILE))?;
     w.parts
         .iter()
@@ -476,7 +491,7 @@ pub fn matmul(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
                 m: u32_of("m", args.n_vecs)?,
                 n: u32_of("n", part.rows)?,
                 k: u32_of("k", w.cols)?,
-                row_words: u32_of("row words", w.row_words)?,
+                row_words: u32_of("row words", part.dtype.row_stride(w.cols))?,
                 a_stride: u32_of("a stride", w.cols)?,
                 c_stride: u32_of("c stride", w.rows)?,
                 c_offset: u32_of("c offset", part.first_row)?,
@@ -485,7 +500,7 @@ pub fn matmul(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
             let label = format!("kvsift.matmul.{}", w.label);
             Dispatch::with_params(
                 ctx,
-                pipeline.clone(),
+                ctx.pipeline(&MATMUL, &entry("matmul", part.dtype), &[])?,
                 label,
                 &params,
                 &[

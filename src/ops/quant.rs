@@ -16,110 +16,161 @@
 //! Products are formed in the order llama.cpp's `dequantize_row_*` forms
 //! them, in f32, so the twins equal `gguf.quants.dequantize` bit for bit.
 //!
-//! The GPU half so far: [`matvec_quant`] (`shaders/matvec_quant.wgsl`), the
-//! decode projection over blocks of every format, whose twin is
-//! [`dequantize`] then `linear::linear_cpu`.
+//! The GPU half: weights are a [`GpuMatrix`] whose parts hold blocks
+//! ([`WeightDtype::Quant`]); `ops::linear` runs a projection over them with
+//! [`matvec_part`] (`shaders/matvec_quant.wgsl`, decode) or the matmul's
+//! quantized entries (prefill), and `ops::embedding` gathers rows of them;
+//! `shaders/quant_blocks.wgsl` reads the blocks for all three. The twin of
+//! each is [`dequantize`], then the float twin.
 
 use half::f16;
 
-use super::linear::{FLAG_ACCUMULATE, MATVEC_BLOCK, MATVEC_COMMON, MatvecParams};
+use super::linear::{Linear, MATVEC_BLOCK, MATVEC_COMMON, MatvecParams};
 use super::{
     NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, ensure, u32_of,
 };
 use crate::error::Result;
-use crate::gpu::{Dispatch, GpuBuffer, GpuContext, Kernel};
+pub use crate::gpu::QuantFormat;
+use crate::gpu::matrix::MatrixPart;
+use crate::gpu::{Dispatch, GpuContext, GpuMatrix, Kernel, WeightDtype};
 
 const MATVEC_QUANT_SRC: &str = include_str!("../../shaders/matvec_quant.wgsl");
+/// The block readers every kernel over quantized weights joins in front.
+pub(crate) const QUANT_BLOCKS: &str = include_str!("../../shaders/quant_blocks.wgsl");
+
+const MATVEC_QUANT_ENTRIES: &[&str] = &["matvec_q8_0", "matvec_q4_0", "matvec_q4_k", "matvec_q6_k"];
 
 pub static MATVEC_QUANT: ReducingKernel = ReducingKernel {
     workgroup: Kernel {
         name: "matvec_quant",
-        sources: &[REDUCE_WORKGROUP, MATVEC_COMMON, MATVEC_QUANT_SRC],
-        entries: &["matvec_q8_0", "matvec_q4_0", "matvec_q4_k", "matvec_q6_k"],
+        sources: &[
+            REDUCE_WORKGROUP,
+            MATVEC_COMMON,
+            QUANT_BLOCKS,
+            MATVEC_QUANT_SRC,
+        ],
+        entries: MATVEC_QUANT_ENTRIES,
         needs: NO_FEATURES,
     },
     subgroup: Kernel {
         name: "matvec_quant_subgroup",
-        sources: &[REDUCE_SUBGROUP, MATVEC_COMMON, MATVEC_QUANT_SRC],
-        entries: &["matvec_q8_0", "matvec_q4_0", "matvec_q4_k", "matvec_q6_k"],
+        sources: &[
+            REDUCE_SUBGROUP,
+            MATVEC_COMMON,
+            QUANT_BLOCKS,
+            MATVEC_QUANT_SRC,
+        ],
+        entries: MATVEC_QUANT_ENTRIES,
         needs: SUBGROUPS,
     },
 };
 
-/// A quantized weight matrix on the GPU: `rows` rows of `cols` weights, each
-/// row `cols / block_weights` blocks, rows back to back, padded to a word.
-pub struct QuantMatrix {
-    pub buffer: GpuBuffer<u32>,
-    pub format: QuantFormat,
-    pub rows: usize,
-    pub cols: usize,
+/// Uploads `rows` rows of blocks as they are (`bytes`: GGUF's layout, rows
+/// back to back), split into parts as every matrix.
+pub fn upload_blocks(
+    ctx: &GpuContext,
+    label: &str,
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    bytes: &[u8],
+) -> Result<GpuMatrix> {
+    let row_bytes = format.bytes_for(cols);
+    ensure!(
+        cols.is_multiple_of(format.block_weights()) && bytes.len() == rows * row_bytes,
+        "{label}: {} bytes for {rows} rows of {cols} {} weights",
+        bytes.len(),
+        format.name()
+    );
+    GpuMatrix::upload_with(
+        ctx,
+        label,
+        rows,
+        cols,
+        WeightDtype::Quant(format),
+        |r, out| {
+            bytemuck::cast_slice_mut::<u32, u8>(out)[..row_bytes]
+                .copy_from_slice(&bytes[r * row_bytes..(r + 1) * row_bytes]);
+            Ok(())
+        },
+    )
 }
 
-impl QuantMatrix {
-    /// Uploads `rows` rows of blocks as they are (`bytes`: GGUF's layout).
-    pub fn upload(
-        ctx: &GpuContext,
-        label: &str,
-        format: QuantFormat,
-        rows: usize,
-        cols: usize,
-        bytes: &[u8],
-    ) -> Result<Self> {
-        ensure!(
-            cols.is_multiple_of(format.block_weights())
-                && bytes.len() == rows * format.bytes_for(cols),
-            "{label}: {} bytes for {rows} rows of {cols} {} weights",
-            bytes.len(),
-            format.name()
-        );
-        let mut words = vec![0u32; bytes.len().div_ceil(4)];
-        bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
-        Ok(Self {
-            buffer: GpuBuffer::from_slice(ctx, label, &words)?,
-            format,
-            rows,
-            cols,
-        })
+/// Quantizes a row-major f32 matrix with llama.cpp's reference quantizer
+/// ([`quantize`]) and uploads the blocks.
+pub fn upload_quantized(
+    ctx: &GpuContext,
+    label: &str,
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    data: &[f32],
+) -> Result<GpuMatrix> {
+    ensure!(
+        data.len() == rows * cols && cols.is_multiple_of(format.block_weights()),
+        "{label}: {} values for [{rows}, {cols}] in {} blocks",
+        data.len(),
+        format.name()
+    );
+    let mut bytes = Vec::with_capacity(rows * format.bytes_for(cols));
+    for row in data.chunks_exact(cols) {
+        bytes.extend(quantize(format, row)?);
     }
+    upload_blocks(ctx, label, format, rows, cols, &bytes)
 }
 
-/// `y[v] (+)= W x[v]` for `n_vecs` vectors (`x` `[n_vecs, cols]`, `y`
-/// `[n_vecs, rows]`) over blocks of any format: one workgroup per 4 rows.
-pub fn matvec_quant(
+/// The decode projection over a matrix of quantized parts with an explicit
+/// reduction variant of [`MATVEC_QUANT`] (tests run both; `ops::linear`
+/// picks one per part).
+pub fn matvec_quant_with(
     ctx: &GpuContext,
     kernel: &'static Kernel,
-    w: &QuantMatrix,
-    x: &GpuBuffer<f32>,
-    y: &GpuBuffer<f32>,
-    n_vecs: usize,
-    accumulate: bool,
+    args: &Linear,
+) -> Result<Vec<Dispatch>> {
+    args.check("matvec_quant")?;
+    args.weights
+        .parts
+        .iter()
+        .map(|part| {
+            let format = part.dtype.quant().ok_or_else(|| {
+                crate::error::Error::invalid(
+                    "matvec_quant",
+                    format!("{} has {} rows", args.weights.label, part.dtype.name()),
+                )
+            })?;
+            matvec_part(ctx, kernel, args, part, format)
+        })
+        .collect()
+}
+
+/// One part of a projection over quantized blocks: `y[v] (+)= W x[v] (+
+/// bias)` for the part's rows, one workgroup per 4 rows.
+pub(crate) fn matvec_part(
+    ctx: &GpuContext,
+    kernel: &'static Kernel,
+    args: &Linear,
+    part: &MatrixPart,
+    format: QuantFormat,
 ) -> Result<Dispatch> {
-    let entry = match w.format {
-        QuantFormat::Q8_0 => "matvec_q8_0",
-        QuantFormat::Q4_0 => "matvec_q4_0",
-        QuantFormat::Q4K => "matvec_q4_k",
-        QuantFormat::Q6K => "matvec_q6_k",
-    };
-    ensure!(
-        n_vecs > 0 && x.len() >= n_vecs * w.cols && y.len() >= n_vecs * w.rows,
-        "matvec_quant: x has {} values, y {}, for {n_vecs} vectors of [{}, {}]",
-        x.len(),
-        y.len(),
-        w.rows,
-        w.cols
-    );
+    let w = args.weights;
+    let entry = format!("matvec_{}", format.entry_suffix());
     let [wg] = super::wg_constants();
-    let pipeline = ctx.pipeline(kernel, entry, &[wg])?;
-    let row_blocks = u32_of("matvec row blocks", w.rows.div_ceil(MATVEC_BLOCK))?;
+    let pipeline = ctx.pipeline(kernel, &entry, &[wg])?;
+    let row_blocks = u32_of("matvec row blocks", part.rows.div_ceil(MATVEC_BLOCK))?;
+    let n_vecs = u32_of("vectors", args.n_vecs)?;
+    ensure!(
+        n_vecs <= ctx.caps.max_workgroups_per_dim,
+        "matvec: {n_vecs} vectors exceed the grid's z limit; use matmul"
+    );
     let params = MatvecParams {
-        rows: u32_of("rows", w.rows)?,
+        rows: u32_of("rows", part.rows)?,
         cols: u32_of("cols", w.cols)?,
-        row_words: u32_of("row bytes", w.format.bytes_for(w.cols))?,
-        n_vecs: u32_of("vectors", n_vecs)?,
+        row_words: u32_of("row bytes", format.bytes_for(w.cols))?,
+        n_vecs,
         x_stride: u32_of("x stride", w.cols)?,
         y_stride: u32_of("y stride", w.rows)?,
-        y_offset: 0,
-        flags: if accumulate { FLAG_ACCUMULATE } else { 0 },
+        y_offset: u32_of("y offset", part.first_row)?,
+        flags: args.flags(),
         row_blocks,
         eps: 0.0,
     };
@@ -127,55 +178,44 @@ pub fn matvec_quant(
     Dispatch::with_params(
         ctx,
         pipeline,
-        format!("kvsift.matvec_quant.{}", w.buffer.label()),
+        format!("kvsift.matvec_quant.{}", w.label),
         &params,
-        // Binding 3 (bias) is never read: x stands in.
-        &[w.buffer.binding(), x.binding(), x.binding(), y.binding()],
-        [gx, gy, u32_of("vectors", n_vecs)?],
+        &[
+            part.buffer.as_entire_binding(),
+            args.x.binding(),
+            args.bias_binding(),
+            args.y.binding(),
+        ],
+        [gx, gy, n_vecs],
     )
 }
 
-/// A quantized block format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QuantFormat {
-    Q8_0,
-    Q4_0,
-    Q4K,
-    Q6K,
+/// llama.cpp's reference quantizer for `format` (q8_0 and q4_0; kvsift
+/// reads the K formats from GGUF files but does not make them).
+pub fn quantize(format: QuantFormat, row: &[f32]) -> Result<Vec<u8>> {
+    ensure!(
+        row.len().is_multiple_of(format.block_weights()),
+        "quantize: {} values are not whole {} blocks",
+        row.len(),
+        format.name()
+    );
+    match format {
+        QuantFormat::Q8_0 => Ok(quantize_q8_0(row)),
+        QuantFormat::Q4_0 => Ok(quantize_q4_0(row)),
+        f => Err(crate::error::Error::invalid(
+            "weights dtype",
+            format!(
+                "kvsift does not quantize to {} (it reads such blocks from GGUF files)",
+                f.name()
+            ),
+        )),
+    }
 }
 
-impl QuantFormat {
-    /// Weights per block.
-    pub fn block_weights(self) -> usize {
-        match self {
-            QuantFormat::Q8_0 | QuantFormat::Q4_0 => 32,
-            QuantFormat::Q4K | QuantFormat::Q6K => 256,
-        }
-    }
-
-    /// Bytes per block.
-    pub fn block_bytes(self) -> usize {
-        match self {
-            QuantFormat::Q8_0 => 34,
-            QuantFormat::Q4_0 => 18,
-            QuantFormat::Q4K => 144,
-            QuantFormat::Q6K => 210,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            QuantFormat::Q8_0 => "q8_0",
-            QuantFormat::Q4_0 => "q4_0",
-            QuantFormat::Q4K => "q4_K",
-            QuantFormat::Q6K => "q6_K",
-        }
-    }
-
-    /// Bytes of `n` weights (a multiple of the block).
-    pub fn bytes_for(self, n: usize) -> usize {
-        n / self.block_weights() * self.block_bytes()
-    }
+/// The values a row of f32 weights takes once quantized to `format` and read
+/// back (what the GPU computes with; the reference forward's weights).
+pub fn round_row(format: QuantFormat, row: &[f32]) -> Result<Vec<f32>> {
+    Ok(dequantize(format, &quantize(format, row)?))
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {

@@ -93,83 +93,141 @@ fn round_trips_stay_within_half_a_step() {
     );
 }
 
-/// The quantized matvec against its twin (the blocks dequantized, then the
-/// f64 projection): sizes of one row and one block, odd block counts (rows
-/// that start mid-word), row counts off the 4-row blocks, many workgroups,
-/// head-sized and wide rows, several vectors, accumulation; both reduction
-/// variants; every format (q4_K and q6_K on 256-weight super-blocks). The
-/// kernel scales each block's integer dot product once, the twin each
-/// weight: f32 rounding over k terms, NMSE far below 1e-9.
+/// Every projection over quantized blocks against its twin (the blocks
+/// dequantized, then the f64 projection): the decode matvec (both reduction
+/// variants), the prefill matmul and `linear`'s pick, on sizes of one row
+/// and one block, odd block counts (rows that start mid-word), row counts
+/// off the 4-row blocks and the 64-row tiles, many workgroups, head-sized
+/// and wide rows, several vectors, bias, accumulation; every format (q4_K
+/// and q6_K on 256-weight super-blocks). The matvec scales each block's
+/// integer dot product once, the twin each weight: f32 rounding over k
+/// terms, NMSE far below 1e-9.
 #[test]
-fn matvec_quant_matches_its_twin() {
-    use crate::ops::linear::linear_cpu;
-    use crate::testing::{assert_nmse, gpu};
-    let Some(ctx) = gpu() else { return };
-    let mut kernels = vec![&MATVEC_QUANT.workgroup];
-    if ctx.caps.features.subgroups {
-        kernels.push(&MATVEC_QUANT.subgroup);
-    }
-    let mut rng = crate::rng::Rng::new(11);
-    let mut rng2 = crate::rng::Rng::new(12);
-    let mut normal = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.uniform() * 2.0 - 1.0).collect() };
+fn quantized_projections_match_their_twin() {
+    let Some(ctx) = crate::testing::gpu() else {
+        return;
+    };
     let small = [
-        (1, 32, 1, false),
-        (3, 96, 1, false),
-        (5, 64, 2, true),
-        (13, 32 * 33, 3, false),
-        (67, 128, 1, true),
-        (301, 256, 4, false),
+        (1, 32, 1, false, false),
+        (3, 96, 1, false, true),
+        (5, 64, 2, true, false),
+        (13, 32 * 33, 3, false, false),
+        (67, 128, 1, true, true),
+        (301, 256, 4, false, false),
+        (70, 96, 67, true, true),
     ];
     // Super-blocks of 256: one, an odd count (q6_K rows then start
-    // mid-word), rows off the 4-row blocks, several vectors.
+    // mid-word), rows off the 4-row blocks, several vectors, a prefill.
     let large = [
-        (1, 256, 1, false),
-        (3, 256 * 3, 2, true),
-        (13, 512, 1, false),
-        (67, 256, 3, false),
+        (1, 256, 1, false, false),
+        (3, 256 * 3, 2, true, true),
+        (13, 512, 1, false, false),
+        (67, 256, 3, false, false),
+        (65, 256, 70, true, false),
     ];
-    for format in [
-        QuantFormat::Q8_0,
-        QuantFormat::Q4_0,
-        QuantFormat::Q4K,
-        QuantFormat::Q6K,
-    ] {
-        let shapes: &[(usize, usize, usize, bool)] = if format.block_weights() == 32 {
+    for format in QuantFormat::ALL {
+        let shapes: &[_] = if format.block_weights() == 32 {
             &small
         } else {
             &large
         };
-        for &(rows, cols, n_vecs, accumulate) in shapes {
-            // q8_0/q4_0 quantized from random values; the K formats (no
-            // reference quantizer, the gguf package has none either) random
-            // blocks with modest f16 scales.
-            let n_blocks = rows * cols / format.block_weights();
-            let blocks = crate::testing::random_quant_blocks(format, n_blocks, &mut rng2);
-            let w = QuantMatrix::upload(ctx, "w", format, rows, cols, &blocks).unwrap();
-            let x = normal(n_vecs * cols);
-            let y0 = normal(n_vecs * rows);
-            let mut want: Vec<f64> = y0.iter().map(|&v| v as f64).collect();
-            linear_cpu(
-                &dequantize(format, &blocks),
+        for (i, &(rows, cols, n_vecs, bias, accumulate)) in shapes.iter().enumerate() {
+            check_projection(
+                ctx,
+                40 + i as u64,
+                format,
+                rows,
                 cols,
-                None,
-                &x,
-                &mut want,
+                n_vecs,
+                bias,
                 accumulate,
             );
-            let xb = GpuBuffer::from_slice(ctx, "x", &x).unwrap();
-            for kernel in &kernels {
-                let yb = GpuBuffer::from_slice(ctx, "y", &y0).unwrap();
-                let d = matvec_quant(ctx, kernel, &w, &xb, &yb, n_vecs, accumulate).unwrap();
-                ctx.run("test", &[&d]).unwrap();
-                let got = yb.read(ctx).unwrap();
-                let what = format!(
-                    "{} {} [{rows}, {cols}] x{n_vecs} acc {accumulate}",
-                    kernel.name,
-                    format.name()
-                );
-                assert_nmse(&what, &got, &want, 1e-9);
-            }
         }
     }
+}
+
+/// Matrices split across bindings (a part per few rows) by every kernel:
+/// each part starts its rows at byte 0 of its own binding and writes its
+/// rows of y.
+#[test]
+fn quantized_matrices_split_across_bindings() {
+    if crate::testing::gpu().is_none() {
+        return;
+    }
+    let opts = crate::gpu::GpuOptions {
+        max_binding_bytes: Some(2048),
+        ..crate::gpu::GpuOptions::from_env().unwrap()
+    };
+    let ctx = GpuContext::new(&opts).unwrap();
+    for (format, rows, cols) in [
+        (QuantFormat::Q8_0, 61, 96),
+        (QuantFormat::Q4_0, 50, 128),
+        (QuantFormat::Q4K, 30, 256),
+        (QuantFormat::Q6K, 21, 512),
+    ] {
+        let parts = check_projection(&ctx, 60, format, rows, cols, 2, true, true);
+        assert!(parts >= 2, "{} split into {parts} parts", format.name());
+        check_projection(&ctx, 61, format, rows, cols, 70, false, false);
+    }
+}
+
+/// One case against the twin through every path; returns the part count.
+#[allow(clippy::too_many_arguments)]
+fn check_projection(
+    ctx: &GpuContext,
+    seed: u64,
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    n_vecs: usize,
+    bias: bool,
+    accumulate: bool,
+) -> usize {
+    use crate::gpu::GpuBuffer;
+    use crate::ops::linear::{linear, linear_cpu, matmul};
+    use crate::testing::{assert_nmse, random_quant_matrix};
+    let mut rng = crate::rng::Rng::new(seed);
+    let (w, stored) = random_quant_matrix(ctx, format, rows, cols, &mut rng);
+    let mut uniform =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.uniform() * 2.0 - 1.0).collect() };
+    let x = uniform(n_vecs * cols);
+    let y0 = uniform(n_vecs * rows);
+    let b = bias.then(|| uniform(rows));
+    let mut want: Vec<f64> = y0.iter().map(|&v| v as f64).collect();
+    linear_cpu(&stored, cols, b.as_deref(), &x, &mut want, accumulate);
+    let xb = GpuBuffer::from_slice(ctx, "x", &x).unwrap();
+    let bb = b.map(|b| GpuBuffer::from_slice(ctx, "bias", &b).unwrap());
+    let mut paths: Vec<&str> = vec!["matmul", "linear"];
+    if n_vecs <= 64 {
+        paths.push("matvec_quant");
+        if ctx.caps.features.subgroups {
+            paths.push("matvec_quant_subgroup");
+        }
+    }
+    for path in paths {
+        let yb = GpuBuffer::from_slice(ctx, "y", &y0).unwrap();
+        let args = Linear {
+            weights: &w,
+            bias: bb.as_ref(),
+            x: &xb,
+            y: &yb,
+            n_vecs,
+            accumulate,
+        };
+        let ds = match path {
+            "matmul" => matmul(ctx, &args),
+            "linear" => linear(ctx, &args),
+            "matvec_quant" => matvec_quant_with(ctx, &MATVEC_QUANT.workgroup, &args),
+            _ => matvec_quant_with(ctx, &MATVEC_QUANT.subgroup, &args),
+        }
+        .unwrap();
+        ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+        let got = yb.read(ctx).unwrap();
+        let what = format!(
+            "{path} {} [{rows}, {cols}] x{n_vecs} bias {bias} acc {accumulate}",
+            format.name()
+        );
+        assert_nmse(&what, &got, &want, 1e-9);
+    }
+    w.parts.len()
 }
