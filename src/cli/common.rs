@@ -6,7 +6,7 @@ use clap::Args;
 use kvsift::engine::{Engine, EngineConfig, Exhaustion};
 use kvsift::gpu::{GpuContext, WeightDtype};
 use kvsift::kv::paged::PoolConfig;
-use kvsift::model::llama::load_weights;
+use kvsift::model::llama::{WeightFormat, load_weights};
 
 use super::compress::CompressArgs;
 
@@ -20,11 +20,29 @@ pub enum DtypeArg {
     F32,
 }
 
-impl DtypeArg {
-    pub fn weights(self) -> WeightDtype {
+/// `--weights-dtype`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightsDtypeArg {
+    #[value(alias = "float16", alias = "half")]
+    F16,
+    #[value(alias = "float32")]
+    F32,
+    /// llama.cpp's q8_0: 8.5 bits a weight.
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// llama.cpp's q4_0: 4.5 bits a weight.
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+impl WeightsDtypeArg {
+    pub fn dtype(self) -> WeightDtype {
         match self {
-            DtypeArg::F16 => WeightDtype::F16,
-            DtypeArg::F32 => WeightDtype::F32,
+            Self::F16 => WeightDtype::F16,
+            Self::F32 => WeightDtype::F32,
+            Self::Q8_0 => WeightDtype::Q8_0,
+            Self::Q4_0 => WeightDtype::Q4_0,
         }
     }
 }
@@ -44,14 +62,23 @@ pub const DEFAULT_MODEL: &str = "tiny-reasoner";
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
-    /// Default: models/tiny-reasoner shipped with kvsift (trained on the needle
-    /// and chain tasks of tools/train).
+    /// Hugging Face model directory (config.json, *.safetensors,
+    /// tokenizer.json) or a GGUF file (llama, qwen2, qwen3; f32, f16, bf16,
+    /// q8_0, q4_0, q4_K, q6_K tensors). Default: models/tiny-reasoner
+    /// shipped with kvsift (trained on the needle and chain tasks of
+    /// tools/train).
     #[arg(long, env = "KVSIFT_MODEL")]
     pub model: Option<PathBuf>,
-    /// Storage of the weight matrices on the GPU: f16 (packed, half the memory) or f32.
-    #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
-    pub weights_dtype: DtypeArg,
+    /// Storage of the weight matrices on the GPU: f16 (packed, half the
+    /// memory of f32), f32, or quantized at load with llama.cpp's reference
+    /// quantizers: q8_0 (8.5 bits a weight), q4_0 (4.5). A GGUF file's
+    /// quantized tensors stay as the file holds them.
+    #[arg(long, value_enum, default_value_t = WeightsDtypeArg::F16)]
+    pub weights_dtype: WeightsDtypeArg,
+    /// With --weights-dtype q8_0/q4_0: quantize the output projection too
+    /// (by default it stays f16, and so do tied embeddings).
+    #[arg(long)]
+    pub quantize_lm_head: bool,
     /// KV positions per sequence (default: max_position_embeddings, at most 4096).
     #[arg(long)]
     pub max_context: Option<usize>,
@@ -82,11 +109,23 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// How the weights are stored (--weights-dtype, --quantize-lm-head).
+    pub fn weight_format(&self) -> WeightFormat {
+        WeightFormat {
+            dtype: self.weights_dtype.dtype(),
+            quantize_lm_head: self.quantize_lm_head,
+        }
+    }
+
+    /// The model: a directory, or a GGUF file.
     pub fn dir(&self) -> anyhow::Result<PathBuf> {
         if let Some(m) = &self.model {
+            if kvsift::model::weights::is_gguf(m) {
+                return Ok(m.clone());
+            }
             if !m.join("config.json").exists() {
                 anyhow::bail!(
-                    "--model {}: not a model directory (no config.json)",
+                    "--model {}: not a model directory (no config.json) nor a GGUF file",
                     m.display()
                 );
             }
@@ -139,8 +178,7 @@ impl ModelArgs {
         compression: kvsift::kv::compression::CompressConfig,
     ) -> anyhow::Result<Engine<'c>> {
         let config = self.engine_config(max_batch, compression)?;
-        let dtype = self.weights_dtype.weights();
-        let weights = load_weights(ctx, &self.dir()?, dtype, true)?;
+        let weights = load_weights(ctx, &self.dir()?, self.weight_format(), true)?;
         Ok(Engine::new(ctx, weights, config)?)
     }
 

@@ -10,7 +10,7 @@ use crate::gpu::{GpuContext, WeightDtype};
 use crate::kv::compression::{CompressConfig, Method};
 use crate::kv::paged::PoolConfig;
 use crate::model::config::ModelConfig;
-use crate::model::llama::{LlamaWeights, load_weights};
+use crate::model::llama::{LlamaWeights, WeightFormat, load_weights};
 
 /// Most decode steps one submission may chain ([`EngineConfig::decode_chain`]).
 pub const MAX_DECODE_CHAIN: usize = 64;
@@ -106,7 +106,7 @@ pub fn too_long(cfg: &ModelConfig, tokens: usize, capacity: usize) -> Error {
 pub struct EngineBuilder<'c> {
     ctx: &'c GpuContext,
     config: EngineConfig,
-    weights_dtype: WeightDtype,
+    weights: WeightFormat,
 }
 
 impl<'c> EngineBuilder<'c> {
@@ -150,14 +150,16 @@ impl<'c> EngineBuilder<'c> {
         self.config.decode_chain = k;
         self
     }
-    /// How [`EngineBuilder::load`] stores the weights (default f16).
-    pub fn weights_dtype(mut self, d: WeightDtype) -> Self {
-        self.weights_dtype = d;
+    /// How [`EngineBuilder::load`] stores the weights (default f16; a
+    /// [`WeightFormat`] for quantized ones).
+    pub fn weights_dtype(mut self, d: impl Into<WeightFormat>) -> Self {
+        self.weights = d.into();
         self
     }
-    /// Loads the Hugging Face model in `dir` and builds the engine.
-    pub fn load(self, dir: &std::path::Path) -> Result<Engine<'c>> {
-        let weights = load_weights(self.ctx, dir, self.weights_dtype, false)?;
+    /// Loads the model at `path` (a Hugging Face model directory or a GGUF
+    /// file) and builds the engine.
+    pub fn load(self, path: &std::path::Path) -> Result<Engine<'c>> {
+        let weights = load_weights(self.ctx, path, self.weights, false)?;
         self.build(weights)
     }
     /// Builds the engine on loaded weights.
@@ -172,7 +174,7 @@ impl<'c> Engine<'c> {
         EngineBuilder {
             ctx,
             config: EngineConfig::default(),
-            weights_dtype: WeightDtype::F16,
+            weights: WeightDtype::F16.into(),
         }
     }
 }

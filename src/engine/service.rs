@@ -12,8 +12,9 @@ use std::thread::JoinHandle;
 
 use crate::engine::{Engine, EngineConfig, EngineStats, Event, Request, RequestId, SequenceReport};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, WeightDtype};
+use crate::gpu::GpuContext;
 use crate::model::config::ModelConfig;
+use crate::model::llama::WeightFormat;
 
 /// Where a request's events go (called on the engine's thread; keep it
 /// quick). With the event that ends the request (`Finished`, `Failed`) comes
@@ -62,7 +63,7 @@ impl EngineService {
     /// Starts the thread: it opens the GPU (`GpuContext::from_env`), loads
     /// the model in `dir` and builds the engine with `config`, then serves.
     /// Returns at once; [`EngineService::state`] says when it is ready.
-    pub fn start(dir: PathBuf, weights_dtype: WeightDtype, config: EngineConfig) -> Self {
+    pub fn start(dir: PathBuf, weights: WeightFormat, config: EngineConfig) -> Self {
         let (tx, rx) = mpsc::channel::<Command>();
         let state = Arc::new(AtomicU8::new(0));
         let model = Arc::new(std::sync::OnceLock::new());
@@ -73,8 +74,7 @@ impl EngineService {
             .spawn(move || {
                 let run = || -> Result<()> {
                     let ctx = GpuContext::from_env()?;
-                    let weights =
-                        crate::model::llama::load_weights(&ctx, &dir, weights_dtype, false)?;
+                    let weights = crate::model::llama::load_weights(&ctx, &dir, weights, false)?;
                     let mut engine = Engine::new(&ctx, weights, config)?;
                     let _ = md.set(engine.cfg.clone());
                     st.store(1, Ordering::SeqCst);

@@ -83,8 +83,13 @@ impl ModelConfig {
         self.q_dim() + 2 * self.kv_dim()
     }
 
-    /// Reads and validates `dir/config.json`.
+    /// Reads and validates `dir/config.json`, or the metadata of a GGUF
+    /// file (see `model::gguf::model::config_json`).
     pub fn load(dir: &Path) -> Result<Self> {
+        if crate::model::weights::is_gguf(dir) {
+            let file = crate::model::gguf::GgufFile::open(dir)?;
+            return Self::from_json(dir, &crate::model::gguf::model::config_json(&file)?);
+        }
         let path = dir.join("config.json");
         let text = crate::model::weights::read_text(&path)?;
         let json = parse_object(&path, &text)?;
@@ -200,7 +205,15 @@ pub struct GenerationDefaults {
 
 impl GenerationDefaults {
     /// Reads `dir/generation_config.json`; a missing file means greedy with no extra stop ids.
+    /// A GGUF file: greedy, stopping at its EOS/EOT/EOM ids.
     pub fn load(dir: &Path) -> Result<Self> {
+        if crate::model::weights::is_gguf(dir) {
+            let file = crate::model::gguf::GgufFile::open(dir)?;
+            return Ok(Self {
+                eos_token_ids: crate::model::gguf::model::eos_token_ids(&file)?,
+                sampling: SamplingParams::greedy(),
+            });
+        }
         let path = dir.join("generation_config.json");
         if !path.exists() {
             return Ok(Self {

@@ -270,6 +270,7 @@ impl GgufFile {
             path: path.to_path_buf(),
             source,
         };
+        crate::model::weights::check_regular_file(path)?;
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; a file changed underneath while
         // mapped is the user's doing, and every read is bounds-checked.
@@ -405,6 +406,11 @@ impl GgufFile {
 
     /// A tensor's bytes, as stored (blocks of its type).
     pub fn data(&self, t: &GgufTensor) -> Result<&[u8]> {
+        Ok(&self.map[self.data_range(t)?])
+    }
+
+    /// Where a tensor's bytes lie in the file.
+    pub fn data_range(&self, t: &GgufTensor) -> Result<std::ops::Range<usize>> {
         if t.dtype.block().is_none() {
             return Err(Error::BadTensor {
                 path: self.path.clone(),
@@ -417,9 +423,16 @@ impl GgufFile {
         }
         // In range: checked when the file was opened.
         let start = self.data_start + t.offset as usize;
-        Ok(&self.map[start..start + t.bytes as usize])
+        Ok(start..start + t.bytes as usize)
+    }
+
+    /// The mapping (for a store that keeps the tensors' bytes).
+    pub fn into_map(self) -> Mmap {
+        self.map
     }
 }
+
+pub mod model;
 
 #[cfg(test)]
 mod tests;

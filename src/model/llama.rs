@@ -28,7 +28,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::gpu::buffer::checked_len;
 use crate::gpu::{
-    BufferCopy, Dispatch, GpuBuffer, GpuContext, GpuMatrix, Op, StagedInput, WeightDtype,
+    BufferCopy, Dispatch, GpuBuffer, GpuContext, GpuMatrix, Op, Segment, StagedInput, WeightDtype,
 };
 use crate::model::config::ModelConfig;
 use crate::model::weights::{TensorRef, WeightStore};
@@ -61,10 +61,49 @@ pub struct LayerWeights {
     pub window: usize,
 }
 
+/// How the loader stores a checkpoint's float matrices (blocks a GGUF file
+/// holds stay as they are).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WeightFormat {
+    /// The projections' dtype; quantized ones fall back to f16 for rows
+    /// that are not whole blocks, as llama.cpp does.
+    pub dtype: WeightDtype,
+    /// With a quantized `dtype`, quantize the output projection too (by
+    /// default it stays f16: the logits are the most sensitive product).
+    /// The token embeddings follow `dtype` (llama.cpp quantizes
+    /// `token_embd`), except when tied to an f16 output projection: one
+    /// table serves both.
+    pub quantize_lm_head: bool,
+}
+
+impl From<WeightDtype> for WeightFormat {
+    fn from(dtype: WeightDtype) -> Self {
+        Self {
+            dtype,
+            quantize_lm_head: false,
+        }
+    }
+}
+
+impl WeightFormat {
+    /// The output projection's dtype.
+    pub fn lm_head(self) -> WeightDtype {
+        match self.dtype {
+            WeightDtype::Quant(_) if !self.quantize_lm_head => WeightDtype::F16,
+            d => d,
+        }
+    }
+
+    /// The token embeddings' dtype (`tied`: one table is both).
+    pub fn embeddings(self, tied: bool) -> WeightDtype {
+        if tied { self.lm_head() } else { self.dtype }
+    }
+}
+
 /// The model's weights on the GPU.
 pub struct LlamaWeights {
     pub cfg: ModelConfig,
-    pub dtype: WeightDtype,
+    pub format: WeightFormat,
     pub embed: GpuMatrix,
     lm_head: Option<GpuMatrix>,
     pub final_norm: GpuBuffer<f32>,
@@ -97,9 +136,17 @@ fn fused_matrix(
             Some(s)
         })
         .collect();
-    let total: usize = parts.iter().map(|(_, r)| r).sum();
+    // Each tensor in the dtype it is kept in (GGUF blocks as they are).
+    let segments: Vec<Segment> = tensors
+        .iter()
+        .zip(parts)
+        .map(|(t, (_, rows))| Segment {
+            rows: *rows,
+            dtype: t.stored_as(dtype),
+        })
+        .collect();
     let mut scratch = Vec::new();
-    let m = GpuMatrix::upload_with(ctx, label, total, cols, dtype, |r, out| {
+    let m = GpuMatrix::upload_segments(ctx, label, cols, &segments, |r, dtype, out| {
         // starts[0] == 0, so some part starts at or before every row.
         let i = starts.iter().rposition(|s| *s <= r).unwrap_or(0);
         tensors[i].pack_row(r - starts[i], dtype, &mut scratch, out)
@@ -237,9 +284,11 @@ impl LlamaWeights {
         ctx: &GpuContext,
         cfg: ModelConfig,
         store: &WeightStore,
-        dtype: WeightDtype,
+        format: impl Into<WeightFormat>,
         progress: bool,
     ) -> Result<Self> {
+        let format = format.into();
+        let dtype = format.dtype;
         check_checkpoint(&cfg, store)?;
         let (h, v, inter) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let pb = progress_bar(progress, store.total_bytes());
@@ -250,7 +299,7 @@ impl LlamaWeights {
             &embed_name,
             &[(embed_name.clone(), v)],
             h,
-            dtype,
+            format.embeddings(cfg.tie_word_embeddings),
             &pb,
         )?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -262,7 +311,7 @@ impl LlamaWeights {
                 "lm_head.weight",
                 &[("lm_head.weight".into(), v)],
                 h,
-                dtype,
+                format.lm_head(),
                 &pb,
             )?)
         };
@@ -338,7 +387,7 @@ impl LlamaWeights {
         pb.finish_and_clear();
         Ok(Self {
             cfg,
-            dtype,
+            format,
             embed,
             lm_head,
             final_norm,
@@ -373,14 +422,15 @@ pub fn check_ids(cfg: &ModelConfig, tokens: &[u32]) -> Result<()> {
     embedding::check_ids(tokens, cfg.vocab_size)
 }
 
-/// Loads config, weights (see [`LlamaWeights::load`]) from a directory.
+/// Loads config, weights (see [`LlamaWeights::load`]) from a model
+/// directory or a GGUF file.
 pub fn load_weights(
     ctx: &GpuContext,
-    dir: &Path,
-    dtype: WeightDtype,
+    path: &Path,
+    format: impl Into<WeightFormat>,
     progress: bool,
 ) -> Result<LlamaWeights> {
-    let cfg = ModelConfig::load(dir)?;
-    let store = WeightStore::open(dir)?;
-    LlamaWeights::load(ctx, cfg, &store, dtype, progress)
+    let cfg = ModelConfig::load(path)?;
+    let store = WeightStore::open(path)?;
+    LlamaWeights::load(ctx, cfg, &store, format, progress)
 }

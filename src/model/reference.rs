@@ -1,7 +1,8 @@
 //! The readable CPU reference forward pass (llama2.c style): one token at a
 //! time, f32 activations, f64 dot products and softmax. Tests hold the GPU
 //! model against it, and it is the place to read what the model computes.
-//! Weight values are those the GPU stores (`WeightDtype::round`), so the two
+//! Weight values are those the GPU stores (`TensorRef::stored_values`:
+//! rounded to f16, or blocks dequantized), so the two
 //! differ only by arithmetic.
 
 use std::path::Path;
@@ -9,6 +10,7 @@ use std::path::Path;
 use crate::error::Result;
 use crate::gpu::WeightDtype;
 use crate::model::config::ModelConfig;
+use crate::model::llama::WeightFormat;
 use crate::model::weights::WeightStore;
 use crate::ops::rope::RopeTable;
 
@@ -30,7 +32,7 @@ impl Linear {
     ) -> Result<Self> {
         let t = store.get(&format!("{name}.weight"))?;
         t.expect(&[rows, cols])?;
-        let w = t.to_f32()?.into_iter().map(|v| dtype.round(v)).collect();
+        let w = t.stored_values(dtype)?;
         let b = if bias {
             let t = store.get(&format!("{name}.bias"))?;
             t.expect(&[rows])?;
@@ -95,20 +97,29 @@ pub struct Reference {
 }
 
 impl Reference {
-    pub fn load(dir: &Path, dtype: WeightDtype) -> Result<Self> {
-        let cfg = ModelConfig::load(dir)?;
-        let store = WeightStore::open(dir)?;
+    /// The model at `path` (a directory or a GGUF file) with the weights
+    /// the GPU holds when loaded in `format`.
+    pub fn load(path: &Path, format: impl Into<WeightFormat>) -> Result<Self> {
+        let format = format.into();
+        let dtype = format.dtype;
+        let cfg = ModelConfig::load(path)?;
+        let store = WeightStore::open(path)?;
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let matrix = |name: &str, rows| -> Result<Vec<f32>> {
+        let matrix = |name: &str, rows, dtype: WeightDtype| -> Result<Vec<f32>> {
             let t = store.get(name)?;
             t.expect(&[rows, h])?;
-            Ok(t.to_f32()?.into_iter().map(|v| dtype.round(v)).collect())
+            t.stored_values(dtype)
         };
-        let embed = matrix("model.embed_tokens.weight", cfg.vocab_size)?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let tied = cfg.tie_word_embeddings;
+        let embed = matrix(
+            "model.embed_tokens.weight",
+            cfg.vocab_size,
+            format.embeddings(tied),
+        )?;
+        let lm_head = if tied {
             None
         } else {
-            Some(matrix("lm_head.weight", cfg.vocab_size)?)
+            Some(matrix("lm_head.weight", cfg.vocab_size, format.lm_head())?)
         };
         let mut layers = vec![];
         for l in 0..cfg.n_layers {

@@ -40,7 +40,12 @@ fn token_text(v: Option<&Value>) -> Option<String> {
 }
 
 impl TextTokenizer {
+    /// The tokenizer of a model directory (`tokenizer.json`,
+    /// `tokenizer_config.json`) or of a GGUF file's `tokenizer.*` metadata.
     pub fn load(dir: &Path) -> Result<Self> {
+        if crate::model::weights::is_gguf(dir) {
+            return Self::load_gguf(dir);
+        }
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             return Err(Error::Tokenizer {
@@ -95,6 +100,23 @@ impl TextTokenizer {
             template_path,
             bos_token: token_text(cfg.get("bos_token")),
             eos_token: token_text(cfg.get("eos_token")),
+        })
+    }
+
+    fn load_gguf(path: &Path) -> Result<Self> {
+        let file = crate::model::gguf::GgufFile::open(path)?;
+        let t = crate::model::gguf::model::tokenizer(&file)?;
+        let inner = parse_tokenizer(&t.tokenizer_json).map_err(|reason| Error::Tokenizer {
+            path: path.to_path_buf(),
+            reason: format!("the vocabulary of tokenizer.ggml.*: {reason}"),
+        })?;
+        Ok(Self {
+            inner,
+            path: path.to_path_buf(),
+            chat_template: t.chat_template,
+            template_path: path.to_path_buf(),
+            bos_token: t.bos_token,
+            eos_token: t.eos_token,
         })
     }
 

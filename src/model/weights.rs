@@ -1,7 +1,10 @@
-//! Safetensors checkpoints read through mmap: `model.safetensors` or the
-//! shards named by `model.safetensors.index.json`. Every header is validated
-//! when the store opens (a corrupt or truncated file fails there, naming the
-//! file); tensors are then converted row by row straight from the mapping.
+//! Checkpoints read through mmap: safetensors (`model.safetensors` or the
+//! shards named by `model.safetensors.index.json`), or one GGUF file whose
+//! tensors take their Hugging Face names ([`hf_name`]). Every header is
+//! validated when the store opens (a corrupt or truncated file fails there,
+//! naming the file); tensors are then converted row by row straight from
+//! the mapping: f32/f16/bf16 to the GPU's f32 or f16, quantized to q8_0 or
+//! q4_0 with llama.cpp's reference quantizers, or GGUF's blocks as they are.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -12,14 +15,125 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
-use crate::gpu::WeightDtype;
+use crate::gpu::{QuantFormat, WeightDtype};
+use crate::model::gguf::{GgmlType, GgufFile};
+use crate::ops::quant;
+
+/// How a tensor is stored in the checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TensorDtype {
+    F32,
+    F16,
+    BF16,
+    /// llama.cpp's blocks (GGUF).
+    Quant(QuantFormat),
+    /// A dtype kvsift does not read (its name).
+    Other(String),
+}
+
+impl TensorDtype {
+    fn of_safetensors(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => Self::F32,
+            Dtype::F16 => Self::F16,
+            Dtype::BF16 => Self::BF16,
+            d => Self::Other(format!("{d:?}")),
+        }
+    }
+
+    fn of_ggml(t: GgmlType) -> Self {
+        match t {
+            GgmlType::F32 => Self::F32,
+            GgmlType::F16 => Self::F16,
+            GgmlType::Bf16 => Self::BF16,
+            GgmlType::Q8_0 => Self::Quant(QuantFormat::Q8_0),
+            GgmlType::Q4_0 => Self::Quant(QuantFormat::Q4_0),
+            GgmlType::Q4K => Self::Quant(QuantFormat::Q4K),
+            GgmlType::Q6K => Self::Quant(QuantFormat::Q6K),
+            t => Self::Other(t.name()),
+        }
+    }
+
+    /// Bytes of a row of `cols` values (None: not a dtype kvsift reads, or
+    /// a row that is not whole blocks).
+    fn row_bytes(&self, cols: usize) -> Option<usize> {
+        match self {
+            Self::F32 => Some(4 * cols),
+            Self::F16 | Self::BF16 => Some(2 * cols),
+            Self::Quant(f) => cols
+                .is_multiple_of(f.block_weights())
+                .then(|| f.bytes_for(cols)),
+            Self::Other(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for TensorDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::F32 => f.write_str("F32"),
+            Self::F16 => f.write_str("F16"),
+            Self::BF16 => f.write_str("BF16"),
+            Self::Quant(q) => f.write_str(q.name()),
+            Self::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+const READS: &str = "kvsift reads F32, F16, BF16, and from GGUF q8_0, q4_0, q4_K and q6_K";
 
 struct Entry {
     file: usize,
-    dtype: Dtype,
+    dtype: TensorDtype,
     shape: Vec<usize>,
     start: usize,
     end: usize,
+    /// Rows stored interleaved per head of this size (llama.cpp's
+    /// converter permutes Llama's q/k rows for its rope): row `r` of the
+    /// Hugging Face layout is read from [`interleaved_row`].
+    interleaved_heads: Option<usize>,
+}
+
+/// The stored row holding Hugging Face row `r` of a q/k projection that
+/// llama.cpp's converter permuted (`permute()` in convert_hf_to_gguf.py:
+/// per head, rows `[j * d/2 + i]` become `[2 i + j]`).
+pub fn interleaved_row(r: usize, head_dim: usize) -> usize {
+    let (head, within) = (r / head_dim, r % head_dim);
+    let half = head_dim / 2;
+    head * head_dim + 2 * (within % half) + within / half
+}
+
+/// The Hugging Face name of a GGUF tensor of the architectures kvsift runs
+/// (None: a tensor kvsift does not use, e.g. `rope_freqs.weight`).
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (tensor, kind) = rest.rsplit_once('.')?;
+    let hf = match tensor {
+        "attn_norm" => "input_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
 /// The tensors of one checkpoint directory.
@@ -32,9 +146,10 @@ pub struct WeightStore {
 pub struct TensorRef<'a> {
     pub path: &'a Path,
     pub name: &'a str,
-    pub dtype: Dtype,
+    pub dtype: &'a TensorDtype,
     pub shape: &'a [usize],
     data: &'a [u8],
+    interleaved_heads: Option<usize>,
 }
 
 /// A shard named in an index: a file beside it, not a path elsewhere.
@@ -106,8 +221,88 @@ fn map_file(path: &Path) -> Result<Mmap> {
     })
 }
 
+/// Whether `path` names a GGUF file (kvsift's `--model` takes a directory
+/// of safetensors or one `.gguf` file).
+pub fn is_gguf(path: &Path) -> bool {
+    path.is_file()
+        && (path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+            || std::fs::File::open(path)
+                .and_then(|mut f| {
+                    let mut magic = [0u8; 4];
+                    std::io::Read::read_exact(&mut f, &mut magic).map(|_| magic)
+                })
+                .is_ok_and(|m| &m == b"GGUF"))
+}
+
 impl WeightStore {
-    pub fn open(dir: &Path) -> Result<Self> {
+    /// The checkpoint at `path`: a model directory, or a GGUF file.
+    pub fn open(path: &Path) -> Result<Self> {
+        if is_gguf(path) {
+            return Self::open_gguf(GgufFile::open(path)?);
+        }
+        Self::open_dir(path)
+    }
+
+    /// The tensors of a GGUF file under their Hugging Face names; Llama's
+    /// q/k rows are read back in Hugging Face order (see [`interleaved_row`]).
+    pub fn open_gguf(file: GgufFile) -> Result<Self> {
+        let arch = file
+            .get("general.architecture")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        let heads = |key: &str| {
+            file.get(&format!("{arch}.{key}"))
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+        };
+        let (n_head, n_head_kv) = (
+            heads("attention.head_count"),
+            heads("attention.head_count_kv"),
+        );
+        let mut entries = HashMap::new();
+        for t in &file.tensors {
+            let Some(name) = hf_name(&t.name) else {
+                continue;
+            };
+            let range = file.data_range(t)?;
+            let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+            // Only llama's converter permutes (qwen2 and qwen3 use NeoX rope,
+            // as Hugging Face does).
+            let heads = match (arch.as_str(), t.name.rsplit('.').nth(1)) {
+                ("llama", Some("attn_q")) => n_head,
+                ("llama", Some("attn_k")) => n_head_kv.or(n_head),
+                _ => None,
+            };
+            let interleaved_heads = match heads {
+                Some(h) if shape.len() == 2 && h > 0 && shape[0].is_multiple_of(h) => {
+                    let head_dim = shape[0] / h;
+                    head_dim.is_multiple_of(2).then_some(head_dim)
+                }
+                _ => None,
+            };
+            entries.insert(
+                name,
+                Entry {
+                    file: 0,
+                    dtype: TensorDtype::of_ggml(t.dtype),
+                    shape,
+                    start: range.start,
+                    end: range.end,
+                    interleaved_heads,
+                },
+            );
+        }
+        let path = file.path.clone();
+        Ok(WeightStore {
+            files: vec![(path, file.into_map())],
+            entries,
+        })
+    }
+
+    fn open_dir(dir: &Path) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let mut store = WeightStore {
@@ -190,10 +385,11 @@ impl WeightStore {
                 name,
                 Entry {
                     file,
-                    dtype: view.dtype(),
+                    dtype: TensorDtype::of_safetensors(view.dtype()),
                     shape: view.shape().to_vec(),
                     start,
                     end: start + data.len(),
+                    interleaved_heads: None,
                 },
             );
         }
@@ -238,9 +434,10 @@ impl WeightStore {
         Ok(TensorRef {
             path,
             name: key,
-            dtype: e.dtype,
+            dtype: &e.dtype,
             shape: &e.shape,
             data: &mmap[e.start..e.end],
+            interleaved_heads: e.interleaved_heads,
         })
     }
 
@@ -250,15 +447,6 @@ impl WeightStore {
             .values()
             .map(|e| (e.end - e.start) as u64)
             .sum()
-    }
-}
-
-/// Bytes per element of the dtypes kvsift reads (others are rejected by `expect`).
-fn elem_bytes(d: Dtype) -> usize {
-    match d {
-        Dtype::F32 => 4,
-        Dtype::F16 | Dtype::BF16 => 2,
-        _ => 0,
     }
 }
 
@@ -276,7 +464,8 @@ impl TensorRef<'_> {
         }
     }
 
-    /// Checks the shape and that the dtype is one kvsift converts (f32, f16, bf16).
+    /// Checks the shape, that the dtype is one kvsift converts, and that
+    /// the data has the size they imply.
     pub fn expect(&self, shape: &[usize]) -> Result<()> {
         if self.shape != shape {
             return Err(self.bad(format!(
@@ -284,15 +473,23 @@ impl TensorRef<'_> {
                 self.shape
             )));
         }
-        match self.dtype {
-            Dtype::F32 | Dtype::F16 | Dtype::BF16 => {}
-            d => return Err(self.bad(format!("dtype {d:?} (kvsift reads F32, F16 and BF16)"))),
-        }
-        let elems: usize = shape.iter().product();
-        if self.data.len() != elems * elem_bytes(self.dtype) {
+        let Some(row_bytes) = self.dtype.row_bytes(self.cols()) else {
+            return Err(self.bad(match self.dtype {
+                TensorDtype::Quant(f) => format!(
+                    "{} rows of {} weights are not whole blocks of {}",
+                    f.name(),
+                    self.cols(),
+                    f.block_weights()
+                ),
+                d => format!("dtype {d} ({READS})"),
+            }));
+        };
+        let rows: usize = shape.iter().rev().skip(1).product();
+        if Some(self.data.len()) != rows.checked_mul(row_bytes) {
             return Err(self.bad(format!(
-                "{} bytes of data for {elems} {:?} values",
+                "{} bytes of data for {rows} rows of {} {} values",
                 self.data.len(),
+                self.cols(),
                 self.dtype
             )));
         }
@@ -303,19 +500,20 @@ impl TensorRef<'_> {
         self.shape.last().copied().unwrap_or(1)
     }
 
-    /// Rows of the last dimension.
-    pub fn rows(&self) -> usize {
-        let elems = self.data.len() / elem_bytes(self.dtype).max(1);
-        elems / self.cols().max(1)
+    fn row_bytes(&self) -> usize {
+        self.dtype.row_bytes(self.cols()).unwrap_or(0)
     }
 
-    /// Checks that row `r` can be read into `out` (dtype, row length, range).
-    fn check_row(&self, r: usize, out_len: usize) -> Result<()> {
-        if elem_bytes(self.dtype) == 0 {
-            return Err(self.bad(format!(
-                "dtype {:?} (kvsift reads F32, F16 and BF16)",
-                self.dtype
-            )));
+    /// Rows of the last dimension.
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.row_bytes().max(1)
+    }
+
+    /// The bytes of row `r` (Hugging Face order), checked for `out_len`
+    /// values, the dtype and the range.
+    fn row_data(&self, r: usize, out_len: usize) -> Result<&[u8]> {
+        if self.dtype.row_bytes(self.cols()).is_none() {
+            return Err(self.bad(format!("dtype {} ({READS})", self.dtype)));
         }
         if out_len != self.cols() || r >= self.rows() {
             return Err(self.bad(format!(
@@ -323,7 +521,12 @@ impl TensorRef<'_> {
                 out_len, self.shape
             )));
         }
-        Ok(())
+        let stored = match self.interleaved_heads {
+            Some(d) => interleaved_row(r, d),
+            None => r,
+        };
+        let n = self.row_bytes();
+        Ok(&self.data[stored * n..(stored + 1) * n])
     }
 
     /// The error for a value that is not a finite number.
@@ -338,31 +541,29 @@ impl TensorRef<'_> {
         ))
     }
 
-    /// Row `r` (of the last dimension) as f32; a NaN or infinity is an error
-    /// naming the tensor and the element.
+    /// Row `r` (of the last dimension) as f32 (blocks dequantized); a NaN
+    /// or infinity is an error naming the tensor and the element.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) -> Result<()> {
-        self.check_row(r, out.len())?;
-        let cols = self.cols();
-        let size = elem_bytes(self.dtype);
-        let bytes = &self.data[r * cols * size..(r + 1) * cols * size];
+        let bytes = self.row_data(r, out.len())?;
         match self.dtype {
-            Dtype::F32 => {
+            TensorDtype::F32 => {
                 for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                     *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
             }
-            Dtype::F16 => {
+            TensorDtype::F16 => {
                 for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
                     *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
                 }
             }
-            Dtype::BF16 => {
+            TensorDtype::BF16 => {
                 for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
                     *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
                 }
             }
-            // check_row admits only the dtypes above.
-            d => unreachable!("dtype {d:?} passed check_row"),
+            TensorDtype::Quant(f) => out.copy_from_slice(&quant::dequantize(*f, bytes)),
+            // row_data admits only the dtypes above.
+            TensorDtype::Other(d) => unreachable!("dtype {d} passed row_data"),
         }
         match out.iter().position(|v| !v.is_finite()) {
             Some(c) => Err(self.non_finite(r, c, out[c])),
@@ -380,9 +581,40 @@ impl TensorRef<'_> {
         Ok(out)
     }
 
+    /// The dtype the GPU keeps this tensor in when `want` is asked for:
+    /// blocks stay as the file holds them; float rows take `want`, unless
+    /// `want` is quantized and the rows are not whole blocks (then f16, as
+    /// llama.cpp falls back).
+    pub fn stored_as(&self, want: WeightDtype) -> WeightDtype {
+        match self.dtype {
+            TensorDtype::Quant(f) => WeightDtype::Quant(*f),
+            _ if !want.fits(self.cols()) => WeightDtype::F16,
+            _ => want,
+        }
+    }
+
+    /// Every value as the GPU sees it once stored for `want` (see
+    /// [`Self::stored_as`]): blocks dequantized, float rows rounded to f16
+    /// or quantized and dequantized (the reference forward's weights).
+    pub fn stored_values(&self, want: WeightDtype) -> Result<Vec<f32>> {
+        let mut values = self.to_f32()?;
+        match self.stored_as(want) {
+            WeightDtype::Quant(f) if !matches!(self.dtype, TensorDtype::Quant(_)) => {
+                for row in values.chunks_exact_mut(self.cols().max(1)) {
+                    let q = quant::round_row(f, row)?;
+                    row.copy_from_slice(&q);
+                }
+            }
+            d => values.iter_mut().for_each(|v| *v = d.round(*v)),
+        }
+        Ok(values)
+    }
+
     /// Row `r` packed for the GPU in `dtype` (an f16 source to f16 copies
-    /// bits). Errors name the tensor: a NaN or infinity in the checkpoint, or
-    /// a finite value beyond f16's range when packing to f16.
+    /// bits, blocks to the same format copy bytes, float rows to a block
+    /// format are quantized with llama.cpp's reference quantizer). Errors
+    /// name the tensor: a NaN or infinity in the checkpoint (in blocks: a
+    /// scale), or a finite value beyond f16's range when packing to f16.
     pub fn pack_row(
         &self,
         r: usize,
@@ -391,15 +623,15 @@ impl TensorRef<'_> {
         out: &mut [u32],
     ) -> Result<()> {
         let cols = self.cols();
-        if out.len() != dtype.row_words(cols) {
+        if out.len() != dtype.row_words(cols) || !dtype.fits(cols) {
             return Err(self.bad(format!(
-                "{} words asked for a row of {cols} {dtype:?} values",
-                out.len()
+                "{} words asked for a row of {cols} {} values",
+                out.len(),
+                dtype.name()
             )));
         }
-        if dtype == WeightDtype::F16 && self.dtype == Dtype::F16 {
-            self.check_row(r, cols)?;
-            let bytes = &self.data[r * cols * 2..(r + 1) * cols * 2];
+        if dtype == WeightDtype::F16 && *self.dtype == TensorDtype::F16 {
+            let bytes = self.row_data(r, cols)?;
             for (c, b) in bytes.chunks_exact(2).enumerate() {
                 let bits = u16::from_le_bytes([b[0], b[1]]);
                 if bits & 0x7c00 == 0x7c00 {
@@ -413,6 +645,25 @@ impl TensorRef<'_> {
                     .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]) as u32);
                 *o = lo | (hi << 16);
             }
+            return Ok(());
+        }
+        if let WeightDtype::Quant(f) = dtype {
+            let blocks = if *self.dtype == TensorDtype::Quant(f) {
+                let bytes = self.row_data(r, cols)?;
+                if let Some(b) = quant::first_bad_scale(f, bytes) {
+                    return Err(self.bad(format!(
+                        "row {r}, block {b}: a scale that is not a finite number \
+                         (the checkpoint is corrupt)"
+                    )));
+                }
+                bytes.to_vec()
+            } else {
+                scratch.resize(cols, 0.0);
+                self.row_f32(r, scratch)?;
+                quant::quantize(f, scratch)?
+            };
+            out.fill(0);
+            bytemuck::cast_slice_mut::<u32, u8>(out)[..blocks.len()].copy_from_slice(&blocks);
             return Ok(());
         }
         scratch.resize(cols, 0.0);

@@ -222,6 +222,19 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
+/// The first block of `bytes` whose f16 scale (or q4_K min scale) is not a
+/// finite number (a corrupt file; the weights would be NaN).
+pub fn first_bad_scale(format: QuantFormat, bytes: &[u8]) -> Option<usize> {
+    let bad = |b: &[u8], at: usize| !f16_at(b, at).is_finite();
+    bytes
+        .chunks_exact(format.block_bytes())
+        .position(|b| match format {
+            QuantFormat::Q8_0 | QuantFormat::Q4_0 => bad(b, 0),
+            QuantFormat::Q4K => bad(b, 0) || bad(b, 2),
+            QuantFormat::Q6K => bad(b, 208),
+        })
+}
+
 /// llama.cpp's `quantize_row_q8_0_ref`: per block `d = max|x| / 127`,
 /// `q = round(x / d)` (half away from zero) computed as `x * (1/d)`.
 /// `x.len()` must be a multiple of 32.

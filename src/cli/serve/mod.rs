@@ -113,7 +113,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let defaults = GenerationDefaults::load(&dir)?;
     let mut stop_ids = defaults.eos_token_ids.clone();
     stop_ids.extend(tokenizer.eos_id());
-    let svc = EngineService::start(dir.clone(), a.model.weights_dtype.weights(), config);
+    let svc = EngineService::start(dir.clone(), a.model.weight_format(), config);
     let app = Arc::new(App {
         svc,
         tokenizer,
