@@ -133,16 +133,6 @@ fn unit_q6_k(rb: vec4<u32>, u: u32, xb: u32) -> vec4<f32> {
     );
 }
 
-// Units in a row of `cols` weights.
-fn row_units(format: u32, cols: u32) -> u32 {
-    switch format {
-        case 0u: { return cols / 4u; }
-        case 1u: { return cols / 8u; }
-        case 2u: { return cols / 8u; }
-        default: { return cols / 16u; }
-    }
-}
-
 fn unit_dot(format: u32, rb: vec4<u32>, u: u32, xb: u32) -> vec4<f32> {
     switch format {
         case 0u: { return unit_q8_0(rb, u, xb); }

@@ -78,6 +78,17 @@ fn scale_min_k4(at: u32, j: u32) -> vec2<f32> {
     return vec2<f32>(f32(sc), f32(m));
 }
 
+// Units in a row of `cols` weights (a unit: the weights one u32 word of
+// quantized values holds; the decode matvecs hand out rows by units).
+fn row_units(format: u32, cols: u32) -> u32 {
+    switch format {
+        case 0u: { return cols / 4u; }
+        case 1u: { return cols / 8u; }
+        case 2u: { return cols / 8u; }
+        default: { return cols / 16u; }
+    }
+}
+
 // Weight k of the row whose blocks start at byte `row`, one at a time (the
 // prefill matmul's tile loads and the embedding gather; the decode matvec
 // reads whole words of blocks instead). Products in dequantize_row_*'s order.

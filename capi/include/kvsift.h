@@ -109,12 +109,13 @@ const char *kvsift_last_error(void);
 // kvsift's version, e.g. "0.1.0" (static).
 const char *kvsift_version(void);
 
-// Opens the model in `model_dir` (a Hugging Face checkpoint directory) on
-// the GPU (`WGPU_BACKEND` and the other variables `kvsift` reads apply)
-// and builds an engine. `settings_json` may be null or a JSON object:
-// `parallel` (sequences decoded together, default 8), `max_context`,
-// `kv_pool_mb`, `page_size`, `kv_dtype` ("f16"/"f32"), `weights`
-// ("f16"/"f32"), `steps_per_submit`, `record_attention_sums` (bool), and
+// Opens the model at `model_dir` (a Hugging Face checkpoint directory, or
+// a GGUF file) on the GPU (`WGPU_BACKEND` and the other variables `kvsift`
+// reads apply) and builds an engine. `settings_json` may be null or a JSON
+// object: `parallel` (sequences decoded together, default 8),
+// `max_context`, `kv_pool_mb`, `page_size`, `kv_dtype` ("f16"/"f32"),
+// `weights` ("f16"/"f32"/"q8_0"/"q4_0"), `quantize_lm_head` (bool),
+// `steps_per_submit`, `record_attention_sums` (bool), and
 // `kv`, the engine's default compression (the server's `kv` object, e.g.
 // `{"method": "rkv", "budget": 256}`). On success `*engine_out` is the
 // engine, to free with `kvsift_engine_free`.

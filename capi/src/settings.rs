@@ -5,6 +5,7 @@ use kvsift::engine::compressor::Recording;
 use kvsift::gpu::WeightDtype;
 use kvsift::kv::compression::json::from_json;
 use kvsift::kv::compression::{CompressConfig, Method};
+use kvsift::model::llama::WeightFormat;
 use kvsift::ops::sample::SamplingParams;
 use serde_json::{Map, Value};
 
@@ -92,7 +93,7 @@ pub(crate) fn name_fields(f: Failure) -> Failure {
 }
 
 /// An engine's settings: its configuration and how its weights are stored.
-pub(crate) fn engine(text: Option<&str>) -> Result<(EngineConfig, WeightDtype), Failure> {
+pub(crate) fn engine(text: Option<&str>) -> Result<(EngineConfig, WeightFormat), Failure> {
     const WHAT: &str = "settings";
     let m = object(
         text,
@@ -104,6 +105,7 @@ pub(crate) fn engine(text: Option<&str>) -> Result<(EngineConfig, WeightDtype), 
             "page_size",
             "kv_dtype",
             "weights",
+            "quantize_lm_head",
             "steps_per_submit",
             "record_attention_sums",
             "kv",
@@ -131,9 +133,27 @@ pub(crate) fn engine(text: Option<&str>) -> Result<(EngineConfig, WeightDtype), 
     if let Some(k) = uint(&m, WHAT, "steps_per_submit")? {
         c.decode_chain = k;
     }
-    let weights = match dtype(&m, WHAT, "weights")? {
-        Some(false) => WeightDtype::F32,
-        _ => WeightDtype::F16,
+    let weights = WeightFormat {
+        dtype: match m.get("weights") {
+            None | Some(Value::Null) => WeightDtype::F16,
+            Some(Value::String(s)) if ["f16", "f32", "q8_0", "q4_0"].contains(&s.as_str()) => s
+                .parse()
+                .map_err(|e: kvsift::Error| Failure::invalid(e.to_string()))?,
+            Some(_) => {
+                return Err(Failure::invalid(format!(
+                    "{WHAT}.weights: \"f16\", \"f32\", \"q8_0\" or \"q4_0\""
+                )));
+            }
+        },
+        quantize_lm_head: match m.get("quantize_lm_head") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(Failure::invalid(format!(
+                    "{WHAT}.quantize_lm_head: true or false"
+                )));
+            }
+        },
     };
     if let Some(kv) = m.get("kv").filter(|v| !v.is_null()) {
         c.compression =

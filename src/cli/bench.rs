@@ -251,6 +251,8 @@ fn pp_tg(ctx: &GpuContext, a: &PpTgArgs) -> anyhow::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let size = engine.weight_bytes();
+    let decode_size = engine.decode_weight_bytes();
+    let weights = engine.weights_summary();
     let params = param_count(&cfg);
     let backend = format!("wgpu {:?}", ctx.adapter_summary.backend).to_lowercase();
     let mut rows = vec![];
@@ -315,7 +317,7 @@ fn pp_tg(ctx: &GpuContext, a: &PpTgArgs) -> anyhow::Result<()> {
         // Bytes one decode step reads: the weights once, each sequence's KV
         // at its mean length over the run (about n / 2 positions).
         let kv = engine.kv_bytes_per_position() as f64 * (a.n_gen as f64 / 2.0 + 1.0);
-        let step_bytes = size as f64 + a.batch as f64 * kv;
+        let step_bytes = decode_size as f64 + a.batch as f64 * kv;
         rows.push((
             format!("tg{}", a.n_gen),
             rates,
@@ -329,6 +331,7 @@ fn pp_tg(ctx: &GpuContext, a: &PpTgArgs) -> anyhow::Result<()> {
         let (m, sd) = mean_sd(rates);
         let mut row = json!({
             "model": name, "size_bytes": size, "params": params, "backend": backend,
+            "weights": weights, "decode_weight_bytes": decode_size,
             "adapter": ctx.adapter_summary.name, "test": test, "batch": a.batch,
             "t_s": m, "t_s_sd": sd, "repetitions": rates.len(),
         });
@@ -392,9 +395,9 @@ fn pp_tg(ctx: &GpuContext, a: &PpTgArgs) -> anyhow::Result<()> {
         if let Some(g) = r["achieved_gb_s"].as_f64() {
             writeln!(
                 stdout,
-                "\ndecode reads {} per token (weights {} + KV), {g:.2} GB/s achieved = {:.1}% of the copy roofline {copy:.2} GB/s ({})",
+                "\ndecode reads {} per token (weights {} in {weights} + KV), {g:.2} GB/s achieved = {:.1}% of the copy roofline {copy:.2} GB/s ({})",
                 human(r["bytes_per_token"].as_f64().unwrap_or(0.0) as u64),
-                human(size),
+                human(decode_size),
                 100.0 * r["roofline_fraction"].as_f64().unwrap_or(0.0),
                 ctx.adapter_summary.name
             )?;

@@ -389,6 +389,16 @@ impl<'c> Engine<'c> {
         self.weights.bytes()
     }
 
+    /// Bytes of weights a decode step reads (see `LlamaWeights::decode_bytes`).
+    pub fn decode_weight_bytes(&self) -> u64 {
+        self.weights.decode_bytes()
+    }
+
+    /// How the weights are stored (see `LlamaWeights::dtype_summary`).
+    pub fn weights_summary(&self) -> String {
+        self.weights.dtype_summary()
+    }
+
     /// Queues a request; invalid ones (empty prompt, ids outside the
     /// vocabulary, a prompt the context cannot hold, bad sampling settings,
     /// a compression the engine cannot run) are an error right away.

@@ -400,6 +400,39 @@ impl LlamaWeights {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
+    /// Bytes of weights a decode step reads: every layer's matrices and the
+    /// output projection (of an untied embedding table, one row per token:
+    /// not counted).
+    pub fn decode_bytes(&self) -> u64 {
+        let embed = if self.lm_head.is_some() {
+            self.embed.size_bytes()
+        } else {
+            0
+        };
+        self.bytes() - embed
+    }
+
+    /// The storage of the matrices, e.g. `q4_K+q6_K, lm_head q6_K`.
+    pub fn dtype_summary(&self) -> String {
+        let mut body: Vec<String> = Vec::new();
+        for l in &self.layers {
+            for m in [&l.qkv, &l.o, &l.gate_up, &l.down] {
+                for p in &m.parts {
+                    let n = p.dtype.name().to_string();
+                    if !body.contains(&n) {
+                        body.push(n);
+                    }
+                }
+            }
+        }
+        format!(
+            "{}, embeddings {}, lm_head {}",
+            body.join("+"),
+            self.embed.dtype_names(),
+            self.lm_head().dtype_names()
+        )
+    }
+
     /// Bytes of the weight matrices on the GPU.
     pub fn bytes(&self) -> u64 {
         self.embed.size_bytes()

@@ -33,7 +33,7 @@ pub static MATVEC: ReducingKernel = ReducingKernel {
 };
 
 /// What the two subgroup matvec kernels add (NV, subgroup builtins, vec_of).
-const MATVEC_BLOCKS: &str = include_str!("../../shaders/matvec_blocks.wgsl");
+pub(crate) const MATVEC_BLOCKS: &str = include_str!("../../shaders/matvec_blocks.wgsl");
 
 /// One subgroup per 4 rows, no workgroup reduction (shaders/matvec_rows.wgsl).
 pub static MATVEC_ROWS: Kernel = Kernel {
@@ -193,9 +193,9 @@ pub fn linear(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {
 
 /// Most vectors `matvec_rows` serves in one pass (`MAX_NV` in matvec_rows.wgsl;
 /// its `NV` is the power of two covering the batch, up to this).
-const MATVEC_ROWS_VECS: usize = 8;
+pub(crate) const MATVEC_ROWS_VECS: usize = 8;
 
-fn has_matvec_rows(ctx: &GpuContext) -> bool {
+pub(crate) fn has_matvec_rows(ctx: &GpuContext) -> bool {
     let caps = &ctx.caps;
     caps.features.subgroups && caps.subgroup_max_size <= super::WG
 }
@@ -416,7 +416,7 @@ fn matvec_impl(
             // Blocks have a kernel of their own (the prologues are
             // unfused for them: fits_vec4).
             if let Some(format) = part.dtype.quant() {
-                let kernel = super::quant::MATVEC_QUANT.pick(ctx);
+                let kernel = super::quant::matvec_quant_kernel(ctx);
                 return super::quant::matvec_part(ctx, kernel, args, part, format);
             }
             let row_blocks = u32_of("matvec row blocks", part.rows.div_ceil(MATVEC_BLOCK))?;
@@ -553,7 +553,7 @@ pub fn linear_cpu(
 /// tests/shader_portability.rs).
 pub(crate) fn host_layouts() -> Vec<super::HostLayout> {
     vec![
-        host_layout!(MatvecParams in [&MATVEC.workgroup, &MATVEC.subgroup, &MATVEC_ROWS, &MATVEC_VEC4, &super::quant::MATVEC_QUANT.workgroup, &super::quant::MATVEC_QUANT.subgroup] as "Params" { rows, cols, row_words, n_vecs, x_stride, y_stride, y_offset, flags, row_blocks, eps }),
+        host_layout!(MatvecParams in [&MATVEC.workgroup, &MATVEC.subgroup, &MATVEC_ROWS, &MATVEC_VEC4, &super::quant::MATVEC_QUANT.workgroup, &super::quant::MATVEC_QUANT.subgroup, &super::quant::MATVEC_QUANT_ROWS] as "Params" { rows, cols, row_words, n_vecs, x_stride, y_stride, y_offset, flags, row_blocks, eps }),
         host_layout!(MatmulParams in [&MATMUL] as "Params" { m, n, k, row_words, a_stride, c_stride, c_offset, flags }),
     ]
 }

@@ -66,6 +66,7 @@ pub fn all_kernels() -> Vec<&'static Kernel> {
         &linear::MATMUL,
         &quant::MATVEC_QUANT.workgroup,
         &quant::MATVEC_QUANT.subgroup,
+        &quant::MATVEC_QUANT_ROWS,
         &rmsnorm::RMSNORM.workgroup,
         &rmsnorm::RMSNORM.subgroup,
         &softmax::SOFTMAX.workgroup,

@@ -25,7 +25,9 @@
 
 use half::f16;
 
-use super::linear::{Linear, MATVEC_BLOCK, MATVEC_COMMON, MatvecParams};
+use super::linear::{
+    Linear, MATVEC_BLOCK, MATVEC_BLOCKS, MATVEC_COMMON, MATVEC_ROWS_VECS, MatvecParams,
+};
 use super::{
     NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, ensure, u32_of,
 };
@@ -64,6 +66,35 @@ pub static MATVEC_QUANT: ReducingKernel = ReducingKernel {
         needs: SUBGROUPS,
     },
 };
+
+/// One subgroup per 4 rows, each unit dequantized once for NV vectors
+/// (`shaders/matvec_quant_rows.wgsl`; the decode kernel where subgroups fit
+/// a workgroup, as `matvec_rows` for f32 and f16).
+pub static MATVEC_QUANT_ROWS: Kernel = Kernel {
+    name: "matvec_quant_rows",
+    sources: &[
+        MATVEC_COMMON,
+        MATVEC_BLOCKS,
+        QUANT_BLOCKS,
+        include_str!("../../shaders/matvec_quant_rows.wgsl"),
+    ],
+    entries: &[
+        "matvec_rows_q8_0",
+        "matvec_rows_q4_0",
+        "matvec_rows_q4_k",
+        "matvec_rows_q6_k",
+    ],
+    needs: SUBGROUPS,
+};
+
+/// The decode kernel for quantized parts on this device.
+pub(crate) fn matvec_quant_kernel(ctx: &GpuContext) -> &'static Kernel {
+    if super::linear::has_matvec_rows(ctx) {
+        &MATVEC_QUANT_ROWS
+    } else {
+        MATVEC_QUANT.pick(ctx)
+    }
+}
 
 /// Uploads `rows` rows of blocks as they are (`bytes`: GGUF's layout, rows
 /// back to back), split into parts as every matrix.
@@ -120,8 +151,8 @@ pub fn upload_quantized(
 }
 
 /// The decode projection over a matrix of quantized parts with an explicit
-/// reduction variant of [`MATVEC_QUANT`] (tests run both; `ops::linear`
-/// picks one per part).
+/// kernel: [`MATVEC_QUANT_ROWS`] or a reduction variant of [`MATVEC_QUANT`]
+/// (tests run each; `ops::linear` picks [`matvec_quant_kernel`]).
 pub fn matvec_quant_with(
     ctx: &GpuContext,
     kernel: &'static Kernel,
@@ -144,7 +175,7 @@ pub fn matvec_quant_with(
 }
 
 /// One part of a projection over quantized blocks: `y[v] (+)= W x[v] (+
-/// bias)` for the part's rows, one workgroup per 4 rows.
+/// bias)` for the part's rows, 4 rows to a workgroup or to a subgroup.
 pub(crate) fn matvec_part(
     ctx: &GpuContext,
     kernel: &'static Kernel,
@@ -153,9 +184,17 @@ pub(crate) fn matvec_part(
     format: QuantFormat,
 ) -> Result<Dispatch> {
     let w = args.weights;
-    let entry = format!("matvec_{}", format.entry_suffix());
     let [wg] = super::wg_constants();
-    let pipeline = ctx.pipeline(kernel, &entry, &[wg])?;
+    let rows_kernel = std::ptr::eq(kernel, &MATVEC_QUANT_ROWS);
+    // The rows kernel: vectors per pass, the power of two covering n_vecs.
+    let rows_nv = args.n_vecs.next_power_of_two().min(MATVEC_ROWS_VECS);
+    let pipeline = if rows_kernel {
+        let entry = format!("matvec_rows_{}", format.entry_suffix());
+        ctx.pipeline(kernel, &entry, &[wg, ("NV", rows_nv as f64)])?
+    } else {
+        let entry = format!("matvec_{}", format.entry_suffix());
+        ctx.pipeline(kernel, &entry, &[wg])?
+    };
     let row_blocks = u32_of("matvec row blocks", part.rows.div_ceil(MATVEC_BLOCK))?;
     let n_vecs = u32_of("vectors", args.n_vecs)?;
     ensure!(
@@ -174,7 +213,15 @@ pub(crate) fn matvec_part(
         row_blocks,
         eps: 0.0,
     };
-    let [gx, gy, _] = ctx.grid(row_blocks);
+    // The rows kernel: a workgroup holds at least WG / subgroup_max_size
+    // subgroups of 4 rows; its grid stride covers the rest.
+    let (workgroups, z) = if rows_kernel {
+        let per_wg = (super::WG / ctx.caps.subgroup_max_size.max(1)).max(1);
+        (row_blocks.div_ceil(per_wg), n_vecs.div_ceil(rows_nv as u32))
+    } else {
+        (row_blocks, n_vecs)
+    };
+    let [gx, gy, _] = ctx.grid(workgroups);
     Dispatch::with_params(
         ctx,
         pipeline,
@@ -186,7 +233,7 @@ pub(crate) fn matvec_part(
             args.bias_binding(),
             args.y.binding(),
         ],
-        [gx, gy, n_vecs],
+        [gx, gy, z],
     )
 }
 

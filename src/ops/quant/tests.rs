@@ -115,6 +115,10 @@ fn quantized_projections_match_their_twin() {
         (67, 128, 1, true, true),
         (301, 256, 4, false, false),
         (70, 96, 67, true, true),
+        // The rows kernel's passes of NV vectors: 3 -> 4, 9 -> 8 + 1, 16.
+        (41, 96, 3, true, false),
+        (40, 64, 9, false, true),
+        (9, 32, 16, true, true),
     ];
     // Super-blocks of 256: one, an odd count (q6_K rows then start
     // mid-word), rows off the 4-row blocks, several vectors, a prefill.
@@ -124,6 +128,7 @@ fn quantized_projections_match_their_twin() {
         (13, 512, 1, false, false),
         (67, 256, 3, false, false),
         (65, 256, 70, true, false),
+        (7, 512, 12, false, true),
     ];
     for format in QuantFormat::ALL {
         let shapes: &[_] = if format.block_weights() == 32 {
@@ -203,6 +208,9 @@ fn check_projection(
         if ctx.caps.features.subgroups {
             paths.push("matvec_quant_subgroup");
         }
+        if ctx.caps.features.subgroups && ctx.caps.subgroup_max_size <= crate::ops::WG {
+            paths.push("matvec_quant_rows");
+        }
     }
     for path in paths {
         let yb = GpuBuffer::from_slice(ctx, "y", &y0).unwrap();
@@ -218,6 +226,7 @@ fn check_projection(
             "matmul" => matmul(ctx, &args),
             "linear" => linear(ctx, &args),
             "matvec_quant" => matvec_quant_with(ctx, &MATVEC_QUANT.workgroup, &args),
+            "matvec_quant_rows" => matvec_quant_with(ctx, &MATVEC_QUANT_ROWS, &args),
             _ => matvec_quant_with(ctx, &MATVEC_QUANT.subgroup, &args),
         }
         .unwrap();
