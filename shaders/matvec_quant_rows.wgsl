@@ -6,6 +6,12 @@
 // memory, no barrier. Each unit is dequantized once, in registers, for the
 // 4 rows, then meets NV vectors of x. Params.row_words holds BYTES per row.
 //
+// PROLOGUE as in matvec_vec4.wgsl: 1 applies the RMSNorm before the
+// projection (x^2 summed on the way, x times g from binding 5, the row sums
+// scaled by rsqrt at the end), 2 reads silu(gate) * up from fused gate/up
+// rows (x_stride = 2 cols); each lane meets every x element of its units
+// once, so the sums of squares partition x as the products do.
+//
 // Dispatch: grid over workgroups (folded into x/y), z = block of NV vectors.
 //
 // Bindings: as matvec_rows.wgsl (0, 3, 4 declared in matvec_common.wgsl):
@@ -14,20 +20,47 @@
 //   2 x       storage read  [n_vecs, x_stride] f32
 //   3 bias    storage read  [y_offset + rows] f32 (unused unless flags & 1)
 //   4 y       storage rw    [n_vecs, y_stride] f32
+//   5 norm_w  storage read  [cols] f32: the RMSNorm weight g (read only when PROLOGUE = 1)
+
+// What the kernel does to x first: 0 nothing, 1 RMSNorm, 2 SwiGLU.
+override PROLOGUE: u32 = 0u;
+const NORM: u32 = 1u;
+const SWIGLU: u32 = 2u;
 
 @group(0) @binding(1) var<storage, read> w: array<u32>;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(5) var<storage, read> norm_w: array<f32>;
 
 fn x4(at: u32) -> vec4<f32> {
     return vec4<f32>(x[at], x[at + 1u], x[at + 2u], x[at + 3u]);
 }
 
-// acc[j] += the 4 rows' weights (a, b, c, d: 4 consecutive k each) against
+// x[k .. k + 3] of the row starting at `base`, as the projection sees it:
+// silu(gate) * up under SWIGLU.
+fn x_in(base: u32, k: u32) -> vec4<f32> {
+    let v = x4(base + k);
+    if PROLOGUE == SWIGLU {
+        return v / (1.0 + exp(-v)) * x4(base + p.cols + k);
+    }
+    return v;
+}
+
+// Per vector of the pass: the row sums, and (NORM) this lane's x^2.
+struct Acc {
+    sums: array<vec4<f32>, MAX_NV>,
+    squares: array<f32, MAX_NV>,
+}
+
+// acc += the 4 rows' weights (a, b, c, d: 4 consecutive k each) against
 // x[v0 + j, k .. k + 3], for the NV vectors of the pass.
-fn add_quad(acc: ptr<function, array<vec4<f32>, MAX_NV>>, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>, k: u32, v0: u32, nv: u32) {
+fn add_quad(acc: ptr<function, Acc>, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>, k: u32, v0: u32, nv: u32) {
     for (var j = 0u; j < NV; j = j + 1u) {
-        let xv = x4(vec_of(v0, j, nv) * p.x_stride + k);
-        (*acc)[j] = (*acc)[j] + vec4<f32>(dot(a, xv), dot(b, xv), dot(c, xv), dot(d, xv));
+        var xv = x_in(vec_of(v0, j, nv) * p.x_stride, k);
+        if PROLOGUE == NORM {
+            (*acc).squares[j] = (*acc).squares[j] + dot(xv, xv);
+            xv = xv * vec4<f32>(norm_w[k], norm_w[k + 1u], norm_w[k + 2u], norm_w[k + 3u]);
+        }
+        (*acc).sums[j] = (*acc).sums[j] + vec4<f32>(dot(a, xv), dot(b, xv), dot(c, xv), dot(d, xv));
     }
 }
 
@@ -36,7 +69,7 @@ fn q8_0_quad(at: u32, o: u32) -> vec4<f32> {
     return half_at(at) * i8x4(word_at(at + o));
 }
 
-fn unit_q8_0(acc: ptr<function, array<vec4<f32>, MAX_NV>>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
+fn unit_q8_0(acc: ptr<function, Acc>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
     let b = u / 8u;
     let j = u % 8u;
     let at = rb + vec4<u32>(34u * b);
@@ -46,7 +79,7 @@ fn unit_q8_0(acc: ptr<function, array<vec4<f32>, MAX_NV>>, rb: vec4<u32>, u: u32
 
 // q4_0: 4 units a block; word j of the nibbles holds weights 4j..4j+3 (low)
 // and 16+4j.. (high).
-fn unit_q4_0(acc: ptr<function, array<vec4<f32>, MAX_NV>>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
+fn unit_q4_0(acc: ptr<function, Acc>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
     let b = u / 4u;
     let j = u % 4u;
     let at = rb + vec4<u32>(18u * b);
@@ -68,7 +101,7 @@ fn q4_k_quad(at: u32, pair: u32, j: u32, high: u32) -> vec4<f32> {
     return half_at(at) * sm.x * vec4<f32>(q & vec4<u32>(0xfu)) - vec4<f32>(half_at(at + 2u) * sm.y);
 }
 
-fn unit_q4_k(acc: ptr<function, array<vec4<f32>, MAX_NV>>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
+fn unit_q4_k(acc: ptr<function, Acc>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
     let b = u / 32u;
     let pair = (u % 32u) / 8u;
     let j = u % 8u;
@@ -89,7 +122,7 @@ fn q6_k_quad(at: u32, h: u32, l: u32, s: u32) -> vec4<f32> {
     return half_at(at + 208u) * i8_at(at + 192u + 8u * h + l / 16u + 2u * s) * q;
 }
 
-fn unit_q6_k(acc: ptr<function, array<vec4<f32>, MAX_NV>>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
+fn unit_q6_k(acc: ptr<function, Acc>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
     let b = u / 16u;
     let h = (u % 16u) / 8u;
     let l = 4u * (u % 8u);
@@ -107,9 +140,10 @@ fn matvec_quant_rows(format: u32, sg: Sg, wg: vec3<u32>, nwg: vec3<u32>) {
     let units = row_units(format, p.cols);
     for (var first = (wg.x + wg.y * nwg.x) * sg.count; first < p.row_blocks; first = first + stride) {
         let block = first + sg.id;
-        var acc: array<vec4<f32>, MAX_NV>;
+        var acc: Acc;
         for (var j = 0u; j < NV; j = j + 1u) {
-            acc[j] = vec4<f32>(0.0);
+            acc.sums[j] = vec4<f32>(0.0);
+            acc.squares[j] = 0.0;
         }
         if block < p.row_blocks {
             let rb = row_starts(block * ROWS, p.row_words);
@@ -123,7 +157,10 @@ fn matvec_quant_rows(format: u32, sg: Sg, wg: vec3<u32>, nwg: vec3<u32>) {
             }
         }
         for (var j = 0u; j < NV; j = j + 1u) {
-            let sums = subgroupAdd(acc[j]);
+            var sums = subgroupAdd(acc.sums[j]);
+            if PROLOGUE == NORM {
+                sums = sums * inverseSqrt(subgroupAdd(acc.squares[j]) / f32(p.cols) + p.eps);
+            }
             if block < p.row_blocks && j < nv {
                 store(block * ROWS, v0 + j, sums, sg.lane);
             }

@@ -88,7 +88,7 @@ pub(crate) const FLAG_ACCUMULATE: u32 = 2;
 /// What matvec_vec4 does to x before the product (its `PROLOGUE` pipeline
 /// constant: 0, 1, 2).
 #[derive(Clone, Copy)]
-enum Prologue<'a> {
+pub(crate) enum Prologue<'a> {
     None,
     /// RMSNorm with this weight and epsilon.
     Norm(&'a GpuBuffer<f32>, f32),
@@ -235,7 +235,13 @@ pub struct PreNorm<'a> {
 /// Whether [`norm_linear`] and [`swiglu_linear`] can fuse their prologue
 /// into the projection on this device (and do).
 pub fn fuses_prologue(ctx: &GpuContext, args: &Linear) -> bool {
-    uses_vec4(ctx, args) && args.n_vecs <= matvec_max_vecs(ctx)
+    let quantized = has_matvec_rows(ctx) && all_quantized(args.weights);
+    (uses_vec4(ctx, args) || quantized) && args.n_vecs <= matvec_max_vecs(ctx)
+}
+
+/// Every part of `w` holds blocks (their kernels: ops::quant).
+fn all_quantized(w: &GpuMatrix) -> bool {
+    w.parts.iter().all(|p| p.dtype.quant().is_some())
 }
 
 /// Whether [`matvec`] runs `matvec_vec4` here.
@@ -365,6 +371,22 @@ fn matvec_impl(
 ) -> Result<Vec<Dispatch>> {
     args.check("matvec")?;
     let w = args.weights;
+    // Blocks have kernels of their own (the prologues fused by the rows
+    // kernel; see fuses_prologue).
+    if all_quantized(w) {
+        let quant_kernel = match prologue {
+            Prologue::None => super::quant::matvec_quant_kernel(ctx),
+            _ => &super::quant::MATVEC_QUANT_ROWS,
+        };
+        return w
+            .parts
+            .iter()
+            .map(|part| {
+                let format = part.dtype.quant().expect("all parts quantized");
+                super::quant::matvec_part(ctx, quant_kernel, args, part, format, prologue)
+            })
+            .collect();
+    }
     let vec4_kernel = std::ptr::eq(kernel, &MATVEC_VEC4);
     ensure!(
         !vec4_kernel || fits_vec4(args),
@@ -413,11 +435,11 @@ fn matvec_impl(
     w.parts
         .iter()
         .map(|part| {
-            // Blocks have a kernel of their own (the prologues are
-            // unfused for them: fits_vec4).
+            // A quantized part of a mixed matrix (no prologue: fits_vec4
+            // and all_quantized are false for it).
             if let Some(format) = part.dtype.quant() {
                 let kernel = super::quant::matvec_quant_kernel(ctx);
-                return super::quant::matvec_part(ctx, kernel, args, part, format);
+                return super::quant::matvec_part(ctx, kernel, args, part, format, prologue);
             }
             let row_blocks = u32_of("matvec row blocks", part.rows.div_ceil(MATVEC_BLOCK))?;
             let params = MatvecParams {

@@ -26,7 +26,7 @@
 use half::f16;
 
 use super::linear::{
-    Linear, MATVEC_BLOCK, MATVEC_BLOCKS, MATVEC_COMMON, MATVEC_ROWS_VECS, MatvecParams,
+    Linear, MATVEC_BLOCK, MATVEC_BLOCKS, MATVEC_COMMON, MATVEC_ROWS_VECS, MatvecParams, Prologue,
 };
 use super::{
     NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, ensure, u32_of,
@@ -169,7 +169,7 @@ pub fn matvec_quant_with(
                     format!("{} has {} rows", args.weights.label, part.dtype.name()),
                 )
             })?;
-            matvec_part(ctx, kernel, args, part, format)
+            matvec_part(ctx, kernel, args, part, format, Prologue::None)
         })
         .collect()
 }
@@ -182,15 +182,27 @@ pub(crate) fn matvec_part(
     args: &Linear,
     part: &MatrixPart,
     format: QuantFormat,
+    prologue: Prologue,
 ) -> Result<Dispatch> {
     let w = args.weights;
+    let (prologue_id, norm_w, eps) = match prologue {
+        Prologue::None => (0, args.x, 0.0),
+        Prologue::Norm(g, eps) => (1, g, eps),
+        Prologue::SwiGlu => (2, args.x, 0.0),
+    };
     let [wg] = super::wg_constants();
     let rows_kernel = std::ptr::eq(kernel, &MATVEC_QUANT_ROWS);
     // The rows kernel: vectors per pass, the power of two covering n_vecs.
     let rows_nv = args.n_vecs.next_power_of_two().min(MATVEC_ROWS_VECS);
+    ensure!(
+        prologue_id == 0 || rows_kernel,
+        "matvec_quant {}: only the rows kernel has prologues",
+        w.label
+    );
     let pipeline = if rows_kernel {
         let entry = format!("matvec_rows_{}", format.entry_suffix());
-        ctx.pipeline(kernel, &entry, &[wg, ("NV", rows_nv as f64)])?
+        let constants = [wg, ("NV", rows_nv as f64), ("PROLOGUE", prologue_id as f64)];
+        ctx.pipeline(kernel, &entry, &constants)?
     } else {
         let entry = format!("matvec_{}", format.entry_suffix());
         ctx.pipeline(kernel, &entry, &[wg])?
@@ -206,12 +218,16 @@ pub(crate) fn matvec_part(
         cols: u32_of("cols", w.cols)?,
         row_words: u32_of("row bytes", format.bytes_for(w.cols))?,
         n_vecs,
-        x_stride: u32_of("x stride", w.cols)?,
+        // SwiGLU reads gate/up rows of 2 x cols.
+        x_stride: u32_of(
+            "x stride",
+            if prologue_id == 2 { 2 * w.cols } else { w.cols },
+        )?,
         y_stride: u32_of("y stride", w.rows)?,
         y_offset: u32_of("y offset", part.first_row)?,
         flags: args.flags(),
         row_blocks,
-        eps: 0.0,
+        eps,
     };
     // The rows kernel: a workgroup holds at least WG / subgroup_max_size
     // subgroups of 4 rows; its grid stride covers the rest.
@@ -222,17 +238,22 @@ pub(crate) fn matvec_part(
         (row_blocks, n_vecs)
     };
     let [gx, gy, _] = ctx.grid(workgroups);
+    let mut bindings = vec![
+        part.buffer.as_entire_binding(),
+        args.x.binding(),
+        args.bias_binding(),
+        args.y.binding(),
+    ];
+    if rows_kernel {
+        // Unless it norms, the kernel never reads binding 5; x stands in.
+        bindings.push(norm_w.binding());
+    }
     Dispatch::with_params(
         ctx,
         pipeline,
         format!("kvsift.matvec_quant.{}", w.label),
         &params,
-        &[
-            part.buffer.as_entire_binding(),
-            args.x.binding(),
-            args.bias_binding(),
-            args.y.binding(),
-        ],
+        &bindings,
         [gx, gy, z],
     )
 }

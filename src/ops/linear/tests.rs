@@ -155,11 +155,17 @@ fn norm_linear_matches_rmsnorm_then_linear() {
         (33, 64, 3),
         (9, 16, 16),
         (40, 20, 5),
+        // Quantized rows (fused by matvec_quant_rows): one block, a pass of
+        // NV 4, two passes (9 vectors), super-blocks.
+        (5, 32, 1),
+        (33, 96, 3),
+        (9, 64, 9),
+        (21, 256, 2),
     ];
     for (i, &(rows, cols, n)) in cases.iter().enumerate() {
-        for dtype in [WeightDtype::F32, WeightDtype::F16] {
+        for dtype in dtypes_for(cols) {
             let mut rng = Rng::new(300 + i as u64);
-            let w: Vec<f32> = rng.normals(rows * cols);
+            let (wm, stored) = test_matrix(ctx, &mut rng, dtype, rows, cols);
             let x: Vec<f32> = rng.normals(n * cols).iter().map(|v| 3.0 * v).collect();
             let g: Vec<f32> = rng.normals(cols);
             let bias = rng.normals(rows);
@@ -171,11 +177,9 @@ fn norm_linear_matches_rmsnorm_then_linear() {
             let mut normed = vec![0.0; n * cols];
             crate::ops::rmsnorm::rmsnorm_cpu(&shape, &x64, &g, &mut normed);
             let normed32: Vec<f32> = normed.iter().map(|v| *v as f32).collect();
-            let stored: Vec<f32> = w.iter().map(|v| dtype.round(*v)).collect();
             let mut want: Vec<f64> = y0.iter().map(|v| *v as f64).collect();
             linear_cpu(&stored, cols, Some(&bias), &normed32, &mut want, accumulate);
 
-            let wm = GpuMatrix::upload(ctx, "test.w", rows, cols, dtype, &w).unwrap();
             let xb = GpuBuffer::from_slice(ctx, "test.x", &x).unwrap();
             let gb = GpuBuffer::from_slice(ctx, "test.g", &g).unwrap();
             let bb = GpuBuffer::from_slice(ctx, "test.bias", &bias).unwrap();
@@ -195,7 +199,12 @@ fn norm_linear_matches_rmsnorm_then_linear() {
                 scratch: &scratch,
             };
             let can_fuse = fuses_prologue(ctx, &args);
-            let per_quad = if dtype == WeightDtype::F32 { 4 } else { 8 };
+            let per_quad = match dtype {
+                WeightDtype::F32 => 4,
+                WeightDtype::F16 => 8,
+                // Every quantized row fuses.
+                WeightDtype::Quant(_) => 1,
+            };
             if ctx.caps.features.subgroups && ctx.caps.subgroup_max_size <= super::super::WG {
                 assert_eq!(can_fuse, cols % per_quad == 0, "case {i} {dtype:?}");
             }
@@ -227,11 +236,14 @@ fn swiglu_linear_matches_silu_mul_then_linear() {
         (17, 64, 2),
         (30, 40, 7),
         (5, 8, 16),
+        (7, 32, 1),
+        (40, 128, 5),
+        (3, 512, 12),
     ];
     for (i, &(rows, cols, n)) in cases.iter().enumerate() {
-        for dtype in [WeightDtype::F32, WeightDtype::F16] {
+        for dtype in dtypes_for(cols) {
             let mut rng = Rng::new(500 + i as u64);
-            let w: Vec<f32> = rng.normals(rows * cols);
+            let (wm, stored) = test_matrix(ctx, &mut rng, dtype, rows, cols);
             let gate_up: Vec<f32> = rng.normals(n * 2 * cols).iter().map(|v| 4.0 * v).collect();
             let y0 = rng.normals(n * rows);
             let accumulate = i % 2 == 0;
@@ -239,11 +251,9 @@ fn swiglu_linear_matches_silu_mul_then_linear() {
                 .iter()
                 .map(|v| *v as f32)
                 .collect();
-            let stored: Vec<f32> = w.iter().map(|v| dtype.round(*v)).collect();
             let mut want: Vec<f64> = y0.iter().map(|v| *v as f64).collect();
             linear_cpu(&stored, cols, None, &act, &mut want, accumulate);
 
-            let wm = GpuMatrix::upload(ctx, "test.w", rows, cols, dtype, &w).unwrap();
             let xb = GpuBuffer::from_slice(ctx, "test.gate_up", &gate_up).unwrap();
             let yb = GpuBuffer::from_slice(ctx, "test.y", &y0).unwrap();
             let act_b = GpuBuffer::<f32>::zeros(ctx, "test.act", n * cols).unwrap();
@@ -261,6 +271,37 @@ fn swiglu_linear_matches_silu_mul_then_linear() {
             check_both_paths(ctx, &what, can_fuse, &yb, &y0, &want, 1e-8, |fused| {
                 swiglu_linear_with(ctx, &act_b, &args, fused).unwrap()
             });
+        }
+    }
+}
+
+/// The dtypes a row of `cols` weights can be stored in.
+fn dtypes_for(cols: usize) -> Vec<WeightDtype> {
+    let mut out = vec![WeightDtype::F32, WeightDtype::F16];
+    out.extend(
+        crate::gpu::QuantFormat::ALL
+            .into_iter()
+            .map(WeightDtype::Quant)
+            .filter(|d| d.fits(cols)),
+    );
+    out
+}
+
+/// A random `[rows, cols]` matrix in `dtype` and the values it holds:
+/// normals for f32/f16, random blocks for the quantized formats.
+fn test_matrix(
+    ctx: &GpuContext,
+    rng: &mut Rng,
+    dtype: WeightDtype,
+    rows: usize,
+    cols: usize,
+) -> (GpuMatrix, Vec<f32>) {
+    match dtype.quant() {
+        Some(f) => crate::testing::random_quant_matrix(ctx, f, rows, cols, rng),
+        None => {
+            let w = rng.normals(rows * cols);
+            let m = GpuMatrix::upload(ctx, "test.w", rows, cols, dtype, &w).unwrap();
+            (m, w.iter().map(|v| dtype.round(*v)).collect())
         }
     }
 }
