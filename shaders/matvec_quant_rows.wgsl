@@ -1,10 +1,11 @@
 // matvec_quant_rows.wgsl: y[v, r] (+)= sum_k W[r, k] * x[v, k] (+ bias[r])
 // over llama.cpp's quantized blocks (quant_blocks.wgsl reads them), laid out
 // as matvec_rows.wgsl: one subgroup per 4 rows, its lanes walking the units
-// of the rows (a word of a block: 4 weights of q8_0, 8 of q4_0 and q4_K, 16
-// of q6_K) with stride subgroup_size, subgroupAdd to reduce; no workgroup
-// memory, no barrier. Each unit is dequantized once, in registers, for the
-// 4 rows, then meets NV vectors of x. Params.row_words holds BYTES per row.
+// of the rows (16 weights of a block, whatever the format) with stride
+// subgroup_size, subgroupAdd to reduce; no workgroup memory, no barrier.
+// Each unit's quants are unpacked once, in registers, for the 4 rows, then
+// meet NV vectors of x; the block scales multiply the dot products, not the
+// weights. Params.row_words holds BYTES per row.
 //
 // PROLOGUE as in matvec_vec4.wgsl: 1 applies the RMSNorm before the
 // projection (x^2 summed on the way, x times g from binding 5, the row sums
@@ -51,75 +52,113 @@ struct Acc {
     squares: array<f32, MAX_NV>,
 }
 
-// acc += the 4 rows' weights (a, b, c, d: 4 consecutive k each) against
-// x[v0 + j, k .. k + 3], for the NV vectors of the pass.
-fn add_quad(acc: ptr<function, Acc>, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>, k: u32, v0: u32, nv: u32) {
+// acc += s * (the 4 rows' integer quants qa..qd: 4 consecutive k each, one
+// row per component of s) . x[v0 + j, k .. k + 3], minus m * sum(x) for
+// formats with an offset, for the NV vectors of the pass: the scales meet
+// the dot products, not every weight.
+fn add_quad(acc: ptr<function, Acc>, qa: vec4<f32>, qb: vec4<f32>, qc: vec4<f32>, qd: vec4<f32>, s: vec4<f32>, m: vec4<f32>, k: u32, v0: u32, nv: u32) {
     for (var j = 0u; j < NV; j = j + 1u) {
         var xv = x_in(vec_of(v0, j, nv) * p.x_stride, k);
         if PROLOGUE == NORM {
             (*acc).squares[j] = (*acc).squares[j] + dot(xv, xv);
             xv = xv * vec4<f32>(norm_w[k], norm_w[k + 1u], norm_w[k + 2u], norm_w[k + 3u]);
         }
-        (*acc).sums[j] = (*acc).sums[j] + vec4<f32>(dot(a, xv), dot(b, xv), dot(c, xv), dot(d, xv));
+        let dots = vec4<f32>(dot(qa, xv), dot(qb, xv), dot(qc, xv), dot(qd, xv));
+        (*acc).sums[j] = (*acc).sums[j] + s * dots - m * (xv.x + xv.y + xv.z + xv.w);
     }
 }
 
-// q8_0: 8 units a block of 32, one word of 4 int8.
-fn q8_0_quad(at: u32, o: u32) -> vec4<f32> {
-    return half_at(at) * i8x4(word_at(at + o));
+fn i8s(u: u32) -> vec4<f32> {
+    return vec4<f32>(unpack4xI8(u));
 }
 
+fn u8s(u: u32) -> vec4<u32> {
+    return unpack4xU8(u);
+}
+
+// q8_0: 2 units a block of 32, 4 words of int8 each (16 weights).
 fn unit_q8_0(acc: ptr<function, Acc>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
-    let b = u / 8u;
-    let j = u % 8u;
-    let at = rb + vec4<u32>(34u * b);
-    let o = 2u + 4u * j;
-    add_quad(acc, q8_0_quad(at.x, o), q8_0_quad(at.y, o), q8_0_quad(at.z, o), q8_0_quad(at.w, o), 32u * b + 4u * j, v0, nv);
-}
-
-// q4_0: 4 units a block; word j of the nibbles holds weights 4j..4j+3 (low)
-// and 16+4j.. (high).
-fn unit_q4_0(acc: ptr<function, Acc>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
-    let b = u / 4u;
-    let j = u % 4u;
-    let at = rb + vec4<u32>(18u * b);
-    let o = 2u + 4u * j;
-    let q = vec4<u32>(word_at(at.x + o), word_at(at.y + o), word_at(at.z + o), word_at(at.w + o));
+    let at = rb + vec4<u32>(34u * (u / 2u));
+    let o = 2u + 16u * (u % 2u);
     let d = vec4<f32>(half_at(at.x), half_at(at.y), half_at(at.z), half_at(at.w));
-    let k = 32u * b + 4u * j;
-    add_quad(acc, d.x * nibbles(q.x, 0u), d.y * nibbles(q.y, 0u), d.z * nibbles(q.z, 0u), d.w * nibbles(q.w, 0u), k, v0, nv);
-    add_quad(acc, d.x * nibbles(q.x, 4u), d.y * nibbles(q.y, 4u), d.z * nibbles(q.z, 4u), d.w * nibbles(q.w, 4u), k + 16u, v0, nv);
+    let k = 16u * u;
+    for (var i = 0u; i < 4u; i = i + 1u) {
+        let q = 4u * i + o;
+        add_quad(acc, i8s(word_at(at.x + q)), i8s(word_at(at.y + q)), i8s(word_at(at.z + q)), i8s(word_at(at.w + q)), d, vec4<f32>(0.0), k + 4u * i, v0, nv);
+    }
 }
 
-// q4_K: 32 units a super-block of 256; each 32 nibble bytes hold two
-// 32-weight sub-blocks (low nibbles, then high): a unit is one word of them,
-// 4 weights of each sub-block. Returns the low (xy) or high (zw) half's
-// weights d*sc*q - dmin*m of one row.
-fn q4_k_quad(at: u32, pair: u32, j: u32, high: u32) -> vec4<f32> {
-    let sm = scale_min_k4(at + 4u, 2u * pair + high);
-    let q = bytes4(word_at(at + 16u + 32u * pair + 4u * j)) >> vec4<u32>(4u * high);
-    return half_at(at) * sm.x * vec4<f32>(q & vec4<u32>(0xfu)) - vec4<f32>(half_at(at + 2u) * sm.y);
+// q4_0: 2 units a block, 2 words of nibbles each; word j holds weights
+// 4j..4j+3 (low nibbles) and 16+4j.. (high); w = d*q - 8d.
+fn unit_q4_0(acc: ptr<function, Acc>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
+    let b = u / 2u;
+    let at = rb + vec4<u32>(18u * b);
+    let d = vec4<f32>(half_at(at.x), half_at(at.y), half_at(at.z), half_at(at.w));
+    let m = 8.0 * d;
+    let low = vec4<u32>(0xfu);
+    for (var i = 0u; i < 2u; i = i + 1u) {
+        let jw = 2u * (u % 2u) + i;
+        let o = 2u + 4u * jw;
+        let qa = u8s(word_at(at.x + o));
+        let qb = u8s(word_at(at.y + o));
+        let qc = u8s(word_at(at.z + o));
+        let qd = u8s(word_at(at.w + o));
+        let k = 32u * b + 4u * jw;
+        add_quad(acc, vec4<f32>(qa & low), vec4<f32>(qb & low), vec4<f32>(qc & low), vec4<f32>(qd & low), d, m, k, v0, nv);
+        add_quad(acc, vec4<f32>(qa >> vec4<u32>(4u)), vec4<f32>(qb >> vec4<u32>(4u)), vec4<f32>(qc >> vec4<u32>(4u)), vec4<f32>(qd >> vec4<u32>(4u)), d, m, k + 16u, v0, nv);
+    }
+}
+
+// q4_K: 16 units a super-block of 256; each 32 nibble bytes (a pair)
+// hold two 32-weight sub-blocks (low nibbles, then high): a unit is 2
+// words of a pair, 8 weights of each sub-block; w = (d*sc) q - dmin*m.
+// Sub-block `sub` of one row: its scale and offset.
+fn q4_k_scale(at: u32, sub: u32) -> vec2<f32> {
+    let sm = scale_min_k4(at + 4u, sub);
+    return vec2<f32>(half_at(at) * sm.x, half_at(at + 2u) * sm.y);
 }
 
 fn unit_q4_k(acc: ptr<function, Acc>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
-    let b = u / 32u;
-    let pair = (u % 32u) / 8u;
-    let j = u % 8u;
+    let b = u / 16u;
+    let pair = (u % 16u) / 4u;
     let at = rb + vec4<u32>(144u * b);
-    let k = 256u * b + 64u * pair + 4u * j;
-    add_quad(acc, q4_k_quad(at.x, pair, j, 0u), q4_k_quad(at.y, pair, j, 0u), q4_k_quad(at.z, pair, j, 0u), q4_k_quad(at.w, pair, j, 0u), k, v0, nv);
-    add_quad(acc, q4_k_quad(at.x, pair, j, 1u), q4_k_quad(at.y, pair, j, 1u), q4_k_quad(at.z, pair, j, 1u), q4_k_quad(at.w, pair, j, 1u), k + 32u, v0, nv);
+    let lo_a = q4_k_scale(at.x, 2u * pair);
+    let lo_b = q4_k_scale(at.y, 2u * pair);
+    let lo_c = q4_k_scale(at.z, 2u * pair);
+    let lo_d = q4_k_scale(at.w, 2u * pair);
+    let hi_a = q4_k_scale(at.x, 2u * pair + 1u);
+    let hi_b = q4_k_scale(at.y, 2u * pair + 1u);
+    let hi_c = q4_k_scale(at.z, 2u * pair + 1u);
+    let hi_d = q4_k_scale(at.w, 2u * pair + 1u);
+    let low = vec4<u32>(0xfu);
+    for (var i = 0u; i < 2u; i = i + 1u) {
+        let jw = 2u * (u % 4u) + i;
+        let o = 16u + 32u * pair + 4u * jw;
+        let qa = u8s(word_at(at.x + o));
+        let qb = u8s(word_at(at.y + o));
+        let qc = u8s(word_at(at.z + o));
+        let qd = u8s(word_at(at.w + o));
+        let k = 256u * b + 64u * pair + 4u * jw;
+        add_quad(acc, vec4<f32>(qa & low), vec4<f32>(qb & low), vec4<f32>(qc & low), vec4<f32>(qd & low),
+            vec4<f32>(lo_a.x, lo_b.x, lo_c.x, lo_d.x), vec4<f32>(lo_a.y, lo_b.y, lo_c.y, lo_d.y), k, v0, nv);
+        add_quad(acc, vec4<f32>(qa >> vec4<u32>(4u)), vec4<f32>(qb >> vec4<u32>(4u)), vec4<f32>(qc >> vec4<u32>(4u)), vec4<f32>(qd >> vec4<u32>(4u)),
+            vec4<f32>(hi_a.x, hi_b.x, hi_c.x, hi_d.x), vec4<f32>(hi_a.y, hi_b.y, hi_c.y, hi_d.y), k + 32u, v0, nv);
+    }
 }
 
 // q6_K: 16 units a super-block; per 128-weight half h, ql bytes l..l+3 and
 // l+32..l+35 (low and high nibbles) with qh bytes l..l+3 (four 2-bit pairs
 // each) make weights l, l+32, l+64, l+96 (and the next 3) of the half; one
-// int8 scale per 16 weights. Quarter `s` (0..3) of one row:
-fn q6_k_quad(at: u32, h: u32, l: u32, s: u32) -> vec4<f32> {
-    let low = bytes4(word_at(at + 64u * h + l + 32u * (s % 2u))) >> vec4<u32>(4u * (s / 2u));
-    let high = bytes4(word_at(at + 128u + 32u * h + l)) >> vec4<u32>(2u * s);
-    let q = vec4<f32>((low & vec4<u32>(0xfu)) | ((high & vec4<u32>(3u)) << vec4<u32>(4u))) - 32.0;
-    return half_at(at + 208u) * i8_at(at + 192u + 8u * h + l / 16u + 2u * s) * q;
+// int8 scale per 16 weights; w = (d*sc) q - 32 d*sc. Quarter `s` (0..3) of
+// one row: its 6-bit quants.
+fn q6_k_quants(at: u32, h: u32, l: u32, s: u32) -> vec4<f32> {
+    let low = u8s(word_at(at + 64u * h + l + 32u * (s % 2u))) >> vec4<u32>(4u * (s / 2u));
+    let high = u8s(word_at(at + 128u + 32u * h + l)) >> vec4<u32>(2u * s);
+    return vec4<f32>((low & vec4<u32>(0xfu)) | ((high & vec4<u32>(3u)) << vec4<u32>(4u)));
+}
+
+fn q6_k_scale(at: u32, h: u32, l: u32, s: u32) -> f32 {
+    return half_at(at + 208u) * i8_at(at + 192u + 8u * h + l / 16u + 2u * s);
 }
 
 fn unit_q6_k(acc: ptr<function, Acc>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
@@ -129,15 +168,21 @@ fn unit_q6_k(acc: ptr<function, Acc>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
     let at = rb + vec4<u32>(210u * b);
     let k = 256u * b + 128u * h + l;
     for (var s = 0u; s < 4u; s = s + 1u) {
-        add_quad(acc, q6_k_quad(at.x, h, l, s), q6_k_quad(at.y, h, l, s), q6_k_quad(at.z, h, l, s), q6_k_quad(at.w, h, l, s), k + 32u * s, v0, nv);
+        let sc = vec4<f32>(q6_k_scale(at.x, h, l, s), q6_k_scale(at.y, h, l, s), q6_k_scale(at.z, h, l, s), q6_k_scale(at.w, h, l, s));
+        add_quad(acc, q6_k_quants(at.x, h, l, s), q6_k_quants(at.y, h, l, s), q6_k_quants(at.z, h, l, s), q6_k_quants(at.w, h, l, s), sc, 32.0 * sc, k + 32u * s, v0, nv);
     }
+}
+
+// Units in a row of `cols` weights: 16 weights each, whatever the format.
+fn units_of(cols: u32) -> u32 {
+    return cols / 16u;
 }
 
 fn matvec_quant_rows(format: u32, sg: Sg, wg: vec3<u32>, nwg: vec3<u32>) {
     let v0 = wg.z * NV;
     let nv = min(NV, p.n_vecs - v0);
     let stride = nwg.x * nwg.y * sg.count;
-    let units = row_units(format, p.cols);
+    let units = units_of(p.cols);
     for (var first = (wg.x + wg.y * nwg.x) * sg.count; first < p.row_blocks; first = first + stride) {
         let block = first + sg.id;
         var acc: Acc;

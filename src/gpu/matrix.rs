@@ -315,9 +315,18 @@ impl GpuMatrix {
                 format!("empty shape [{rows}, {cols}]"),
             ));
         }
+        // Neighbours of one dtype share parts (a fused q/k/v of one dtype is
+        // one dispatch).
+        let mut merged: Vec<Segment> = Vec::with_capacity(segments.len());
+        for seg in segments.iter().filter(|s| s.rows > 0) {
+            match merged.last_mut() {
+                Some(last) if last.dtype == seg.dtype => last.rows += seg.rows,
+                _ => merged.push(*seg),
+            }
+        }
         let mut parts = Vec::new();
         let mut first_row = 0;
-        for seg in segments {
+        for seg in &merged {
             let dtype = seg.dtype;
             if dtype == WeightDtype::F16 && !ctx.caps.f16_in_f32 {
                 return Err(Error::MissingFeature {
@@ -351,7 +360,7 @@ impl GpuMatrix {
             let seg_end = first_row + seg.rows;
             while first_row < seg_end {
                 let n = per_part.min(seg_end - first_row);
-                let part_label = if segments.len() == 1 && n == rows {
+                let part_label = if n == rows {
                     label.to_string()
                 } else {
                     format!("{label}[rows {first_row}..{}]", first_row + n)

@@ -240,3 +240,126 @@ fn check_projection(
     }
     w.parts.len()
 }
+
+/// A matrix of segments in several dtypes (a GGUF Q4_K_M q/k/v: q4_K q and
+/// k, a q6_K v; here f16, q8_0, q4_K): neighbours of one dtype share a part,
+/// and every path (matvec, matmul, the fused norm) gives the twin's result.
+#[test]
+fn mixed_dtype_matrices_run_each_part_in_its_kernel() {
+    use crate::gpu::{GpuBuffer, GpuMatrix, Segment, WeightDtype};
+    use crate::ops::linear::{Linear, PreNorm, linear_cpu, matmul, matvec, norm_linear};
+    use crate::testing::{assert_nmse, random_quant_blocks};
+    let Some(ctx) = crate::testing::gpu() else {
+        return;
+    };
+    let mut rng = crate::rng::Rng::new(71);
+    let cols = 256;
+    let segments = [
+        Segment {
+            rows: 5,
+            dtype: WeightDtype::F16,
+        },
+        Segment {
+            rows: 3,
+            dtype: WeightDtype::F16,
+        },
+        Segment {
+            rows: 6,
+            dtype: WeightDtype::Q8_0,
+        },
+        Segment {
+            rows: 7,
+            dtype: WeightDtype::Quant(QuantFormat::Q4K),
+        },
+    ];
+    // Each row as stored, and its values.
+    let mut rows: Vec<(WeightDtype, Vec<u8>, Vec<f32>)> = vec![];
+    for seg in &segments {
+        for _ in 0..seg.rows {
+            let row = match seg.dtype.quant() {
+                Some(f) => {
+                    let b = random_quant_blocks(f, cols / f.block_weights(), &mut rng);
+                    let v = dequantize(f, &b);
+                    (seg.dtype, b, v)
+                }
+                None => {
+                    let v: Vec<f32> = rng
+                        .normals(cols)
+                        .iter()
+                        .map(|x| seg.dtype.round(*x))
+                        .collect();
+                    (seg.dtype, vec![], v)
+                }
+            };
+            rows.push(row);
+        }
+    }
+    let w = GpuMatrix::upload_segments(ctx, "mixed", cols, &segments, |r, dtype, out| {
+        let (d, bytes, values) = &rows[r];
+        assert_eq!(*d, dtype);
+        match dtype.quant() {
+            Some(_) => {
+                bytemuck::cast_slice_mut::<u32, u8>(out)[..bytes.len()].copy_from_slice(bytes);
+                Ok(())
+            }
+            None => crate::gpu::matrix::pack_row(dtype, values, out),
+        }
+    })
+    .unwrap();
+    assert_eq!(w.parts.len(), 3, "f16 neighbours share a part");
+    assert_eq!(w.dtype_names(), "f16+q8_0+q4_K");
+    let stored: Vec<f32> = rows.iter().flat_map(|(_, _, v)| v.clone()).collect();
+    let n_rows = stored.len() / cols;
+    for n_vecs in [1, 3, 70] {
+        let x: Vec<f32> = rng.normals(n_vecs * cols);
+        let g: Vec<f32> = rng.normals(cols);
+        let xb = GpuBuffer::from_slice(ctx, "x", &x).unwrap();
+        let gb = GpuBuffer::from_slice(ctx, "g", &g).unwrap();
+        let scratch = GpuBuffer::<f32>::zeros(ctx, "normed", n_vecs * cols).unwrap();
+        let mut want = vec![0.0; n_vecs * n_rows];
+        linear_cpu(&stored, cols, None, &x, &mut want, false);
+        let shape = crate::ops::rmsnorm::NormShape::rows(n_vecs, cols, 1e-5);
+        let x64: Vec<f64> = x.iter().map(|v| *v as f64).collect();
+        let mut normed = vec![0.0; n_vecs * cols];
+        crate::ops::rmsnorm::rmsnorm_cpu(&shape, &x64, &g, &mut normed);
+        let normed: Vec<f32> = normed.iter().map(|v| *v as f32).collect();
+        let mut want_norm = vec![0.0; n_vecs * n_rows];
+        linear_cpu(&stored, cols, None, &normed, &mut want_norm, false);
+        for (path, want) in [
+            ("matvec", &want),
+            ("matmul", &want),
+            ("norm_linear", &want_norm),
+        ] {
+            if path == "matvec" && n_vecs > 16 {
+                continue;
+            }
+            let yb = GpuBuffer::<f32>::zeros(ctx, "y", n_vecs * n_rows).unwrap();
+            let args = Linear {
+                weights: &w,
+                bias: None,
+                x: &xb,
+                y: &yb,
+                n_vecs,
+                accumulate: false,
+            };
+            let norm = PreNorm {
+                weight: &gb,
+                eps: 1e-5,
+                scratch: &scratch,
+            };
+            let ds = match path {
+                "matvec" => matvec(ctx, &args),
+                "matmul" => matmul(ctx, &args),
+                _ => norm_linear(ctx, &norm, &args),
+            }
+            .unwrap();
+            ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+            assert_nmse(
+                &format!("mixed {path} x{n_vecs}"),
+                &yb.read(ctx).unwrap(),
+                want,
+                1e-9,
+            );
+        }
+    }
+}
