@@ -398,3 +398,61 @@ fn what_kvsift_cannot_run_is_an_error_naming_the_field() {
     assert!(e.contains("attn_q") || e.contains("q_proj"), "{e}");
     std::fs::remove_file(&path).ok();
 }
+
+/// Corrupt and truncated GGUF files are errors, never panics: random bytes
+/// of a real file overwritten (most land in the metadata: the vocabulary,
+/// merges and tensor infos) or the file cut short, then every loader run on
+/// it (config, tokenizer, generation defaults, the weights' check, and the
+/// GPU load where there is one).
+#[test]
+fn corrupt_gguf_files_are_errors_not_panics() {
+    use kvsift::model::config::GenerationDefaults;
+    let original = std::fs::read(data("tiny-qwen2.q8_0.gguf")).unwrap();
+    let meta_end = 40_000.min(original.len());
+    let mut rng = kvsift::rng::Rng::new(99);
+    let path = std::env::temp_dir().join(format!("kvsift-gguf-fuzz-{}.gguf", std::process::id()));
+    let ctx = gpu();
+    let mut errors = 0;
+    for case in 0..160 {
+        let mut bytes = original.clone();
+        if case % 4 == 3 {
+            bytes.truncate(rng.below(original.len()));
+        } else {
+            for _ in 0..1 + rng.below(3) {
+                let at = if case % 2 == 0 {
+                    rng.below(meta_end)
+                } else {
+                    rng.below(bytes.len())
+                };
+                bytes[at] = rng.below(256) as u8;
+            }
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut failed = 0;
+            failed += ModelConfig::load(&path).is_err() as usize;
+            failed += TextTokenizer::load(&path)
+                .and_then(|t| t.encode("Hello, world! 123", true))
+                .is_err() as usize;
+            failed += GenerationDefaults::load(&path).is_err() as usize;
+            if let (Ok(cfg), Ok(store)) = (ModelConfig::load(&path), WeightStore::open(&path)) {
+                failed += kvsift::model::llama::check_checkpoint(&cfg, &store).is_err() as usize;
+                if let Some(ctx) = ctx
+                    && case % 8 == 0
+                {
+                    failed += load_weights(ctx, &path, WeightDtype::F16, false).is_err() as usize;
+                }
+            }
+            failed
+        }));
+        match outcome {
+            Ok(n) => errors += n,
+            Err(_) => panic!("case {case}: a loader panicked on a corrupt file"),
+        }
+    }
+    std::fs::remove_file(&path).ok();
+    assert!(
+        errors > 40,
+        "only {errors} errors: the corruption should be caught often"
+    );
+}

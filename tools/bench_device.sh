@@ -7,7 +7,7 @@
 #   mkdir -p .bin && cp target/release/kvsift .bin/ \
 #     && cp "$(ls -t target/release/deps/kernels-* | grep -v '\.d$' | head -1)" .bin/kernels \
 #     && cp "$(ls -t target/release/deps/compression-* | grep -v '\.d$' | head -1)" .bin/compression
-#   tools/bench_device.sh [kernels] [models] [batch] [bench]     # default: all
+#   tools/bench_device.sh [kernels] [models] [batch] [bench] [quant]     # default: all
 #
 # `models` needs python3 with torch + transformers to write the random
 # ~100M-parameter Llama (tools/make_bench_model.py).
@@ -17,7 +17,7 @@ OUT="${OUT:-./bench-out}"
 mkdir -p "$OUT"
 export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
-what="${*:-kernels models batch bench}"
+what="${*:-kernels models batch bench quant}"
 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
 .bin/kvsift info 2>&1 | tee "$OUT/info.txt"
@@ -80,4 +80,24 @@ if [[ " $what " == *" bench "* ]]; then
     .bin/kvsift bench soak --tokens 5000 --batch 16 --kv rkv --budget 32 --buffer 16
     [ -x .bin/compression ] && .bin/compression --profile
   } 2>&1 | tee "$OUT/bench.txt"
+fi
+
+# Weight formats: decode and prefill of the ~100M Llama in f16, q8_0, q4_0
+# (the output projection f16, then quantized too), two alternating rounds;
+# `kvsift bench` prints the weight bytes a decode token reads and the
+# fraction of the copy roofline they reach.
+if [[ " $what " == *" quant "* ]]; then
+  [ -d /tmp/llama-100m ] || python3 tools/make_bench_model.py /tmp/llama-100m 2>&1 | tail -1
+  {
+    .bin/kvsift bench roofline
+    for round in 1 2; do
+      for dt in f16 q8_0 q4_0 "q8_0 --quantize-lm-head" "q4_0 --quantize-lm-head"; do
+        echo "== round $round: --weights-dtype $dt"
+        # shellcheck disable=SC2086
+        .bin/kvsift bench --model /tmp/llama-100m -p 512 -n 128 -r 3 --weights-dtype $dt
+        # shellcheck disable=SC2086
+        .bin/kvsift bench --model /tmp/llama-100m -p 0 -n 128 -r 3 --batch 16 --weights-dtype $dt
+      done
+    done
+  } 2>&1 | tee "$OUT/quant.txt"
 fi
