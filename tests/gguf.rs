@@ -305,6 +305,13 @@ fn the_gguf_tokenizer_and_config_are_the_checkpoints() {
             ),
             "{name}"
         );
+        // Llama 3.1's scaling reaches the rope as rope_freqs.weight's divisors.
+        for (i, (x, y)) in a.rope.inv_freq().iter().zip(b.rope.inv_freq()).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-6 * y.abs(),
+                "{name} inv_freq[{i}]: {x} vs {y}"
+            );
+        }
         assert_eq!(
             (a.bos_token_id, &a.eos_token_ids),
             (b.bos_token_id, &b.eos_token_ids),

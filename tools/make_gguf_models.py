@@ -19,8 +19,8 @@ transformers computes for them, into tests/data/gguf/models/:
                               --quantize-lm-head` must give
 
 The models: tiny-llama in f16, q8_0 and q4_0 (llama arch: permuted q/k; its
-llama3 rope scaling is dropped, since GGUF carries it as a rope_freqs tensor
-kvsift does not read), tiny-qwen2 in q8_0 (q/k/v biases, tied embeddings),
+llama3 rope scaling as the rope_freqs.weight tensor the converter writes),
+tiny-qwen2 in q8_0 (q/k/v biases, tied embeddings),
 tiny-qwen3 in q4_0 (q/k norms, head_dim != hidden/heads), and tiny-kquant, a
 random llama-arch model of 256-wide rows mixing q4_K and q6_K the way a
 Q4_K_M file does (attn_v, ffn_down and output q6_K, the rest q4_K; random
@@ -133,6 +133,8 @@ def write_gguf(path, cfg, weights, model_dir, qtype_of):
     w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     write_tokenizer(w, model_dir, "qwen2")
+    if llama3_scaling(cfg):
+        w.add_tensor("rope_freqs.weight", rope_factors(cfg))
     for hf, value in weights.items():
         name = gguf_name(hf)
         if isinstance(value, tuple):
@@ -207,11 +209,41 @@ def save_golden(path, ids, logits, meta):
                         if hasattr(gguf, "__version__") else "?"})
 
 
+def llama3_scaling(cfg):
+    s = cfg.get("rope_scaling") or {}
+    return s if (s.get("rope_type") or s.get("type")) == "llama3" else None
+
+
+def rope_factors(cfg):
+    """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors: Llama 3.1's
+    rope scaling as one divisor per frequency (rope_freqs.weight)."""
+    import math
+    s = llama3_scaling(cfg)
+    base = cfg.get("rope_theta", 10000.0)
+    dim = head_dim(cfg)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = s.get("factor", 8.0), s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old = s.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old / low, old / high
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def gguf_cfg(cfg):
-    """What llama.cpp runs of a config converted to GGUF: no sliding window,
-    and (here) no llama3 rope scaling."""
+    """What llama.cpp runs of a config converted to GGUF: no sliding window;
+    llama3 rope scaling kept (the file carries it as rope_freqs.weight)."""
     c = dict(cfg)
-    c.pop("rope_scaling", None)
+    if not llama3_scaling(cfg):
+        c.pop("rope_scaling", None)
     c.pop("rope_parameters", None)
     c["rope_theta"] = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     c.pop("sliding_window", None)

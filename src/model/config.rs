@@ -388,6 +388,13 @@ fn rope_config(f: &Fields, head_dim: usize) -> Result<RopeConfig> {
                 "linear" => RopeScaling::Linear {
                     factor: need("factor")?,
                 },
+                // What a GGUF file's rope_freqs.weight becomes (gguf/model.rs).
+                "gguf_rope_freqs" => RopeScaling::Factors(
+                    s.get("factors")
+                        .and_then(|v| v.as_array())
+                        .and_then(|a| a.iter().map(|v| v.as_f64().map(|x| x as f32)).collect())
+                        .ok_or_else(|| f.bad("rope_freqs.weight", "expected numbers"))?,
+                ),
                 "llama3" => RopeScaling::Llama3 {
                     factor: need("factor")?,
                     low_freq_factor: need("low_freq_factor")?,

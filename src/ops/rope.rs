@@ -39,6 +39,10 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// One divisor per frequency (`head_dim / 2` of them): GGUF's
+    /// `rope_freqs.weight`, which llama.cpp's converter computes from Llama
+    /// 3.1's scaling (`theta_i = pos * inv_freq_i / factor_i`).
+    Factors(Vec<f32>),
 }
 
 /// What the rotation needs from the model config.
@@ -66,9 +70,24 @@ impl RopeConfig {
                 format!("{} must be > 1", self.theta),
             ));
         }
-        match self.scaling {
+        match &self.scaling {
             RopeScaling::None => {}
-            RopeScaling::Linear { factor } => {
+            RopeScaling::Factors(factors) => {
+                if factors.len() != self.head_dim / 2
+                    || !factors.iter().all(|f| f.is_finite() && *f > 0.0)
+                {
+                    return Err(Error::invalid(
+                        "rope frequency factors",
+                        format!(
+                            "{} positive finite factors needed for head_dim {}, got {:?}",
+                            self.head_dim / 2,
+                            self.head_dim,
+                            &factors[..factors.len().min(8)]
+                        ),
+                    ));
+                }
+            }
+            &RopeScaling::Linear { factor } => {
                 if !(factor.is_finite() && factor > 0.0) {
                     return Err(Error::invalid(
                         "rope_scaling.factor",
@@ -76,7 +95,7 @@ impl RopeConfig {
                     ));
                 }
             }
-            RopeScaling::Llama3 {
+            &RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
@@ -118,10 +137,11 @@ impl RopeConfig {
                 // transformers: exponent (2i / d) in f32, then base ** exponent.
                 let exponent = (2 * i) as f32 / d as f32;
                 let f = 1.0 / self.theta.powf(exponent as f64);
-                let f = match self.scaling {
+                let f = match &self.scaling {
                     RopeScaling::None => f,
-                    RopeScaling::Linear { factor } => f / factor,
-                    RopeScaling::Llama3 {
+                    RopeScaling::Factors(factors) => f / factors[i] as f64,
+                    &RopeScaling::Linear { factor } => f / factor,
+                    &RopeScaling::Llama3 {
                         factor,
                         low_freq_factor,
                         high_freq_factor,

@@ -151,20 +151,43 @@ pub fn config_json(file: &GgufFile) -> Result<Value> {
             key("rope.dimension_count")
         )));
     }
-    if file.tensor("rope_freqs.weight").is_some() {
-        return Err(m.unsupported(
-            "tensor rope_freqs.weight (Llama 3.1's rope frequency factors); \
-             use the Hugging Face checkpoint, whose config.json names them"
-                .into(),
-        ));
-    }
+    let rope_freqs = match file.tensor("rope_freqs.weight") {
+        None => None,
+        Some(t) => {
+            let bad = || {
+                m.bad(
+                    "rope_freqs.weight",
+                    format!("expected {} f32 values", head_dim / 2),
+                )
+            };
+            if t.dtype != super::GgmlType::F32 || t.dims != [head_dim / 2] {
+                return Err(bad());
+            }
+            let bytes = file.data(t)?;
+            let factors: Vec<f64> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+                .collect();
+            Some(factors)
+        }
+    };
     let vocab = file
         .tensor("token_embd.weight")
         .and_then(|t| t.dims.get(1).copied())
         .ok_or_else(|| m.bad("token_embd.weight", "missing, or not a matrix"))?;
-    let mut rope_scaling = Value::Null;
+    let mut rope_scaling = match rope_freqs {
+        // Llama 3.1's scaling, as llama.cpp's converter stores it.
+        Some(factors) => json!({"rope_type": "gguf_rope_freqs", "factors": factors}),
+        None => Value::Null,
+    };
     match m.string(&key("rope.scaling.type"))? {
         None | Some("none") => {}
+        Some(_) if !rope_scaling.is_null() => {
+            return Err(m.unsupported(format!(
+                "{} together with rope_freqs.weight",
+                key("rope.scaling.type")
+            )));
+        }
         Some("linear") => {
             let factor = m
                 .float(&key("rope.scaling.factor"))?
@@ -370,4 +393,43 @@ pub fn tokenizer(file: &GgufFile) -> Result<GgufTokenizer> {
         bos_token,
         eos_token,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::PreTokenizer;
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    use tokenizers::tokenizer::{OffsetReferential, OffsetType, PreTokenizedString};
+
+    fn pieces(pre: &str, text: &str) -> Vec<String> {
+        let regex = pre_tokenizer_regex(pre).unwrap();
+        let split = Split::new(
+            SplitPattern::Regex(regex.into()),
+            tokenizers::SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .unwrap();
+        let mut s = PreTokenizedString::from(text);
+        split.pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(p, _, _)| p.to_string())
+            .collect()
+    }
+
+    /// The splits llama.cpp's pre-tokenizers make: Llama 3 keeps runs of up
+    /// to 3 digits, Qwen2 (and DeepSeek-R1-Distill-Qwen) single digits, GPT-2
+    /// whole runs with a leading space.
+    #[test]
+    fn pre_tokenizers_split_as_llama_cpp_does() {
+        assert_eq!(pieces("llama-bpe", "x 12345"), ["x", " ", "123", "45"]);
+        assert_eq!(
+            pieces("qwen2", "x 12345"),
+            ["x", " ", "1", "2", "3", "4", "5"]
+        );
+        assert_eq!(pieces("deepseek-r1-qwen", "I'LL go"), ["I", "'LL", " go"]);
+        assert_eq!(pieces("default", "x 12345"), ["x", " 12345"]);
+        assert!(pre_tokenizer_regex("tekken").is_none());
+    }
 }
