@@ -90,8 +90,8 @@ fn bench_matvec(c: &mut Criterion) {
             });
         }
     }
-    // The workgroup-per-4-rows kernel the quantized formats use so far,
-    // over f16, to tell the format's cost from the kernel design's.
+    // The workgroup-reduction kernel (the fallback without subgroups) over
+    // f16, against the subgroup kernels above.
     for &(rows, cols) in sizes {
         let case = MatvecCase::new(ctx, &mut Rng::new(1), rows, cols, WeightDtype::F16);
         let ds = matvec_with(ctx, MATVEC.pick(ctx), &case.args()).unwrap();
@@ -100,7 +100,8 @@ fn bench_matvec(c: &mut Criterion) {
             b.iter_custom(|iters| time_reps(ctx, &ds, iters))
         });
     }
-    // Quantized blocks as GGUF stores them (shaders/matvec_quant.wgsl).
+    // Quantized blocks as GGUF stores them, through `matvec` (the kernel it
+    // picks: shaders/matvec_quant_rows.wgsl where subgroups fit).
     for &(rows, cols) in sizes {
         for format in QuantFormat::ALL {
             let mut rng = Rng::new(1);

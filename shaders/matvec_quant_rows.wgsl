@@ -112,24 +112,23 @@ fn unit_q4_0(acc: ptr<function, Acc>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
 // q4_K: 16 units a super-block of 256; each 32 nibble bytes (a pair)
 // hold two 32-weight sub-blocks (low nibbles, then high): a unit is 2
 // words of a pair, 8 weights of each sub-block; w = (d*sc) q - dmin*m.
-// Sub-block `sub` of one row: its scale and offset.
-fn q4_k_scale(at: u32, sub: u32) -> vec2<f32> {
-    let sm = scale_min_k4(at + 4u, sub);
-    return vec2<f32>(half_at(at) * sm.x, half_at(at + 2u) * sm.y);
+// Pair `pair` of one row: the low sub-block's scale and offset (xy), the
+// high one's (zw).
+fn q4_k_scales(at: u32, pair: u32) -> vec4<f32> {
+    let dm = vec2<f32>(half_at(at), half_at(at + 2u));
+    let lo = scale_min_k4(at + 4u, 2u * pair);
+    let hi = scale_min_k4(at + 4u, 2u * pair + 1u);
+    return vec4<f32>(dm * lo, dm * hi);
 }
 
 fn unit_q4_k(acc: ptr<function, Acc>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
     let b = u / 16u;
     let pair = (u % 16u) / 4u;
     let at = rb + vec4<u32>(144u * b);
-    let lo_a = q4_k_scale(at.x, 2u * pair);
-    let lo_b = q4_k_scale(at.y, 2u * pair);
-    let lo_c = q4_k_scale(at.z, 2u * pair);
-    let lo_d = q4_k_scale(at.w, 2u * pair);
-    let hi_a = q4_k_scale(at.x, 2u * pair + 1u);
-    let hi_b = q4_k_scale(at.y, 2u * pair + 1u);
-    let hi_c = q4_k_scale(at.z, 2u * pair + 1u);
-    let hi_d = q4_k_scale(at.w, 2u * pair + 1u);
+    let sa = q4_k_scales(at.x, pair);
+    let sb = q4_k_scales(at.y, pair);
+    let sc = q4_k_scales(at.z, pair);
+    let sd = q4_k_scales(at.w, pair);
     let low = vec4<u32>(0xfu);
     for (var i = 0u; i < 2u; i = i + 1u) {
         let jw = 2u * (u % 4u) + i;
@@ -140,25 +139,40 @@ fn unit_q4_k(acc: ptr<function, Acc>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
         let qd = u8s(word_at(at.w + o));
         let k = 256u * b + 64u * pair + 4u * jw;
         add_quad(acc, vec4<f32>(qa & low), vec4<f32>(qb & low), vec4<f32>(qc & low), vec4<f32>(qd & low),
-            vec4<f32>(lo_a.x, lo_b.x, lo_c.x, lo_d.x), vec4<f32>(lo_a.y, lo_b.y, lo_c.y, lo_d.y), k, v0, nv);
+            vec4<f32>(sa.x, sb.x, sc.x, sd.x), vec4<f32>(sa.y, sb.y, sc.y, sd.y), k, v0, nv);
         add_quad(acc, vec4<f32>(qa >> vec4<u32>(4u)), vec4<f32>(qb >> vec4<u32>(4u)), vec4<f32>(qc >> vec4<u32>(4u)), vec4<f32>(qd >> vec4<u32>(4u)),
-            vec4<f32>(hi_a.x, hi_b.x, hi_c.x, hi_d.x), vec4<f32>(hi_a.y, hi_b.y, hi_c.y, hi_d.y), k + 32u, v0, nv);
+            vec4<f32>(sa.z, sb.z, sc.z, sd.z), vec4<f32>(sa.w, sb.w, sc.w, sd.w), k + 32u, v0, nv);
     }
 }
 
 // q6_K: 16 units a super-block; per 128-weight half h, ql bytes l..l+3 and
 // l+32..l+35 (low and high nibbles) with qh bytes l..l+3 (four 2-bit pairs
 // each) make weights l, l+32, l+64, l+96 (and the next 3) of the half; one
-// int8 scale per 16 weights; w = (d*sc) q - 32 d*sc. Quarter `s` (0..3) of
-// one row: its 6-bit quants.
-fn q6_k_quants(at: u32, h: u32, l: u32, s: u32) -> vec4<f32> {
-    let low = u8s(word_at(at + 64u * h + l + 32u * (s % 2u))) >> vec4<u32>(4u * (s / 2u));
-    let high = u8s(word_at(at + 128u + 32u * h + l)) >> vec4<u32>(2u * s);
-    return vec4<f32>((low & vec4<u32>(0xfu)) | ((high & vec4<u32>(3u)) << vec4<u32>(4u)));
+// int8 scale per 16 weights; w = (d*sc) q - 32 d*sc. What one row's unit
+// reads, once: the two ql words, the qh word, the 4 quarters' scales.
+struct Q6Unit {
+    ql0: vec4<u32>,
+    ql1: vec4<u32>,
+    qh: vec4<u32>,
+    scales: vec4<f32>,
 }
 
-fn q6_k_scale(at: u32, h: u32, l: u32, s: u32) -> f32 {
-    return half_at(at + 208u) * i8_at(at + 192u + 8u * h + l / 16u + 2u * s);
+fn q6_k_unit(at: u32, h: u32, l: u32) -> Q6Unit {
+    let d = half_at(at + 208u);
+    let sc = at + 192u + 8u * h + l / 16u;
+    return Q6Unit(
+        u8s(word_at(at + 64u * h + l)),
+        u8s(word_at(at + 64u * h + l + 32u)),
+        u8s(word_at(at + 128u + 32u * h + l)),
+        d * vec4<f32>(i8_at(sc), i8_at(sc + 2u), i8_at(sc + 4u), i8_at(sc + 6u)),
+    );
+}
+
+// Quarter `s` (0..3: weights l + 32 s ..) of a row's unit: its 6-bit quants.
+fn q6_k_quants(q: Q6Unit, s: u32) -> vec4<f32> {
+    let low = select(q.ql0, q.ql1, (s & 1u) == 1u) >> vec4<u32>(4u * (s / 2u));
+    let high = q.qh >> vec4<u32>(2u * s);
+    return vec4<f32>((low & vec4<u32>(0xfu)) | ((high & vec4<u32>(3u)) << vec4<u32>(4u)));
 }
 
 fn unit_q6_k(acc: ptr<function, Acc>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
@@ -167,9 +181,13 @@ fn unit_q6_k(acc: ptr<function, Acc>, rb: vec4<u32>, u: u32, v0: u32, nv: u32) {
     let l = 4u * (u % 8u);
     let at = rb + vec4<u32>(210u * b);
     let k = 256u * b + 128u * h + l;
+    let qa = q6_k_unit(at.x, h, l);
+    let qb = q6_k_unit(at.y, h, l);
+    let qc = q6_k_unit(at.z, h, l);
+    let qd = q6_k_unit(at.w, h, l);
     for (var s = 0u; s < 4u; s = s + 1u) {
-        let sc = vec4<f32>(q6_k_scale(at.x, h, l, s), q6_k_scale(at.y, h, l, s), q6_k_scale(at.z, h, l, s), q6_k_scale(at.w, h, l, s));
-        add_quad(acc, q6_k_quants(at.x, h, l, s), q6_k_quants(at.y, h, l, s), q6_k_quants(at.z, h, l, s), q6_k_quants(at.w, h, l, s), sc, 32.0 * sc, k + 32u * s, v0, nv);
+        let sc = vec4<f32>(qa.scales[s], qb.scales[s], qc.scales[s], qd.scales[s]);
+        add_quad(acc, q6_k_quants(qa, s), q6_k_quants(qb, s), q6_k_quants(qc, s), q6_k_quants(qd, s), sc, 32.0 * sc, k + 32u * s, v0, nv);
     }
 }
 
