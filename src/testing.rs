@@ -144,6 +144,35 @@ pub fn random_quant_matrix(
     (m, crate::ops::quant::dequantize(format, &bytes))
 }
 
+/// Largest |got - want| over two rows of logits and where (a NaN counts as
+/// the largest).
+pub fn max_abs_diff(got: &[f32], want: &[f32]) -> (f32, usize) {
+    assert_eq!(got.len(), want.len(), "logit count");
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .enumerate()
+        .fold(
+            (0.0, 0),
+            |acc, (i, d)| if d > acc.0 || d.is_nan() { (d, i) } else { acc },
+        )
+}
+
+/// Asserts logits `[tokens, vocab]` within `tol` of `want`, printing the
+/// measured largest difference (the figure the tolerance is set from).
+pub fn assert_logits_close(what: &str, got: &[f32], want: &[f32], vocab: usize, tol: f32) {
+    let (d, i) = max_abs_diff(got, want);
+    eprintln!("{what}: max |logit diff| {d:.2e}");
+    assert!(
+        d <= tol,
+        "{what}: max |logit diff| {d:.3e} > {tol:.0e} at token {} id {}: got {}, want {}",
+        i / vocab.max(1),
+        i % vocab.max(1),
+        got[i],
+        want[i]
+    );
+}
+
 /// Normalised mean squared error `sum (got-want)^2 / sum want^2` (the
 /// measure llama.cpp's test-backend-ops uses).
 pub fn nmse(got: &[f32], want: &[f64]) -> f64 {

@@ -91,23 +91,8 @@ fn engine<'c>(ctx: &'c GpuContext, path: &Path, format: WeightFormat) -> Engine<
     Engine::new(ctx, w, config).unwrap()
 }
 
-fn check(what: &str, got: &[f32], want: &[f32], tol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: logit count");
-    let (i, d) = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .enumerate()
-        .fold((0, 0.0f32), |acc, (i, d)| {
-            if d > acc.1 || d.is_nan() { (i, d) } else { acc }
-        });
-    eprintln!("{what}: max |logit diff| {d:.2e}");
-    assert!(
-        d <= tol,
-        "{what}: max |logit diff| {d:.3e} > {tol:.0e} at {i}: got {}, want {}",
-        got[i],
-        want[i]
-    );
+fn check(what: &str, got: &[f32], want: &[f32], vocab: usize, tol: f32) {
+    kvsift::testing::assert_logits_close(what, got, want, vocab, tol);
 }
 
 /// Prefill (3 chunks) and decode logits of `path` loaded as `format`.
@@ -121,20 +106,13 @@ fn check_model(
 ) {
     let mut m = engine(ctx, path, format);
     let t = g.prompt_ids.len();
+    let v = m.cfg.vocab_size;
     let prefill = m.score(&g.prompt_ids, t, true).unwrap();
-    check(
-        &format!("{what} prefill"),
-        prefill.logits.as_ref().unwrap(),
-        &g.logits,
-        tol,
-    );
+    let got = prefill.logits.as_ref().unwrap();
+    check(&format!("{what} prefill"), got, &g.logits, v, tol);
     let decode = m.score(&g.prompt_ids, 1, true).unwrap();
-    check(
-        &format!("{what} decode"),
-        decode.logits.as_ref().unwrap(),
-        &g.logits,
-        tol,
-    );
+    let got = decode.logits.as_ref().unwrap();
+    check(&format!("{what} decode"), got, &g.logits, v, tol);
 }
 
 #[test]
@@ -188,7 +166,13 @@ fn the_cpu_reference_reads_gguf_and_quantizes_as_the_gpu_stores() {
         let g = golden(name);
         let mut r = Reference::load(&data(&format!("{name}.gguf")), WeightDtype::F32).unwrap();
         let got: Vec<f32> = g.prompt_ids.iter().flat_map(|&t| r.forward(t)).collect();
-        check(&format!("{name} reference"), &got, &g.logits, tol);
+        check(
+            &format!("{name} reference"),
+            &got,
+            &g.logits,
+            r.cfg.vocab_size,
+            tol,
+        );
     }
     let g = golden("tiny-llama.load-q4_0");
     let format = WeightFormat {
@@ -197,7 +181,13 @@ fn the_cpu_reference_reads_gguf_and_quantizes_as_the_gpu_stores() {
     };
     let mut r = Reference::load(&model_dir("tiny-llama"), format).unwrap();
     let got: Vec<f32> = g.prompt_ids.iter().flat_map(|&t| r.forward(t)).collect();
-    check("tiny-llama q4_0 reference", &got, &g.logits, 1e-4);
+    check(
+        "tiny-llama q4_0 reference",
+        &got,
+        &g.logits,
+        r.cfg.vocab_size,
+        1e-4,
+    );
 }
 
 /// Every row kvsift quantizes from the safetensors checkpoint equals the

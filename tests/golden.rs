@@ -85,30 +85,8 @@ fn golden(name: &str) -> Golden {
     }
 }
 
-/// Largest |got - want| and where.
-fn max_diff(got: &[f32], want: &[f32]) -> (f32, usize) {
-    assert_eq!(got.len(), want.len(), "logit count");
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .enumerate()
-        .fold(
-            (0.0, 0),
-            |acc, (i, d)| if d > acc.0 || d.is_nan() { (d, i) } else { acc },
-        )
-}
-
 fn check(what: &str, got: &[f32], want: &[f32], vocab: usize, tol: f32) {
-    let (d, i) = max_diff(got, want);
-    eprintln!("{what}: max |logit diff| {d:.2e}");
-    assert!(
-        d <= tol,
-        "{what}: max |logit diff| {d:.3e} > {tol:.0e} at token {} id {}: got {}, want {}",
-        i / vocab,
-        i % vocab,
-        got[i],
-        want[i]
-    );
+    kvsift::testing::assert_logits_close(what, got, want, vocab, tol);
 }
 
 /// Logits tolerance against transformers (f32, eager attention). Both compute
@@ -208,7 +186,7 @@ fn f16_weights_match_the_reference_with_the_same_weights() {
         TOL_TRANSFORMERS,
     );
     // ... and rounding to f16 really changed something (the test can tell).
-    let (d, _) = max_diff(&got, &g.logits);
+    let (d, _) = kvsift::testing::max_abs_diff(&got, &g.logits);
     assert!(
         d > 1e-6,
         "f16 storage left the logits bit-identical to f32: {d}"

@@ -11,6 +11,7 @@ use super::host_layout;
 use super::rmsnorm::{NormShape, rmsnorm};
 use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, u32_of};
 use crate::error::Result;
+use crate::gpu::matrix::MatrixPart;
 use crate::gpu::{Dispatch, GpuBuffer, GpuContext, GpuMatrix, Kernel, WeightDtype};
 
 const MATVEC_SRC: &str = include_str!("../../shaders/matvec.wgsl");
@@ -94,6 +95,17 @@ pub(crate) enum Prologue<'a> {
     Norm(&'a GpuBuffer<f32>, f32),
     /// silu(gate) * up of a gate/up row.
     SwiGlu,
+}
+
+impl Prologue<'_> {
+    /// The kernels' `PROLOGUE` pipeline constant.
+    pub(crate) fn id(self) -> u32 {
+        match self {
+            Prologue::None => 0,
+            Prologue::Norm(..) => 1,
+            Prologue::SwiGlu => 2,
+        }
+    }
 }
 
 #[repr(C)]
@@ -393,11 +405,7 @@ fn matvec_impl(
         "matvec_vec4 {}: needs rows of whole vec4s",
         w.label
     );
-    let (prologue_id, norm_w, eps) = match prologue {
-        Prologue::None => (0, args.x, 0.0),
-        Prologue::Norm(g, eps) => (1, g, eps),
-        Prologue::SwiGlu => (2, args.x, 0.0),
-    };
+    let prologue_id = prologue.id();
     ensure!(
         prologue_id == 0 || vec4_kernel,
         "matvec {}: only matvec_vec4 has prologues",
@@ -441,58 +449,93 @@ fn matvec_impl(
                 let kernel = super::quant::matvec_quant_kernel(ctx);
                 return super::quant::matvec_part(ctx, kernel, args, part, format, prologue);
             }
-            let row_blocks = u32_of("matvec row blocks", part.rows.div_ceil(MATVEC_BLOCK))?;
-            let params = MatvecParams {
-                rows: u32_of("rows", part.rows)?,
-                cols: u32_of("cols", w.cols)?,
-                row_words: u32_of("row words", part.dtype.row_words(w.cols))?,
-                n_vecs,
-                // SwiGLU reads gate/up rows of 2 x cols.
-                x_stride: u32_of(
-                    "x stride",
-                    if prologue_id == 2 { 2 * w.cols } else { w.cols },
-                )?,
-                y_stride: u32_of("y stride", w.rows)?,
-                y_offset: u32_of("y offset", part.first_row)?,
-                flags: args.flags(),
-                row_blocks,
-                eps,
-            };
-            let label = format!("kvsift.matvec.{}", w.label);
-            // matvec_rows: a workgroup holds at least WG / subgroup_max_size
-            // subgroups of 4 rows; the kernel's grid stride covers the rest.
-            let workgroups = if rows_kernel {
-                let per_wg = (super::WG / ctx.caps.subgroup_max_size.max(1)).max(1);
-                row_blocks.div_ceil(per_wg)
+            let grid = if rows_kernel {
+                PartGrid::Subgroups { nv: rows_nv }
             } else {
-                row_blocks
+                PartGrid::Workgroups
             };
-            let [gx, gy, _] = ctx.grid(workgroups);
-            let z = if rows_kernel {
-                n_vecs.div_ceil(rows_nv as u32)
-            } else {
-                n_vecs
-            };
-            let mut bindings = vec![
-                part.buffer.as_entire_binding(),
-                args.x.binding(),
-                args.bias_binding(),
-                args.y.binding(),
-            ];
-            if vec4_kernel {
-                // Unless it norms, the kernel never reads binding 5; x stands in.
-                bindings.push(norm_w.binding());
-            }
-            Dispatch::with_params(
+            dispatch_part(
                 ctx,
                 pipeline(part.dtype)?,
-                label,
-                &params,
-                &bindings,
-                [gx, gy, z],
+                format!("kvsift.matvec.{}", w.label),
+                args,
+                part,
+                part.dtype.row_words(w.cols),
+                prologue,
+                grid,
+                vec4_kernel,
             )
         })
         .collect()
+}
+
+/// How a matvec kernel covers a part's rows: a workgroup per 4 rows, or a
+/// subgroup per 4 rows (a grid stride over them) serving `nv` vectors a pass.
+#[derive(Clone, Copy)]
+pub(crate) enum PartGrid {
+    Workgroups,
+    Subgroups { nv: usize },
+}
+
+/// One matvec dispatch over `part` (every matvec kernel's Params, grid and
+/// bindings): `row_words` is the kernel's row stride (words, or bytes for
+/// blocks); `norm_binding`: the kernel declares binding 5 (the prologue
+/// kernels), the norm weight under `Prologue::Norm`, else x standing in.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dispatch_part(
+    ctx: &GpuContext,
+    pipeline: wgpu::ComputePipeline,
+    label: String,
+    args: &Linear,
+    part: &MatrixPart,
+    row_words: usize,
+    prologue: Prologue,
+    grid: PartGrid,
+    norm_binding: bool,
+) -> Result<Dispatch> {
+    let w = args.weights;
+    let (prologue_id, norm_w, eps) = match prologue {
+        Prologue::Norm(g, eps) => (1, g, eps),
+        p => (p.id(), args.x, 0.0),
+    };
+    let n_vecs = u32_of("matvec vectors", args.n_vecs)?;
+    let row_blocks = u32_of("matvec row blocks", part.rows.div_ceil(MATVEC_BLOCK))?;
+    let params = MatvecParams {
+        rows: u32_of("rows", part.rows)?,
+        cols: u32_of("cols", w.cols)?,
+        row_words: u32_of("row words", row_words)?,
+        n_vecs,
+        // SwiGLU reads gate/up rows of 2 x cols.
+        x_stride: u32_of(
+            "x stride",
+            if prologue_id == 2 { 2 * w.cols } else { w.cols },
+        )?,
+        y_stride: u32_of("y stride", w.rows)?,
+        y_offset: u32_of("y offset", part.first_row)?,
+        flags: args.flags(),
+        row_blocks,
+        eps,
+    };
+    // Subgroups: a workgroup holds at least WG / subgroup_max_size
+    // subgroups of 4 rows; the kernel's grid stride covers the rest.
+    let (workgroups, z) = match grid {
+        PartGrid::Subgroups { nv } => {
+            let per_wg = (super::WG / ctx.caps.subgroup_max_size.max(1)).max(1);
+            (row_blocks.div_ceil(per_wg), n_vecs.div_ceil(nv as u32))
+        }
+        PartGrid::Workgroups => (row_blocks, n_vecs),
+    };
+    let [gx, gy, _] = ctx.grid(workgroups);
+    let mut bindings = vec![
+        part.buffer.as_entire_binding(),
+        args.x.binding(),
+        args.bias_binding(),
+        args.y.binding(),
+    ];
+    if norm_binding {
+        bindings.push(norm_w.binding());
+    }
+    Dispatch::with_params(ctx, pipeline, label, &params, &bindings, [gx, gy, z])
 }
 
 pub fn matmul(ctx: &GpuContext, args: &Linear) -> Result<Vec<Dispatch>> {

@@ -26,11 +26,9 @@
 use half::f16;
 
 use super::linear::{
-    Linear, MATVEC_BLOCK, MATVEC_BLOCKS, MATVEC_COMMON, MATVEC_ROWS_VECS, MatvecParams, Prologue,
+    Linear, MATVEC_BLOCKS, MATVEC_COMMON, MATVEC_ROWS_VECS, PartGrid, Prologue, dispatch_part,
 };
-use super::{
-    NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, ensure, u32_of,
-};
+use super::{NO_FEATURES, REDUCE_SUBGROUP, REDUCE_WORKGROUP, ReducingKernel, SUBGROUPS, ensure};
 use crate::error::Result;
 pub use crate::gpu::QuantFormat;
 use crate::gpu::matrix::MatrixPart;
@@ -185,11 +183,7 @@ pub(crate) fn matvec_part(
     prologue: Prologue,
 ) -> Result<Dispatch> {
     let w = args.weights;
-    let (prologue_id, norm_w, eps) = match prologue {
-        Prologue::None => (0, args.x, 0.0),
-        Prologue::Norm(g, eps) => (1, g, eps),
-        Prologue::SwiGlu => (2, args.x, 0.0),
-    };
+    let prologue_id = prologue.id();
     let [wg] = super::wg_constants();
     let rows_kernel = std::ptr::eq(kernel, &MATVEC_QUANT_ROWS);
     // The rows kernel: vectors per pass, the power of two covering n_vecs.
@@ -207,54 +201,26 @@ pub(crate) fn matvec_part(
         let entry = format!("matvec_{}", format.entry_suffix());
         ctx.pipeline(kernel, &entry, &[wg])?
     };
-    let row_blocks = u32_of("matvec row blocks", part.rows.div_ceil(MATVEC_BLOCK))?;
-    let n_vecs = u32_of("vectors", args.n_vecs)?;
     ensure!(
-        n_vecs <= ctx.caps.max_workgroups_per_dim,
-        "matvec: {n_vecs} vectors exceed the grid's z limit; use matmul"
+        args.n_vecs <= ctx.caps.max_workgroups_per_dim as usize,
+        "matvec: {} vectors exceed the grid's z limit; use matmul",
+        args.n_vecs
     );
-    let params = MatvecParams {
-        rows: u32_of("rows", part.rows)?,
-        cols: u32_of("cols", w.cols)?,
-        row_words: u32_of("row bytes", format.bytes_for(w.cols))?,
-        n_vecs,
-        // SwiGLU reads gate/up rows of 2 x cols.
-        x_stride: u32_of(
-            "x stride",
-            if prologue_id == 2 { 2 * w.cols } else { w.cols },
-        )?,
-        y_stride: u32_of("y stride", w.rows)?,
-        y_offset: u32_of("y offset", part.first_row)?,
-        flags: args.flags(),
-        row_blocks,
-        eps,
-    };
-    // The rows kernel: a workgroup holds at least WG / subgroup_max_size
-    // subgroups of 4 rows; its grid stride covers the rest.
-    let (workgroups, z) = if rows_kernel {
-        let per_wg = (super::WG / ctx.caps.subgroup_max_size.max(1)).max(1);
-        (row_blocks.div_ceil(per_wg), n_vecs.div_ceil(rows_nv as u32))
+    let grid = if rows_kernel {
+        PartGrid::Subgroups { nv: rows_nv }
     } else {
-        (row_blocks, n_vecs)
+        PartGrid::Workgroups
     };
-    let [gx, gy, _] = ctx.grid(workgroups);
-    let mut bindings = vec![
-        part.buffer.as_entire_binding(),
-        args.x.binding(),
-        args.bias_binding(),
-        args.y.binding(),
-    ];
-    if rows_kernel {
-        // Unless it norms, the kernel never reads binding 5; x stands in.
-        bindings.push(norm_w.binding());
-    }
-    Dispatch::with_params(
+    dispatch_part(
         ctx,
         pipeline,
         format!("kvsift.matvec_quant.{}", w.label),
-        &params,
-        &bindings,
-        [gx, gy, z],
+        args,
+        part,
+        format.bytes_for(w.cols),
+        prologue,
+        grid,
+        rows_kernel,
     )
 }
 
