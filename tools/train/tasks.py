@@ -1,4 +1,4 @@
-"""Seeded generators of kvsift's two evaluation task families (issue 7).
+"""Seeded generators of kvsift's evaluation task families (issues 7, 18).
 
 Both are plain text over a small character alphabet, so a character-level
 tokenizer covers them.
@@ -126,10 +126,62 @@ def chain(rng: random.Random, hops_min=12, hops_max=30, distractors=8, check_eve
     return prompt, "\n".join(lines) + "\n"
 
 
+CHECKS = ("check", "again", "sure", "recheck")
+
+
+def tally(rng: random.Random, n_min=12, n_max=16, checks=CHECKS):
+    """(prompt, solution) of the tally task (issue 18): R-KV's setting, a
+    short problem behind a long, redundant trace.
+
+        links: q7>d8 k2>m9 d8>z6 m9>q7 ...
+        start: k2
+        solve:
+        k2>m9 s=1
+        check k2>m9 s=1
+        again k2>m9 s=1
+        sure k2>m9 s=1
+        recheck k2>m9 s=1
+        m9>q7 s=8
+        ...
+        z6 end s=7
+
+    A chain of n items (a letter and a digit each; letters distinct), its
+    n - 1 links shuffled. Each step line follows one link and carries the
+    running sum of the values so far (the start's included) mod 10; four
+    verbatim re-checks follow it ("wait, let me verify"). The answer is the
+    last letter and the final sum ("z7"). A step needs the unused links, the
+    line above (item and sum) and nothing else: the check lines and old
+    steps are redundant."""
+    n = rng.randint(n_min, n_max)
+    letters = rng.sample(string.ascii_lowercase, n)
+    items = [f"{c}{rng.randint(0, 9)}" for c in letters]
+    links = [(items[i], items[i + 1]) for i in range(n - 1)]
+    rng.shuffle(links)
+    prompt = (
+        "links: " + " ".join(f"{a}>{b}" for a, b in links) + "\n"
+        + f"start: {items[0]}\nsolve:\n"
+    )
+    s = int(items[0][1])
+    lines = []
+    for i in range(n - 1):
+        s = (s + int(items[i + 1][1])) % 10
+        step = f"{items[i]}>{items[i + 1]} s={s}"
+        lines.append(step)
+        lines.extend(f"{w} {step}" for w in checks)
+    lines.append(f"{items[-1]} end s={s}")
+    return prompt, "\n".join(lines) + "\n"
+
+
 def answer_of(task: str, text: str) -> str:
     """The final answer a model wrote (what exact match compares)."""
     if task == "needle":
         return text.strip().split("\n")[0].strip()
+    if task == "tally":
+        for line in reversed(text.strip().split("\n")):
+            parts = line.split()
+            if len(parts) == 3 and parts[1] == "end" and parts[2].startswith("s="):
+                return parts[0][:1] + parts[2][2:]
+        return ""
     for line in reversed(text.strip().split("\n")):
         if "=" in line:
             return line.split("=", 1)[1].strip()

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Trains kvsift's tiny reasoning model on the two task families of
-tools/train/tasks.py and writes an HF Llama checkpoint (config.json, f16
-model.safetensors, tokenizer.json, generation_config.json) plus held-out
-eval sets (eval/needle.jsonl, eval/chain.jsonl).
+"""Trains kvsift's tiny reasoning model on needle and tally (tools/train/
+tasks.py; the chain task of issue 7 is retired) and writes an HF Llama
+checkpoint (config.json, f16 model.safetensors, tokenizer.json,
+generation_config.json) plus held-out eval sets (eval/needle.jsonl,
+eval/tally.jsonl, from a seed training never uses).
 
     python3 tools/train/train.py --out models/tiny-reasoner
     python3 tools/train/golden.py models/tiny-reasoner   # tests/golden.rs
@@ -72,9 +73,10 @@ def example(rng, kind, curriculum):
         hi = int(60 + (1500 - 60) * curriculum)
         prompt, answer = tasks.needle(rng, min(300, hi) // 2, max(60, hi))
         return prompt, answer + "\n"
-    hops = max(2, int(2 + 28 * curriculum))
-    return tasks.chain(rng, hops_min=max(2, hops // 2), hops_max=hops,
-                       distractors=max(1, int(8 * curriculum)))
+    # tally: chains of 3..16 items as the curriculum grows (12-16 at full
+    # length, the held-out set's range).
+    hi = max(3, round(3 + 13 * curriculum))
+    return tasks.tally(rng, n_min=max(2, min(12, hi - 4)), n_max=hi)
 
 
 def encode(vocab, text):
@@ -92,7 +94,7 @@ def batch_of(rng, vocab, token_budget, curriculum, prompt_weight, micro_tokens, 
     total = 0
     while True:
         r = rng.random()
-        kind = "copy" if copy_only or r < copy_share else "needle" if r < (1 + copy_share) / 2 else "chain"
+        kind = "copy" if copy_only or r < copy_share else "needle" if r < (1 + copy_share) / 2 else "tally"
         prompt, answer = example(rng, kind, curriculum)
         ids = [0] + encode(vocab, prompt) + encode(vocab, answer) + [1]
         weight = [prompt_weight] * (1 + len(prompt)) + [1.0] * (len(answer) + 1)
@@ -189,7 +191,7 @@ def main():
     eval_rng = random.Random(10_000 + a.seed)
     held = {
         "needle": [tasks.needle(eval_rng) for _ in range(a.eval_n)],
-        "chain": [tasks.chain(eval_rng) for _ in range(a.eval_n)],
+        "tally": [tasks.tally(eval_rng) for _ in range(a.eval_n)],
     }
     # Probes at the current curriculum length (and the full one at the end).
     probe_rng = random.Random(20_000 + a.seed)
@@ -223,7 +225,7 @@ def main():
         step += 1
         if step % a.probe_every == 0 or step == a.steps:
             model.eval()
-            items = {"copy": [], "needle": [], "chain": []}
+            items = {"copy": [], "needle": [], "tally": []}
             for kind in items:
                 for _ in range(16):
                     p_, ans = example(probe_rng, kind, curriculum)
@@ -233,7 +235,7 @@ def main():
             print(
                 f"step {step} {time.time() - start:.0f}s loss {loss_sum:.4f} lr {lr:.2e} "
                 f"len {curriculum:.2f} copy {acc['copy'][1]:.3f} needle {acc['needle'][0]:.2f}/{acc['needle'][1]:.3f} "
-                f"chain {acc['chain'][0]:.2f}/{acc['chain'][1]:.3f} (exact/token)",
+                f"tally {acc['tally'][0]:.2f}/{acc['tally'][1]:.3f} (exact/token)",
                 flush=True,
             )
 
@@ -248,12 +250,12 @@ def main():
     for name, items in held.items():
         with open(os.path.join(a.out, "eval", f"{name}.jsonl"), "w") as f:
             for prompt, answer in items:
-                final = answer if name == "needle" else tasks.answer_of("chain", answer)
+                final = answer if name == "needle" else tasks.answer_of(name, answer)
                 f.write(json.dumps({"prompt": prompt, "answer": final, "solution": answer}) + "\n")
     acc = {k: probe_accuracy(model, vocab, [(p, s + "\n" if k == "needle" else s) for p, s in v[:100]])
            for k, v in held.items()}
     print(f"done: {step} steps in {time.time() - start:.0f}s; held-out teacher-forced exact match "
-          f"(first 100): needle {acc['needle'][0]:.2f}, chain {acc['chain'][0]:.2f}", flush=True)
+          f"(first 100): needle {acc['needle'][0]:.2f}, tally {acc['tally'][0]:.2f}", flush=True)
 
 
 if __name__ == "__main__":
