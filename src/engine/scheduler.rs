@@ -183,6 +183,7 @@ impl Scheduler {
                 slots_per_head: s.tables.slots_per_head(),
                 compression_passes: s.passes,
                 slots_dropped: s.slots_dropped,
+                peak_slots_per_head: s.peak_head_slots,
                 peak_kv_pages: s.peak_pages,
                 peak_kv_bytes: s.peak_pages as u64 * self.cfg.page_bytes,
             },

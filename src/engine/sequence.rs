@@ -182,6 +182,9 @@ pub struct SequenceReport {
     pub compression_passes: u64,
     /// Slots those passes dropped (summed over layers and heads).
     pub slots_dropped: u64,
+    /// Most slots one of its heads held at once (before a compression pass
+    /// cut it, or when it left).
+    pub peak_slots_per_head: usize,
     /// Most pool pages it held at once, and their bytes.
     pub peak_kv_pages: usize,
     pub peak_kv_bytes: u64,
@@ -208,6 +211,8 @@ pub(crate) struct Sequence {
     pub slots_dropped: u64,
     /// Most pages it held at once (noted before each pass and at the end).
     pub peak_pages: usize,
+    /// Most slots one head held (see `SequenceReport::peak_slots_per_head`).
+    pub peak_head_slots: usize,
 }
 
 pub(crate) const NO_LANE: usize = usize::MAX;
@@ -232,12 +237,14 @@ impl Sequence {
             passes: 0,
             slots_dropped: 0,
             peak_pages: 0,
+            peak_head_slots: 0,
         }
     }
 
     /// Notes the pages it holds now toward its peak.
     pub fn note_peak(&mut self) {
         self.peak_pages = self.peak_pages.max(self.tables.pages_in_use());
+        self.peak_head_slots = self.peak_head_slots.max(self.tables.max_head_len());
     }
 
     /// Position of the pending token (the next decode step feeds it).

@@ -165,6 +165,11 @@ impl SeqTables {
         self.heads.iter().map(|t| t.pages.len()).sum()
     }
 
+    /// The most slots any one head holds.
+    pub fn max_head_len(&self) -> usize {
+        self.heads.iter().map(|t| t.len).max().unwrap_or(0)
+    }
+
     /// Slots held in each layer (summed over its heads).
     pub fn slots_per_layer(&self) -> Vec<usize> {
         (0..self.n_layers)

@@ -192,10 +192,68 @@ fn eval_runs_a_held_out_set_and_sweeps() {
     // A header, the full cache, then every registered method at both budgets.
     let methods = kvsift::kv::compression::Method::compressing().count();
     assert_eq!(csv.lines().count(), 1 + 1 + 2 * methods, "{csv}");
+    let svg = std::fs::read_to_string(out.join("needle.accuracy.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("full cache"),
+        "{svg}"
+    );
+    let lines = std::fs::read_to_string(out.join("examples.jsonl")).unwrap();
+    assert_eq!(
+        lines.lines().count(),
+        1 + 2 * methods,
+        "one line per example per run"
+    );
 
     expect_error(
-        &kvsift(&["eval", "--model", d, "--task", "reasoning", "--n", "1"]),
-        &["reasoning", "chain.jsonl"],
+        &kvsift(&["eval", "--model", d, "--task", "tally", "--n", "1"]),
+        &["tally", "tally.jsonl"],
+    );
+
+    // --data: "question" lines, per-example results, pass@1 over samples.
+    let data = dir.join("data.jsonl");
+    std::fs::write(
+        &data,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"question": format!("{filler}the key is 12345. {filler}\nq: what is the key?\na: "), "answer": "12345"}),
+            serde_json::json!({"question": "the key is 7.\nq: what is the key?\na: ", "answer": 7}),
+        ),
+    )
+    .unwrap();
+    let r = kvsift(&[
+        "eval",
+        "--model",
+        d,
+        "--data",
+        data.to_str().unwrap(),
+        "--max-tokens",
+        "3",
+        "--samples",
+        "2",
+        "--extract",
+        "last-number",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!((j["n"].as_u64(), j["samples"].as_u64()), (Some(2), Some(2)));
+    let examples = j["examples"].as_array().unwrap();
+    assert_eq!(examples.len(), 4, "2 examples x 2 samples");
+    let correct = examples.iter().filter(|e| e["correct"] == true).count();
+    assert!((j["accuracy"].as_f64().unwrap() - correct as f64 / 4.0).abs() < 1e-9);
+    assert!(
+        examples
+            .iter()
+            .all(|e| e["generated_tokens"].as_u64().unwrap() <= 3)
+    );
+    expect_error(
+        &kvsift(&["eval", "--model", d, "--data", "/nonexistent.jsonl"]),
+        &["/nonexistent.jsonl"],
+    );
+    std::fs::write(&data, "{\"prompt\": 5}\n").unwrap();
+    expect_error(
+        &kvsift(&["eval", "--model", d, "--data", data.to_str().unwrap()]),
+        &["data.jsonl:1", "prompt"],
     );
     expect_error(
         &kvsift(&["eval", "--model", d, "--task", "sums"]),

@@ -101,6 +101,7 @@ fn kv_report(app: &App, job: &Job, reports: &[Option<SequenceReport>]) -> Value 
         "slots_dropped": first.as_ref().map(|r| r.slots_dropped),
         "peak_kv_bytes": first.as_ref().map(|r| r.peak_kv_bytes),
         "peak_kv_pages": first.as_ref().map(|r| r.peak_kv_pages),
+        "peak_kv_slots_per_head": first.as_ref().map(|r| r.peak_slots_per_head),
     });
     if reports.len() > 1 {
         v["by_choice"] = json!(reports);

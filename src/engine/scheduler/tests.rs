@@ -356,6 +356,10 @@ fn a_report_keeps_the_peak_pages_past_a_truncation_and_is_taken_once() {
     assert_eq!(r.slots_per_head, [[5]]);
     assert_eq!((r.compression_passes, r.slots_dropped), (1, 11));
     assert_eq!((r.peak_kv_pages, r.peak_kv_bytes), (4, 4 * 64));
+    assert_eq!(
+        r.peak_slots_per_head, 16,
+        "the head held 16 slots before the pass"
+    );
     assert!(s.take_report(0).is_some());
     assert!(s.report(0).is_none(), "taken reports are forgotten");
 }
