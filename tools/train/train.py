@@ -83,8 +83,23 @@ def encode(vocab, text):
     return [vocab[c] for c in text]
 
 
+def answer_weights(answer, sum_weight):
+    """Loss weights of an answer's characters: 1, and sum_weight for the
+    digit a tally step line computes (the running sum after "s=" in a line
+    that is not a re-check): one character in ~75, the only one that needs
+    arithmetic rather than a copy, so its gradient would otherwise drown."""
+    w = [1.0] * len(answer)
+    at = 0
+    for line in answer.split("\n"):
+        words = line.split(" ")
+        if len(words) == 2 and ">" in words[0] and words[1].startswith("s="):
+            w[at + len(words[0]) + 3] = sum_weight
+        at += len(line) + 1
+    return w
+
+
 def batch_of(rng, vocab, token_budget, curriculum, prompt_weight, micro_tokens, copy_share,
-             copy_only=False):
+             copy_only=False, sum_weight=1.0):
     """Examples up to token_budget tokens, sorted by length into micro-batches
     of at most micro_tokens padded tokens: (input ids, loss weights,
     attention mask) each. Answer tokens weigh 1, prompt tokens prompt_weight
@@ -97,7 +112,7 @@ def batch_of(rng, vocab, token_budget, curriculum, prompt_weight, micro_tokens, 
         kind = "copy" if copy_only or r < copy_share else "needle" if r < (1 + copy_share) / 2 else "tally"
         prompt, answer = example(rng, kind, curriculum)
         ids = [0] + encode(vocab, prompt) + encode(vocab, answer) + [1]
-        weight = [prompt_weight] * (1 + len(prompt)) + [1.0] * (len(answer) + 1)
+        weight = [prompt_weight] * (1 + len(prompt)) + answer_weights(answer, sum_weight) + [1.0]
         if seqs and total + len(ids) > token_budget:
             break
         seqs.append((ids, weight))
@@ -158,6 +173,8 @@ def main():
     ap.add_argument("--curriculum", type=float, default=0.5,
                     help="share of the steps over which the tasks grow to full length")
     ap.add_argument("--prompt-weight", type=float, default=0.1)
+    ap.add_argument("--sum-weight", type=float, default=10.0,
+                    help="loss weight of the sum digit of each tally step line")
     ap.add_argument("--copy-steps", type=int, default=500,
                     help="first steps on the copy warm-up alone (the induction circuit forms there)")
     ap.add_argument("--copy-share", type=float, default=0.2,
@@ -208,7 +225,7 @@ def main():
         curriculum = min(1.0, task_frac / a.curriculum)
         copy_share = a.copy_share * (1 - curriculum) + 0.1 * curriculum
         micro = batch_of(rng, vocab, a.tokens_per_step, curriculum, a.prompt_weight,
-                         a.micro_tokens, copy_share, copy_only=warm)
+                         a.micro_tokens, copy_share, copy_only=warm, sum_weight=a.sum_weight)
         weight_total = sum(float(w[:, 1:].sum()) for _, w, _ in micro)
         opt.zero_grad()
         loss_sum = 0.0
