@@ -43,7 +43,7 @@ enum Command {
 pub struct EngineService {
     commands: mpsc::Sender<Command>,
     state: Arc<AtomicU8>,
-    worker: Option<JoinHandle<()>>,
+    worker: std::sync::Mutex<Option<JoinHandle<()>>>,
     /// The loaded model's configuration (once ready).
     config: Arc<std::sync::OnceLock<ModelConfig>>,
     /// Why loading failed, if it did.
@@ -95,7 +95,7 @@ impl EngineService {
         Self {
             commands: tx,
             state,
-            worker,
+            worker: std::sync::Mutex::new(worker),
             config: model,
             failure,
         }
@@ -148,10 +148,14 @@ impl EngineService {
         rx.recv().map_err(|_| Self::stopped())
     }
 
-    /// Stops the thread after the requests running now finish.
-    pub fn shutdown(mut self) {
+    /// Stops the thread after the requests running now finish, and waits
+    /// for it (its GPU context is gone when this returns: a process that
+    /// exits while the thread still drives the device can crash in the
+    /// driver's teardown). Later calls return at once.
+    pub fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown);
-        if let Some(w) = self.worker.take() {
+        let worker = self.worker.lock().map(|mut w| w.take());
+        if let Ok(Some(w)) = worker {
             let _ = w.join();
         }
     }

@@ -150,7 +150,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let app_after = app.clone();
+    let served = rt.block_on(async move {
         let addr: SocketAddr = format!("{}:{}", a.host, a.port)
             .parse()
             .map_err(|e| anyhow::anyhow!("--host {} --port {}: {e}", a.host, a.port))?;
@@ -198,7 +199,12 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             }
         }
         anyhow::Ok(())
-    })?;
+    });
+    // The engine thread stops (what still runs was cancelled above) before
+    // the process exits, so the driver is never torn down under it.
+    app_after.svc.cancel_all();
+    app_after.svc.shutdown();
+    served?;
     note!("kvsift serve: stopped");
     Ok(())
 }
