@@ -86,6 +86,13 @@ pub struct ThroughputArgs {
     /// Most concurrent sequences tried.
     #[arg(long, default_value_t = 256)]
     pub max_sequences: usize,
+    /// Prompts from a JSONL file (`{"prompt": ...}` lines, e.g. a model's
+    /// eval/tally.jsonl), taken in turn, instead of --prompt-len random tokens.
+    #[arg(long)]
+    pub prompts: Option<std::path::PathBuf>,
+    /// Also draw the comparison as an SVG bar chart to this file.
+    #[arg(long)]
+    pub plot: Option<std::path::PathBuf>,
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -487,6 +494,44 @@ fn throughput(ctx: &GpuContext, a: &ThroughputArgs) -> anyhow::Result<()> {
             "bench throughput compares the full cache with a method: pass --kv METHOD --budget B"
         );
     }
+    // The prompts: a file's, tokenized, or random tokens of --prompt-len.
+    let file_prompts: Option<Vec<Vec<u32>>> = match &a.prompts {
+        None => None,
+        Some(path) => {
+            let tok = kvsift::model::TextTokenizer::load(&a.model.dir()?)?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--prompts {}: {e}", path.display()))?;
+            let mut out = vec![];
+            for (i, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+                let p = v["prompt"].as_str().ok_or_else(|| {
+                    anyhow::anyhow!("{}:{}: no string \"prompt\"", path.display(), i + 1)
+                })?;
+                out.push(tok.encode(p, true)?);
+            }
+            if out.is_empty() {
+                anyhow::bail!("--prompts {}: no prompts", path.display());
+            }
+            Some(out)
+        }
+    };
+    let prompt = |i: usize, vocab: usize| -> Vec<u32> {
+        match &file_prompts {
+            Some(ps) => ps[i % ps.len()].clone(),
+            None => tokens(i as u64, a.prompt_len, vocab),
+        }
+    };
+    let longest = file_prompts.as_ref().map_or(a.prompt_len, |ps| {
+        ps.iter().map(Vec::len).max().unwrap_or(0)
+    });
+    let mean_prompt = file_prompts.as_ref().map_or(a.prompt_len as f64, |ps| {
+        ps.iter().map(Vec::len).sum::<usize>() as f64 / ps.len() as f64
+    });
     let mut results = vec![];
     for compressed in [false, true] {
         let mut args = a.model.clone();
@@ -499,14 +544,14 @@ fn throughput(ctx: &GpuContext, a: &ThroughputArgs) -> anyhow::Result<()> {
         // One sequence alone: its peak pages.
         let mut probe = args.engine_with(ctx, 1, compression.clone())?;
         let vocab = probe.cfg.vocab_size;
-        if a.prompt_len + a.gen_len >= probe.capacity() {
+        if longest + a.gen_len >= probe.capacity() {
             anyhow::bail!(
-                "--prompt-len + --gen-len = {} exceeds the context {} (--max-context)",
-                a.prompt_len + a.gen_len,
+                "the longest prompt + --gen-len = {} exceeds the context {} (--max-context)",
+                longest + a.gen_len,
                 probe.capacity()
             );
         }
-        probe.add_request(request(tokens(0, a.prompt_len, vocab), a.gen_len))?;
+        probe.add_request(request(prompt(0, vocab), a.gen_len))?;
         drain(&mut probe)?;
         let one = probe.stats().peak_pages_in_use.max(1);
         let total = probe.stats().pool.pages_total;
@@ -518,10 +563,7 @@ fn throughput(ctx: &GpuContext, a: &ThroughputArgs) -> anyhow::Result<()> {
         }
         let mut e = args.engine_with(ctx, n, compression.clone())?;
         for i in 0..n {
-            e.add_request(request(
-                tokens(i as u64 + 1, a.prompt_len, vocab),
-                a.gen_len,
-            ))?;
+            e.add_request(request(prompt(i + 1, vocab), a.gen_len))?;
         }
         let t = Instant::now();
         let (_, most) = drain(&mut e)?;
@@ -543,17 +585,38 @@ fn throughput(ctx: &GpuContext, a: &ThroughputArgs) -> anyhow::Result<()> {
         results[1][k].as_f64().unwrap_or(0.0) / results[0][k].as_f64().unwrap_or(1.0).max(1e-9)
     };
     let summary = json!({
-        "pool_mb": mb, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
+        "pool_mb": mb, "prompt_len": mean_prompt, "gen_len": a.gen_len,
+        "prompts": a.prompts.as_ref().map(|p| p.display().to_string()),
         "adapter": ctx.adapter_summary.name,
         "runs": results, "concurrency_ratio": ratio("max_concurrent"), "throughput_ratio": ratio("tok_s"),
     });
+    if let Some(path) = &a.plot {
+        let bars: Vec<(String, f64, f64)> = results
+            .iter()
+            .map(|r| {
+                let kv = r["kv"].as_str().unwrap_or("");
+                let label = match r["budget"].as_u64() {
+                    Some(b) => format!("{kv} B={b}"),
+                    None => "full cache".to_string(),
+                };
+                let most = r["max_concurrent"].as_f64().unwrap_or(0.0);
+                (label, most, r["tok_s"].as_f64().unwrap_or(0.0))
+            })
+            .collect();
+        let title = format!(
+            "fixed KV memory {mb} MiB, {} generated tokens per sequence",
+            a.gen_len
+        );
+        let svg = super::plot::throughput_svg(&title, &bars)?;
+        std::fs::write(path, svg).map_err(|e| anyhow::anyhow!("--plot {}: {e}", path.display()))?;
+    }
     if a.json {
         outln!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
     outln!(
-        "fixed KV pool {mb} MiB, prompt {} + {} generated tokens per sequence ({})",
-        a.prompt_len,
+        "fixed KV pool {mb} MiB, prompt {mean_prompt:.0}{} + {} generated tokens per sequence ({})",
+        if a.prompts.is_some() { " (mean)" } else { "" },
         a.gen_len,
         ctx.adapter_summary.name
     );

@@ -25,6 +25,7 @@ mod compress;
 mod eval;
 mod generate;
 mod info;
+mod plot;
 mod score;
 mod select;
 mod serve;

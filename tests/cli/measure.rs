@@ -99,6 +99,45 @@ fn bench_prints_pp_tg_roofline_profile_and_throughput() {
     );
     assert!(j["concurrency_ratio"].as_f64().unwrap() > 1.0);
 
+    // Prompts from a JSONL file, and the comparison drawn as SVG bars.
+    let dir = std::env::temp_dir().join(format!("kvsift-tp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"The cache keeps every key\"}\n{\"prompt\": \"and value\"}\n",
+    )
+    .unwrap();
+    let plot = dir.join("tp.svg");
+    let r = kvsift(&[
+        "bench",
+        "throughput",
+        "--model",
+        TINY,
+        "--pool-mb",
+        "0.25",
+        "--gen-len",
+        "40",
+        "--kv",
+        "snapkv",
+        "--budget",
+        "16",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(
+        j["prompt_len"].as_f64().unwrap() < 10.0,
+        "the file's prompts: {j}"
+    );
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("full cache") && svg.contains("snapkv B=16"));
+    std::fs::remove_dir_all(&dir).ok();
+
     for (args, needle) in [
         (vec!["bench", "--model", TINY, "-p", "5000"], "context"),
         (vec!["bench", "--model", TINY, "-r", "0"], "-r"),

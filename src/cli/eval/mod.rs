@@ -23,7 +23,6 @@ use serde_json::json;
 use super::common::ModelArgs;
 
 pub mod extract;
-mod plot;
 
 pub use extract::Extract;
 
@@ -553,7 +552,7 @@ fn write_sweep(
     };
     for task in &tasks {
         let runs: Vec<&Score> = scores.iter().filter(|s| s.task == *task).collect();
-        let svg = plot::accuracy_svg(task, &runs)?;
+        let svg = super::plot::accuracy_svg(task, &runs)?;
         written.push(write(&format!("{task}.accuracy.svg"), svg)?);
         // Accuracy table: one row per method, one column per budget.
         write!(stdout, "\n{task} accuracy | full cache")?;
