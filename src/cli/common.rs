@@ -65,7 +65,7 @@ pub struct ModelArgs {
     /// Hugging Face model directory (config.json, *.safetensors,
     /// tokenizer.json) or a GGUF file (llama, qwen2, qwen3; f32, f16, bf16,
     /// q8_0, q4_0, q4_K, q6_K tensors). Default: models/tiny-reasoner
-    /// shipped with kvsift (trained on the needle and chain tasks of
+    /// shipped with kvsift (trained on the needle and tally tasks of
     /// tools/train).
     #[arg(long, env = "KVSIFT_MODEL")]
     pub model: Option<PathBuf>,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes golden.safetensors for a model trained by train.py: transformers'
-f32 logits for the first held-out chain prompt, and 24 greedy tokens with
+f32 logits for the first held-out tally prompt, and 24 greedy tokens with
 their top-2 logit gaps (tools/make_test_models.py's write_golden, the
 fields tests/golden.rs reads; no chat_prompt: the model has no template).
 
@@ -19,7 +19,7 @@ from make_test_models import write_golden  # noqa: E402
 
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "models/tiny-reasoner"
-    with open(os.path.join(out, "eval", "chain.jsonl")) as f:
+    with open(os.path.join(out, "eval", "tally.jsonl")) as f:
         prompt = json.loads(f.readline())["prompt"]
     tok = transformers.AutoTokenizer.from_pretrained(out)
     ref = transformers.LlamaForCausalLM.from_pretrained(

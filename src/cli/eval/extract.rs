@@ -17,8 +17,7 @@ pub enum Extract {
     Boxed,
     /// The tally task's end line `<item> end s=<sum>` -> letter + sum ("p7").
     Tally,
-    /// What follows the last `=` of the last line holding one (the chain
-    /// task's `xy=73`).
+    /// What follows the last `=` of the last line holding one (`x=73` -> "73").
     LastValue,
     /// Boxed if the text has a `\boxed`, tally if it has an end line, else
     /// the first line or, failing that, the whole text.

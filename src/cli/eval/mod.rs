@@ -32,8 +32,8 @@ pub struct EvalArgs {
     pub model: ModelArgs,
     /// A held-out set shipped with the model (eval/<task>.jsonl): needle
     /// (retrieval from a long filler text), tally (a short problem behind a
-    /// long, redundant worked trace), chain (issue 7's pointer chase), or
-    /// all (with --sweep: every set the model ships).
+    /// long, redundant worked trace), or all (with --sweep: every set the
+    /// model ships).
     #[arg(long, value_enum, conflicts_with = "data")]
     pub task: Option<TaskArg>,
     /// A JSONL file of examples: {"prompt": ..., "answer": ...} or
@@ -98,9 +98,6 @@ pub struct EvalArgs {
 pub enum TaskArg {
     Needle,
     Tally,
-    /// The worked pointer chase of issue 7 (eval/chain.jsonl).
-    #[value(alias = "reasoning")]
-    Chain,
     All,
 }
 
@@ -170,9 +167,8 @@ fn task_sets(a: &EvalArgs, dir: &Path) -> anyhow::Result<Vec<TaskSet>> {
     let tasks: &[&str] = match a.task.unwrap_or(TaskArg::Needle) {
         TaskArg::Needle => &["needle"],
         TaskArg::Tally => &["tally"],
-        TaskArg::Chain => &["chain"],
         TaskArg::All if a.sweep => {
-            let all: Vec<&str> = ["needle", "tally", "chain"]
+            let all: Vec<&str> = ["needle", "tally"]
                 .into_iter()
                 .filter(|t| dir.join("eval").join(format!("{t}.jsonl")).exists())
                 .collect();
@@ -195,7 +191,6 @@ fn held_out(a: &EvalArgs, dir: &Path, task: &str) -> anyhow::Result<TaskSet> {
     );
     let (extract, max_tokens) = match task {
         "needle" => (Extract::FirstLine, 8),
-        "chain" => (Extract::LastValue, 1024),
         _ => (Extract::Tally, 1536),
     };
     Ok(TaskSet {
