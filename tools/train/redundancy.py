@@ -10,7 +10,9 @@ transformers caches (post-RoPE), split by what each slot's token is:
             redundant, never needed again
 
 For each category: the mean redundancy term (softmax of the key-similarity
-column means, the part R-KV subtracts), the mean importance (attention of
+column means, the part R-KV subtracts; and before the softmax, the mean cosine
+similarity of its key to every other key, less the last(i) rule's
+protected entries), the mean importance (attention of
 the last `window` queries, max-pooled), and the share of its slots R-KV
 keeps at the budget against importance alone (lambda 1).
 
@@ -68,7 +70,7 @@ def rkv_terms(keys, queries, window, kernel, eps, threshold):
     colmean = colsum / t
     red = np.exp(colmean - colmean.max())
     red /= red.sum()
-    return importance, red[:c]
+    return importance, red[:c], colmean[:c]
 
 
 def main():
@@ -110,7 +112,7 @@ def main():
             q = q * cos[:, None] + transformers.models.llama.modeling_llama.rotate_half(q) * sin[:, None]
             q = q[0, :, t - a.window:].detach().numpy()  # [hq, window, d]
             for kh in range(cfg.num_key_value_heads):
-                imp, red = rkv_terms(keys[kh], q[kh * g:(kh + 1) * g], a.window, a.kernel,
+                imp, red, colmean = rkv_terms(keys[kh], q[kh * g:(kh + 1) * g], a.window, a.kernel,
                                      1e-8, a.threshold)
                 c = t - a.window
                 k = a.budget - a.window
@@ -118,22 +120,26 @@ def main():
                 kept_rkv = set(np.argsort(-rkv, kind="stable")[:k])
                 kept_imp = set(np.argsort(-imp, kind="stable")[:k])
                 for s in range(c):
-                    st = stats.setdefault(cats[s], {"n": 0, "red": 0.0, "imp": 0.0, "rkv": 0, "imp_kept": 0})
+                    st = stats.setdefault(cats[s], {"n": 0, "red": 0.0, "red2": 0.0, "sim": 0.0, "imp": 0.0, "rkv": 0, "imp_kept": 0})
                     st["n"] += 1
-                    st["red"] += red[s]
-                    st["imp"] += imp[s]
+                    # x C: 1 is the uniform share (C varies when an example is shorter).
+                    st["red"] += red[s] * c
+                    st["red2"] += (red[s] * c) ** 2
+                    st["sim"] += colmean[s]
+                    st["imp"] += imp[s] * c
                     st["rkv"] += s in kept_rkv
                     st["imp_kept"] += s in kept_imp
     print(f"{len(items)} tally examples, a pass at {a.at} slots, budget {a.budget}, window {a.window}, "
           f"lambda {a.lam}; per category, over every layer and KV head:")
-    print("| tokens | slots | mean redundancy (x 1/C) | mean importance (x 1/C) | kept by R-KV | kept by importance only |")
-    print("|---|---|---|---|---|---|")
-    c = a.at - a.window
+    print("| tokens | slots | mean key similarity (colmean) | redundancy (x 1/C): mean, sd | mean importance (x 1/C) | kept by R-KV | kept by importance only |")
+    print("|---|---|---|---|---|---|---|")
     for cat in ("problem", "step", "check"):
         st = stats.get(cat)
         if not st:
             continue
-        print(f"| {cat} | {st['n']} | {st['red'] / st['n'] * c:.3f} | {st['imp'] / st['n'] * c:.3f} | "
+        mean = st["red"] / st["n"]
+        sd = max(st["red2"] / st["n"] - mean * mean, 0.0) ** 0.5
+        print(f"| {cat} | {st['n']} | {st['sim'] / st['n']:.4f} | {mean:.4f}, {sd:.4f} | {st['imp'] / st['n']:.3f} | "
               f"{st['rkv'] / st['n']:.3f} | {st['imp_kept'] / st['n']:.3f} |")
 
 
