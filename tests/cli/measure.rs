@@ -223,7 +223,7 @@ fn eval_runs_a_held_out_set_and_sweeps() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
         r.stdout
-            .contains("needle accuracy | full cache | B=16 | B=32"),
+            .contains("| needle accuracy | full cache | B=16 | B=32 |"),
         "{}",
         r.stdout
     );
@@ -231,6 +231,13 @@ fn eval_runs_a_held_out_set_and_sweeps() {
     // A header, the full cache, then every registered method at both budgets.
     let methods = kvsift::kv::compression::Method::compressing().count();
     assert_eq!(csv.lines().count(), 1 + 1 + 2 * methods, "{csv}");
+    let md = std::fs::read_to_string(out.join("sweep.md")).unwrap();
+    assert!(r.stdout.contains(&md), "sweep.md is the printed tables");
+    assert_eq!(
+        md.lines().filter(|l| l.starts_with("| snapkv |")).count(),
+        3,
+        "a row in the accuracy table and one run per budget: {md}"
+    );
     let svg = std::fs::read_to_string(out.join("needle.accuracy.svg")).unwrap();
     assert!(
         svg.starts_with("<svg") && svg.contains("full cache"),

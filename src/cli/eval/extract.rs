@@ -25,6 +25,16 @@ pub enum Extract {
 }
 
 impl Extract {
+    /// The mode auto picks for `text` (any other mode is itself).
+    fn resolve(self, text: &str) -> Extract {
+        match self {
+            Extract::Auto if text.contains("\\boxed") => Extract::Boxed,
+            Extract::Auto if tally_answer(text).is_some() => Extract::Tally,
+            Extract::Auto => Extract::FirstLine,
+            other => other,
+        }
+    }
+
     /// The answer `text` gives, or None when there is none to read.
     pub fn answer(self, text: &str) -> Option<String> {
         match self {
@@ -38,15 +48,7 @@ impl Extract {
                 .lines()
                 .rev()
                 .find_map(|l| l.split_once('=').map(|(_, v)| v.trim().to_string())),
-            Extract::Auto => {
-                if text.contains("\\boxed") {
-                    Extract::Boxed.answer(text)
-                } else if let Some(t) = tally_answer(text) {
-                    Some(t)
-                } else {
-                    Extract::FirstLine.answer(text)
-                }
-            }
+            Extract::Auto => self.resolve(text).answer(text),
         }
     }
 
@@ -65,18 +67,13 @@ impl Extract {
                     .answer(text)
                     .is_some_and(|a| a == normalize_math(&want))
             }
-            Extract::Auto => {
-                if text.contains("\\boxed") {
-                    return Extract::Boxed.is_correct(text, reference);
+            Extract::Auto => match self.resolve(text) {
+                Extract::FirstLine => {
+                    Extract::FirstLine.answer(text).as_deref() == Some(reference)
+                        || text.trim() == reference
                 }
-                match tally_answer(text) {
-                    Some(t) => t == reference,
-                    None => {
-                        Extract::FirstLine.answer(text).as_deref() == Some(reference)
-                            || text.trim() == reference
-                    }
-                }
-            }
+                mode => mode.is_correct(text, reference),
+            },
             _ => self.answer(text).as_deref() == Some(reference),
         }
     }

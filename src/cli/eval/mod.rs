@@ -488,7 +488,8 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     write_sweep(&a, &scores, &examples, &mut stdout)
 }
 
-/// sweep.json, sweep.csv, examples.jsonl, accuracy.svg, and the table.
+/// sweep.json, sweep.csv, examples.jsonl, <task>.accuracy.svg, and the
+/// tables (sweep.md, also printed).
 fn write_sweep(
     a: &EvalArgs,
     scores: &[Score],
@@ -545,41 +546,63 @@ fn write_sweep(
         t.dedup();
         t
     };
+    let mut md = String::new();
     for task in &tasks {
         let runs: Vec<&Score> = scores.iter().filter(|s| s.task == *task).collect();
         let svg = super::plot::accuracy_svg(task, &runs)?;
         written.push(write(&format!("{task}.accuracy.svg"), svg)?);
-        // Accuracy table: one row per method, one column per budget.
-        write!(stdout, "\n{task} accuracy | full cache")?;
-        for b in &a.budgets {
-            write!(stdout, " | B={b}")?;
-        }
-        writeln!(stdout)?;
-        let full = runs
-            .iter()
-            .find(|s| s.budget.is_none())
-            .map_or(0.0, |s| s.accuracy);
-        let mut labels: Vec<&str> = runs
-            .iter()
-            .filter(|s| s.budget.is_some())
-            .map(|s| s.kv.as_str())
-            .collect();
-        labels.dedup();
-        labels.sort();
-        labels.dedup();
-        for label in labels {
-            write!(stdout, "{label} | {full:.3}")?;
-            for b in &a.budgets {
-                let acc = runs
-                    .iter()
-                    .find(|s| s.kv == label && s.budget == Some(*b))
-                    .map_or(0.0, |s| s.accuracy);
-                write!(stdout, " | {acc:.3}")?;
-            }
-            writeln!(stdout)?;
-        }
+        md += &markdown_tables(task, &a.budgets, &runs);
     }
+    write!(stdout, "{md}")?;
+    written.push(write("sweep.md", md)?);
     let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
     writeln!(stdout, "\nwritten: {}", names.join(", "))?;
     Ok(())
+}
+
+/// Two Markdown tables of one task's sweep: accuracy by method and budget
+/// (the full cache as a column), then every run's figures.
+fn markdown_tables(task: &str, budgets: &[usize], runs: &[&Score]) -> String {
+    let mut md = format!("\n| {task} accuracy | full cache |");
+    for b in budgets {
+        md += &format!(" B={b} |");
+    }
+    md += &format!("\n|---|---|{}\n", "---|".repeat(budgets.len()));
+    let full = runs.iter().find(|s| s.budget.is_none());
+    let full_acc = full.map_or(String::new(), |s| format!("{:.3}", s.accuracy));
+    // Methods in the order they ran.
+    let mut labels: Vec<&str> = vec![];
+    for s in runs.iter().filter(|s| s.budget.is_some()) {
+        if !labels.contains(&s.kv.as_str()) {
+            labels.push(&s.kv);
+        }
+    }
+    for label in &labels {
+        md += &format!("| {label} | {full_acc} |");
+        for b in budgets {
+            match runs.iter().find(|s| s.kv == *label && s.budget == Some(*b)) {
+                Some(s) => md += &format!(" {:.3} |", s.accuracy),
+                None => md += " |",
+            }
+        }
+        md.push('\n');
+    }
+    md += "\n| method | B | B / mean length | accuracy | mean length | KV slots per head at the end | peak slots per head (mean, max) | tok/s |\n\
+           |---|---|---|---|---|---|---|---|\n";
+    for s in runs {
+        md += &format!(
+            "| {} | {} | {} | {:.3} | {:.0} | {:.1} | {:.1}, {} | {:.1} |\n",
+            s.kv,
+            s.budget.map_or("-".into(), |b| b.to_string()),
+            s.budget_fraction
+                .map_or("-".into(), |f| format!("{:.1}%", 100.0 * f)),
+            s.accuracy,
+            s.mean_final_length,
+            s.mean_slots_per_head,
+            s.mean_peak_slots_per_head,
+            s.max_peak_slots_per_head,
+            s.tok_s
+        );
+    }
+    md
 }
