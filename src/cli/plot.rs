@@ -7,9 +7,14 @@ use plotters::prelude::*;
 use super::eval::Score;
 
 /// Accuracy against budget for one task's runs: one line per method, the
-/// full cache as a horizontal line, the budget as a share of the mean
-/// sequence length on the x axis.
+/// full cache as a horizontal line, the budget as a share of the full
+/// cache's mean sequence length on the x axis (so every method's point at
+/// one budget lines up; without a full-cache run, each run's own length).
 pub fn accuracy_svg(task: &str, runs: &[&Score]) -> anyhow::Result<String> {
+    let full_length = runs
+        .iter()
+        .find(|s| s.budget.is_none())
+        .map(|s| s.mean_final_length.max(1.0));
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (800, 520)).into_drawing_area();
@@ -18,7 +23,13 @@ pub fn accuracy_svg(task: &str, runs: &[&Score]) -> anyhow::Result<String> {
             let mut p: Vec<(f64, f64)> = runs
                 .iter()
                 .filter(|s| s.kv == label)
-                .filter_map(|s| Some((100.0 * s.budget_fraction?, s.accuracy)))
+                .filter_map(|s| {
+                    let share = match full_length {
+                        Some(len) => s.budget? as f64 / len,
+                        None => s.budget_fraction?,
+                    };
+                    Some((100.0 * share, s.accuracy))
+                })
                 .collect();
             p.sort_by(|a, b| a.0.total_cmp(&b.0));
             p
@@ -45,7 +56,11 @@ pub fn accuracy_svg(task: &str, runs: &[&Score]) -> anyhow::Result<String> {
             .map_err(draw_err)?;
         chart
             .configure_mesh()
-            .x_desc("budget, % of the mean sequence length (prompt + generated)")
+            .x_desc(if full_length.is_some() {
+                "budget, % of the full cache's mean sequence length (prompt + generated)"
+            } else {
+                "budget, % of the mean sequence length (prompt + generated)"
+            })
             .y_desc("accuracy (pass@1)")
             .draw()
             .map_err(draw_err)?;
