@@ -242,6 +242,9 @@ struct ExampleResult {
     generated_tokens: usize,
     slots_per_head: f64,
     peak_slots_per_head: usize,
+    /// What the model wrote (for analyses beyond the answer, e.g. how far a
+    /// trace stayed right).
+    text: String,
 }
 
 fn sampling(a: &EvalArgs, k: usize) -> anyhow::Result<SamplingParams> {
@@ -347,6 +350,7 @@ fn run_one(
             generated_tokens: toks.len(),
             slots_per_head: held as f64 / heads,
             peak_slots_per_head: peak,
+            text: text.clone(),
         });
     }
     let runs = out.len() as f64;
