@@ -102,7 +102,7 @@ pub struct CompressArgs {
     /// H2O version: v3 (current code) or v1 (the PyramidKV paper's numbers) [default: v3].
     #[arg(long, value_enum)]
     pub h2o_version: Option<H2oVersionArg>,
-    /// StreamingLLM's sink slots [default: budget - window].
+    /// StreamingLLM's sink slots; the last budget - sinks slots stay with them (4: LongBench's setting) [default: budget - window].
     #[arg(long)]
     pub sinks: Option<usize>,
     /// PyramidKV's beta (the top layer keeps about (budget - window) / beta) [default: 20].
@@ -192,8 +192,19 @@ impl CompressArgs {
         if let Some(v) = self.floor {
             c.floor = v;
         }
-        if self.sinks.is_some() {
-            c.sinks = self.sinks;
+        if let Some(s) = self.sinks {
+            if method == Method::StreamingLlm {
+                if let Some(w) = self.window.filter(|w| w + s != budget) {
+                    anyhow::bail!(
+                        "--sinks {s} with --window {w}: StreamingLLM keeps the first sinks and \
+                         the last budget - sinks = {} slots (give one of them)",
+                        budget.saturating_sub(s)
+                    );
+                }
+                c.set_sinks(s);
+            } else {
+                c.sinks = Some(s);
+            }
         }
         if let Some(s) = self.schedule {
             c.schedule = match s {

@@ -250,6 +250,32 @@ fn eval_runs_a_held_out_set_and_sweeps() {
         "one line per example per run"
     );
 
+    // --from: the same tables and CSV again from sweep.json, twice merged
+    // into one (the second file's runs replace the first's).
+    let again = dir.join("again");
+    let from = out.join("sweep.json");
+    let from = from.to_str().unwrap();
+    let r = kvsift(&[
+        "eval",
+        "--from",
+        from,
+        "--from",
+        from,
+        "--out-dir",
+        again.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        std::fs::read_to_string(again.join("sweep.csv")).unwrap(),
+        csv
+    );
+    assert_eq!(std::fs::read_to_string(again.join("sweep.md")).unwrap(), md);
+    assert!(!again.join("examples.jsonl").exists());
+    expect_error(
+        &kvsift(&["eval", "--from", "/nonexistent.json"]),
+        &["--from", "/nonexistent.json"],
+    );
+
     expect_error(
         &kvsift(&["eval", "--model", d, "--task", "tally", "--n", "1"]),
         &["tally", "tally.jsonl"],

@@ -78,7 +78,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub sweep: bool,
     /// With --sweep: also R-KV with lambda 1 (importance only, no
-    /// redundancy) and StreamingLLM with 4 sink tokens.
+    /// redundancy) and StreamingLLM with 4 sink tokens and the last B - 4
+    /// (LongBench's setting).
     #[arg(long)]
     pub ablations: bool,
     /// Budgets of the sweep.
@@ -88,6 +89,12 @@ pub struct EvalArgs {
     /// accuracy.svg.
     #[arg(long, default_value = "eval-results")]
     pub out_dir: PathBuf,
+    /// Run nothing: redraw the tables, sweep.csv and plots into --out-dir
+    /// from sweep.json files of earlier sweeps (repeat to merge them; a
+    /// later file's run of the same task, method and budget replaces an
+    /// earlier one's). examples.jsonl is left as it is.
+    #[arg(long, value_name = "SWEEP_JSON", conflicts_with_all = ["data", "task", "sweep"])]
+    pub from: Vec<PathBuf>,
     /// One JSON object: the run and each example.
     #[arg(long)]
     pub json: bool,
@@ -202,7 +209,7 @@ fn held_out(a: &EvalArgs, dir: &Path, task: &str) -> anyhow::Result<TaskSet> {
 }
 
 /// One configuration's result.
-#[derive(Clone, serde::Serialize)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct Score {
     pub task: String,
     /// The method, or an ablation's name ("rkv-lambda1", "streamingllm-sinks4").
@@ -397,7 +404,7 @@ fn sweep_configs(a: &EvalArgs, b: usize) -> anyhow::Result<Vec<(String, Compress
         rkv.validate()?;
         out.push(("rkv-lambda1".into(), rkv));
         let mut sinks = a.model.compress.config_for(Method::StreamingLlm, Some(b))?;
-        sinks.sinks = Some(4);
+        sinks.set_sinks(4);
         sinks.validate()?;
         out.push(("streamingllm-sinks4".into(), sinks));
     }
@@ -405,6 +412,9 @@ fn sweep_configs(a: &EvalArgs, b: usize) -> anyhow::Result<Vec<(String, Compress
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
+    if !a.from.is_empty() {
+        return redraw(&a);
+    }
     if a.n == 0 || a.batch == 0 || a.samples == 0 {
         anyhow::bail!("--n, --batch and --samples must be at least 1");
     }
@@ -489,15 +499,56 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             }
         }
     }
-    write_sweep(&a, &scores, &examples, &mut stdout)
+    write_sweep(&a, &a.budgets, &scores, Some(&examples), &mut stdout)
+}
+
+/// `--from`: the merged runs of earlier sweep.json files, written again.
+fn redraw(a: &EvalArgs) -> anyhow::Result<()> {
+    let mut scores: Vec<Score> = vec![];
+    let mut budgets: Vec<usize> = vec![];
+    for path in &a.from {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--from {}: {e}", path.display()))?;
+        #[derive(serde::Deserialize)]
+        struct Sweep {
+            results: Vec<Score>,
+        }
+        let sweep: Sweep = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("--from {}: not a sweep.json: {e}", path.display()))?;
+        for s in sweep.results {
+            if let Some(b) = s.budget.filter(|b| !budgets.contains(b)) {
+                budgets.push(b);
+            }
+            let same = |o: &Score| o.task == s.task && o.kv == s.kv && o.budget == s.budget;
+            match scores.iter_mut().find(|o| same(o)) {
+                Some(o) => *o = s,
+                None => scores.push(s),
+            }
+        }
+    }
+    budgets.sort();
+    write_sweep(a, &budgets, &scores, None, &mut std::io::stdout().lock())
+}
+
+/// The "settings" of each --from file, in order.
+fn settings_of(from: &[PathBuf]) -> Vec<serde_json::Value> {
+    from.iter()
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .map_or(serde_json::Value::Null, |j| j["settings"].clone())
+        })
+        .collect()
 }
 
 /// sweep.json, sweep.csv, examples.jsonl, <task>.accuracy.svg, and the
 /// tables (sweep.md, also printed).
 fn write_sweep(
     a: &EvalArgs,
+    budgets: &[usize],
     scores: &[Score],
-    examples: &[ExampleResult],
+    examples: Option<&[ExampleResult]>,
     stdout: &mut impl Write,
 ) -> anyhow::Result<()> {
     let write = |name: &str, text: String| -> anyhow::Result<PathBuf> {
@@ -507,10 +558,17 @@ fn write_sweep(
             .map_err(|e| anyhow::anyhow!("--out-dir: writing {}: {e}", path.display()))?;
         Ok(path)
     };
-    let settings = json!({
-        "samples": a.samples, "budgets": a.budgets, "chat": a.chat,
-        "compression_flags": format!("{:?}", a.model.compress),
-    });
+    let settings = match &a.from {
+        from if from.is_empty() => json!({
+            "samples": a.samples, "budgets": budgets, "chat": a.chat,
+            "compression_flags": format!("{:?}", a.model.compress),
+        }),
+        from => json!({
+            "budgets": budgets,
+            "merged_from": from.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "settings_of_each": settings_of(from),
+        }),
+    };
     let mut written = vec![write(
         "sweep.json",
         serde_json::to_string_pretty(&json!({ "settings": settings, "results": scores }))?,
@@ -539,12 +597,14 @@ fn write_sweep(
         );
     }
     written.push(write("sweep.csv", csv)?);
-    let mut lines = String::new();
-    for e in examples {
-        lines += &serde_json::to_string(e)?;
-        lines.push('\n');
+    if let Some(examples) = examples {
+        let mut lines = String::new();
+        for e in examples {
+            lines += &serde_json::to_string(e)?;
+            lines.push('\n');
+        }
+        written.push(write("examples.jsonl", lines)?);
     }
-    written.push(write("examples.jsonl", lines)?);
     let tasks: Vec<&str> = {
         let mut t: Vec<&str> = scores.iter().map(|s| s.task.as_str()).collect();
         t.dedup();
@@ -555,7 +615,7 @@ fn write_sweep(
         let runs: Vec<&Score> = scores.iter().filter(|s| s.task == *task).collect();
         let svg = super::plot::accuracy_svg(task, &runs)?;
         written.push(write(&format!("{task}.accuracy.svg"), svg)?);
-        md += &markdown_tables(task, &a.budgets, &runs);
+        md += &markdown_tables(task, budgets, &runs);
     }
     write!(stdout, "{md}")?;
     written.push(write("sweep.md", md)?);

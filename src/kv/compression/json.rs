@@ -118,7 +118,18 @@ pub fn from_json(v: &Value, base: &CompressConfig) -> Result<CompressConfig, Str
         given.push(Setting::Beta);
     }
     if let Some(x) = uint("sinks")? {
-        c.sinks = Some(x);
+        if method == Method::StreamingLlm {
+            if given.contains(&Setting::Window) && c.window + x != c.budget {
+                return Err(format!(
+                    "kv.sinks {x} with kv.window {}: StreamingLLM keeps the first sinks and \
+                     the last budget - sinks slots (give one of them)",
+                    c.window
+                ));
+            }
+            c.set_sinks(x);
+        } else {
+            c.sinks = Some(x);
+        }
         given.push(Setting::Sinks);
     }
     if let Some(x) = num("lambda")? {

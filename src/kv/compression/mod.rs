@@ -152,7 +152,9 @@ pub struct CompressConfig {
     pub gqa_agg: GqaAgg,
     pub schedule: Schedule,
     pub h2o_version: H2oVersion,
-    /// StreamingLLM's sinks (default `budget - window`).
+    /// StreamingLLM's sinks (default `budget - window`). The contract's
+    /// `sinks = B - w`: set it with [`CompressConfig::set_sinks`], which
+    /// makes the recent part (the window) `budget - sinks`.
     pub sinks: Option<usize>,
     pub slot_order: SlotOrder,
     /// PyramidKV's beta.
@@ -188,6 +190,14 @@ impl CompressConfig {
         }
     }
 
+    /// StreamingLLM keeping the first `sinks` slots and the last
+    /// `budget - sinks` (the contract's `sinks = B - w`; the LongBench
+    /// setting is 4 sinks). Set the budget first.
+    pub fn set_sinks(&mut self, sinks: usize) {
+        self.sinks = Some(sinks);
+        self.window = self.budget.saturating_sub(sinks);
+    }
+
     /// Sinks StreamingLLM keeps.
     pub fn sinks(&self) -> usize {
         self.sinks
@@ -201,6 +211,17 @@ impl CompressConfig {
             return Ok(());
         }
         let bad = |flag: &str, why: String| Err(Error::invalid(flag, why));
+        if let Some(s) = self.sinks.filter(|_| self.method == Method::StreamingLlm) {
+            if s == 0 || s >= self.budget {
+                return bad(
+                    "--sinks",
+                    format!(
+                        "{s} must be at least 1 and below the budget ({})",
+                        self.budget
+                    ),
+                );
+            }
+        }
         if self.window == 0 {
             return bad("--window", "must be at least 1".into());
         }

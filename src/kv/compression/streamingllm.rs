@@ -19,11 +19,13 @@ impl Policy for StreamingLlm {
     }
 
     fn validate(&self, cfg: &CompressConfig) -> Result<()> {
-        if cfg.sinks.is_some_and(|s| s >= cfg.budget) || cfg.sinks() + cfg.window > cfg.budget {
+        // sinks = B - w: the budget is the sinks and the recent window.
+        if cfg.sinks() + cfg.window != cfg.budget {
             return Err(Error::invalid(
                 "--sinks",
                 format!(
-                    "{} sinks + window {} exceed the budget {}",
+                    "{} sinks + window {} must make the budget {}: StreamingLLM keeps the \
+                     first sinks and the last budget - sinks slots (give --sinks or --window)",
                     cfg.sinks(),
                     cfg.window,
                     cfg.budget
@@ -55,5 +57,32 @@ pub fn select(cfg: &CompressConfig, t: usize, heads: usize) -> Selection {
     Selection {
         kept: vec![kept; heads],
         reference: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::compression::Method;
+
+    #[test]
+    fn four_sinks_keep_the_first_four_and_the_last_budget_minus_four() {
+        let mut cfg = CompressConfig::new(Method::StreamingLlm, 64);
+        cfg.set_sinks(4);
+        assert_eq!(cfg.window, 60);
+        cfg.validate().unwrap();
+        let kept = &select(&cfg, 200, 2).kept;
+        let want: Vec<usize> = (0..4).chain(140..200).collect();
+        assert_eq!(kept, &vec![want.clone(), want]);
+        // The default: sinks = budget - window.
+        let cfg = CompressConfig::new(Method::StreamingLlm, 64);
+        let want: Vec<usize> = (0..56).chain(192..200).collect();
+        assert_eq!(select(&cfg, 200, 1).kept, vec![want]);
+        // Sinks and a window that do not make the budget, or sinks at the budget.
+        let mut cfg = CompressConfig::new(Method::StreamingLlm, 64);
+        cfg.sinks = Some(4);
+        assert!(cfg.validate().unwrap_err().to_string().contains("--sinks"));
+        cfg.set_sinks(64);
+        assert!(cfg.validate().unwrap_err().to_string().contains("--sinks"));
     }
 }
