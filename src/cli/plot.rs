@@ -93,7 +93,7 @@ pub fn accuracy_svg(task: &str, runs: &[&Score]) -> anyhow::Result<String> {
             .configure_series_labels()
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
+            .position(SeriesLabelPosition::MiddleRight)
             .draw()
             .map_err(draw_err)?;
         root.present().map_err(draw_err)?;
