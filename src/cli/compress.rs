@@ -192,19 +192,11 @@ impl CompressArgs {
         if let Some(v) = self.floor {
             c.floor = v;
         }
-        if let Some(s) = self.sinks {
-            if method == Method::StreamingLlm {
-                if let Some(w) = self.window.filter(|w| w + s != budget) {
-                    anyhow::bail!(
-                        "--sinks {s} with --window {w}: StreamingLLM keeps the first sinks and \
-                         the last budget - sinks = {} slots (give one of them)",
-                        budget.saturating_sub(s)
-                    );
-                }
-                c.set_sinks(s);
-            } else {
-                c.sinks = Some(s);
-            }
+        // StreamingLLM's recent part is budget - sinks unless --window is
+        // given too (a mismatch is then validate's error).
+        match self.sinks {
+            Some(s) if method == Method::StreamingLlm && self.window.is_none() => c.set_sinks(s),
+            sinks => c.sinks = sinks,
         }
         if let Some(s) = self.schedule {
             c.schedule = match s {

@@ -499,22 +499,37 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             }
         }
     }
-    write_sweep(&a, &a.budgets, &scores, Some(&examples), &mut stdout)
+    let settings = json!({
+        "samples": a.samples, "budgets": a.budgets, "chat": a.chat,
+        "compression_flags": format!("{:?}", a.model.compress),
+    });
+    write_sweep(
+        &a,
+        &a.budgets,
+        settings,
+        &scores,
+        Some(&examples),
+        &mut stdout,
+    )
 }
 
 /// `--from`: the merged runs of earlier sweep.json files, written again.
 fn redraw(a: &EvalArgs) -> anyhow::Result<()> {
     let mut scores: Vec<Score> = vec![];
     let mut budgets: Vec<usize> = vec![];
+    let mut settings = vec![];
     for path in &a.from {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("--from {}: {e}", path.display()))?;
         #[derive(serde::Deserialize)]
         struct Sweep {
+            #[serde(default)]
+            settings: serde_json::Value,
             results: Vec<Score>,
         }
         let sweep: Sweep = serde_json::from_str(&text)
             .map_err(|e| anyhow::anyhow!("--from {}: not a sweep.json: {e}", path.display()))?;
+        settings.push(sweep.settings);
         for s in sweep.results {
             if let Some(b) = s.budget.filter(|b| !budgets.contains(b)) {
                 budgets.push(b);
@@ -527,19 +542,19 @@ fn redraw(a: &EvalArgs) -> anyhow::Result<()> {
         }
     }
     budgets.sort();
-    write_sweep(a, &budgets, &scores, None, &mut std::io::stdout().lock())
-}
-
-/// The "settings" of each --from file, in order.
-fn settings_of(from: &[PathBuf]) -> Vec<serde_json::Value> {
-    from.iter()
-        .map(|p| {
-            std::fs::read_to_string(p)
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                .map_or(serde_json::Value::Null, |j| j["settings"].clone())
-        })
-        .collect()
+    let settings = json!({
+        "budgets": budgets,
+        "merged_from": a.from.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "settings_of_each": settings,
+    });
+    write_sweep(
+        a,
+        &budgets,
+        settings,
+        &scores,
+        None,
+        &mut std::io::stdout().lock(),
+    )
 }
 
 /// sweep.json, sweep.csv, examples.jsonl, <task>.accuracy.svg, and the
@@ -547,6 +562,7 @@ fn settings_of(from: &[PathBuf]) -> Vec<serde_json::Value> {
 fn write_sweep(
     a: &EvalArgs,
     budgets: &[usize],
+    settings: serde_json::Value,
     scores: &[Score],
     examples: Option<&[ExampleResult]>,
     stdout: &mut impl Write,
@@ -557,17 +573,6 @@ fn write_sweep(
             .and_then(|()| std::fs::write(&path, text))
             .map_err(|e| anyhow::anyhow!("--out-dir: writing {}: {e}", path.display()))?;
         Ok(path)
-    };
-    let settings = match &a.from {
-        from if from.is_empty() => json!({
-            "samples": a.samples, "budgets": budgets, "chat": a.chat,
-            "compression_flags": format!("{:?}", a.model.compress),
-        }),
-        from => json!({
-            "budgets": budgets,
-            "merged_from": from.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-            "settings_of_each": settings_of(from),
-        }),
     };
     let mut written = vec![write(
         "sweep.json",

@@ -118,18 +118,7 @@ pub fn from_json(v: &Value, base: &CompressConfig) -> Result<CompressConfig, Str
         given.push(Setting::Beta);
     }
     if let Some(x) = uint("sinks")? {
-        if method == Method::StreamingLlm {
-            if given.contains(&Setting::Window) && c.window + x != c.budget {
-                return Err(format!(
-                    "kv.sinks {x} with kv.window {}: StreamingLLM keeps the first sinks and \
-                     the last budget - sinks slots (give one of them)",
-                    c.window
-                ));
-            }
-            c.set_sinks(x);
-        } else {
-            c.sinks = Some(x);
-        }
+        c.sinks = Some(x);
         given.push(Setting::Sinks);
     }
     if let Some(x) = num("lambda")? {
@@ -207,6 +196,14 @@ pub fn from_json(v: &Value, base: &CompressConfig) -> Result<CompressConfig, Str
         }
         m
     };
+    // StreamingLLM's recent part is budget - sinks unless the request names
+    // its window (a mismatch is then validate's error); this also follows a
+    // new budget under the server's sinks.
+    if method == Method::StreamingLlm && !given.contains(&Setting::Window) {
+        if let Some(s) = c.sinks {
+            c.set_sinks(s);
+        }
+    }
     c.check_given(&given).map_err(named)?;
     c.validate().map_err(named)?;
     Ok(c)

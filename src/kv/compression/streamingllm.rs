@@ -85,4 +85,26 @@ mod tests {
         cfg.set_sinks(64);
         assert!(cfg.validate().unwrap_err().to_string().contains("--sinks"));
     }
+
+    #[test]
+    fn requests_derive_the_recent_part_from_their_budget_and_sinks() {
+        use crate::kv::compression::json::from_json;
+        use serde_json::json;
+        let mut server = CompressConfig::new(Method::StreamingLlm, 128);
+        server.set_sinks(4);
+        // A new budget under the server's sinks: the last 64 - 4 stay.
+        let c = from_json(&json!({"method": "streamingllm", "budget": 64}), &server).unwrap();
+        assert_eq!((c.sinks, c.window), (Some(4), 60));
+        let base = CompressConfig::new(Method::None, 0);
+        let c = from_json(&json!({"method": "streamingllm", "budget": 64, "sinks": 4}), &base)
+            .unwrap();
+        assert_eq!((c.sinks, c.window), (Some(4), 60));
+        // Sinks and a window that do not make the budget: named.
+        let e = from_json(
+            &json!({"method": "streamingllm", "budget": 64, "sinks": 4, "window": 8}),
+            &base,
+        )
+        .unwrap_err();
+        assert!(e.contains("kv.sinks"), "{e}");
+    }
 }
