@@ -271,6 +271,19 @@ fn eval_runs_a_held_out_set_and_sweeps() {
     );
     assert_eq!(std::fs::read_to_string(again.join("sweep.md")).unwrap(), md);
     assert!(!again.join("examples.jsonl").exists());
+    // A sweep's bad budget is refused before anything runs.
+    let r = kvsift(&[
+        "eval",
+        "--model",
+        d,
+        "--task",
+        "needle",
+        "--sweep",
+        "--budgets",
+        "0",
+    ]);
+    expect_error(&r, &["--budget", "0"]);
+    assert!(!r.stdout.contains("accuracy"), "{}", r.stdout);
     expect_error(
         &kvsift(&["eval", "--from", "/nonexistent.json"]),
         &["--from", "/nonexistent.json"],

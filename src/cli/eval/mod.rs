@@ -427,6 +427,12 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let defaults = GenerationDefaults::load(&dir)?;
     // Check the sampling settings before loading anything heavy.
     sampling(&a, 0)?;
+    // And every configuration of a sweep, before the full cache runs.
+    if a.sweep {
+        for &b in &a.budgets {
+            sweep_configs(&a, b)?;
+        }
+    }
     let ctx = GpuContext::from_env()?;
     let mut stdout = std::io::stdout().lock();
     let mut examples = vec![];
